@@ -1,0 +1,50 @@
+# The two commands a new user types: `make quickstart` and `make test`.
+# Each creates .venv if missing and installs the pinned dependencies first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: quickstart test test-all lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the lock file or the project metadata changes.
+$(STAMP): $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/kiln train examples/digits-cnn.yaml --out models/digits-cnn
+	$(BIN)/kiln inspect models/digits-cnn
+	$(BIN)/kiln predict models/digits-cnn examples/data/digits-sample.csv
+	@echo
+	@echo "Next: kiln evaluate models/digits-cnn examples/data/digits-sample.csv"
+	@echo "      kiln crossval examples/wine-mlp.yaml --folds 5"
+	@echo "      kiln train examples/wine-mlp.yaml --out models/wine-mlp   (then edit the spec)"
+	@echo "      (run them as .venv/bin/kiln, or 'source .venv/bin/activate' first)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Opt-in markers included.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_overhead.py
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""kiln: train, evaluate, compress and serve models from a declarative spec.
+
+The public library API::
+
+    import kiln
+    bundle = kiln.fit("spec.yaml", out="models/wine")   # or a dict / kiln.Spec
+    bundle = kiln.load("models/wine")
+    bundle.predict([{"alcohol": 13.2, ...}])
+    kiln.crossval("spec.yaml", folds=5)
+
+Heavy modules (torch) load on first use of these names, so importing ``kiln`` (and
+running ``kiln --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from kiln.errors import (
+    BundleError,
+    DataError,
+    Interrupted,
+    KilnError,
+    NotFoundError,
+    SpecError,
+    TrainingError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "DataError",
+    "Interrupted",
+    "KilnError",
+    "NotFoundError",
+    "Predictions",
+    "Spec",
+    "SpecError",
+    "TrainingError",
+    "__version__",
+    "crossval",
+    "fit",
+    "load",
+    "load_spec",
+]
+
+_LAZY = {
+    "Bundle": ("kiln.bundle", "Bundle"),
+    "Predictions": ("kiln.bundle", "Predictions"),
+    "Spec": ("kiln.spec", "Spec"),
+    "load_spec": ("kiln.spec", "load_spec"),
+    "fit": ("kiln.workflow", "fit"),
+    "crossval": ("kiln.evaluate.crossval", "crossval"),
+}
+
+if TYPE_CHECKING:
+    from kiln.bundle import Bundle, Predictions
+    from kiln.evaluate.crossval import crossval
+    from kiln.spec import Spec, load_spec
+    from kiln.workflow import fit
+
+
+def load(directory: str) -> Bundle:
+    """Load a bundle directory (no code is executed, nothing is unpickled)."""
+    from kiln.bundle import Bundle
+
+    return Bundle.load(directory)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

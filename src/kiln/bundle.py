@@ -1,0 +1,299 @@
+"""The bundle: a directory that is the contract between training and serving.
+
+::
+
+    kiln.json            format, task, architecture spec, input schema, labels,
+                         metrics, training history, lineage (spec, data fingerprint,
+                         parent), and the SHA-256 of every other file
+    weights.safetensors  the model's tensors
+    preprocess.json      fitted preprocessing state
+
+Saving writes into a temporary sibling directory and renames it into place, so a
+crash or an error never leaves half a bundle. Loading parses JSON and safetensors
+only: it never unpickles or executes anything from the directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from torch import nn
+
+from kiln.data.preprocess import JSONScalar, Preprocessor
+from kiln.data.schema import Column
+from kiln.errors import BundleError, DataError, NotFoundError
+from kiln.models.registry import build
+from kiln.spec.model import ModelSpec
+from kiln.train.loop import predict_outputs
+
+FORMAT = "kiln.bundle"
+FORMAT_VERSION = 1
+META_FILE = "kiln.json"
+WEIGHTS_FILE = "weights.safetensors"
+PREPROCESS_FILE = "preprocess.json"
+
+_MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
+
+
+class BundleMeta(BaseModel):
+    """The contents of ``kiln.json``."""
+
+    format: Literal["kiln.bundle"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    name: str
+    task: Literal["classification", "regression"]
+    created_at: str
+    kiln_version: str
+    model: dict[str, Any]
+    input_schema: list[Column]
+    target: str
+    labels: list[JSONScalar] | None
+    n_inputs: int
+    n_outputs: int
+    parameters: int
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+    lineage: dict[str, Any]
+    files: dict[str, str] = {}
+
+
+@dataclass
+class Predictions:
+    """Predictions for a batch of rows.
+
+    ``predictions`` holds a label (classification) or a number (regression) per row;
+    ``probabilities`` one list per row ordered like ``labels``.
+    """
+
+    predictions: list[Any]
+    probabilities: list[list[float]] | None
+    labels: list[JSONScalar] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"predictions": self.predictions}
+        if self.probabilities is not None:
+            out["probabilities"] = self.probabilities
+            out["labels"] = self.labels
+        return out
+
+
+class Bundle:
+    """A trained model with its preprocessing and metadata; save, load, predict, evaluate."""
+
+    def __init__(self, meta: BundleMeta, model: nn.Module, preprocessor: Preprocessor) -> None:
+        self.meta = meta
+        self.model = model.eval()
+        self.preprocessor = preprocessor
+        self.path: Path | None = None
+
+    # ---- use -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta.metrics
+
+    def predict(self, rows: Any) -> Predictions:
+        """Predict for rows: a DataFrame, a list of dicts, or an array (N, features).
+
+        Columns are matched by name (extra columns, e.g. the target, are ignored);
+        bad values raise a DataError naming the column and the row.
+        """
+        from kiln.evaluate.scoring import decode_outputs
+
+        frame = self._frame(rows)
+        outputs = self._forward(frame)
+        decoded = decode_outputs(self.preprocessor, outputs)
+        proba = decoded["probabilities"]
+        return Predictions(
+            predictions=decoded["predictions"],
+            probabilities=proba.tolist() if proba is not None else None,
+            labels=decoded["labels"],
+        )
+
+    def evaluate(self, data: pd.DataFrame | str) -> dict[str, Any]:
+        """Metrics on labelled data (a DataFrame or a table path/URI holding the target).
+
+        Rows whose target is empty are skipped and counted in ``rows_skipped``.
+        """
+        from kiln.data.sources import read_table
+        from kiln.evaluate.scoring import score
+
+        frame = read_table(data) if isinstance(data, str) else data
+        target = self.meta.target
+        if target not in frame.columns:
+            raise DataError(f"target column {target!r} is not in the data", field=target)
+        present = frame[target].notna()
+        frame = frame[present].reset_index(drop=True)
+        if frame.empty:
+            raise DataError(f"target column {target!r} has no values", field=target)
+        outputs = self._forward(frame)
+        y = self.preprocessor.transform_target(frame[target])
+        metrics = score(self.preprocessor, outputs, y)
+        metrics["rows"] = len(frame)
+        metrics["rows_skipped"] = int((~present).sum())
+        return metrics
+
+    def _frame(self, rows: Any) -> pd.DataFrame:
+        names = self.preprocessor.feature_names
+        if isinstance(rows, pd.DataFrame):
+            return rows
+        if isinstance(rows, np.ndarray | torch.Tensor) or (
+            isinstance(rows, list) and rows and isinstance(rows[0], list | tuple)
+        ):
+            arr = np.asarray(rows, dtype=object)
+            if arr.ndim != 2 or arr.shape[1] != len(names):
+                raise DataError(
+                    f"expected rows of {len(names)} features ({', '.join(names[:5])}"
+                    f"{', ...' if len(names) > 5 else ''}), got shape {list(arr.shape)}",
+                    field="inputs",
+                )
+            return pd.DataFrame(arr, columns=names)
+        if isinstance(rows, dict):
+            rows = [rows]
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+            return pd.DataFrame.from_records(rows)
+        raise DataError("rows must be a DataFrame, a list of dicts or a 2-D array", field="inputs")
+
+    def _forward(self, frame: pd.DataFrame) -> torch.Tensor:
+        x = torch.from_numpy(self.preprocessor.transform(frame))
+        device = next(self.model.parameters()).device
+        return predict_outputs(self.model, x.to(device)).cpu()
+
+    # ---- persistence -----------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the bundle to ``directory`` atomically; replaces an older bundle there.
+
+        A directory that exists but is not a bundle is never overwritten.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        if out.exists() and not (out / META_FILE).is_file():
+            if not out.is_dir() or any(out.iterdir()):
+                raise BundleError(
+                    f"{out} exists and is not a kiln bundle; refusing to overwrite it",
+                    field="out",
+                )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            _write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
+            self.meta.files = {
+                WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE),
+                PREPROCESS_FILE: _sha256(tmp / PREPROCESS_FILE),
+            }
+            _write_json(tmp / META_FILE, self.meta.model_dump(mode="json"))
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = out
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Bundle:
+        """Read a bundle directory; verifies file hashes and the weights' shapes."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
+        meta_raw = _read_json(path / META_FILE)
+        if not isinstance(meta_raw, dict) or meta_raw.get("format") != FORMAT:
+            raise BundleError(f"{path / META_FILE} is not a kiln bundle manifest")
+        if meta_raw.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {meta_raw.get('format_version')} is not supported "
+                f"(this kiln reads version {FORMAT_VERSION})"
+            )
+        try:
+            meta = BundleMeta.model_validate(meta_raw)
+            model_spec = _MODEL_SPEC.validate_python(meta.model)
+        except ValidationError as exc:
+            raise BundleError(f"{path / META_FILE} is invalid: {exc.errors()[0]['msg']}") from None
+        for name in (WEIGHTS_FILE, PREPROCESS_FILE):
+            if not (path / name).is_file():
+                raise BundleError(f"bundle {path} is missing {name}")
+            expected = meta.files.get(name)
+            if expected is None or _sha256(path / name) != expected:
+                raise BundleError(f"{path / name} does not match its checksum in {META_FILE}")
+        try:
+            pre = Preprocessor.from_json(_read_json(path / PREPROCESS_FILE))
+        except ValidationError as exc:
+            raise BundleError(f"{path / PREPROCESS_FILE} is invalid: {exc}") from None
+        model = build(model_spec, meta.n_inputs, meta.n_outputs)
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+            model.load_state_dict(state, strict=True)
+        except (SafetensorError, RuntimeError) as exc:
+            raise BundleError(f"{path / WEIGHTS_FILE} does not fit the model: {exc}") from None
+        bundle = cls(meta, model, pre)
+        bundle.path = path
+        return bundle
+
+
+def new_meta(**fields: Any) -> BundleMeta:
+    """A manifest stamped with the current time and kiln version."""
+    from kiln import __version__
+
+    return BundleMeta(
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        kiln_version=__version__,
+        **fields,
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing bundle there is swapped out, then removed."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Data: reading tables, column inference, fitted preprocessing, splits."""

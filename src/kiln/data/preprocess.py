@@ -1,0 +1,312 @@
+"""Fitted preprocessing: imputation, scaling, categorical and label encoding.
+
+``Preprocessor.fit`` learns its state from the training split only (no leakage);
+the state is plain JSON (``preprocess.json`` in a bundle), so loading it executes
+nothing. ``transform`` works on whole columns at once and rejects bad values with a
+DataError that names the column and the row.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from kiln.data.schema import Column
+from kiln.errors import DataError
+from kiln.spec.data import Preprocessing
+
+JSONScalar = int | float | str | bool
+
+
+class NumericFeature(BaseModel):
+    kind: Literal["numeric"] = "numeric"
+    name: str
+    fill: float | None  # None: missing values are rejected (missing: drop)
+    center: float
+    scale: float
+
+
+class CategoricalFeature(BaseModel):
+    kind: Literal["categorical"] = "categorical"
+    name: str
+    categories: list[str]
+    fill: str | None
+    encoding: Literal["onehot", "ordinal"]
+
+
+Feature = Annotated[NumericFeature | CategoricalFeature, Field(discriminator="kind")]
+
+
+class ClassTarget(BaseModel):
+    kind: Literal["classification"] = "classification"
+    name: str
+    labels: list[JSONScalar]
+
+
+class RegressionTarget(BaseModel):
+    kind: Literal["regression"] = "regression"
+    name: str
+    center: float
+    scale: float
+
+
+Target = Annotated[ClassTarget | RegressionTarget, Field(discriminator="kind")]
+
+
+class PreprocessState(BaseModel):
+    """Everything needed to turn raw rows into model inputs and back."""
+
+    format_version: Literal[1] = 1
+    features: list[Feature]
+    target: Target
+    missing: str
+
+
+class Preprocessor:
+    """Feature and target encoding with fitted, JSON-serialisable state."""
+
+    def __init__(self, state: PreprocessState) -> None:
+        self.state = state
+
+    # ---- fitting -------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        frame: pd.DataFrame,
+        columns: list[Column],
+        target: str,
+        task: str,
+        options: Preprocessing,
+        labels: list[JSONScalar] | None = None,
+    ) -> Preprocessor:
+        """Learn the state from ``frame`` (the training split).
+
+        ``labels`` fixes the class set (default: the classes present in ``frame``).
+        """
+        features: list[NumericFeature | CategoricalFeature] = []
+        for col in columns:
+            if col.kind == "numeric":
+                features.append(_fit_numeric(frame, col.name, options))
+            else:
+                features.append(_fit_categorical(frame[col.name], col.name, options))
+        tgt: ClassTarget | RegressionTarget
+        if task == "classification":
+            tgt = ClassTarget(name=target, labels=labels or class_labels(frame[target]))
+        else:
+            y = _numeric_column(frame[target], target).astype(np.float64)
+            _check_finite(y, target)
+            std = float(y.std())
+            tgt = RegressionTarget(name=target, center=float(y.mean()), scale=std or 1.0)
+        return cls(PreprocessState(features=features, target=tgt, missing=options.missing))
+
+    # ---- transforming --------------------------------------------------------
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.state.features]
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the encoded feature matrix."""
+        return sum(
+            len(f.categories) if f.kind == "categorical" and f.encoding == "onehot" else 1
+            for f in self.state.features
+        )
+
+    @property
+    def labels(self) -> list[JSONScalar] | None:
+        t = self.state.target
+        return t.labels if isinstance(t, ClassTarget) else None
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Encode feature columns into a float32 matrix (N, n_outputs)."""
+        missing = [name for name in self.feature_names if name not in frame.columns]
+        if missing:
+            raise DataError(f"input is missing column(s) {missing}", field=missing[0])
+        blocks: list[np.ndarray] = []
+        for feat in self.state.features:
+            if isinstance(feat, NumericFeature):
+                blocks.append(self._numeric(frame[feat.name], feat)[:, None])
+            else:
+                blocks.append(self._categorical(frame[feat.name], feat))
+        if not blocks:
+            return np.zeros((len(frame), 0), dtype=np.float32)
+        return np.concatenate(blocks, axis=1).astype(np.float32, copy=False)
+
+    def transform_target(self, series: pd.Series) -> np.ndarray:
+        """Encode the target: class indices (int64) or a standardized float32 vector."""
+        t = self.state.target
+        if series.isna().any():
+            row = int(np.flatnonzero(series.isna().to_numpy())[0])
+            raise DataError(f"target column {t.name!r} is empty at row {row}", field=t.name)
+        if isinstance(t, ClassTarget):
+            index = {str(label): i for i, label in enumerate(t.labels)}
+            codes = series.astype(str).map(index)
+            unknown = codes.isna().to_numpy()
+            if unknown.any():
+                row = int(np.flatnonzero(unknown)[0])
+                raise DataError(
+                    f"target column {t.name!r}, row {row}: label {series.iloc[row]!r} was not "
+                    f"seen in training (labels: {t.labels})",
+                    field=t.name,
+                )
+            return np.array(codes.to_numpy(), dtype=np.int64)
+        y = _numeric_column(series, t.name)
+        _check_finite(y, t.name)
+        return np.array((y - t.center) / t.scale, dtype=np.float32)
+
+    def inverse_target(self, values: np.ndarray) -> np.ndarray:
+        """Undo target scaling for regression outputs."""
+        t = self.state.target
+        assert isinstance(t, RegressionTarget)
+        return values * t.scale + t.center
+
+    def missing_rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """Boolean mask of rows with a missing feature value (used by missing: drop)."""
+        return frame[self.feature_names].isna().any(axis=1).to_numpy()
+
+    def _numeric(self, series: pd.Series, feat: NumericFeature) -> np.ndarray:
+        values = _numeric_column(series, feat.name)
+        nan = np.isnan(values)
+        if nan.any():
+            if feat.fill is None:
+                row = int(np.flatnonzero(nan)[0])
+                raise DataError(
+                    f"column {feat.name!r}, row {row}: missing value (missing: drop rejects it)",
+                    field=feat.name,
+                )
+            values = np.where(nan, feat.fill, values)
+        _check_finite(values, feat.name)
+        return (values - feat.center) / feat.scale
+
+    def _categorical(self, series: pd.Series, feat: CategoricalFeature) -> np.ndarray:
+        nan = series.isna().to_numpy()
+        if nan.any() and feat.fill is None:
+            row = int(np.flatnonzero(nan)[0])
+            raise DataError(
+                f"column {feat.name!r}, row {row}: missing value (missing: drop rejects it)",
+                field=feat.name,
+            )
+        values = series.astype(object).where(~nan, feat.fill).astype(str)
+        index = {c: i for i, c in enumerate(feat.categories)}
+        # Categories never seen in training: all-zero one-hot, or code -1 for ordinal.
+        codes = values.map(index).fillna(-1).to_numpy(dtype=np.int64)
+        if feat.encoding == "ordinal":
+            return codes.astype(np.float64)[:, None]
+        out = np.zeros((len(codes), len(feat.categories)), dtype=np.float64)
+        known = codes >= 0
+        out[np.flatnonzero(known), codes[known]] = 1.0
+        return out
+
+    # ---- persistence ---------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return self.state.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessor:
+        return cls(PreprocessState.model_validate(data))
+
+
+def _numeric_column(series: pd.Series, name: str) -> np.ndarray:
+    """Column as float64; a value that is present but not a number is a DataError."""
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype(np.float64).to_numpy()
+    coerced = pd.to_numeric(series, errors="coerce")
+    bad = coerced.isna().to_numpy() & series.notna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"column {name!r}, row {row}: {series.iloc[row]!r} is not a number", field=name
+        )
+    return coerced.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    inf = np.isinf(values)
+    if inf.any():
+        row = int(np.flatnonzero(inf)[0])
+        raise DataError(f"column {name!r}, row {row}: value is infinite", field=name)
+
+
+def _fit_numeric(frame: pd.DataFrame, name: str, options: Preprocessing) -> NumericFeature:
+    values = _numeric_column(frame[name], name)
+    _check_finite(values, name)
+    present = values[~np.isnan(values)]
+    if present.size == 0:
+        raise DataError(f"column {name!r} has no values in the training split", field=name)
+    fill: float | None
+    if options.missing == "drop":
+        fill = None
+    elif options.missing == "mean":
+        fill = float(present.mean())
+    elif options.missing == "median":
+        fill = float(np.median(present))
+    elif options.missing == "mode":
+        fill = float(pd.Series(present).mode().iloc[0])
+    else:
+        try:
+            fill = float(options.fill_value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise DataError(
+                f"fill_value {options.fill_value!r} is not a number but column {name!r} is",
+                field="data.preprocessing.fill_value",
+            ) from None
+    filled = np.where(np.isnan(values), fill if fill is not None else np.nan, values)
+    filled = filled[~np.isnan(filled)]
+    if options.scale == "standard":
+        center, scale = float(filled.mean()), float(filled.std())
+    elif options.scale == "minmax":
+        center, scale = float(filled.min()), float(filled.max() - filled.min())
+    else:
+        center, scale = 0.0, 1.0
+    # A constant column would divide by zero; it carries no signal either way.
+    return NumericFeature(name=name, fill=fill, center=center, scale=scale or 1.0)
+
+
+def _fit_categorical(series: pd.Series, name: str, options: Preprocessing) -> CategoricalFeature:
+    present = series.dropna().astype(str)
+    if present.empty:
+        raise DataError(f"column {name!r} has no values in the training split", field=name)
+    fill: str | None
+    if options.missing == "drop":
+        fill = None
+    elif options.missing == "constant":
+        fill = str(options.fill_value)
+    else:
+        fill = str(present.mode().iloc[0])
+    categories = sorted(set(present) | ({fill} if fill is not None else set()))
+    return CategoricalFeature(
+        name=name, categories=categories, fill=fill, encoding=options.categorical
+    )
+
+
+def class_labels(series: pd.Series) -> list[JSONScalar]:
+    """The sorted distinct values of a target column, as JSON scalars (at least two)."""
+    present = series.dropna()
+    if present.empty:
+        raise DataError(f"target column {series.name!r} has no values", field=str(series.name))
+    uniques = present.unique().tolist()
+    try:
+        labels = sorted(uniques)
+    except TypeError:
+        labels = sorted(uniques, key=str)
+    if len(labels) < 2:
+        raise DataError(
+            f"target column {series.name!r} has a single class {labels}; classification "
+            "needs at least two",
+            field=str(series.name),
+        )
+    return [_native(v) for v in labels]
+
+
+def _native(value: Any) -> JSONScalar:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value  # type: ignore[no-any-return]

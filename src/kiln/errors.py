@@ -1,0 +1,74 @@
+"""The one error hierarchy of kiln.
+
+Every error a user can cause is a :class:`KilnError`. Each subclass maps to one
+HTTP status (for the server) and one process exit code (for the CLI), so the
+edges translate errors mechanically and never show a traceback for bad input.
+``field`` names the spec key, column or item that is wrong, when there is one.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base of all errors kiln raises on purpose."""
+
+    code = "kiln_error"
+    http_status = 500
+    exit_code = 1
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The JSON error shape shared by the CLI (``--json``) and the API."""
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+class SpecError(KilnError):
+    """The spec (YAML/JSON or Python object) is malformed or inconsistent."""
+
+    code = "invalid_spec"
+    http_status = 422
+    exit_code = 3
+
+
+class DataError(KilnError):
+    """Input data cannot be read or does not fit the spec or the model's schema."""
+
+    code = "invalid_data"
+    http_status = 422
+    exit_code = 4
+
+
+class BundleError(KilnError):
+    """A bundle directory is missing, incomplete, corrupt or of an unknown format."""
+
+    code = "invalid_bundle"
+    http_status = 422
+    exit_code = 5
+
+
+class NotFoundError(KilnError):
+    """A named file, directory or resource does not exist."""
+
+    code = "not_found"
+    http_status = 404
+    exit_code = 6
+
+
+class TrainingError(KilnError):
+    """Training could not proceed (diverged to NaN, nothing to resume, ...)."""
+
+    code = "training_failed"
+    http_status = 500
+    exit_code = 7
+
+
+class Interrupted(KilnError):
+    """The user stopped a long run; the last checkpoint is kept for ``--resume``."""
+
+    code = "interrupted"
+    http_status = 499
+    exit_code = 130

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (via scikit-learn) and k-fold cross-validation."""

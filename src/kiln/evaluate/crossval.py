@@ -1,0 +1,88 @@
+"""k-fold cross-validation: train on k-1 folds, score on the held-out fold, k times.
+
+Each fold fits its own preprocessing on its own training rows. When the spec has a
+validation fraction, it is carved out of each fold's training rows (for early
+stopping), never out of the held-out fold.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.data.split import kfold
+from kiln.evaluate.metrics import SCALAR_CLASSIFICATION, SCALAR_REGRESSION
+from kiln.spec.data import Split
+from kiln.spec.load import load_spec
+from kiln.spec.spec import Spec
+from kiln.train.callbacks import Callback
+from kiln.train.recipe import load_table, score_frame, train_frames
+
+
+@dataclass
+class CrossValResult:
+    """Per-fold metrics and their mean and (sample) standard deviation."""
+
+    folds: list[dict[str, Any]]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folds": self.folds, "mean": self.mean, "std": self.std, "k": len(self.folds)}
+
+
+def crossval(
+    spec: Spec | dict[str, Any] | str,
+    folds: int = 5,
+    *,
+    on_fold: Callable[[int, dict[str, Any]], None] | None = None,
+    callbacks: Callable[[int], Sequence[Callback]] | None = None,
+) -> CrossValResult:
+    """Run k-fold cross-validation of ``spec``; ``on_fold(i, metrics)`` reports progress."""
+    from sklearn.model_selection import train_test_split
+
+    spec = load_spec(spec)
+    table = load_table(spec)
+    target = spec.data.target
+    y = table.frame[target]
+    stratify = spec.task == "classification" and spec.data.split.stratify
+    results: list[dict[str, Any]] = []
+    for i, (train_idx, test_idx) in enumerate(kfold(y, folds, stratify, spec.data.split.seed)):
+        val_df = None
+        train_pos = np.asarray(train_idx)
+        if spec.data.split.val > 0:
+            val_size = Split(test=0.0, val=spec.data.split.val, seed=spec.data.split.seed).val
+            strat = y.iloc[train_pos].astype(str).to_numpy() if stratify else None
+            train_pos, val_pos = train_test_split(
+                train_pos, test_size=val_size, random_state=spec.data.split.seed, stratify=strat
+            )
+            val_df = table.frame.iloc[np.sort(val_pos)]
+        train_df = table.frame.iloc[np.sort(train_pos)]
+        test_df = table.frame.iloc[test_idx]
+        trained = train_frames(
+            spec, table, train_df, val_df, callbacks=callbacks(i) if callbacks else ()
+        )
+        metrics = score_frame(trained.model, trained.preprocessor, test_df, target)
+        metrics["epochs_run"] = trained.result.epochs_run
+        results.append(metrics)
+        if on_fold is not None:
+            on_fold(i, metrics)
+    return summarize(results, spec.task)
+
+
+def summarize(results: list[dict[str, Any]], task: str) -> CrossValResult:
+    """Mean and sample std of each scalar metric over folds (present in every fold)."""
+    names = SCALAR_CLASSIFICATION if task == "classification" else SCALAR_REGRESSION
+    mean: dict[str, float] = {}
+    std: dict[str, float] = {}
+    for name in names:
+        values = [float(r[name]) for r in results if name in r]
+        if len(values) != len(results):
+            continue
+        mean[name] = statistics.fmean(values)
+        std[name] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return CrossValResult(folds=results, mean=mean, std=std)

@@ -1,0 +1,63 @@
+"""Convolutional network for image-shaped input (flat pixel columns are reshaped)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kiln.errors import SpecError
+from kiln.models.layers import activation, initialise
+from kiln.models.registry import register
+from kiln.spec.model import CNNSpec
+
+
+class Reshape(nn.Module):
+    """(B, C*H*W) -> (B, C, H, W); a no-op for input already image-shaped."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+@register("cnn")
+def build_cnn(spec: CNNSpec, n_inputs: int, n_outputs: int) -> nn.Module:
+    """Reshape -> [Conv(same) -> BN? -> act -> MaxPool] per channel count -> FC head."""
+    c, h, w = spec.input_shape
+    if c * h * w != n_inputs:
+        raise SpecError(
+            f"model.input_shape {spec.input_shape} holds {c * h * w} values but the data has "
+            f"{n_inputs} feature columns",
+            field="model.input_shape",
+        )
+    layers: list[nn.Module] = [Reshape((c, h, w))]
+    channels = c
+    for out_ch in spec.channels:
+        layers.append(nn.Conv2d(channels, out_ch, spec.kernel_size, padding="same"))
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(activation(spec.activation))
+        # Pool only while the image is still large enough to shrink.
+        if spec.pool > 1 and min(h, w) >= spec.pool:
+            layers.append(nn.MaxPool2d(spec.pool))
+            h, w = math.floor(h / spec.pool), math.floor(w / spec.pool)
+        channels = out_ch
+    layers.append(nn.Flatten())
+    width = channels * h * w
+    for size in spec.hidden:
+        layers.append(nn.Linear(width, size))
+        layers.append(activation(spec.activation))
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = size
+    layers.append(nn.Linear(width, n_outputs))
+    model = nn.Sequential(*layers)
+    initialise(model, spec.init, nonlinearity=spec.activation)
+    return model

@@ -1,0 +1,44 @@
+"""Building blocks shared by architectures: activations and weight initialisation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name]()
+
+
+def initialise(module: nn.Module, scheme: str, nonlinearity: str = "relu") -> None:
+    """Initialise every Linear/Conv weight with ``scheme``; biases start at zero.
+
+    ``default`` keeps PyTorch's own initialisation.
+    """
+    if scheme == "default":
+        return
+    gain_name = nonlinearity if nonlinearity in ("relu", "leaky_relu", "tanh", "sigmoid") else "relu"
+    for m in module.modules():
+        if not isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d):
+            continue
+        if scheme == "xavier":
+            nn.init.xavier_uniform_(m.weight, gain=nn.init.calculate_gain(gain_name))
+        elif scheme == "kaiming":
+            nn.init.kaiming_normal_(m.weight, nonlinearity=gain_name)
+        elif scheme == "normal":
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        elif scheme == "zeros":
+            nn.init.zeros_(m.weight)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,36 @@
+"""Strict, pydantic-validated specs. Depends on nothing else of kiln but errors."""
+
+from kiln.spec.data import DataSpec, Preprocessing, Split
+from kiln.spec.load import dump_spec, load_spec, parse_document, validate
+from kiln.spec.model import CNNSpec, LinearSpec, MLPSpec, ModelSpec
+from kiln.spec.spec import Spec, Task, metric_mode, monitorable_metrics
+from kiln.spec.train import (
+    EarlyStopping,
+    LRSchedule,
+    OptimizerSpec,
+    Regularization,
+    TrainSpec,
+)
+
+__all__ = [
+    "CNNSpec",
+    "DataSpec",
+    "EarlyStopping",
+    "LRSchedule",
+    "LinearSpec",
+    "MLPSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "Preprocessing",
+    "Regularization",
+    "Spec",
+    "Split",
+    "Task",
+    "TrainSpec",
+    "dump_spec",
+    "load_spec",
+    "metric_mode",
+    "monitorable_metrics",
+    "parse_document",
+    "validate",
+]

@@ -1,0 +1,116 @@
+"""Turn YAML/JSON text, a file or a dict into a validated :class:`Spec`.
+
+Validation errors become one :class:`~kiln.errors.SpecError` whose message names
+every offending key by its dotted path (``train.optimizer.lr``) and suggests the
+closest valid key for typos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kiln.errors import NotFoundError, SpecError
+from kiln.spec.spec import Spec
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
+    """Validate a spec given as a path to YAML/JSON, a mapping, or a Spec (returned as is)."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return validate(Spec, source)
+    path = Path(source)
+    if not path.is_file():
+        raise NotFoundError(f"spec file not found: {path}", field="spec")
+    return validate(Spec, parse_document(path.read_text(encoding="utf-8"), str(path)))
+
+
+def parse_document(text: str, origin: str = "spec") -> dict[str, Any]:
+    """Parse YAML (a superset of JSON) into a mapping; errors carry the line number."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{origin} is not valid YAML/JSON{where}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{origin} must be a mapping of keys to values, not {type(doc).__name__}")
+    return doc
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data`` against ``model``, turning pydantic errors into a SpecError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(model, err) for err in exc.errors()]
+        first_field = problems[0][0] if problems else None
+        lines = [f"{field}: {msg}" if field else msg for field, msg in problems]
+        raise SpecError("invalid spec:\n  " + "\n  ".join(lines), field=first_field) from None
+
+
+def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
+    loc = _clean_loc(err["loc"])
+    field = ".".join(str(p) for p in loc) or None
+    if err["type"] == "extra_forbidden":
+        hint = _suggest(model, loc)
+        return field, "unknown key" + (f" (did you mean {hint!r}?)" if hint else "")
+    if err["type"] == "missing":
+        return field, "required key is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return field, msg
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
+    # Tagged unions put the tag ('mlp') in the path; users never wrote it.
+    out: list[Any] = []
+    for part in loc:
+        if isinstance(part, str) and part in ("linear", "mlp", "cnn") and out == ["model"]:
+            continue
+        if isinstance(part, str) and part.startswith(("function-", "literal[", "int", "str")):
+            continue
+        out.append(part)
+    return out
+
+
+def _suggest(model: type[BaseModel], loc: list[Any]) -> str | None:
+    """The closest valid key at ``loc`` to the unknown key at its end."""
+    *parents, bad = loc
+    cls: Any = model
+    for part in parents:
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        cls = _model_of(fields[part].annotation)
+    names = list(getattr(cls, "model_fields", {}) or {})
+    if cls is None:
+        return None
+    match = difflib.get_close_matches(str(bad), names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _model_of(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation (Optional / union picks the first)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    meta = getattr(annotation, "__metadata__", None)
+    if meta is not None:
+        return _model_of(annotation.__origin__)
+    return None
+
+
+def dump_spec(spec: Spec) -> str:
+    """Canonical JSON of a spec (defaults filled in), as stored in bundle lineage."""
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)

@@ -1,0 +1,113 @@
+"""Training callbacks: a Rich progress bar for people, JSON lines for machines.
+
+The engine calls ``on_train_start`` once, ``on_epoch_end`` after every epoch with
+that epoch's logs (``epoch``, ``train_loss``, ``lr``, ``val_*``, ``seconds``) and
+``on_train_end`` once. Callbacks never change training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any
+
+
+class Callback:
+    """No-op base; override what you need."""
+
+    def on_train_start(self, epochs: int, start_epoch: int) -> None:
+        """``start_epoch`` > 0 when resuming."""
+
+    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+        """Called after each epoch's logs are final (and its checkpoint is written)."""
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        """Called once, with best epoch, epochs run and whether training stopped early."""
+
+
+class RichProgress(Callback):
+    """An epoch progress bar on stderr with live loss and validation metric."""
+
+    def __init__(self, description: str = "training", metric: str | None = None) -> None:
+        self.description = description
+        self.metric = metric
+        self._progress: Any = None
+        self._task: Any = None
+
+    def on_train_start(self, epochs: int, start_epoch: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            self.description, total=epochs, completed=start_epoch, status=""
+        )
+
+    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        parts = [f"loss {logs['train_loss']:.4f}"]
+        if "val_loss" in logs:
+            parts.append(f"val_loss {logs['val_loss']:.4f}")
+        shown = self.metric if self.metric in logs else _headline(logs)
+        if shown and shown != "val_loss":
+            parts.append(f"{shown} {logs[shown]:.4f}")
+        self._progress.update(self._task, completed=logs["epoch"], status="  ".join(parts))
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        if self._progress is not None:
+            if summary.get("stopped_early"):
+                self._progress.update(self._task, total=summary["epochs_run"])
+            self._progress.stop()
+            self._progress = None
+
+
+class JsonlLog(Callback):
+    """One JSON object per line per event, to a file path or an open text stream."""
+
+    def __init__(self, target: str | Path | IO[str]) -> None:
+        self._own = isinstance(target, str | Path)
+        self._fh: IO[str] = (
+            open(target, "a", encoding="utf-8")  # noqa: SIM115 - closed in on_train_end
+            if isinstance(target, str | Path)
+            else target
+        )
+
+    def _write(self, event: str, payload: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({"event": event, **payload}) + "\n")
+        self._fh.flush()
+
+    def on_train_start(self, epochs: int, start_epoch: int) -> None:
+        self._write("start", {"epochs": epochs, "start_epoch": start_epoch})
+
+    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+        self._write("epoch", logs)
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        self._write("end", summary)
+        if self._own:
+            self._fh.close()
+
+
+def _headline(logs: dict[str, Any]) -> str | None:
+    for key in ("val_accuracy", "val_rmse"):
+        if key in logs:
+            return key
+    return None

@@ -1,0 +1,311 @@
+"""The training engine: fits an ``nn.Module`` on in-memory tensors.
+
+Whole tensors live on the device and mini-batches are index slices of them (no
+per-sample ``Dataset.__getitem__``), so the engine costs no more than a plain
+PyTorch loop. The run is deterministic for a seed: shuffling uses its own
+generator and the global RNG (dropout) is seeded, and both are saved in every
+checkpoint, so ``resume`` continues exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kiln.errors import Interrupted, TrainingError
+from kiln.spec.spec import metric_mode
+from kiln.spec.train import TrainSpec
+from kiln.train.callbacks import Callback
+from kiln.train.checkpoint import CheckpointStore
+from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
+from kiln.train.optim import make_optimizer, make_schedule
+
+# Rows per forward pass when evaluating, to bound memory on large splits.
+EVAL_CHUNK = 8192
+
+
+@dataclass
+class TensorData:
+    """Encoded splits: features (N, F) float32; targets (N,) int64 or float32."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+
+@dataclass
+class FitResult:
+    """What training produced, besides the (trained, best-restored) model itself."""
+
+    history: list[dict[str, Any]]
+    epochs_run: int
+    best_epoch: int | None
+    stopped_early: bool
+    seconds: float
+    device: str
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is cuda but no CUDA device is available",
+                            field="train.device")
+    return torch.device(name)
+
+
+def fit_model(
+    model: nn.Module,
+    data: TensorData,
+    train: TrainSpec,
+    task: str,
+    loss: str,
+    *,
+    target_scale: float = 1.0,
+    callbacks: Sequence[Callback] = (),
+    checkpoints: CheckpointStore | None = None,
+    resume: bool = False,
+    run_id: str = "",
+) -> FitResult:
+    """Train ``model`` in place per ``train``; returns the history and how it ended.
+
+    ``target_scale`` converts regression errors back to the target's units for the
+    logged metrics. ``run_id`` (spec + data fingerprint) guards ``resume`` against a
+    checkpoint from a different run.
+    """
+    device = resolve_device(train.device)
+    started = time.perf_counter()
+    torch.manual_seed(train.seed)
+    shuffle_gen = torch.Generator().manual_seed(train.seed)
+
+    model.to(device)
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    xv = data.x_val.to(device) if data.x_val is not None and len(data.x_val) else None
+    yv = data.y_val.to(device) if xv is not None and data.y_val is not None else None
+    n = len(x)
+    batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
+    steps_per_epoch = math.ceil(n / batch)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+    loss_fn = make_loss(loss)
+    penalised = penalised_parameters(model)
+    reg = train.regularization
+    optimizer = make_optimizer(model.parameters(), train.optimizer)
+    monitor = train.early_stopping.metric if train.early_stopping else None
+    plateau_metric = monitor or "val_loss"
+    scheduler, per_step = make_schedule(
+        optimizer, train.lr_schedule, steps_per_epoch, train.epochs, metric_mode(plateau_metric)
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+    history: list[dict[str, Any]] = []
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    start_epoch = 0
+
+    if resume:
+        state = checkpoints.load() if checkpoints is not None else None
+        if state is None:
+            raise TrainingError("nothing to resume: no checkpoint found", field="resume")
+        if state["run_id"] != run_id:
+            raise TrainingError(
+                "the checkpoint was made with a different spec or data; "
+                "train without --resume to start over",
+                field="resume",
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        shuffle_gen.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state["history"])
+        best_value = state["best_value"]
+        best_epoch = state["best_epoch"]
+        best_state = state["best_state"]
+        bad_epochs = state["bad_epochs"]
+        start_epoch = state["epoch"]
+
+    for cb in callbacks:
+        cb.on_train_start(train.epochs, start_epoch)
+
+    stopped_early = False
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, train.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=shuffle_gen).to(device)
+            total = torch.zeros((), device=device)
+            for i in range(0, n, batch):
+                idx = perm[i : i + batch]
+                if has_batchnorm and len(idx) == 1:
+                    continue  # BatchNorm cannot normalise a single row
+                with autocast:
+                    out = model(x[idx])
+                    step_loss = loss_fn(out.float(), y[idx])
+                objective = step_loss
+                penalty = weight_penalty(penalised, reg.l1, reg.l2)
+                if penalty is not None:
+                    objective = objective + penalty
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                if train.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                optimizer.step()
+                if scheduler is not None and per_step:
+                    scheduler.step()
+                total += step_loss.detach() * len(idx)
+            train_loss = float(total) / n
+            if not math.isfinite(train_loss):
+                raise TrainingError(
+                    f"training diverged at epoch {epoch + 1} (loss is {train_loss}); "
+                    "lower train.optimizer.lr or set train.grad_clip",
+                    field="train.optimizer.lr",
+                )
+            logs: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if xv is not None and yv is not None:
+                logs.update(
+                    _validate(model, xv, yv, loss_fn, task, target_scale, autocast, monitor)
+                )
+            logs["seconds"] = time.perf_counter() - t0
+
+            if scheduler is not None and not per_step:
+                scheduler.step(logs[plateau_metric])
+            if monitor is not None:
+                assert train.early_stopping is not None
+                value = float(logs[monitor])
+                if _improved(value, best_value, metric_mode(monitor),
+                             train.early_stopping.min_delta):
+                    best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad_epochs += 1
+                stopped_early = bad_epochs >= train.early_stopping.patience
+            history.append(logs)
+
+            if checkpoints is not None:
+                checkpoints.save(
+                    {
+                        "run_id": run_id,
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                        "shuffle_rng": shuffle_gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": history,
+                        "best_value": best_value,
+                        "best_epoch": best_epoch,
+                        "best_state": best_state,
+                        "bad_epochs": bad_epochs,
+                    }
+                )
+            for cb in callbacks:
+                cb.on_epoch_end(logs)
+            if stopped_early:
+                break
+    except KeyboardInterrupt:
+        for cb in callbacks:
+            cb.on_train_end({"interrupted": True, "epochs_run": len(history)})
+        raise Interrupted(
+            f"training interrupted after epoch {len(history)}; "
+            "the last checkpoint is kept, continue with --resume"
+        ) from None
+
+    if train.early_stopping and train.early_stopping.restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result = FitResult(
+        history=history,
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        resumed_from=start_epoch,
+    )
+    summary = {
+        "epochs_run": result.epochs_run,
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
+        "seconds": result.seconds,
+    }
+    for cb in callbacks:
+        cb.on_train_end(summary)
+    return result
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+@torch.inference_mode()
+def predict_outputs(model: nn.Module, x: torch.Tensor, autocast: Any = None) -> torch.Tensor:
+    """Raw outputs (logits or scaled values) for ``x``, in eval mode, chunked; float32."""
+    model.eval()
+    ctx = autocast if autocast is not None else contextlib.nullcontext()
+    outs = []
+    for i in range(0, len(x), EVAL_CHUNK):
+        with ctx:
+            outs.append(model(x[i : i + EVAL_CHUNK]).float())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _validate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    task: str,
+    target_scale: float,
+    autocast: Any,
+    monitor: str | None,
+) -> dict[str, float]:
+    """val_loss and the headline metric every epoch; the full set only when monitored.
+
+    Kept lean on purpose: this runs every epoch and is part of the engine's overhead.
+    """
+    from kiln.evaluate.metrics import classification_metrics, regression_metrics
+
+    out = predict_outputs(model, x, autocast)
+    logs = {"val_loss": float(loss_fn(out, y))}
+    if task == "classification":
+        from sklearn.metrics import accuracy_score
+
+        true = y.cpu().numpy()
+        logs["val_accuracy"] = float(accuracy_score(true, out.argmax(dim=1).cpu().numpy()))
+        if monitor is not None and monitor not in logs and monitor != "train_loss":
+            proba = torch.softmax(out, dim=1).cpu().numpy()
+            full = classification_metrics(true, proba, n_classes=out.shape[1])
+            logs[monitor] = full[monitor.removeprefix("val_")]
+    else:
+        pred = out.squeeze(-1).cpu().numpy().astype(np.float64) * target_scale
+        true = y.cpu().numpy().astype(np.float64) * target_scale
+        for key, value in regression_metrics(true, pred).items():
+            logs[f"val_{key}"] = value
+    return logs
