@@ -50,7 +50,7 @@ _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 class BundleMeta(BaseModel):
     """The contents of ``kiln.json``."""
 
-    format: Literal["kiln.bundle"] = FORMAT
+    format: Literal["kiln.bundle"] = "kiln.bundle"
     format_version: int = FORMAT_VERSION
     name: str
     task: Literal["classification", "regression"]
@@ -185,12 +185,11 @@ class Bundle:
         from safetensors.torch import save_file
 
         out = Path(directory)
-        if out.exists() and not (out / META_FILE).is_file():
-            if not out.is_dir() or any(out.iterdir()):
-                raise BundleError(
-                    f"{out} exists and is not a kiln bundle; refusing to overwrite it",
-                    field="out",
-                )
+        is_foreign = out.exists() and not (out / META_FILE).is_file()
+        if is_foreign and (not out.is_dir() or any(out.iterdir())):
+            raise BundleError(
+                f"{out} exists and is not a kiln bundle; refusing to overwrite it", field="out"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:

@@ -66,7 +66,7 @@ class TrainingError(KilnError):
     exit_code = 7
 
 
-class Interrupted(KilnError):
+class Interrupted(KilnError):  # noqa: N818 - reads as a state, like KeyboardInterrupt
     """The user stopped a long run; the last checkpoint is kept for ``--resume``."""
 
     code = "interrupted"

@@ -29,16 +29,14 @@ def infer_kind(series: pd.Series) -> ColumnKind:
     values = series.dropna().astype(str)
     if values.empty:
         return "categorical"
-    words = values.str.split().str.len().mean()
+    words = values.map(lambda v: len(v.split())).mean()
     unique_ratio = values.nunique() / len(values)
     if words >= _TEXT_MIN_WORDS and unique_ratio > 0.5:
         return "text"
     return "categorical"
 
 
-def select_features(
-    frame: pd.DataFrame, target: str, features: list[str] | None
-) -> list[Column]:
+def select_features(frame: pd.DataFrame, target: str, features: list[str] | None) -> list[Column]:
     """The feature columns with their kinds, checked against the table.
 
     With ``features`` omitted every column but the target is used, except free text

@@ -50,9 +50,7 @@ def _cut(
     if labels is not None:
         size = max(size, len(np.unique(labels)))
     if size >= len(idx):
-        raise DataError(
-            f"too few rows ({len(idx)}) for a {fraction:.0%} split", field="data.split"
-        )
+        raise DataError(f"too few rows ({len(idx)}) for a {fraction:.0%} split", field="data.split")
     a, b = splitter(idx, test_size=size, random_state=seed, stratify=labels)  # type: ignore[operator]
     return np.asarray(a), np.asarray(b)
 

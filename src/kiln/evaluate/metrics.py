@@ -82,4 +82,5 @@ def headline_metric(task: str) -> str:
 def _clip(proba: np.ndarray) -> np.ndarray:
     # Renormalise float32 softmax rows so sklearn's sum-to-one check passes.
     p = np.clip(proba.astype(np.float64), 1e-15, 1.0)
-    return p / p.sum(axis=1, keepdims=True)
+    out: np.ndarray = p / p.sum(axis=1, keepdims=True)
+    return out

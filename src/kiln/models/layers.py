@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+
+_GAINS = ("linear", "relu", "leaky_relu", "tanh", "sigmoid")
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -26,7 +30,8 @@ def initialise(module: nn.Module, scheme: str, nonlinearity: str = "relu") -> No
     """
     if scheme == "default":
         return
-    gain_name = nonlinearity if nonlinearity in ("relu", "leaky_relu", "tanh", "sigmoid") else "relu"
+    # torch's gain table knows these; smooth ReLU variants (gelu, elu, silu) use relu's.
+    gain_name: Any = nonlinearity if nonlinearity in _GAINS else "relu"
     for m in module.modules():
         if not isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d):
             continue

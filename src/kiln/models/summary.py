@@ -34,7 +34,7 @@ def summarize(model: nn.Module, n_inputs: int) -> list[LayerRow]:
 
     for name, module in model.named_modules():
         if name and not list(module.children()):
-            hooks.append(module.register_forward_hook(hook(name)))  # type: ignore[arg-type]
+            hooks.append(module.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
     try:

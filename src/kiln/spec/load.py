@@ -84,31 +84,27 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
 def _suggest(model: type[BaseModel], loc: list[Any]) -> str | None:
     """The closest valid key at ``loc`` to the unknown key at its end."""
     *parents, bad = loc
-    cls: Any = model
+    candidates: list[type[BaseModel]] = [model]
     for part in parents:
-        fields = getattr(cls, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        cls = _model_of(fields[part].annotation)
-    names = list(getattr(cls, "model_fields", {}) or {})
-    if cls is None:
-        return None
+        nxt: list[type[BaseModel]] = []
+        for cls in candidates:
+            field = cls.model_fields.get(str(part))
+            if field is not None:
+                nxt += _models_in(field.annotation)
+        candidates = nxt
+    names = sorted({name for cls in candidates for name in cls.model_fields})
     match = difflib.get_close_matches(str(bad), names, n=1, cutoff=0.6)
     return match[0] if match else None
 
 
-def _model_of(annotation: Any) -> Any:
-    """The BaseModel class inside an annotation (Optional / union picks the first)."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every BaseModel class inside an annotation (unions give all their members)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    meta = getattr(annotation, "__metadata__", None)
-    if meta is not None:
-        return _model_of(annotation.__origin__)
-    return None
+        found += _models_in(arg)
+    return found
 
 
 def dump_spec(spec: Spec) -> str:

@@ -61,8 +61,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is cuda but no CUDA device is available",
-                            field="train.device")
+        raise TrainingError(
+            "train.device is cuda but no CUDA device is available", field="train.device"
+        )
     return torch.device(name)
 
 
@@ -197,8 +198,9 @@ def fit_model(
             if monitor is not None:
                 assert train.early_stopping is not None
                 value = float(logs[monitor])
-                if _improved(value, best_value, metric_mode(monitor),
-                             train.early_stopping.min_delta):
+                if _improved(
+                    value, best_value, metric_mode(monitor), train.early_stopping.min_delta
+                ):
                     best_value, best_epoch, bad_epochs = value, epoch + 1, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim import lr_scheduler
@@ -33,7 +33,7 @@ def make_schedule(
     spec: LRSchedule,
     steps_per_epoch: int,
     epochs: int,
-    mode: str = "min",
+    mode: Literal["min", "max"] = "min",
 ) -> tuple[Any | None, bool]:
     """Build the schedule; returns (scheduler or None, whether it steps per optimizer step).
 

@@ -6,10 +6,9 @@ data identically: preprocessing is fitted on the training rows only.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import hashlib
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ from torch import nn
 from kiln.data.preprocess import JSONScalar, Preprocessor, class_labels
 from kiln.data.schema import Column, select_features
 from kiln.data.sources import fingerprint, read_table
+from kiln.errors import DataError
 from kiln.evaluate.scoring import score
 from kiln.models.registry import build
 from kiln.spec.load import dump_spec
@@ -26,7 +26,6 @@ from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
 from kiln.train.loop import FitResult, TensorData, fit_model, predict_outputs
-from kiln.errors import DataError
 
 
 @dataclass
@@ -65,8 +64,10 @@ def load_table(spec: Spec) -> Table:
         keep &= frame[names].notna().all(axis=1)
     frame = frame[keep].reset_index(drop=True)
     if frame.empty:
-        raise DataError("no rows left after dropping rows with missing values",
-                        field="data.preprocessing.missing")
+        raise DataError(
+            "no rows left after dropping rows with missing values",
+            field="data.preprocessing.missing",
+        )
     labels = class_labels(frame[spec.data.target]) if spec.task == "classification" else None
     return Table(
         frame=frame,
@@ -95,7 +96,11 @@ def train_frames(
 ) -> Trained:
     """Fit preprocessing on ``train``, build the model, train it (validating on ``val``)."""
     pre = Preprocessor.fit(
-        train, table.columns, spec.data.target, spec.task, spec.data.preprocessing,
+        train,
+        table.columns,
+        spec.data.target,
+        spec.task,
+        spec.data.preprocessing,
         labels=table.labels,
     )
     data = TensorData(

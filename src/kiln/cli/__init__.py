@@ -1,0 +1,1 @@
+"""The ``kiln`` command line: thin adapters over the library (parse, call, render)."""

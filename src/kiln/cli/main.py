@@ -1,0 +1,49 @@
+"""Entry point of the ``kiln`` console script.
+
+Importing this module must stay cheap (no torch): commands import what they need
+when they run, so ``kiln --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kiln import __version__
+from kiln.cli import model_cmds, train_cmds
+
+app = typer.Typer(
+    name="kiln",
+    help="Train, evaluate and serve models from a declarative spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+app.command()(train_cmds.train)
+app.command()(train_cmds.crossval)
+app.command()(model_cmds.evaluate)
+app.command()(model_cmds.predict)
+app.command()(model_cmds.inspect)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kiln {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Train, evaluate and serve models from a declarative spec."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,111 @@
+"""``kiln train`` and ``kiln crossval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kiln.cli.errors import reports_errors
+from kiln.cli.render import console, err_console, metrics_table, print_json
+
+SpecArg = Annotated[Path, typer.Argument(help="Spec file (YAML or JSON).", show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+@reports_errors
+def train(
+    spec: SpecArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last epoch checkpoint.")
+    ] = False,
+    quiet: Quiet = False,
+    log_jsonl: Annotated[
+        Path | None, typer.Option("--log-jsonl", help="Append per-epoch JSON lines to FILE.")
+    ] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Train the model a spec describes and save it as a bundle directory."""
+    from kiln.spec import load_spec
+    from kiln.train.callbacks import Callback, JsonlLog, RichProgress
+    from kiln.workflow import checkpoint_dir, fit
+
+    parsed = load_spec(spec)
+    callbacks: list[Callback] = []
+    if not quiet and not json_out:
+        metric = parsed.train.early_stopping.metric if parsed.train.early_stopping else None
+        callbacks.append(RichProgress(f"training {parsed.name}", metric=metric))
+    if log_jsonl is not None:
+        callbacks.append(JsonlLog(log_jsonl))
+    if not quiet and not json_out:
+        err_console.print(f"checkpoints: {checkpoint_dir(out)} (continue with --resume)")
+    bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks)
+    if json_out:
+        print_json({"bundle": str(out), **bundle.metrics, "training": _training(bundle)})
+        return
+    training = bundle.meta.training
+    note = (
+        f", early stop (best epoch {training['best_epoch']})" if training["stopped_early"] else ""
+    )
+    console.print(
+        f"trained [bold]{bundle.name}[/] in {training['seconds']:.1f}s, "
+        f"{training['epochs_run']} epochs{note}, on {training['device']}"
+    )
+    splits = {k: v for k, v in bundle.metrics.items() if isinstance(v, dict)}
+    if splits:
+        console.print(metrics_table("held-out metrics", splits))
+    headline = "accuracy" if bundle.meta.task == "classification" else "rmse"
+    if "test" in bundle.metrics:
+        console.print(f"test {headline}: [bold]{bundle.metrics['test'][headline]:.4f}[/]")
+    console.print(f"saved bundle: [bold]{out}[/]")
+
+
+def _training(bundle: Any) -> dict[str, Any]:
+    return {k: v for k, v in bundle.meta.training.items() if k != "history"}
+
+
+@reports_errors
+def crossval(
+    spec: SpecArg,
+    folds: Annotated[int, typer.Option("--folds", "-k", min=2, help="Number of folds.")] = 5,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """k-fold cross-validation: mean and std of each metric over folds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from kiln.evaluate.crossval import crossval as run_crossval
+    from kiln.spec import load_spec
+
+    parsed = load_spec(spec)
+    show = not quiet and not json_out
+    progress = Progress(
+        TextColumn("[bold]cross-validating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err_console,
+        disable=not show,
+    )
+    headline = "accuracy" if parsed.task == "classification" else "rmse"
+    with progress:
+        task = progress.add_task("folds", total=folds, status="")
+
+        def on_fold(i: int, metrics: dict[str, Any]) -> None:
+            progress.update(
+                task, advance=1, status=f"fold {i + 1}: {headline} {metrics[headline]:.4f}"
+            )
+
+        result = run_crossval(parsed, folds, on_fold=on_fold)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    table = metrics_table(
+        f"{folds}-fold cross-validation of {parsed.name}",
+        {"mean": result.mean, "std": result.std},
+    )
+    console.print(table)
+    console.print(f"{headline}: [bold]{result.mean[headline]:.4f}[/] ± {result.std[headline]:.4f}")
