@@ -1,6 +1,6 @@
 # The two commands a new user types: `make quickstart` and `make test`.
 # Each creates .venv if missing and installs the pinned dependencies first.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -12,7 +12,6 @@ $(BIN)/python:
 
 # Re-install only when the lock file or the project metadata changes.
 $(STAMP): $(BIN)/python requirements.lock pyproject.toml
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)

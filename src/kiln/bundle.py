@@ -185,11 +185,7 @@ class Bundle:
         from safetensors.torch import save_file
 
         out = Path(directory)
-        is_foreign = out.exists() and not (out / META_FILE).is_file()
-        if is_foreign and (not out.is_dir() or any(out.iterdir())):
-            raise BundleError(
-                f"{out} exists and is not a kiln bundle; refusing to overwrite it", field="out"
-            )
+        check_destination(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
@@ -249,6 +245,15 @@ class Bundle:
         bundle = cls(meta, model, pre)
         bundle.path = path
         return bundle
+
+
+def check_destination(out: Path) -> None:
+    """Refuse a destination that holds something other than a bundle (or nothing)."""
+    is_foreign = out.exists() and not (out / META_FILE).is_file()
+    if is_foreign and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(
+            f"{out} exists and is not a kiln bundle; refusing to overwrite it", field="out"
+        )
 
 
 def new_meta(**fields: Any) -> BundleMeta:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln.bundle import Bundle, new_meta
+from kiln.bundle import Bundle, check_destination, new_meta
 from kiln.data.split import holdout
 from kiln.models.summary import count_parameters
 from kiln.spec.load import load_spec
@@ -40,6 +40,8 @@ def fit(
     ``resume=True`` continues from it.
     """
     spec = load_spec(spec)
+    if out is not None:
+        check_destination(Path(out))  # fail before training, not after
     started = time.perf_counter()
     table = load_table(spec)
     target = spec.data.target

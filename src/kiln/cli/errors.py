@@ -21,10 +21,16 @@ def reports_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KilnError as exc:
+            from rich.markup import escape
+
             from kiln.cli.render import err_console
 
-            where = f" [{exc.field}]" if exc.field and exc.field not in exc.message else ""
-            err_console.print(f"[bold red]error:[/] {exc.message}{where}", highlight=False)
+            where = f" (field: {exc.field})" if exc.field and exc.field not in exc.message else ""
+            err_console.print(
+                f"[bold red]error:[/] {escape(exc.message + where)}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -29,11 +29,13 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train the model a spec describes and save it as a bundle directory."""
+    from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
     from kiln.train.callbacks import Callback, JsonlLog, RichProgress
     from kiln.workflow import checkpoint_dir, fit
 
     parsed = load_spec(spec)
+    apply_threads(get_settings())
     callbacks: list[Callback] = []
     if not quiet and not json_out:
         metric = parsed.train.early_stopping.metric if parsed.train.early_stopping else None
@@ -78,9 +80,11 @@ def crossval(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from kiln.evaluate.crossval import crossval as run_crossval
+    from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
 
     parsed = load_spec(spec)
+    apply_threads(get_settings())
     show = not quiet and not json_out
     progress = Progress(
         TextColumn("[bold]cross-validating"),
