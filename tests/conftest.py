@@ -24,7 +24,12 @@ BASE_SPEC: dict[str, Any] = {
     "task": "classification",
     "data": {"source": "sklearn:iris", "target": "target"},
     "model": {"type": "linear"},
-    "train": {"epochs": 3, "batch_size": 32, "optimizer": {"name": "adam", "lr": 0.05}},
+    "train": {
+        "epochs": 3,
+        "batch_size": 32,
+        "optimizer": {"name": "adam", "lr": 0.05},
+        "device": "cpu",  # the default suite is CPU-only, GPU present or not
+    },
 }
 
 

@@ -34,7 +34,7 @@ def saved(tmp_path_factory) -> tuple[Bundle, Path]:
         "task": "classification",
         "data": {"source": "sklearn:iris", "target": "target"},
         "model": {"type": "mlp", "hidden": [8], "batch_norm": True, "dropout": 0.1},
-        "train": {"epochs": 15, "optimizer": {"name": "adam", "lr": 0.05}},
+        "train": {"epochs": 15, "device": "cpu", "optimizer": {"name": "adam", "lr": 0.05}},
     }
     out = tmp_path_factory.mktemp("bundles") / "iris"
     return kiln.fit(spec, out=out), out
@@ -344,7 +344,7 @@ def test_regression_bundle_predicts_in_target_units(tmp_path):
         "task": "regression",
         "data": {"source": "sklearn:diabetes", "target": "target"},
         "model": {"type": "linear"},
-        "train": {"epochs": 20, "optimizer": {"lr": 0.05}},
+        "train": {"epochs": 20, "device": "cpu", "optimizer": {"lr": 0.05}},
     }
     bundle = kiln.fit(spec, out=tmp_path / "diabetes")
     frame = read_table("sklearn:diabetes")
@@ -360,7 +360,23 @@ def test_regression_bundle_predicts_in_target_units(tmp_path):
     metrics = loaded.evaluate(frame)
     assert metrics["r2"] > 0.3
     assert 40 < metrics["rmse"] < 70
-    assert bundle.metrics["test"]["rmse"] == pytest.approx(
-        loaded.metrics["test"]["rmse"]
-    )
+    assert bundle.metrics["test"]["rmse"] == pytest.approx(loaded.metrics["test"]["rmse"])
     assert np.allclose(predictions, bundle.predict(features(frame)).predictions)
+
+
+def test_cnn_bundle_round_trip(tmp_path):
+    spec = {
+        "name": "digits-cnn",
+        "task": "classification",
+        "data": {"source": "sklearn:digits", "target": "target"},
+        "model": {"type": "cnn", "input_shape": [1, 8, 8], "channels": [4], "hidden": [16]},
+        "train": {"epochs": 2, "device": "cpu", "batch_size": 64, "optimizer": {"lr": 0.02}},
+    }
+    bundle = kiln.fit(spec, out=tmp_path / "digits")
+    loaded = kiln.load(str(tmp_path / "digits"))
+    assert loaded.meta.model["input_shape"] == [1, 8, 8]
+    assert loaded.meta.labels == list(range(10))
+    frame = read_table("sklearn:digits").iloc[::20]
+    a, b = bundle.predict(features(frame)), loaded.predict(features(frame))
+    assert a.probabilities == b.probabilities
+    assert np.mean(np.array(b.predictions) == frame["target"].to_numpy()) > 0.5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import kiln
@@ -21,7 +20,7 @@ def test_fit_from_a_yaml_file(tmp_path):
         "task: classification\n"
         "data: {source: 'sklearn:wine', target: target}\n"
         "model: {type: mlp, hidden: [16]}\n"
-        "train: {epochs: 10, optimizer: {name: adam, lr: 0.02}}\n"
+        "train: {epochs: 10, device: cpu, optimizer: {name: adam, lr: 0.02}}\n"
     )
     out = tmp_path / "models" / "wine"
     bundle = kiln.fit(spec, out=out)
@@ -86,9 +85,7 @@ def test_missing_drop_drops_incomplete_rows_and_mean_imputes(make_spec, frame, w
     holes.loc[[2], "label"] = None
     path = write_table(holes, "holes.csv")
     base = make_spec(name="holes", data={"source": path, "target": "label"})
-    dropped = kiln.fit(
-        {**base, "data": {**base["data"], "preprocessing": {"missing": "drop"}}}
-    )
+    dropped = kiln.fit({**base, "data": {**base["data"], "preprocessing": {"missing": "drop"}}})
     assert dropped.meta.lineage["data"]["rows_dropped"] == 4
     assert sum(dropped.meta.lineage["split"].values()) == 56
     imputed = kiln.fit(base)
@@ -100,11 +97,6 @@ def test_missing_drop_drops_incomplete_rows_and_mean_imputes(make_spec, frame, w
         dropped.predict([row])
 
 
-@pytest.mark.xfail(
-    reason="BUG: an integer class column with a blank cell is read as float; "
-    "data/preprocess.py transform_target then rejects label 1.0 as unseen (labels [0, 1])",
-    strict=True,
-)
 def test_integer_labels_with_a_blank_cell(make_spec, frame, write_table):
     labels = (frame["label"] == "yes").astype(int).astype(object)
     labels[3] = None

@@ -126,7 +126,7 @@ class Bundle:
             labels=decoded["labels"],
         )
 
-    def evaluate(self, data: pd.DataFrame | str) -> dict[str, Any]:
+    def evaluate(self, data: pd.DataFrame | str | Path) -> dict[str, Any]:
         """Metrics on labelled data (a DataFrame or a table path/URI holding the target).
 
         Rows whose target is empty are skipped and counted in ``rows_skipped``.
@@ -134,7 +134,7 @@ class Bundle:
         from kiln.data.sources import read_table
         from kiln.evaluate.scoring import score
 
-        frame = read_table(data) if isinstance(data, str) else data
+        frame = read_table(str(data)) if isinstance(data, str | Path) else data
         target = self.meta.target
         if target not in frame.columns:
             raise DataError(f"target column {target!r} is not in the data", field=target)

@@ -224,12 +224,6 @@ def test_integer_class_labels():
     np.testing.assert_array_equal(pre.transform_target(frame["y"]), [2, 0, 2, 0, 1])
 
 
-@pytest.mark.xfail(
-    reason="BUG: data/preprocess.py transform_target matches str(label) ('1') against "
-    "series.astype(str) ('1.0'), so a float-typed class column (e.g. a CSV integer label "
-    "column with one blank cell) is rejected",
-    strict=True,
-)
 def test_float_typed_integer_class_labels():
     frame = table().assign(y=[1.0, 0.0, 1.0, 0.0, 1.0])
     pre = fit(frame=frame)

@@ -44,11 +44,6 @@ def test_json_array_of_records_is_read(tmp_path):
     assert got["b"].tolist() == ["x", "y"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: data/sources.py _parse reads a one-line JSON array with lines=True, which "
-    "succeeds as one row of dict cells, so the array-of-records fallback never runs",
-    strict=True,
-)
 def test_compact_json_array_of_records_is_read(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(RECORDS))
@@ -164,3 +159,17 @@ def test_select_features_errors(frame):
         select_features(frame, "label", ["x1", "missing_col"])
     assert "missing_col" in info.value.message
     assert [c.name for c in select_features(frame, "label", ["x2"])] == ["x2"]
+
+
+def test_fsspec_uris_are_read(frame):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/kiln-tests/t.csv", frame.to_csv(index=False).encode())
+    try:
+        got = read_table("memory://kiln-tests/t.csv")
+        assert got.shape == frame.shape
+        with pytest.raises(NotFoundError):
+            read_table("memory://kiln-tests/absent.csv")
+    finally:
+        fs.rm("/kiln-tests", recursive=True)

@@ -42,11 +42,15 @@ def test_crossval_regression_and_val_split(make_spec):
     assert len(result.folds) == 2
     assert set(result.mean) == {"mse", "rmse", "mae", "r2"}
     assert all(1 <= f["epochs_run"] <= 3 for f in result.folds)
-    assert result.mean["rmse"] == pytest.approx(
-        statistics.fmean(f["rmse"] for f in result.folds)
-    )
+    assert result.mean["rmse"] == pytest.approx(statistics.fmean(f["rmse"] for f in result.folds))
 
 
 def test_crossval_fold_count_errors(make_spec):
     with pytest.raises(DataError, match="folds must be at least 2"):
         crossval(make_spec(), folds=1)
+
+
+def test_crossval_with_a_small_val_fraction_works_like_fit(make_spec):
+    spec = make_spec(data={"split": {"val": 0.01}}, train={"epochs": 1})
+    assert kiln.fit(spec).meta.lineage["split"]["val"] == 3  # one row per class
+    assert len(crossval(spec, folds=5).folds) == 5

@@ -36,9 +36,7 @@ def test_multiclass_metrics_match_sklearn():
     assert got["accuracy"] == pytest.approx(skm.accuracy_score(Y3, pred))
     for avg in ("macro", "weighted"):
         assert got[f"f1_{avg}"] == pytest.approx(skm.f1_score(Y3, pred, average=avg))
-        assert got[f"precision_{avg}"] == pytest.approx(
-            skm.precision_score(Y3, pred, average=avg)
-        )
+        assert got[f"precision_{avg}"] == pytest.approx(skm.precision_score(Y3, pred, average=avg))
         assert got[f"recall_{avg}"] == pytest.approx(skm.recall_score(Y3, pred, average=avg))
     assert got["log_loss"] == pytest.approx(skm.log_loss(Y3, P3))
     assert got["roc_auc"] == pytest.approx(skm.roc_auc_score(Y3, P3, multi_class="ovr"))
@@ -88,9 +86,7 @@ def test_headline_metric():
 
 def preprocessor(task: str, y) -> Preprocessor:
     frame = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "y": y})
-    return Preprocessor.fit(
-        frame, [Column(name="x", kind="numeric")], "y", task, Preprocessing()
-    )
+    return Preprocessor.fit(frame, [Column(name="x", kind="numeric")], "y", task, Preprocessing())
 
 
 def test_decode_outputs_gives_original_labels_and_probabilities():

@@ -3,6 +3,7 @@ clipping, schedules, early stopping, callbacks, divergence and determinism."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from kiln.errors import Interrupted, TrainingError
 from kiln.models import build
 from kiln.spec import LinearSpec, MLPSpec, TrainSpec
-from kiln.train.callbacks import Callback, JsonlLog
+from kiln.train.callbacks import Callback, JsonlLog, RichProgress
 from kiln.train.checkpoint import DirCheckpoints
 from kiln.train.loop import TensorData, fit_model
 from kiln.train.losses import make_loss
@@ -53,7 +54,9 @@ def train(task="classification", loss="cross_entropy", data=None, model=None, **
     data = data or (class_data() if task == "classification" else reg_data())
     model = model or model_for(data, task)
     callbacks = spec_kw.pop("callbacks", ())
-    result = fit_model(model, data, TrainSpec(**spec_kw), task, loss, callbacks=callbacks)
+    result = fit_model(
+        model, data, TrainSpec(**{"device": "cpu", **spec_kw}), task, loss, callbacks=callbacks
+    )
     return model, result
 
 
@@ -132,7 +135,9 @@ def test_each_loss_trains(task, loss):
 def test_regression_val_metrics_are_in_target_units():
     data = reg_data()
     model = model_for(data, "regression")
-    result = fit_model(model, data, TrainSpec(epochs=2), "regression", "mse", target_scale=10.0)
+    result = fit_model(
+        model, data, TrainSpec(epochs=2, device="cpu"), "regression", "mse", target_scale=10.0
+    )
     logs = result.history[-1]
     # val_loss is on the encoded scale; val_mse is that error times scale**2.
     assert logs["val_mse"] == pytest.approx(logs["val_loss"] * 100.0, rel=1e-4)
@@ -378,7 +383,7 @@ def test_keyboard_interrupt_becomes_interrupted(tmp_path):
         fit_model(
             model_for(data, "classification"),
             data,
-            TrainSpec(epochs=5),
+            TrainSpec(epochs=5, device="cpu"),
             "classification",
             "cross_entropy",
             callbacks=[JsonlLog(log), StopAt2()],
@@ -435,7 +440,7 @@ def test_resume_needs_a_checkpoint_of_the_same_run(tmp_path):
         return fit_model(
             model_for(data, "classification"),
             data,
-            TrainSpec(epochs=2),
+            TrainSpec(epochs=2, device="cpu"),
             "classification",
             "cross_entropy",
             checkpoints=store,
@@ -461,3 +466,33 @@ def test_corrupt_checkpoint_is_a_training_error(tmp_path):
     store.path.write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="cannot be read"):
         store.load()
+
+
+def test_jsonl_log_to_an_open_stream_leaves_it_open():
+    stream = io.StringIO()
+    train(epochs=2, callbacks=[JsonlLog(stream)])
+    assert not stream.closed
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["start", "epoch", "epoch", "end"]
+
+
+def test_rich_progress_runs_and_stops(capsys):
+    progress = RichProgress(metric="val_accuracy")
+    _, result = train(epochs=3, callbacks=[progress])
+    assert result.epochs_run == 3
+    assert progress._progress is None  # stopped at the end of training
+    assert "training" in capsys.readouterr().err
+
+
+def test_callbacks_hear_the_end_of_a_failed_run(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with pytest.raises(TrainingError):
+        train(
+            "regression",
+            "mse",
+            epochs=50,
+            batch_size="full",
+            optimizer={"name": "sgd", "lr": 1e6},
+            callbacks=[JsonlLog(path)],
+        )
+    assert json.loads(path.read_text().splitlines()[-1])["event"] == "end"

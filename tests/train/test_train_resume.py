@@ -152,3 +152,34 @@ def test_explicit_checkpoint_directory(resume_spec, reference, tmp_path):
     resumed = kiln.fit(resume_spec, checkpoints=ckpt, resume=True)
     assert resumed.meta.training["resumed_from_epoch"] == 4
     assert identical(resumed, reference)
+
+
+def test_resume_after_the_epoch_that_stopped_early(make_spec, tmp_path):
+    # min_delta this large means only epoch 1 counts as an improvement: with patience 2
+    # the run stops after epoch 3.
+    spec = make_spec(
+        train={
+            "epochs": 10,
+            "early_stopping": {"patience": 2, "metric": "train_loss", "min_delta": 1e6},
+        }
+    )
+    reference = kiln.fit(spec)
+    assert reference.meta.training["epochs_run"] == 3
+    out = tmp_path / "model"
+    interrupt(spec, out, k=3)  # Ctrl-C lands during the last epoch's callbacks
+    resumed = kiln.fit(spec, out=out, resume=True)
+    assert resumed.meta.training["epochs_run"] == 3
+    assert history(resumed) == history(reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_is_bit_identical(resume_spec, tmp_path):
+    spec = {**resume_spec, "train": {**resume_spec["train"], "device": "cuda"}}
+    reference = kiln.fit(spec)
+    if not identical(reference, kiln.fit(spec)):
+        pytest.skip("CUDA kernels are not deterministic on this machine")
+    out = tmp_path / "model"
+    interrupt(spec, out)
+    resumed = kiln.fit(spec, out=out, resume=True)
+    assert identical(resumed, reference)

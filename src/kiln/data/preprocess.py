@@ -145,7 +145,8 @@ class Preprocessor:
             raise DataError(f"target column {t.name!r} is empty at row {row}", field=t.name)
         if isinstance(t, ClassTarget):
             index = {str(label): i for i, label in enumerate(t.labels)}
-            codes = series.astype(str).map(index)
+            # Normalise like class_labels did (1.0 -> 1) so float-typed columns match.
+            codes = series.map(lambda v: str(_native(v))).map(index)
             unknown = codes.isna().to_numpy()
             if unknown.any():
                 row = int(np.flatnonzero(unknown)[0])

@@ -74,12 +74,12 @@ def _parse(fh: Any, fmt: str) -> pd.DataFrame:
         return pd.read_csv(fh, sep="\t")
     if fmt == "parquet":
         return pd.read_parquet(fh)
-    try:
-        return pd.read_json(fh, lines=True)
-    except ValueError:
+    head = fh.read(4096).lstrip()
+    fh.seek(0)
+    if head.startswith(b"["):
         # A .json file holding one array of records rather than JSON lines.
-        fh.seek(0)
         return pd.read_json(fh)
+    return pd.read_json(fh, lines=True)
 
 
 def load_sklearn(name: str) -> pd.DataFrame:

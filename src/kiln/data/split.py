@@ -41,6 +41,18 @@ def holdout(y: pd.Series, split: Split, stratify: bool) -> Holdout:
     return Holdout(train=np.sort(train), val=np.sort(val), test=np.sort(test))
 
 
+def split_off(
+    idx: np.ndarray, fraction: float, labels: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``idx`` into (rest, part) with ``fraction`` of them in ``part``.
+
+    Stratified by ``labels`` when given; ``part`` gets at least one row per class.
+    """
+    from sklearn.model_selection import train_test_split
+
+    return _cut(idx, fraction, labels, seed, train_test_split)
+
+
 def _cut(
     idx: np.ndarray, fraction: float, labels: np.ndarray | None, seed: int, splitter: object
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.data.split import kfold
+from kiln.data.split import kfold, split_off
 from kiln.evaluate.metrics import SCALAR_CLASSIFICATION, SCALAR_REGRESSION
-from kiln.spec.data import Split
 from kiln.spec.load import load_spec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
@@ -43,8 +42,6 @@ def crossval(
     callbacks: Callable[[int], Sequence[Callback]] | None = None,
 ) -> CrossValResult:
     """Run k-fold cross-validation of ``spec``; ``on_fold(i, metrics)`` reports progress."""
-    from sklearn.model_selection import train_test_split
-
     spec = load_spec(spec)
     table = load_table(spec)
     target = spec.data.target
@@ -55,10 +52,9 @@ def crossval(
         val_df = None
         train_pos = np.asarray(train_idx)
         if spec.data.split.val > 0:
-            val_size = Split(test=0.0, val=spec.data.split.val, seed=spec.data.split.seed).val
             strat = y.iloc[train_pos].astype(str).to_numpy() if stratify else None
-            train_pos, val_pos = train_test_split(
-                train_pos, test_size=val_size, random_state=spec.data.split.seed, stratify=strat
+            train_pos, val_pos = split_off(
+                train_pos, spec.data.split.val, strat, spec.data.split.seed + 1
             )
             val_df = table.frame.iloc[np.sort(val_pos)]
         train_df = table.frame.iloc[np.sort(train_pos)]

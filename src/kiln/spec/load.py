@@ -69,13 +69,19 @@ def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
     return field, msg
 
 
+# Member names pydantic puts in an error path for `int | str | ...` unions.
+_UNION_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "tuple", "dict"})
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     # Tagged unions put the tag ('mlp') in the path; users never wrote it.
     out: list[Any] = []
     for part in loc:
         if isinstance(part, str) and part in ("linear", "mlp", "cnn") and out == ["model"]:
             continue
-        if isinstance(part, str) and part.startswith(("function-", "literal[", "int", "str")):
+        if isinstance(part, str) and (
+            part in _UNION_TAGS or part.startswith(("function-", "literal["))
+        ):
             continue
         out.append(part)
     return out

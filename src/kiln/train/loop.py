@@ -115,13 +115,7 @@ def fit_model(
         else contextlib.nullcontext()
     )
 
-    history: list[dict[str, Any]] = []
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    start_epoch = 0
-
+    progress = _Progress()
     if resume:
         state = checkpoints.load() if checkpoints is not None else None
         if state is None:
@@ -138,28 +132,27 @@ def fit_model(
             scheduler.load_state_dict(state["scheduler"])
         shuffle_gen.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
-        history = list(state["history"])
-        best_value = state["best_value"]
-        best_epoch = state["best_epoch"]
-        best_state = state["best_state"]
-        bad_epochs = state["bad_epochs"]
-        start_epoch = state["epoch"]
+        if device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        progress = _Progress.from_checkpoint(state)
+    start_epoch = progress.epoch
 
     for cb in callbacks:
         cb.on_train_start(train.epochs, start_epoch)
 
-    stopped_early = False
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, train.epochs):
+        # A run that had already stopped early resumes straight to the end.
+        for epoch in range(start_epoch, start_epoch if progress.stopped_early else train.epochs):
             t0 = time.perf_counter()
             model.train()
             perm = torch.randperm(n, generator=shuffle_gen).to(device)
             total = torch.zeros((), device=device)
+            seen = 0
             for i in range(0, n, batch):
                 idx = perm[i : i + batch]
                 if has_batchnorm and len(idx) == 1:
                     continue  # BatchNorm cannot normalise a single row
+                seen += len(idx)
                 with autocast:
                     out = model(x[idx])
                     step_loss = loss_fn(out.float(), y[idx])
@@ -175,7 +168,7 @@ def fit_model(
                 if scheduler is not None and per_step:
                     scheduler.step()
                 total += step_loss.detach() * len(idx)
-            train_loss = float(total) / n
+            train_loss = float(total) / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise TrainingError(
                     f"training diverged at epoch {epoch + 1} (loss is {train_loss}); "
@@ -199,47 +192,59 @@ def fit_model(
                 assert train.early_stopping is not None
                 value = float(logs[monitor])
                 if _improved(
-                    value, best_value, metric_mode(monitor), train.early_stopping.min_delta
+                    value,
+                    progress.best_value,
+                    metric_mode(monitor),
+                    train.early_stopping.min_delta,
                 ):
-                    best_value, best_epoch, bad_epochs = value, epoch + 1, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    progress.best_value, progress.best_epoch = value, epoch + 1
+                    progress.bad_epochs = 0
+                    progress.best_state = {
+                        k: v.detach().clone() for k, v in model.state_dict().items()
+                    }
                 else:
-                    bad_epochs += 1
-                stopped_early = bad_epochs >= train.early_stopping.patience
-            history.append(logs)
+                    progress.bad_epochs += 1
+                progress.stopped_early = progress.bad_epochs >= train.early_stopping.patience
+            progress.history.append(logs)
+            progress.epoch = epoch + 1
 
             if checkpoints is not None:
                 checkpoints.save(
                     {
                         "run_id": run_id,
-                        "epoch": epoch + 1,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
                         "shuffle_rng": shuffle_gen.get_state(),
                         "torch_rng": torch.get_rng_state(),
-                        "history": history,
-                        "best_value": best_value,
-                        "best_epoch": best_epoch,
-                        "best_state": best_state,
-                        "bad_epochs": bad_epochs,
+                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                        **progress.to_checkpoint(),
                     }
                 )
             for cb in callbacks:
                 cb.on_epoch_end(logs)
-            if stopped_early:
+            if progress.stopped_early:
                 break
     except KeyboardInterrupt:
         for cb in callbacks:
-            cb.on_train_end({"interrupted": True, "epochs_run": len(history)})
+            cb.on_train_end({"interrupted": True, "epochs_run": len(progress.history)})
         raise Interrupted(
-            f"training interrupted after epoch {len(history)}; "
+            f"training interrupted after epoch {len(progress.history)}; "
             "the last checkpoint is kept, continue with --resume"
         ) from None
+    except BaseException as exc:
+        # Callbacks still hear the end (closing files, stopping live displays).
+        for cb in callbacks:
+            cb.on_train_end({"error": str(exc), "epochs_run": len(progress.history)})
+        raise
 
+    best_state = progress.best_state
     if train.early_stopping and train.early_stopping.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    history = progress.history
+    best_epoch = progress.best_epoch
+    stopped_early = progress.stopped_early
     result = FitResult(
         history=history,
         epochs_run=len(history),
@@ -258,6 +263,42 @@ def fit_model(
     for cb in callbacks:
         cb.on_train_end(summary)
     return result
+
+
+@dataclass
+class _Progress:
+    """Where a run stands after its last completed epoch (what a checkpoint restores)."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> _Progress:
+        return cls(
+            epoch=state["epoch"],
+            history=list(state["history"]),
+            best_value=state["best_value"],
+            best_epoch=state["best_epoch"],
+            best_state=state["best_state"],
+            bad_epochs=state["bad_epochs"],
+            stopped_early=bool(state.get("stopped_early", False)),
+        )
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
