@@ -21,9 +21,9 @@ quickstart: $(STAMP)
 	$(BIN)/kiln inspect models/digits-cnn
 	$(BIN)/kiln predict models/digits-cnn examples/data/digits-sample.csv
 	@echo
-	@echo "Next: kiln evaluate models/digits-cnn examples/data/digits-sample.csv"
+	@echo "Next: kiln train examples/wine-mlp.yaml --out models/wine-mlp"
 	@echo "      kiln crossval examples/wine-mlp.yaml --folds 5"
-	@echo "      kiln train examples/wine-mlp.yaml --out models/wine-mlp   (then edit the spec)"
+	@echo "      kiln evaluate models/wine-mlp examples/data/wine-holdout.csv"
 	@echo "      (run them as .venv/bin/kiln, or 'source .venv/bin/activate' first)"
 
 test: $(STAMP)

@@ -7,6 +7,7 @@
                          parent), and the SHA-256 of every other file
     weights.safetensors  the model's tensors
     preprocess.json      fitted preprocessing state
+    tokenizer/           text models: the tokenizer's JSON files
 
 Saving writes into a temporary sibling directory and renames it into place, so a
 crash or an error never leaves half a bundle. Loading parses JSON and safetensors
@@ -43,6 +44,7 @@ FORMAT_VERSION = 1
 META_FILE = "kiln.json"
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESS_FILE = "preprocess.json"
+TOKENIZER_DIR = "tokenizer"
 
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 
@@ -62,6 +64,7 @@ class BundleMeta(BaseModel):
     labels: list[JSONScalar] | None
     n_inputs: int
     n_outputs: int
+    model_context: dict[str, Any] = {}
     parameters: int
     metrics: dict[str, Any]
     training: dict[str, Any]
@@ -131,10 +134,9 @@ class Bundle:
 
         Rows whose target is empty are skipped and counted in ``rows_skipped``.
         """
-        from kiln.data.sources import read_table
         from kiln.evaluate.scoring import score
 
-        frame = read_table(str(data)) if isinstance(data, str | Path) else data
+        frame = self.read(str(data)) if isinstance(data, str | Path) else data
         target = self.meta.target
         if target not in frame.columns:
             raise DataError(f"target column {target!r} is not in the data", field=target)
@@ -148,6 +150,35 @@ class Bundle:
         metrics["rows"] = len(frame)
         metrics["rows_skipped"] = int((~present).sum())
         return metrics
+
+    def example_input(self) -> torch.Tensor:
+        """One all-zero (or, for text, eight-token) input row, shaped like real input."""
+        shape = self.preprocessor.input_shape
+        if self.preprocessor.kind == "text":
+            return torch.ones(1, 2, 8, dtype=torch.long)
+        return torch.zeros(1, *shape)
+
+    def read(self, source: str) -> pd.DataFrame:
+        """Read input rows from a table (csv/parquet/jsonl) or, for image models, a folder.
+
+        Image paths in a table are taken relative to the table's folder. A folder with
+        one sub-folder per class gives labelled rows; any other folder, its images.
+        """
+        from kiln.data.images import FOLDER_IMAGE_COLUMN, folder_table, list_images, resolve_paths
+        from kiln.data.sources import read_table
+
+        image = self.preprocessor.state.image
+        if image is not None and Path(source).is_dir():
+            root = Path(source)
+            if any(p.is_dir() for p in root.iterdir()):
+                frame = folder_table(root, self.meta.target)
+            else:
+                frame = list_images(root)
+            return frame.rename(columns={FOLDER_IMAGE_COLUMN: image.column})
+        frame = read_table(source)
+        if image is not None and "://" not in source:
+            frame = resolve_paths(frame, image.column, Path(source).parent)
+        return frame
 
     def _frame(self, rows: Any) -> pd.DataFrame:
         names = self.preprocessor.feature_names
@@ -192,9 +223,12 @@ class Bundle:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             _write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
+            if self.preprocessor.tokenizer is not None:
+                self.preprocessor.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             self.meta.files = {
-                WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE),
-                PREPROCESS_FILE: _sha256(tmp / PREPROCESS_FILE),
+                p.relative_to(tmp).as_posix(): _sha256(p)
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
             }
             _write_json(tmp / META_FILE, self.meta.model_dump(mode="json"))
             _replace_dir(tmp, out)
@@ -226,17 +260,24 @@ class Bundle:
             model_spec = _MODEL_SPEC.validate_python(meta.model)
         except ValidationError as exc:
             raise BundleError(f"{path / META_FILE} is invalid: {exc.errors()[0]['msg']}") from None
-        for name in (WEIGHTS_FILE, PREPROCESS_FILE):
-            if not (path / name).is_file():
+        for name in {WEIGHTS_FILE, PREPROCESS_FILE, *meta.files}:
+            file = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                raise BundleError(f"{path / META_FILE} lists a path outside the bundle: {name}")
+            if not file.is_file():
                 raise BundleError(f"bundle {path} is missing {name}")
             expected = meta.files.get(name)
-            if expected is None or _sha256(path / name) != expected:
-                raise BundleError(f"{path / name} does not match its checksum in {META_FILE}")
+            if expected is None or _sha256(file) != expected:
+                raise BundleError(f"{file} does not match its checksum in {META_FILE}")
         try:
             pre = Preprocessor.from_json(_read_json(path / PREPROCESS_FILE))
         except ValidationError as exc:
             raise BundleError(f"{path / PREPROCESS_FILE} is invalid: {exc}") from None
-        model = build(model_spec, meta.n_inputs, meta.n_outputs)
+        if pre.state.text is not None:
+            from kiln.data.text import load_tokenizer
+
+            pre.tokenizer = load_tokenizer(path / TOKENIZER_DIR, for_bundle=True)
+        model = build(model_spec, meta.n_inputs, meta.n_outputs, **meta.model_context)
         try:
             state = load_file(str(path / WEIGHTS_FILE))
             model.load_state_dict(state, strict=True)

@@ -74,6 +74,7 @@ def fit(
         target=target,
         labels=table.labels,
         n_inputs=pre.n_outputs,
+        model_context=trained.context,
         n_outputs=len(table.labels) if table.labels is not None else 1,
         parameters=count_parameters(model),
         metrics=metrics,

@@ -45,10 +45,9 @@ def predict(
 ) -> None:
     """Predict labels (and class probabilities) or values for each input row."""
     from kiln.bundle import Bundle
-    from kiln.data.sources import read_table
 
     b = Bundle.load(bundle)
-    rows = read_table(input)
+    rows = b.read(input)
     result = b.predict(rows)
     if json_out:
         print_json(result.to_dict())
@@ -59,18 +58,34 @@ def predict(
     if result.probabilities is not None:
         table.add_column("probability", justify="right")
     target = b.meta.target
+    image = b.preprocessor.state.image
+    if image is not None:
+        table.add_column("image")
     if target in rows.columns:
         table.add_column(f"{target} (given)")
     for i, pred in enumerate(result.predictions[:SHOWN_ROWS]):
         cells = [str(i), str(pred) if result.probabilities else f"{pred:.4f}"]
         if result.probabilities is not None:
             cells.append(f"{max(result.probabilities[i]):.3f}")
+        if image is not None:
+            cells.append(Path(str(rows[image.column].iloc[i])).name)
         if target in rows.columns:
             cells.append(str(rows[target].iloc[i]))
         table.add_row(*cells)
     console.print(table)
     if len(rows) > SHOWN_ROWS:
         console.print(f"... {len(rows) - SHOWN_ROWS} more rows; use --json for all")
+
+
+def _encoded(bundle: Any) -> str:
+    pre = bundle.preprocessor
+    if pre.kind == "text":
+        return (
+            f"tokens (vocabulary {bundle.meta.n_inputs:,}, max length {pre.state.text.max_length})"
+        )
+    if pre.kind == "image":
+        return f"images {pre.input_shape} (C, H, W)"
+    return f"{bundle.meta.n_inputs} features"
 
 
 @reports_errors
@@ -80,7 +95,7 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     from kiln.models.summary import summarize
 
     b = Bundle.load(bundle)
-    rows = summarize(b.model, b.meta.n_inputs)
+    rows = summarize(b.model, b.example_input())
     meta = b.meta
     if json_out:
         print_json(
@@ -102,7 +117,7 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     console.print(
         f"inputs: {len(meta.input_schema)} columns ("
         + ", ".join(f"{n} {k}" for k, n in kinds.items())
-        + f") -> {meta.n_inputs} features; target {meta.target!r}"
+        + f") -> {_encoded(b)}; target {meta.target!r}"
         + (f" with {len(meta.labels)} classes" if meta.labels else "")
     )
     layers = Table(title="layers", title_justify="left")

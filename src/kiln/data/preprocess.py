@@ -56,20 +56,49 @@ class RegressionTarget(BaseModel):
 Target = Annotated[ClassTarget | RegressionTarget, Field(discriminator="kind")]
 
 
+class TextState(BaseModel):
+    """Text input: which columns, and the truncation length. The tokenizer itself is
+    saved beside this state (a bundle's ``tokenizer/`` folder)."""
+
+    columns: list[str]
+    max_length: int
+
+
+class ImageState(BaseModel):
+    """Image input: the path column, the size and channels images are decoded to, and
+    the per-channel normalisation fitted on the training split (pixels in [0, 1])."""
+
+    column: str
+    size: tuple[int, int]
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+
+
 class PreprocessState(BaseModel):
-    """Everything needed to turn raw rows into model inputs and back."""
+    """Everything needed to turn raw rows into model inputs and back.
+
+    Exactly one input kind is set: tabular ``features``, ``text`` or ``image``.
+    """
 
     format_version: Literal[1] = 1
-    features: list[Feature]
+    features: list[Feature] = []
+    text: TextState | None = None
+    image: ImageState | None = None
     target: Target
-    missing: str
+    missing: str = "mean"
 
 
 class Preprocessor:
-    """Feature and target encoding with fitted, JSON-serialisable state."""
+    """Feature and target encoding with fitted, JSON-serialisable state.
 
-    def __init__(self, state: PreprocessState) -> None:
+    Text preprocessing also holds a tokenizer (``self.tokenizer``), saved as files
+    beside the state.
+    """
+
+    def __init__(self, state: PreprocessState, tokenizer: Any = None) -> None:
         self.state = state
+        self.tokenizer = tokenizer
 
     # ---- fitting -------------------------------------------------------------
 
@@ -93,25 +122,96 @@ class Preprocessor:
                 features.append(_fit_numeric(frame, col.name, options))
             else:
                 features.append(_fit_categorical(frame[col.name], col.name, options))
-        tgt: ClassTarget | RegressionTarget
-        if task == "classification":
-            tgt = ClassTarget(name=target, labels=labels or class_labels(frame[target]))
-        else:
-            y = _numeric_column(frame[target], target).astype(np.float64)
-            _check_finite(y, target)
-            std = float(y.std())
-            tgt = RegressionTarget(name=target, center=float(y.mean()), scale=std or 1.0)
+        tgt = _fit_target(frame, target, task, labels)
         return cls(PreprocessState(features=features, target=tgt, missing=options.missing))
+
+    @classmethod
+    def fit_text(
+        cls,
+        frame: pd.DataFrame,
+        columns: list[str],
+        target: str,
+        task: str,
+        tokenizer: Any,
+        max_length: int,
+        labels: list[JSONScalar] | None = None,
+    ) -> Preprocessor:
+        """Text columns through ``tokenizer`` (already trained or loaded)."""
+        state = PreprocessState(
+            text=TextState(columns=columns, max_length=max_length),
+            target=_fit_target(frame, target, task, labels),
+        )
+        return cls(state, tokenizer)
+
+    @classmethod
+    def fit_image(
+        cls,
+        frame: pd.DataFrame,
+        column: str,
+        target: str,
+        task: str,
+        size: tuple[int, int] | None,
+        color: str,
+        labels: list[JSONScalar] | None = None,
+    ) -> Preprocessor:
+        """Images from a path column; mean/std are measured on ``frame`` (training rows)."""
+        from kiln.data.images import decode, probe
+
+        if column not in frame.columns:
+            raise DataError(f"image column {column!r} is not in the data", field="data.image")
+        first_size, first_channels = probe(str(frame[column].iloc[0]))
+        channels = {"grayscale": 1, "rgb": 3}.get(color, first_channels)
+        hw: tuple[int, int] = (size[0], size[1]) if size is not None else first_size
+        pixels = decode(frame[column], hw, channels).astype(np.float32) / 255.0
+        mean = pixels.mean(axis=(0, 2, 3))
+        std = pixels.std(axis=(0, 2, 3))
+        state = PreprocessState(
+            image=ImageState(
+                column=column,
+                size=hw,
+                channels=channels,
+                mean=[float(m) for m in mean],
+                std=[float(s) if s > 1e-6 else 1.0 for s in std],
+            ),
+            target=_fit_target(frame, target, task, labels),
+        )
+        return cls(state)
 
     # ---- transforming --------------------------------------------------------
 
     @property
     def feature_names(self) -> list[str]:
+        """The input columns a row must have."""
+        if self.state.text is not None:
+            return list(self.state.text.columns)
+        if self.state.image is not None:
+            return [self.state.image.column]
         return [f.name for f in self.state.features]
 
     @property
+    def kind(self) -> Literal["tabular", "text", "image"]:
+        if self.state.text is not None:
+            return "text"
+        return "image" if self.state.image is not None else "tabular"
+
+    @property
+    def input_shape(self) -> list[int]:
+        """Shape of one encoded row: [features], [C, H, W], or [2, max_length] for text."""
+        if self.state.image is not None:
+            h, w = self.state.image.size
+            return [self.state.image.channels, h, w]
+        if self.state.text is not None:
+            return [2, self.state.text.max_length]
+        return [self.n_outputs]
+
+    @property
     def n_outputs(self) -> int:
-        """Width of the encoded feature matrix."""
+        """Width of the encoded input: features, C*H*W pixels, or the vocabulary size."""
+        if self.state.image is not None:
+            c, h, w = self.input_shape
+            return c * h * w
+        if self.state.text is not None:
+            return len(self.tokenizer)
         return sum(
             len(f.categories) if f.kind == "categorical" and f.encoding == "onehot" else 1
             for f in self.state.features
@@ -123,7 +223,23 @@ class Preprocessor:
         return t.labels if isinstance(t, ClassTarget) else None
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Encode feature columns into a float32 matrix (N, n_outputs)."""
+        """Encode inputs: float32 (N, F) features, float32 (N, C, H, W) images, or int64
+        (N, 2, L) token ids and attention mask."""
+        if self.state.text is not None:
+            from kiln.data.text import encode, join_text
+
+            texts = join_text(frame, self.state.text.columns)
+            return encode(self.tokenizer, texts, self.state.text.max_length)
+        if self.state.image is not None:
+            from kiln.data.images import decode
+
+            img = self.state.image
+            if img.column not in frame.columns:
+                raise DataError(f"input is missing image column {img.column!r}", field=img.column)
+            pixels = decode(frame[img.column], img.size, img.channels).astype(np.float32) / 255.0
+            mean = np.asarray(img.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(img.std, dtype=np.float32).reshape(1, -1, 1, 1)
+            return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
         missing = [name for name in self.feature_names if name not in frame.columns]
         if missing:
             raise DataError(f"input is missing column(s) {missing}", field=missing[0])
@@ -284,6 +400,17 @@ def _fit_categorical(series: pd.Series, name: str, options: Preprocessing) -> Ca
     return CategoricalFeature(
         name=name, categories=categories, fill=fill, encoding=options.categorical
     )
+
+
+def _fit_target(
+    frame: pd.DataFrame, target: str, task: str, labels: list[JSONScalar] | None
+) -> ClassTarget | RegressionTarget:
+    if task == "classification":
+        return ClassTarget(name=target, labels=labels or class_labels(frame[target]))
+    y = _numeric_column(frame[target], target).astype(np.float64)
+    _check_finite(y, target)
+    std = float(y.std())
+    return RegressionTarget(name=target, center=float(y.mean()), scale=std or 1.0)
 
 
 def class_labels(series: pd.Series) -> list[JSONScalar]:

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from kiln.errors import DataError, SpecError
 
-ColumnKind = Literal["numeric", "categorical", "text"]
+ColumnKind = Literal["numeric", "categorical", "text", "image"]
 
 # Object columns whose values average more than this many words read as free text.
 _TEXT_MIN_WORDS = 4.0

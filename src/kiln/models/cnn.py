@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +29,27 @@ class Reshape(nn.Module):
 
 
 @register("cnn")
-def build_cnn(spec: CNNSpec, n_inputs: int, n_outputs: int) -> nn.Module:
-    """Reshape -> [Conv(same) -> BN? -> act -> MaxPool] per channel count -> FC head."""
-    c, h, w = spec.input_shape
+def build_cnn(spec: CNNSpec, n_inputs: int, n_outputs: int, **context: Any) -> nn.Module:
+    """Reshape -> [Conv(same) -> BN? -> act -> MaxPool] per channel count -> FC head.
+
+    Images give their own [C, H, W] (context ``input_shape``); flat pixel columns need
+    ``model.input_shape``.
+    """
+    data_shape = context.get("input_shape")
+    shape = spec.input_shape or (data_shape if data_shape and len(data_shape) == 3 else None)
+    if shape is None:
+        raise SpecError(
+            "a cnn on table columns needs model.input_shape [C, H, W]", field="model.input_shape"
+        )
+    c, h, w = shape
+    if spec.kernel_size > min(h, w):
+        raise SpecError(
+            f"model.kernel_size {spec.kernel_size} is larger than the image {h}x{w}",
+            field="model.kernel_size",
+        )
     if c * h * w != n_inputs:
         raise SpecError(
-            f"model.input_shape {spec.input_shape} holds {c * h * w} values but the data has "
+            f"model.input_shape {list(shape)} holds {c * h * w} values but the data has "
             f"{n_inputs} feature columns",
             field="model.input_shape",
         )

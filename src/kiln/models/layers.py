@@ -47,3 +47,9 @@ def initialise(module: nn.Module, scheme: str, nonlinearity: str = "relu") -> No
             raise ValueError(f"unknown init scheme {scheme!r}")
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def flatten_images(context: dict[str, Any]) -> list[nn.Module]:
+    """[Flatten] when the input is image-shaped (context input_shape [C, H, W]), else []."""
+    shape = context.get("input_shape")
+    return [nn.Flatten()] if shape is not None and len(shape) == 3 else []

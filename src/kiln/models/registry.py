@@ -1,8 +1,11 @@
 """Model registry: ``@register("mlp")`` maps a spec ``type`` to a builder.
 
-A builder takes (model spec, number of input features, number of outputs) and
-returns a plain ``nn.Module`` mapping a float tensor (B, F) to outputs (B, O).
-New architectures plug in by registering; nothing else needs to change.
+A builder takes (model spec, number of inputs, number of outputs, **context) and
+returns a plain ``nn.Module`` mapping one input tensor to outputs (B, O): features
+(B, F), images (B, C, H, W) or tokens (B, 2, L). ``context`` carries JSON facts the
+data decides (``input_shape``, ``pad_id``, a pretrained model's ``hf_config``); the
+bundle stores it, so loading rebuilds exactly the same architecture. New
+architectures plug in by registering; nothing else needs to change.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 
 from kiln.errors import SpecError
 
-Builder = Callable[[Any, int, int], nn.Module]
+Builder = Callable[..., nn.Module]
 _BUILDERS: dict[str, Builder] = {}
 
 
@@ -30,7 +33,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def build(spec: Any, n_inputs: int, n_outputs: int) -> nn.Module:
+def build(spec: Any, n_inputs: int, n_outputs: int, **context: Any) -> nn.Module:
     """Build the architecture ``spec.type`` with fresh (initialised) weights."""
     _load_builtins()
     try:
@@ -39,7 +42,7 @@ def build(spec: Any, n_inputs: int, n_outputs: int) -> nn.Module:
         raise SpecError(
             f"unknown model type {spec.type!r}; known: {sorted(_BUILDERS)}", field="model.type"
         ) from None
-    return builder(spec, n_inputs, n_outputs)
+    return builder(spec, n_inputs, n_outputs, **context)
 
 
 def available() -> list[str]:
@@ -49,4 +52,4 @@ def available() -> list[str]:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register decorators.
-    from kiln.models import cnn, linear, mlp  # noqa: F401
+    from kiln.models import cnn, linear, mlp, pretrained, transformer  # noqa: F401

@@ -17,18 +17,19 @@ class LayerRow:
     trainable: int
 
 
-def summarize(model: nn.Module, n_inputs: int) -> list[LayerRow]:
-    """Run one zero row through ``model`` and record each leaf module's output shape."""
+def summarize(model: nn.Module, example: torch.Tensor | int) -> list[LayerRow]:
+    """Run one example row through ``model`` and record each leaf module's output shape.
+
+    ``example`` is an input batch of one, or a feature count for a zero row (1, F).
+    """
     rows: list[LayerRow] = []
     hooks = []
 
     def hook(name: str) -> object:
-        def record(module: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        def record(module: nn.Module, _inp: object, out: object) -> None:
             params = sum(p.numel() for p in module.parameters(recurse=False))
             trainable = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-            rows.append(
-                LayerRow(name, type(module).__name__, list(out.shape[1:]), params, trainable)
-            )
+            rows.append(LayerRow(name, type(module).__name__, _shape(out), params, trainable))
 
         return record
 
@@ -39,7 +40,7 @@ def summarize(model: nn.Module, n_inputs: int) -> list[LayerRow]:
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, n_inputs))
+            model(torch.zeros(1, example) if isinstance(example, int) else example)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -49,3 +50,10 @@ def summarize(model: nn.Module, n_inputs: int) -> list[LayerRow]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _shape(out: object) -> list[int]:
+    """Output shape without the batch dimension (first tensor of a tuple output)."""
+    if isinstance(out, tuple | list) and out:
+        out = out[0]
+    return list(out.shape[1:]) if isinstance(out, torch.Tensor) else []

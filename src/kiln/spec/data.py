@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -45,16 +46,66 @@ class Split(StrictModel):
         return self
 
 
+class Augment(StrictModel):
+    """Train-time image augmentation (applied per batch on the training split only)."""
+
+    hflip: bool = Field(default=False, description="Random horizontal flip (p=0.5).")
+    vflip: bool = Field(default=False, description="Random vertical flip (p=0.5).")
+    crop: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Random resized crop keeping >= 1-crop area."
+    )
+    rotation: float = Field(default=0.0, ge=0.0, le=180.0, description="Max degrees either way.")
+    color_jitter: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Brightness/contrast (and saturation) jitter."
+    )
+
+
 class DataSpec(StrictModel):
-    """The table: a path or fsspec URI (csv/parquet/jsonl) or ``sklearn:<name>``."""
+    """The data: a table (path or fsspec URI to csv/parquet/jsonl, or ``sklearn:<name>``),
+    or a folder of images with one sub-folder per class."""
 
     source: str = Field(min_length=1)
     target: str = Field(min_length=1)
     features: list[str] | None = Field(
         default=None, description="Feature columns; default: every other non-text column."
     )
+    text: str | list[str] | None = Field(
+        default=None, description="Text column(s) for text models; several are joined."
+    )
+    image: str | None = Field(
+        default=None, description="Column of image paths (relative to the table's folder)."
+    )
+    image_size: tuple[int, int] | None = Field(
+        default=None, description="[height, width] images are resized to; default: the first's."
+    )
+    color: Literal["auto", "grayscale", "rgb"] = "auto"
+    augment: Augment | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     split: Split = Field(default_factory=Split)
+
+    @property
+    def text_columns(self) -> list[str]:
+        if self.text is None:
+            return []
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+    @model_validator(mode="after")
+    def _modalities(self) -> DataSpec:
+        if self.text is not None and self.image is not None:
+            raise ValueError("text and image cannot be combined in one spec")
+        if (self.text is not None or self.image is not None) and self.features is not None:
+            raise ValueError("features applies to tables; text/image specs use text or image")
+        if self.text is not None and not self.text_columns:
+            raise ValueError("text must name at least one column")
+        if self.augment is not None and self.image is None and not _is_folder(self.source):
+            raise ValueError("augment applies to images (data.image or an image folder)")
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ValueError("image_size must be positive")
+        return self
+
+    @property
+    def is_image_folder(self) -> bool:
+        return _is_folder(self.source)
 
     @model_validator(mode="after")
     def _target_not_a_feature(self) -> DataSpec:
@@ -67,3 +118,8 @@ class DataSpec(StrictModel):
             if not self.features:
                 raise ValueError("features must not be empty (omit it to use every column)")
         return self
+
+
+def _is_folder(source: str) -> bool:
+    """A local directory source is an image folder (one sub-folder per class)."""
+    return "://" not in source and not source.startswith("sklearn:") and os.path.isdir(source)

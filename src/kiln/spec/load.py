@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,9 +67,15 @@ def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
     if err["type"] == "missing":
         return field, "required key is missing"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    # Cross-section checks name their key first: "train.loss: ...".
+    named = _NAMED.match(msg)
+    if named and (field is None or named.group(1).startswith(field)):
+        return named.group(1), named.group(2)
     return field, msg
 
 
+_NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): (.*)$", re.DOTALL)
+_MODEL_TAGS = frozenset({"linear", "mlp", "cnn", "transformer", "pretrained"})
 # Member names pydantic puts in an error path for `int | str | ...` unions.
 _UNION_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "tuple", "dict"})
 
@@ -77,7 +84,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     # Tagged unions put the tag ('mlp') in the path; users never wrote it.
     out: list[Any] = []
     for part in loc:
-        if isinstance(part, str) and part in ("linear", "mlp", "cnn") and out == ["model"]:
+        if isinstance(part, str) and part in _MODEL_TAGS and out == ["model"]:
             continue
         if isinstance(part, str) and (
             part in _UNION_TAGS or part.startswith(("function-", "literal["))

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
 from kiln.spec.data import DataSpec
-from kiln.spec.model import ModelSpec
+from kiln.spec.model import TEXT_MODELS, ModelSpec
 from kiln.spec.train import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, TrainSpec
 
 Task = Literal["classification", "regression"]
@@ -31,24 +31,44 @@ class Spec(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
+        # Cross-section checks. Messages start with the dotted key they are about
+        # ("train.loss: ..."), which the loader reports as the error's field.
         loss = self.train.loss
         if self.task == "classification" and loss in REGRESSION_LOSSES:
-            raise ValueError(f"train.loss {loss!r} is for regression, but task is classification")
+            raise ValueError(f"train.loss: {loss!r} is for regression, but task is classification")
         if self.task == "regression" and loss in CLASSIFICATION_LOSSES:
-            raise ValueError(f"train.loss {loss!r} is for classification, but task is regression")
+            raise ValueError(f"train.loss: {loss!r} is for classification, but task is regression")
         es = self.train.early_stopping
         if es is not None:
             allowed = monitorable_metrics(self.task)
             if es.metric not in allowed:
                 raise ValueError(
-                    f"train.early_stopping.metric {es.metric!r} is not one of {list(allowed)}"
+                    f"train.early_stopping.metric: {es.metric!r} is not one of {list(allowed)}"
                 )
             if es.metric.startswith("val_") and self.data.split.val == 0:
                 raise ValueError(
-                    "train.early_stopping.metric needs a validation split (data.split.val > 0)"
+                    "train.early_stopping.metric: needs a validation split (data.split.val > 0)"
                 )
+        text_model = self.model.type in TEXT_MODELS
+        if text_model and self.data.text is None:
+            raise ValueError(f"data.text: model type {self.model.type} needs the text column")
+        if self.data.text is not None and not text_model:
+            raise ValueError(
+                f"model.type: data.text needs a text model (transformer or pretrained), "
+                f"not {self.model.type}"
+            )
+        is_image = self.data.image is not None or self.data.is_image_folder
+        if is_image and self.model.type not in ("cnn", "mlp", "linear"):
+            raise ValueError(
+                f"model.type: images need a cnn, mlp or linear model, not {self.model.type}"
+            )
+        if self.model.type == "cnn" and not is_image and self.model.input_shape is None:
+            raise ValueError(
+                "model.input_shape: a cnn on table columns needs [C, H, W] "
+                "(images give it themselves)"
+            )
         if self.train.lr_schedule.name == "plateau" and self.data.split.val == 0:
-            raise ValueError("train.lr_schedule plateau needs a validation split (data.split.val)")
+            raise ValueError("train.lr_schedule: plateau needs a validation split (data.split.val)")
         return self
 
     @property

@@ -92,6 +92,12 @@ class TrainSpec(StrictModel):
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     early_stopping: EarlyStopping | None = None
     grad_clip: float | None = Field(default=None, gt=0.0, description="Max global grad norm.")
+    gradient_accumulation: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step."
+    )
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, off on CPU."
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

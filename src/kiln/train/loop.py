@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln.data.text import is_tokens, trim_padding
 from kiln.errors import Interrupted, TrainingError
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
@@ -30,6 +31,7 @@ from kiln.train.optim import make_optimizer, make_schedule
 
 # Rows per forward pass when evaluating, to bound memory on large splits.
 EVAL_CHUNK = 8192
+EVAL_CHUNK_LARGE = 128
 
 
 @dataclass
@@ -79,8 +81,12 @@ def fit_model(
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
     run_id: str = "",
+    augment: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place per ``train``; returns the history and how it ended.
+
+    ``augment`` transforms training batches only (image augmentation). Token inputs
+    (B, 2, L) are trimmed to each batch's longest row.
 
     ``target_scale`` converts regression errors back to the target's units for the
     logged metrics. ``run_id`` (spec + data fingerprint) guards ``resume`` against a
@@ -97,7 +103,12 @@ def fit_model(
     yv = data.y_val.to(device) if xv is not None and data.y_val is not None else None
     n = len(x)
     batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
-    steps_per_epoch = math.ceil(n / batch)
+    accum = train.gradient_accumulation
+    n_batches = math.ceil(n / batch)
+    steps_per_epoch = math.ceil(n_batches / accum)
+    tokens = is_tokens(x)
+    if augment is not None:
+        augment.to(device)
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     loss_fn = make_loss(loss)
@@ -109,11 +120,7 @@ def fit_model(
     scheduler, per_step = make_schedule(
         optimizer, train.lr_schedule, steps_per_epoch, train.epochs, metric_mode(plateau_metric)
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = _autocast(device, train.mixed_precision)
 
     progress = _Progress()
     if resume:
@@ -148,26 +155,37 @@ def fit_model(
             perm = torch.randperm(n, generator=shuffle_gen).to(device)
             total = torch.zeros((), device=device)
             seen = 0
-            for i in range(0, n, batch):
-                idx = perm[i : i + batch]
-                if has_batchnorm and len(idx) == 1:
-                    continue  # BatchNorm cannot normalise a single row
-                seen += len(idx)
-                with autocast:
-                    out = model(x[idx])
-                    step_loss = loss_fn(out.float(), y[idx])
-                objective = step_loss
-                penalty = weight_penalty(penalised, reg.l1, reg.l2)
-                if penalty is not None:
-                    objective = objective + penalty
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if train.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                optimizer.step()
-                if scheduler is not None and per_step:
-                    scheduler.step()
-                total += step_loss.detach() * len(idx)
+            optimizer.zero_grad(set_to_none=True)
+            pending = False  # gradients accumulated since the last optimizer step
+            for b in range(n_batches):
+                idx = perm[b * batch : (b + 1) * batch]
+                # Micro-batches in this optimizer step (the epoch's last group may be short).
+                group = min(accum, n_batches - (b // accum) * accum)
+                if not (has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
+                    seen += len(idx)
+                    xb = x[idx]
+                    if tokens:
+                        xb = trim_padding(xb)
+                    if augment is not None:
+                        xb = augment(xb)
+                    with autocast:
+                        out = model(xb)
+                        step_loss = loss_fn(out.float(), y[idx])
+                    objective = step_loss
+                    penalty = weight_penalty(penalised, reg.l1, reg.l2)
+                    if penalty is not None:
+                        objective = objective + penalty
+                    (objective / group if group > 1 else objective).backward()
+                    total += step_loss.detach() * len(idx)
+                    pending = True
+                if pending and ((b + 1) % accum == 0 or b == n_batches - 1):
+                    pending = False
+                    if train.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if scheduler is not None and per_step:
+                        scheduler.step()
             train_loss = float(total) / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise TrainingError(
@@ -301,6 +319,13 @@ class _Progress:
         )
 
 
+def _autocast(device: torch.device, mode: str) -> Any:
+    """bf16 autocast when asked for, or by default on CUDA; otherwise full precision."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -312,10 +337,14 @@ def predict_outputs(model: nn.Module, x: torch.Tensor, autocast: Any = None) -> 
     """Raw outputs (logits or scaled values) for ``x``, in eval mode, chunked; float32."""
     model.eval()
     ctx = autocast if autocast is not None else contextlib.nullcontext()
+    tokens = is_tokens(x)
+    # Sequences and images cost far more memory per row than feature vectors.
+    chunk = EVAL_CHUNK if x.dim() == 2 else EVAL_CHUNK_LARGE
     outs = []
-    for i in range(0, len(x), EVAL_CHUNK):
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk]
         with ctx:
-            outs.append(model(x[i : i + EVAL_CHUNK]).float())
+            outs.append(model(trim_padding(xb) if tokens else xb).float())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

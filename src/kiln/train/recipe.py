@@ -9,19 +9,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from kiln.data.images import FOLDER_IMAGE_COLUMN, augmentation, folder_table, resolve_paths
 from kiln.data.preprocess import JSONScalar, Preprocessor, class_labels
 from kiln.data.schema import Column, select_features
 from kiln.data.sources import fingerprint, read_table
+from kiln.data.text import join_text, load_tokenizer, train_tokenizer
 from kiln.errors import DataError
 from kiln.evaluate.scoring import score
+from kiln.models.pretrained import local_model_dir, resolve_model_path
 from kiln.models.registry import build
 from kiln.spec.load import dump_spec
+from kiln.spec.model import PretrainedSpec, TransformerSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
@@ -45,6 +51,7 @@ class Trained:
     model: nn.Module
     preprocessor: Preprocessor
     result: FitResult
+    context: dict[str, Any]  # JSON facts to rebuild the architecture (bundle model_context)
 
 
 def load_table(spec: Spec) -> Table:
@@ -54,8 +61,7 @@ def load_table(spec: Spec) -> Table:
     ``missing: drop`` so are rows with an empty feature. The class label set comes from
     the whole column so every split agrees on it.
     """
-    frame = read_table(spec.data.source)
-    columns = select_features(frame, spec.data.target, spec.data.features)
+    frame, columns = _read_inputs(spec)
     names = [c.name for c in columns]
     frame = frame[[*names, spec.data.target]]
     rows_read = len(frame)
@@ -73,10 +79,56 @@ def load_table(spec: Spec) -> Table:
         frame=frame,
         columns=columns,
         labels=labels,
-        fingerprint=fingerprint(frame),
+        fingerprint=_fingerprint(frame, columns),
         rows_read=rows_read,
         rows_dropped=rows_read - len(frame),
     )
+
+
+def _read_inputs(spec: Spec) -> tuple[pd.DataFrame, list[Column]]:
+    """The raw table and its input columns, for tabular, text or image data."""
+    data = spec.data
+    if data.is_image_folder:
+        frame = folder_table(data.source, data.target)
+        return frame, [Column(name=FOLDER_IMAGE_COLUMN, kind="image")]
+    frame = read_table(data.source)
+    if data.target not in frame.columns:
+        raise DataError(
+            f"target column {data.target!r} is not in the data; columns are {list(frame.columns)}",
+            field="data.target",
+        )
+    if data.text is not None:
+        missing = [c for c in data.text_columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"text column(s) {missing} not in the data", field="data.text")
+        return frame, [Column(name=c, kind="text") for c in data.text_columns]
+    if data.image is not None:
+        if "://" in data.source:
+            raise DataError("image paths need a local table", field="data.source")
+        frame = resolve_paths(frame, data.image, Path(data.source).parent)
+        return frame, [Column(name=data.image, kind="image")]
+    return frame, select_features(frame, data.target, data.features)
+
+
+def _fingerprint(frame: pd.DataFrame, columns: list[Column]) -> str:
+    """Table content hash; for images, the images' bytes rather than where they lie."""
+    image_cols = [c.name for c in columns if c.kind == "image"]
+    if not image_cols:
+        return fingerprint(frame)
+    col = image_cols[0]
+    digests = [_file_digest(p) for p in frame[col]]
+    return fingerprint(frame.drop(columns=[col]).assign(**{col: digests}))
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return "unreadable"  # decoding reports the file with its row later
+    return digest.hexdigest()
 
 
 def run_id(spec: Spec, table: Table) -> str:
@@ -95,14 +147,7 @@ def train_frames(
     resume: bool = False,
 ) -> Trained:
     """Fit preprocessing on ``train``, build the model, train it (validating on ``val``)."""
-    pre = Preprocessor.fit(
-        train,
-        table.columns,
-        spec.data.target,
-        spec.task,
-        spec.data.preprocessing,
-        labels=table.labels,
-    )
+    pre, context = _fit_preprocessing(spec, table, train)
     data = TensorData(
         x_train=torch.from_numpy(pre.transform(train)),
         y_train=torch.from_numpy(pre.transform_target(train[spec.data.target])),
@@ -113,7 +158,14 @@ def train_frames(
     n_out = len(table.labels) if table.labels is not None else 1
     # Seed before building so weight initialisation is reproducible too.
     torch.manual_seed(spec.train.seed)
-    model = build(spec.model, pre.n_outputs, n_out)
+    model = build(spec.model, pre.n_outputs, n_out, **context)
+    hf_config = getattr(model, "hf_config", None)
+    if hf_config is not None:
+        context["hf_config"] = hf_config()
+    augment = None
+    if spec.data.augment is not None and pre.state.image is not None:
+        img = pre.state.image
+        augment = augmentation(spec.data.augment, img.size, img.channels, img.mean, img.std)
     target_scale = getattr(pre.state.target, "scale", 1.0)
     result = fit_model(
         model,
@@ -126,8 +178,53 @@ def train_frames(
         checkpoints=checkpoints,
         resume=resume,
         run_id=run_id(spec, table),
+        augment=augment,
     )
-    return Trained(model=model, preprocessor=pre, result=result)
+    merge = getattr(model, "merge_adapters", None)
+    if merge is not None:
+        merge()
+    return Trained(model=model, preprocessor=pre, result=result, context=context)
+
+
+def _fit_preprocessing(
+    spec: Spec, table: Table, train: pd.DataFrame
+) -> tuple[Preprocessor, dict[str, Any]]:
+    data, target = spec.data, spec.data.target
+    if data.text is not None:
+        tok = _tokenizer(spec, train)
+        max_length = getattr(spec.model, "max_length", 128)
+        pre = Preprocessor.fit_text(
+            train, data.text_columns, target, spec.task, tok, max_length, labels=table.labels
+        )
+        return pre, {"pad_id": int(tok.pad_token_id)}
+    image_cols = [c.name for c in table.columns if c.kind == "image"]
+    if image_cols:
+        pre = Preprocessor.fit_image(
+            train,
+            image_cols[0],
+            target,
+            spec.task,
+            data.image_size,
+            data.color,
+            labels=table.labels,
+        )
+        return pre, {"input_shape": pre.input_shape}
+    pre = Preprocessor.fit(
+        train, table.columns, target, spec.task, data.preprocessing, labels=table.labels
+    )
+    return pre, {}
+
+
+def _tokenizer(spec: Spec, train: pd.DataFrame) -> Any:
+    """A pretrained model's own tokenizer, or one learned from the training texts."""
+    model = spec.model
+    if isinstance(model, PretrainedSpec):
+        path = resolve_model_path(model.path)
+        local_model_dir(path)  # a clear error for a folder without config.json
+        return load_tokenizer(path)
+    assert isinstance(model, TransformerSpec)
+    texts = join_text(train, spec.data.text_columns)
+    return train_tokenizer(texts, model.vocab_size, model.lowercase)
 
 
 def score_frame(

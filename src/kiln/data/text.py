@@ -1,0 +1,120 @@
+"""Text inputs: joining text columns, tokenizers, and token tensors padded per batch.
+
+Encoded text is one int64 tensor (N, 2, L): channel 0 holds token ids, channel 1 the
+attention mask. A set is padded to its longest row once; every batch is then trimmed
+to its own longest row (``trim_padding``), so batches are padded per batch, not to a
+global maximum. Tokenizers are Hugging Face fast tokenizers, saved as JSON files in a
+bundle's ``tokenizer/`` folder; loading them executes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kiln.errors import BundleError, DataError, SpecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]  # ids 0..3 in trained tokenizers
+
+
+def join_text(frame: pd.DataFrame, columns: list[str]) -> list[str]:
+    """One string per row (columns joined by a space); empty text is a DataError."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"input is missing text column(s) {missing}", field=missing[0])
+    parts = [frame[c].astype(object).where(frame[c].notna(), "").astype(str) for c in columns]
+    joined = parts[0] if len(parts) == 1 else pd.concat(parts, axis=1).agg(" ".join, axis=1)
+    stripped = joined.str.strip()
+    empty = (stripped == "").to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        name = columns[0] if len(columns) == 1 else "+".join(columns)
+        raise DataError(f"text column {name!r}, row {row}: the text is empty", field=name)
+    return stripped.tolist()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> PreTrainedTokenizerBase:
+    """A WordPiece tokenizer learned from ``texts`` (the training split only)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    norm = [normalizers.NFD(), normalizers.StripAccents()]
+    if lowercase:
+        norm.insert(0, normalizers.Lowercase())
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+def load_tokenizer(path: str | Path, *, for_bundle: bool = False) -> PreTrainedTokenizerBase:
+    """A fast tokenizer from a local Hugging Face directory (or a hub id when online)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        err = BundleError if for_bundle else SpecError
+        raise err(
+            f"cannot load a tokenizer from {path}: {_first_line(exc)}", field="model.path"
+        ) from None
+    if tok.pad_token_id is None:
+        raise SpecError(f"the tokenizer in {path} has no padding token", field="model.path")
+    return tok
+
+
+def encode(tok: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> np.ndarray:
+    """Tokenize (truncating to ``max_length``) into (N, 2, L) int64, L = longest row."""
+    enc = tok(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        padding="longest",
+        return_tensors="np",
+        return_token_type_ids=False,
+    )
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    mask = np.asarray(enc["attention_mask"], dtype=np.int64)
+    return np.stack([ids, mask], axis=1)
+
+
+def is_tokens(x: torch.Tensor) -> bool:
+    """Whether a tensor holds encoded text (N, 2, L) rather than features or pixels."""
+    return x.dim() == 3 and x.dtype == torch.long and x.shape[1] == 2
+
+
+def trim_padding(x: torch.Tensor) -> torch.Tensor:
+    """Cut a token batch (B, 2, L) to its longest row: padding is per batch."""
+    length = int(x[:, 1].sum(dim=1).max())
+    return x[:, :, : max(length, 1)]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def tokenizer_files(directory: Path) -> list[Any]:
+    """The files a saved tokenizer consists of (for checksums in the bundle manifest)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
