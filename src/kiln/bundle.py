@@ -8,6 +8,9 @@
     weights.safetensors  the model's tensors
     preprocess.json      fitted preprocessing state
     tokenizer/           text models: the tokenizer's JSON files
+    model.onnx           optional: the ONNX graph (served by onnxruntime when
+                         ``runtime.backend`` says so, e.g. int8 variants)
+    compression.json     optional: measurements of a compressed variant
 
 Saving writes into a temporary sibling directory and renames it into place, so a
 crash or an error never leaves half a bundle. Loading parses JSON and safetensors
@@ -16,6 +19,7 @@ only: it never unpickles or executes anything from the directory.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -37,7 +41,6 @@ from kiln.data.schema import Column
 from kiln.errors import BundleError, DataError, NotFoundError
 from kiln.models.registry import build
 from kiln.spec.model import ModelSpec
-from kiln.train.loop import predict_outputs
 
 FORMAT = "kiln.bundle"
 FORMAT_VERSION = 1
@@ -45,6 +48,8 @@ META_FILE = "kiln.json"
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESS_FILE = "preprocess.json"
 TOKENIZER_DIR = "tokenizer"
+ONNX_FILE = "model.onnx"
+REPORT_FILE = "compression.json"
 
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 
@@ -65,6 +70,9 @@ class BundleMeta(BaseModel):
     n_inputs: int
     n_outputs: int
     model_context: dict[str, Any] = {}
+    # How the bundle runs: {"backend": "torch" | "onnxruntime", "quantization": None |
+    # "int8_dynamic" | "fp16" | "bf16", ...details of compression}.
+    runtime: dict[str, Any] = {"backend": "torch", "quantization": None}
     parameters: int
     metrics: dict[str, Any]
     training: dict[str, Any]
@@ -95,11 +103,39 @@ class Predictions:
 class Bundle:
     """A trained model with its preprocessing and metadata; save, load, predict, evaluate."""
 
-    def __init__(self, meta: BundleMeta, model: nn.Module, preprocessor: Preprocessor) -> None:
+    def __init__(
+        self,
+        meta: BundleMeta,
+        model: nn.Module,
+        preprocessor: Preprocessor,
+        *,
+        onnx: bytes | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> None:
         self.meta = meta
         self.model = model.eval()
         self.preprocessor = preprocessor
+        self.onnx = onnx
+        self.report = report
         self.path: Path | None = None
+        self._backend: Any = None
+
+    @property
+    def backend(self) -> Any:
+        """The inference backend ``runtime.backend`` names (created on first use)."""
+        if self._backend is None:
+            if self.meta.runtime.get("backend") == "onnxruntime":
+                from kiln.runtime.onnx import OnnxBackend
+
+                if self.onnx is None:
+                    raise BundleError("runtime.backend is onnxruntime but there is no model.onnx")
+                self._backend = OnnxBackend(self.onnx)
+            else:
+                from kiln.runtime.eager import TorchBackend
+
+                model = _apply_runtime(self.model, self.meta.runtime)
+                self._backend = TorchBackend(model, _half_dtype(self.meta.runtime))
+        return self._backend
 
     # ---- use -------------------------------------------------------------------
 
@@ -202,9 +238,7 @@ class Bundle:
         raise DataError("rows must be a DataFrame, a list of dicts or a 2-D array", field="inputs")
 
     def _forward(self, frame: pd.DataFrame) -> torch.Tensor:
-        x = torch.from_numpy(self.preprocessor.transform(frame))
-        device = next(self.model.parameters()).device
-        return predict_outputs(self.model, x.to(device)).cpu()
+        return torch.from_numpy(self.backend.forward(self.preprocessor.transform(frame)))
 
     # ---- persistence -----------------------------------------------------------
 
@@ -220,11 +254,22 @@ class Bundle:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            half = _half_dtype(self.meta.runtime)
+            state = {
+                k: (v.to(half) if half is not None and v.is_floating_point() else v)
+                .detach()
+                .cpu()
+                .contiguous()
+                for k, v in self.model.state_dict().items()
+            }
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             _write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
             if self.preprocessor.tokenizer is not None:
                 self.preprocessor.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            if self.onnx is not None:
+                (tmp / ONNX_FILE).write_bytes(self.onnx)
+            if self.report is not None:
+                _write_json(tmp / REPORT_FILE, self.report)
             self.meta.files = {
                 p.relative_to(tmp).as_posix(): _sha256(p)
                 for p in sorted(tmp.rglob("*"))
@@ -283,9 +328,37 @@ class Bundle:
             model.load_state_dict(state, strict=True)
         except (SafetensorError, RuntimeError) as exc:
             raise BundleError(f"{path / WEIGHTS_FILE} does not fit the model: {exc}") from None
-        bundle = cls(meta, model, pre)
+        onnx = (path / ONNX_FILE).read_bytes() if ONNX_FILE in meta.files else None
+        report = _read_json(path / REPORT_FILE) if REPORT_FILE in meta.files else None
+        bundle = cls(meta, model, pre, onnx=onnx, report=report)
         bundle.path = path
         return bundle
+
+
+def _half_dtype(runtime: dict[str, Any]) -> torch.dtype | None:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.get("quantization") or "")
+
+
+def _apply_runtime(model: nn.Module, runtime: dict[str, Any]) -> nn.Module:
+    """The model the torch backend runs: a compression recorded in the manifest applied
+    to the (fp32) weights the bundle keeps.
+
+    torch int8 dynamic quantization is deterministic given the fp32 weights, so bundles
+    store those and quantize again here (safetensors cannot hold packed int8 modules).
+    """
+    if runtime.get("backend") != "torch":
+        return model
+    quant = runtime.get("quantization")
+    if quant == "int8_dynamic":
+        from kiln.compress.quantize import torch_int8
+
+        return torch_int8(model)
+    half = _half_dtype(runtime)
+    if half is not None:
+        if not torch.cuda.is_available():
+            raise BundleError(f"this bundle is a {quant} variant for GPUs; no CUDA device here")
+        return copy.deepcopy(model).to("cuda", dtype=half)
+    return model
 
 
 def check_destination(out: Path) -> None:

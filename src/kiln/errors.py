@@ -72,3 +72,19 @@ class Interrupted(KilnError):  # noqa: N818 - reads as a state, like KeyboardInt
     code = "interrupted"
     http_status = 499
     exit_code = 130
+
+
+class ExportError(KilnError):
+    """A model could not be exported (ONNX), or the export disagrees with torch."""
+
+    code = "export_failed"
+    http_status = 500
+    exit_code = 8
+
+
+class ToleranceError(KilnError):
+    """No variant of a compression step stayed within the accuracy tolerance."""
+
+    code = "tolerance_not_met"
+    http_status = 422
+    exit_code = 9

@@ -64,9 +64,9 @@ def resolve_paths(frame: pd.DataFrame, column: str, base: str | Path) -> pd.Data
     return out
 
 
-def probe(path: str) -> tuple[tuple[int, int], int]:
+def probe(path: str, column: str, row: object = 0) -> tuple[tuple[int, int], int]:
     """((height, width), channels) of one image, for defaults."""
-    img = _open(path, 0, "image")
+    img = _open(path, row, column)
     channels = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
     return (img.height, img.width), channels
 
@@ -79,18 +79,18 @@ def decode(paths: pd.Series, size: tuple[int, int], channels: int) -> np.ndarray
     out = np.empty((len(paths), channels, h, w), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
     name = str(paths.name)
-    for row, path in enumerate(paths):
+    for pos, (row, path) in enumerate(paths.items()):  # row: the table's row label
         if pd.isna(path) or str(path).strip() == "":
             raise DataError(f"image column {name!r}, row {row}: no path", field=name)
         img = _open(str(path), row, name).convert(mode)
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
-        out[row] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        out[pos] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return out
 
 
-def _open(path: str, row: int, column: str) -> Any:
+def _open(path: str, row: object, column: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -159,7 +159,7 @@ class Preprocessor:
 
         if column not in frame.columns:
             raise DataError(f"image column {column!r} is not in the data", field="data.image")
-        first_size, first_channels = probe(str(frame[column].iloc[0]))
+        first_size, first_channels = probe(str(frame[column].iloc[0]), column, frame.index[0])
         channels = {"grayscale": 1, "rgb": 3}.get(color, first_channels)
         hw: tuple[int, int] = (size[0], size[1]) if size is not None else first_size
         pixels = decode(frame[column], hw, channels).astype(np.float32) / 255.0
@@ -257,7 +257,7 @@ class Preprocessor:
         """Encode the target: class indices (int64) or a standardized float32 vector."""
         t = self.state.target
         if series.isna().any():
-            row = int(np.flatnonzero(series.isna().to_numpy())[0])
+            row = _row(series, series.isna().to_numpy())
             raise DataError(f"target column {t.name!r} is empty at row {row}", field=t.name)
         if isinstance(t, ClassTarget):
             index = {str(label): i for i, label in enumerate(t.labels)}
@@ -265,15 +265,15 @@ class Preprocessor:
             codes = series.map(lambda v: str(_native(v))).map(index)
             unknown = codes.isna().to_numpy()
             if unknown.any():
-                row = int(np.flatnonzero(unknown)[0])
+                row = _row(series, unknown)
                 raise DataError(
-                    f"target column {t.name!r}, row {row}: label {series.iloc[row]!r} was not "
+                    f"target column {t.name!r}, row {row}: label {series.loc[row]!r} was not "
                     f"seen in training (labels: {t.labels})",
                     field=t.name,
                 )
             return np.array(codes.to_numpy(), dtype=np.int64)
         y = _numeric_column(series, t.name)
-        _check_finite(y, t.name)
+        _check_finite(y, t.name, series.index)
         return np.array((y - t.center) / t.scale, dtype=np.float32)
 
     def inverse_target(self, values: np.ndarray) -> np.ndarray:
@@ -291,19 +291,19 @@ class Preprocessor:
         nan = np.isnan(values)
         if nan.any():
             if feat.fill is None:
-                row = int(np.flatnonzero(nan)[0])
+                row = _row(series, nan)
                 raise DataError(
                     f"column {feat.name!r}, row {row}: missing value (missing: drop rejects it)",
                     field=feat.name,
                 )
             values = np.where(nan, feat.fill, values)
-        _check_finite(values, feat.name)
+        _check_finite(values, feat.name, series.index)
         return (values - feat.center) / feat.scale
 
     def _categorical(self, series: pd.Series, feat: CategoricalFeature) -> np.ndarray:
         nan = series.isna().to_numpy()
         if nan.any() and feat.fill is None:
-            row = int(np.flatnonzero(nan)[0])
+            row = _row(series, nan)
             raise DataError(
                 f"column {feat.name!r}, row {row}: missing value (missing: drop rejects it)",
                 field=feat.name,
@@ -336,23 +336,31 @@ def _numeric_column(series: pd.Series, name: str) -> np.ndarray:
     coerced = pd.to_numeric(series, errors="coerce")
     bad = coerced.isna().to_numpy() & series.notna().to_numpy()
     if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+        row = _row(series, bad)
         raise DataError(
-            f"column {name!r}, row {row}: {series.iloc[row]!r} is not a number", field=name
+            f"column {name!r}, row {row}: {series.loc[row]!r} is not a number", field=name
         )
     return coerced.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _check_finite(values: np.ndarray, name: str) -> None:
+def _row(series: pd.Series, mask: np.ndarray) -> Any:
+    """The table's label of the first row where ``mask`` is set (rows keep their number
+    from the table through splits, so messages point at the row the user can find)."""
+    label = series.index[int(np.flatnonzero(mask)[0])]
+    return label.item() if isinstance(label, np.generic) else label
+
+
+def _check_finite(values: np.ndarray, name: str, index: pd.Index | None = None) -> None:
     inf = np.isinf(values)
     if inf.any():
-        row = int(np.flatnonzero(inf)[0])
+        pos = int(np.flatnonzero(inf)[0])
+        row = index[pos] if index is not None else pos
         raise DataError(f"column {name!r}, row {row}: value is infinite", field=name)
 
 
 def _fit_numeric(frame: pd.DataFrame, name: str, options: Preprocessing) -> NumericFeature:
     values = _numeric_column(frame[name], name)
-    _check_finite(values, name)
+    _check_finite(values, name, frame.index)
     present = values[~np.isnan(values)]
     if present.size == 0:
         raise DataError(f"column {name!r} has no values in the training split", field=name)

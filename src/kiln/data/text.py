@@ -34,7 +34,7 @@ def join_text(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     stripped = joined.str.strip()
     empty = (stripped == "").to_numpy()
     if empty.any():
-        row = int(np.flatnonzero(empty)[0])
+        row = frame.index[int(np.flatnonzero(empty)[0])]  # the table's row, not the split's
         name = columns[0] if len(columns) == 1 else "+".join(columns)
         raise DataError(f"text column {name!r}, row {row}: the text is empty", field=name)
     return stripped.tolist()
@@ -85,7 +85,11 @@ def load_tokenizer(path: str | Path, *, for_bundle: bool = False) -> PreTrainedT
 
 
 def encode(tok: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> np.ndarray:
-    """Tokenize (truncating to ``max_length``) into (N, 2, L) int64, L = longest row."""
+    """Tokenize (truncating to ``max_length``) into (N, 2, L) int64, L = longest row.
+
+    Padding goes on the right, which ``trim_padding`` relies on.
+    """
+    tok.padding_side = "right"
     enc = tok(
         texts,
         truncation=True,

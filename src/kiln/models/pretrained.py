@@ -32,7 +32,13 @@ def resolve_model_path(path: str) -> str:
     if not path.startswith(PKG_PREFIX):
         return path
     package, _, sub = path.removeprefix(PKG_PREFIX).partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    if not package.isidentifier():
+        # A dotted name would import its parent packages to be found; use pkg:a/b instead.
+        raise SpecError(
+            f"{path}: name a top-level package, then the folder (pkg:<package>/<sub/dir>)",
+            field="model.path",
+        )
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SpecError(f"no installed package {package!r} for {path}", field="model.path")
     root = Path(next(iter(spec.submodule_search_locations)))
@@ -78,6 +84,8 @@ class HFClassifier(nn.Module):
 
     def merge_adapters(self) -> None:
         """Fold LoRA adapters into the base weights (no-op without adapters)."""
+        if not type(self.hf).__module__.startswith("peft"):
+            return  # no adapters; and peft need not be imported
         from peft import PeftModel
 
         if isinstance(self.hf, PeftModel):
@@ -135,7 +143,9 @@ def _freeze(hf: nn.Module, what: str) -> None:
     base = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     if base is None:
         raise SpecError("cannot tell this model's encoder from its head", field="model.freeze")
-    frozen = base.get_input_embeddings() if what == "embeddings" else base
+    # "embeddings": the whole embedding block (tokens, positions, types, its norm).
+    embeddings = getattr(base, "embeddings", None) or base.get_input_embeddings()
+    frozen = embeddings if what == "embeddings" else base
     for p in frozen.parameters():
         p.requires_grad_(False)
 

@@ -82,10 +82,12 @@ def fit_model(
     resume: bool = False,
     run_id: str = "",
     augment: nn.Module | None = None,
+    criterion: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place per ``train``; returns the history and how it ended.
 
-    ``augment`` transforms training batches only (image augmentation). Token inputs
+    ``augment`` transforms training batches only (image augmentation). ``criterion``
+    replaces the loss named by ``loss`` (e.g. a distillation loss). Token inputs
     (B, 2, L) are trimmed to each batch's longest row.
 
     ``target_scale`` converts regression errors back to the target's units for the
@@ -111,7 +113,7 @@ def fit_model(
         augment.to(device)
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-    loss_fn = make_loss(loss)
+    loss_fn = criterion if criterion is not None else make_loss(loss)
     penalised = penalised_parameters(model)
     reg = train.regularization
     optimizer = make_optimizer(model.parameters(), train.optimizer)
@@ -159,8 +161,11 @@ def fit_model(
             pending = False  # gradients accumulated since the last optimizer step
             for b in range(n_batches):
                 idx = perm[b * batch : (b + 1) * batch]
-                # Micro-batches in this optimizer step (the epoch's last group may be short).
-                group = min(accum, n_batches - (b // accum) * accum)
+                # Rows in this optimizer step's micro-batches (the last group may be short):
+                # each micro-batch's mean loss is weighted by its share of them, so the
+                # accumulated gradient equals that of one batch of all those rows.
+                first = (b // accum) * accum
+                group_rows = min(n, (first + accum) * batch) - first * batch
                 if not (has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
                     seen += len(idx)
                     xb = x[idx]
@@ -175,7 +180,8 @@ def fit_model(
                     penalty = weight_penalty(penalised, reg.l1, reg.l2)
                     if penalty is not None:
                         objective = objective + penalty
-                    (objective / group if group > 1 else objective).backward()
+                    share = len(idx) / group_rows
+                    (objective * share if share < 1 else objective).backward()
                     total += step_loss.detach() * len(idx)
                     pending = True
                 if pending and ((b + 1) % accum == 0 or b == n_batches - 1):

@@ -1,0 +1,100 @@
+"""Knowledge distillation: a student learns from a teacher's outputs (Hinton et al. 2015).
+
+Classification: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T² + (1 - alpha) * CE(s, y)``;
+regression: ``alpha * MSE(s, teacher) + (1 - alpha) * MSE(s, y)``. The teacher runs once,
+in inference mode, over the training inputs; its outputs travel with the labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812 - the conventional name
+
+from kiln.errors import SpecError
+from kiln.models.registry import build
+from kiln.spec.compress import DistillSettings
+from kiln.spec.model import TEXT_MODELS
+from kiln.spec.train import TrainSpec
+from kiln.train.loop import FitResult, TensorData, fit_model
+
+
+class DistillLoss(nn.Module):
+    """Targets (B, 1 + K) [label, teacher logits] or (B, 2) [value, teacher value]; plain
+    labels (B,) (validation) get the hard loss alone."""
+
+    def __init__(self, task: str, temperature: float, alpha: float) -> None:
+        super().__init__()
+        self.task = task
+        self.t = temperature
+        self.alpha = alpha
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            if target.dim() == 1:
+                return F.cross_entropy(out, target)
+            labels, teacher = target[:, 0].long(), target[:, 1:]
+            soft = F.kl_div(
+                F.log_softmax(out / self.t, dim=1),
+                F.softmax(teacher / self.t, dim=1),
+                reduction="batchmean",
+            ) * (self.t**2)
+            return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(out, labels)
+        pred = out.squeeze(-1)
+        if target.dim() == 1:
+            return F.mse_loss(pred, target)
+        soft = F.mse_loss(pred, target[:, 1])
+        return self.alpha * soft + (1 - self.alpha) * F.mse_loss(pred, target[:, 0])
+
+
+def check_student(settings: DistillSettings, teacher_kind: str, teacher_model: str) -> None:
+    """The student must read the same inputs as the teacher."""
+    student_text = settings.student.type in TEXT_MODELS
+    if student_text != (teacher_kind == "text"):
+        raise SpecError(
+            f"a {settings.student.type} student cannot learn from a {teacher_model} teacher "
+            f"on {teacher_kind} inputs",
+            field="steps.distill.student",
+        )
+
+
+def distill(
+    settings: DistillSettings,
+    task: str,
+    n_inputs: int,
+    n_outputs: int,
+    context: dict[str, Any],
+    x: np.ndarray,
+    y: np.ndarray,
+    teacher_out: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    seed: int,
+    target_scale: float,
+) -> tuple[nn.Module, FitResult]:
+    """Train a fresh ``settings.student`` on encoded inputs ``x`` with labels ``y`` and
+    the teacher's raw outputs; returns the student and its training result."""
+    student_context = {k: v for k, v in context.items() if k != "hf_config"}
+    torch.manual_seed(seed)
+    student = build(settings.student, n_inputs, n_outputs, **student_context)
+    if task == "classification":
+        target = np.concatenate([y[:, None].astype(np.float32), teacher_out], axis=1)
+    else:
+        target = np.stack([y.astype(np.float32), teacher_out[:, 0]], axis=1)
+    data = TensorData(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(target)))
+    if val is not None:
+        data.x_val, data.y_val = torch.from_numpy(val[0]), torch.from_numpy(val[1])
+    train = TrainSpec(
+        optimizer=settings.optimizer,
+        batch_size=settings.batch_size,
+        epochs=settings.epochs,
+        seed=seed,
+    )
+    criterion = DistillLoss(task, settings.temperature, settings.alpha)
+    loss = "cross_entropy" if task == "classification" else "mse"
+    result = fit_model(
+        student, data, train, task, loss, criterion=criterion, target_scale=target_scale
+    )
+    return student, result

@@ -1,0 +1,122 @@
+"""Measurements of a bundle on this machine: size, latency, throughput, peak memory.
+
+Latency is measured through the bundle's own backend after a warm-up, with the
+backend's threads pinned (torch intra-op threads / onnxruntime intra-op threads), as
+the p50 and p95 of at least ``runs`` single calls at batch 1 and at batch 32 (inputs
+already encoded: this is the model's time, not preprocessing's). Peak memory is the
+peak RSS of a fresh process that loads the bundle and predicts one batch of 32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.bundle import Bundle
+
+WARMUP = 10
+
+
+def latency(bundle: Bundle, sample: np.ndarray, runs: int = 50, threads: int = 1) -> dict[str, Any]:
+    """p50/p95 latency (ms) at batch 1 and 32 and throughput (rows/s) at batch 32."""
+    backend = _pinned_backend(bundle, threads)
+    out: dict[str, Any] = {"threads": threads, "runs": runs}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 32):
+            x = np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])))
+            for _ in range(WARMUP):
+                backend.forward(x)
+            times = []
+            for _ in range(max(runs, 30)):
+                t0 = time.perf_counter()
+                backend.forward(x)
+                times.append(time.perf_counter() - t0)
+            ms = np.asarray(times) * 1e3
+            out[f"batch{batch}_p50_ms"] = float(np.percentile(ms, 50))
+            out[f"batch{batch}_p95_ms"] = float(np.percentile(ms, 95))
+        out["throughput_rows_per_s"] = 32 / (out["batch32_p50_ms"] / 1e3)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _pinned_backend(bundle: Bundle, threads: int) -> Any:
+    if bundle.meta.runtime.get("backend") == "onnxruntime":
+        from kiln.runtime.onnx import OnnxBackend
+
+        assert bundle.onnx is not None
+        return OnnxBackend(bundle.onnx, threads=threads)
+    return bundle.backend
+
+
+def peak_memory(directory: Path) -> int | None:
+    """Peak RSS in bytes of a fresh process that loads ``directory`` and predicts 32 rows."""
+    code = (
+        "import resource, sys, numpy as np, kiln\n"
+        "b = kiln.load(sys.argv[1])\n"
+        "x = b.example_input().numpy()\n"
+        "b.backend.forward(np.ascontiguousarray(np.repeat(x, 32, axis=0)))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and a fixed script
+            [sys.executable, "-c", code, str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            check=True,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return int(done.stdout.strip().splitlines()[-1]) * 1024  # Linux reports KiB
+
+
+def disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: CPU model and SIMD flags, cores, versions."""
+    model = platform.processor() or platform.machine()
+    flags: list[str] = []
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine()):
+                model = value.strip()
+            if key.strip() == "flags" and not flags:
+                wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+                flags = [f for f in value.split() if f in wanted]
+    versions = {}
+    for name in ("torch", "onnxruntime", "numpy", "modelkiln"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": model,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def to_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2)

@@ -1,0 +1,78 @@
+"""int8 dynamic quantization: onnxruntime's quantizer on the ONNX graph, or torch's own.
+
+Dynamic quantization stores weights as int8 and quantizes activations on the fly, so it
+needs no calibration data. Layers can be left in fp32 (``exclude``) when quantizing them
+costs too much accuracy; ``sensitivity`` ranks layers by the output error each one adds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+# Graph ops onnxruntime's dynamic quantizer turns into int8 kernels.
+QUANTIZABLE_OPS = ("MatMul", "Gemm")
+
+
+def torch_int8(model: nn.Module) -> nn.Module:
+    """torch's dynamic int8 quantization of every nn.Linear (CPU)."""
+    import torch
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao; it still works here.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-any-return]
+            model.cpu().eval(), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def quantizable_nodes(onnx_model: bytes) -> list[str]:
+    """Names of the graph's MatMul/Gemm nodes with a constant (weight) input."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_model).graph
+    weights = {init.name for init in graph.initializer}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in QUANTIZABLE_OPS and any(i in weights for i in node.input)
+    ]
+
+
+def ort_int8(onnx_model: bytes, exclude: list[str] | None = None) -> bytes:
+    """onnxruntime dynamic int8 quantization (per-channel weights) of an fp32 graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(QUANTIZABLE_OPS),
+                nodes_to_exclude=exclude or [],
+            )
+        return dst.read_bytes()
+
+
+def sensitivity(onnx_model: bytes, sample: np.ndarray) -> list[tuple[str, float]]:
+    """(node, error) for each quantizable node, most sensitive first: the mean absolute
+    output change when that node alone is quantized."""
+    from kiln.runtime.onnx import OnnxBackend
+
+    reference = OnnxBackend(onnx_model).forward(sample)
+    nodes = quantizable_nodes(onnx_model)
+    scores = []
+    for node in nodes:
+        others = [n for n in nodes if n != node]
+        out = OnnxBackend(ort_int8(onnx_model, exclude=others)).forward(sample)
+        scores.append((node, float(np.abs(out - reference).mean())))
+    return sorted(scores, key=lambda item: -item[1])

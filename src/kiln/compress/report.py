@@ -1,0 +1,95 @@
+"""The trade-off view: a table of every variant and the Pareto front, plus a plot.
+
+A variant is on the Pareto front (for size, or for latency) when no other variant is
+at least as small (fast) and at least as good on the metric, and strictly better in one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.spec.spec import metric_mode
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[bool]:
+    """For (cost, metric) points: whether each is not dominated by another."""
+    front = []
+    for i, (cost, value) in enumerate(points):
+        dominated = False
+        for j, (c2, v2) in enumerate(points):
+            if i == j:
+                continue
+            better_v = v2 >= value if higher_is_better else v2 <= value
+            strictly = c2 < cost or (v2 > value if higher_is_better else v2 < value)
+            if c2 <= cost and better_v and strictly:
+                dominated = True
+                break
+        front.append(not dominated)
+    return front
+
+
+def rows(reports: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """One flat row per variant with Pareto flags for size and latency."""
+    metric = reports[0]["metric"]["name"]
+    higher = metric_mode(metric) == "max"
+    sizes = [(float(r["model_bytes"]), float(r["metric"]["test"])) for r in reports]
+    lat = [(float(r["latency"]["batch1_p50_ms"]), float(r["metric"]["test"])) for r in reports]
+    size_front = pareto_front(sizes, higher)
+    lat_front = pareto_front(lat, higher)
+    out = []
+    for i, (name, r) in enumerate(zip(names, reports, strict=True)):
+        out.append(
+            {
+                "variant": name,
+                "backend": r["backend"] + (f" {r['quantization']}" if r["quantization"] else ""),
+                "parameters": r["parameters"],
+                "nonzeros": r["nonzeros"],
+                "model_bytes": r["model_bytes"],
+                "p50_ms_b1": r["latency"]["batch1_p50_ms"],
+                "p95_ms_b1": r["latency"]["batch1_p95_ms"],
+                "p50_ms_b32": r["latency"]["batch32_p50_ms"],
+                "rows_per_s": r["latency"]["throughput_rows_per_s"],
+                "peak_mb": (r["peak_memory_bytes"] or 0) / 2**20 or None,
+                metric: r["metric"]["test"],
+                "drop": r["metric"]["test"] - r["metric"]["source_test"]
+                if not higher
+                else r["metric"]["source_test"] - r["metric"]["test"],
+                "agreement": r["agreement_with_parent"],
+                "pareto_size": size_front[i],
+                "pareto_latency": lat_front[i],
+            }
+        )
+    return out
+
+
+def plot(table: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """Size and latency against the metric, Pareto fronts drawn, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("model_bytes", "pareto_size", "model size (KiB)", 1 / 1024),
+        ("p50_ms_b1", "pareto_latency", "latency p50 at batch 1 (ms)", 1.0),
+    )
+    for ax, (key, front_key, label, scale) in zip(axes, panels, strict=True):
+        xs = [r[key] * scale for r in table]
+        ys = [r[metric] for r in table]
+        colours = ["tab:red" if r[front_key] else "tab:gray" for r in table]
+        ax.scatter(xs, ys, c=colours, zorder=3)
+        for r, x, y in zip(table, xs, ys, strict=True):
+            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = sorted((x, y) for r, x, y in zip(table, xs, ys, strict=True) if r[front_key])
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), color="tab:red", linestyle="--", zorder=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("compression trade-offs (red: Pareto front)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,85 @@
+"""The compress spec: a source bundle, a chain of steps, and an accuracy tolerance."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kiln.spec.base import StrictModel
+from kiln.spec.model import ModelSpec
+from kiln.spec.train import OptimizerSpec
+
+
+class DistillSettings(StrictModel):
+    """Train ``student`` to match the teacher (Hinton et al.): KL between outputs softened
+    by ``temperature`` (times T²), mixed with the hard-label loss: alpha*soft + (1-alpha)*hard.
+    For regression the soft target is the teacher's prediction (MSE)."""
+
+    student: ModelSpec
+    temperature: float = Field(default=4.0, gt=0.0)
+    alpha: float = Field(default=0.7, ge=0.0, le=1.0)
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=3e-3))
+
+
+class PruneSettings(StrictModel):
+    """Magnitude pruning. ``structured`` removes whole neurons/channels (a smaller, faster
+    model); ``unstructured``/``global`` zero individual weights per layer / across layers."""
+
+    method: Literal["structured", "unstructured", "global"] = "structured"
+    amount: float = Field(default=0.5, gt=0.0, lt=1.0)
+    finetune_epochs: int = Field(default=3, ge=0)
+    lr: float = Field(default=1e-3, gt=0.0, description="Fine-tuning learning rate (adam).")
+
+
+class QuantizeSettings(StrictModel):
+    """int8 dynamic quantization (weights int8, activations quantized on the fly), or a
+    half-precision cast for GPUs."""
+
+    method: Literal["int8_dynamic", "fp16", "bf16"] = "int8_dynamic"
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+
+    @model_validator(mode="after")
+    def _backend_applies(self) -> QuantizeSettings:
+        if self.method in ("fp16", "bf16") and self.backend != "torch":
+            raise ValueError(f"{self.method} runs on the torch backend (a GPU)")
+        return self
+
+
+class DistillStep(StrictModel):
+    distill: DistillSettings
+
+
+class PruneStep(StrictModel):
+    prune: PruneSettings
+
+
+class QuantizeStep(StrictModel):
+    quantize: QuantizeSettings
+
+
+Step = DistillStep | PruneStep | QuantizeStep
+
+
+class Tolerance(StrictModel):
+    """The largest absolute drop of ``metric`` (vs the source, on validation data) a
+    variant may show; ``rmse``/``mae``/``mse``/``log_loss`` count a rise as a drop."""
+
+    metric: str = "accuracy"
+    max_drop: float = Field(default=0.01, ge=0.0)
+    retries: int = Field(default=3, ge=0, description="Back-off attempts per step.")
+
+
+class CompressSpec(StrictModel):
+    """``kiln compress``: each step makes a bundle whose parent is the previous one."""
+
+    source: str = Field(min_length=1, description="A bundle directory.")
+    steps: Annotated[list[Step], Field(min_length=1)]
+    tolerance: Tolerance | None = None
+    data: str | None = Field(
+        default=None,
+        description="Labelled table for training students and checking the tolerance; "
+        "default: the source's own training data and split, re-read and verified.",
+    )
