@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from kiln import __version__
-from kiln.cli import model_cmds, train_cmds
+from kiln.cli import compress_cmds, model_cmds, train_cmds
 
 app = typer.Typer(
     name="kiln",
@@ -27,6 +27,8 @@ app.command()(train_cmds.crossval)
 app.command()(model_cmds.evaluate)
 app.command()(model_cmds.predict)
 app.command()(model_cmds.inspect)
+app.command()(compress_cmds.compress)
+app.command()(compress_cmds.export)
 
 
 def _version(value: bool) -> None:

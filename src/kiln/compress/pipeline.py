@@ -103,7 +103,7 @@ def compress(
     result = CompressResult(source=Variant("source", source, source.path, {}), metric=metric)
     source_test = source.evaluate(splits.test)[metric]
     result.source.report = _report(
-        source, source, splits, metric, base_val, source_test, {}, measure_runs
+        source, source, splits, metric, base_val, source_test, {}, measure_runs, source.path
     )
     parent = source
     for i, step in enumerate(spec.steps, start=1):

@@ -7,8 +7,11 @@ costs too much accuracy; ``sensitivity`` ranks layers by the output error each o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +53,7 @@ def ort_int8(onnx_model: bytes, exclude: list[str] | None = None) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_model)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quantize_dynamic(
                 str(src),
@@ -61,6 +64,17 @@ def ort_int8(onnx_model: bytes, exclude: list[str] | None = None) -> bytes:
                 nodes_to_exclude=exclude or [],
             )
         return dst.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # The quantizer advises pre-processing through the root logger on every call.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def sensitivity(onnx_model: bytes, sample: np.ndarray) -> list[tuple[str, float]]:

@@ -1,0 +1,112 @@
+"""``kiln compress`` and ``kiln export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kiln.cli.errors import reports_errors
+from kiln.cli.render import console, err_console, print_json
+
+
+@reports_errors
+def compress(
+    spec: Annotated[Path, typer.Argument(help="Compress spec (YAML or JSON).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the variants.")],
+    report: Annotated[
+        bool, typer.Option("--report", help="Print the full trade-off table.")
+    ] = False,
+    runs: Annotated[int, typer.Option("--runs", min=30, help="Timed runs per latency.")] = 50,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Distill, prune and quantize a bundle; each step is a new, measured bundle."""
+    from kiln.compress.pipeline import compress as run
+    from kiln.compress.report import plot, rows
+    from kiln.settings import apply_threads, get_settings
+
+    apply_threads(get_settings())
+    show = not quiet and not json_out
+
+    def event(message: str) -> None:
+        if show:
+            err_console.print(f"[dim]·[/] {message}", highlight=False)
+
+    result = run(spec, out, on_event=event, measure_runs=runs)
+    names = ["source", *(v.name for v in result.variants)]
+    reports = [result.source.report, *(v.report for v in result.variants)]
+    table = rows(reports, names)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(
+        json.dumps({"metric": result.metric, "variants": table, "reports": reports}, indent=2)
+    )
+    chart = plot(table, result.metric, out / "pareto.png")
+    if json_out:
+        print_json({"metric": result.metric, "variants": table, "reports": reports})
+        return
+    # Many columns: do not squeeze them into a non-terminal's default 80 characters.
+    wide = console if console.is_terminal else Console(width=170)
+    wide.print(_table(table, result.metric, full=report))
+    console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
+
+
+def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:
+    view = Table(title=f"compression trade-offs ({metric} on the test split)", title_justify="left")
+    cols = ["variant", "backend", "parameters", "size", "p50 b1 ms", metric, "drop", "agree"]
+    if full:
+        cols[5:5] = ["p95 b1 ms", "p50 b32 ms", "rows/s", "peak MB", "non-zeros"]
+    cols.append("pareto")
+    for c in cols:
+        view.add_column(c, justify="left" if c in ("variant", "backend") else "right")
+    for r in table:
+        front = [k for k, key in (("size", "pareto_size"), ("latency", "pareto_latency")) if r[key]]
+        cells = {
+            "variant": r["variant"],
+            "backend": r["backend"],
+            "parameters": f"{r['parameters']:,}",
+            "size": _bytes(r["model_bytes"]),
+            "p50 b1 ms": f"{r['p50_ms_b1']:.3f}",
+            "p95 b1 ms": f"{r['p95_ms_b1']:.3f}",
+            "p50 b32 ms": f"{r['p50_ms_b32']:.3f}",
+            "rows/s": f"{r['rows_per_s']:,.0f}",
+            "peak MB": f"{r['peak_mb']:.0f}" if r["peak_mb"] else "-",
+            "non-zeros": f"{r['nonzeros']:,}",
+            metric: f"{r[metric]:.4f}",
+            "drop": f"{r['drop']:+.4f}",
+            "agree": f"{r['agreement']:.3f}",
+            "pareto": ", ".join(front),
+        }
+        view.add_row(*(cells[c] for c in cols))
+    return view
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@reports_errors
+def export(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", "-f", help="Export format.")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here instead of into the bundle.")
+    ] = None,
+) -> None:
+    """Export a bundle's model to ONNX (parity-checked against torch)."""
+    from kiln.compress.export import export_bundle
+
+    if format != "onnx":
+        from kiln.errors import SpecError
+
+        raise SpecError(f"unknown export format {format!r}; supported: onnx", field="format")
+    path, diff = export_bundle(bundle, out)
+    console.print(f"wrote {path} (max relative difference to torch {diff:.1e})")

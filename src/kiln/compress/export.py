@@ -1,0 +1,30 @@
+"""``kiln export``: a bundle's model as ONNX, checked against torch on sample inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kiln.bundle import ONNX_FILE, Bundle
+from kiln.errors import ExportError
+from kiln.runtime.onnx import check_parity, export_onnx
+
+
+def export_bundle(directory: str | Path, out: str | Path | None = None) -> tuple[Path, float]:
+    """Export to ``out``, or into the bundle as ``model.onnx`` (a new manifest, written
+    atomically). Returns the path and the measured max relative difference to torch."""
+    bundle = Bundle.load(directory)
+    if bundle.meta.runtime.get("quantization"):
+        raise ExportError("this variant is quantized; export its fp32 parent instead")
+    example = bundle.example_input()
+    onnx = export_onnx(bundle.model, example)
+    sample = np.repeat(example.numpy(), 4, axis=0)
+    diff = check_parity(bundle.model, onnx, sample)
+    if out is not None:
+        target = Path(out)
+        target.write_bytes(onnx)
+        return target, diff
+    bundle.onnx = onnx
+    bundle.save(directory)
+    return Path(directory) / ONNX_FILE, diff
