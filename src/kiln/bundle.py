@@ -276,6 +276,7 @@ class Bundle:
                 if p.is_file()
             }
             _write_json(tmp / META_FILE, self.meta.model_dump(mode="json"))
+            _default_permissions(tmp)
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -379,6 +380,16 @@ def new_meta(**fields: Any) -> BundleMeta:
         kiln_version=__version__,
         **fields,
     )
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes 0700 directories (and safetensors 0600 files); give the bundle the
+    permissions any directory the user creates would have (per the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for p in directory.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -27,8 +27,12 @@ from kiln.bundle import Bundle
 WARMUP = 10
 
 
-def latency(bundle: Bundle, sample: np.ndarray, runs: int = 50, threads: int = 1) -> dict[str, Any]:
-    """p50/p95 latency (ms) at batch 1 and 32 and throughput (rows/s) at batch 32."""
+def latency(
+    bundle: Bundle, sample: np.ndarray, runs: int = 50, threads: int | None = None
+) -> dict[str, Any]:
+    """p50/p95 latency (ms) at batch 1 and 32 and throughput (rows/s) at batch 32, with
+    ``threads`` (default: every core) pinned for torch and onnxruntime alike."""
+    threads = threads or os.cpu_count() or 1
     backend = _pinned_backend(bundle, threads)
     out: dict[str, Any] = {"threads": threads, "runs": runs}
     before = torch.get_num_threads()
