@@ -35,7 +35,7 @@ from kiln.errors import DataError, SpecError, ToleranceError
 from kiln.models.summary import count_parameters
 from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.spec.compress import CompressSpec, DistillStep, PruneStep, QuantizeStep
-from kiln.spec.load import parse_document, validate
+from kiln.spec.load import load_document
 from kiln.spec.model import ModelSpec
 from kiln.spec.spec import Spec, metric_mode
 from kiln.spec.train import TrainSpec
@@ -71,16 +71,8 @@ class CompressResult:
 
 
 def load_compress_spec(source: str | Path | dict[str, Any] | CompressSpec) -> CompressSpec:
-    if isinstance(source, CompressSpec):
-        return source
-    if isinstance(source, dict):
-        return validate(CompressSpec, source)
-    path = Path(source)
-    if not path.is_file():
-        from kiln.errors import NotFoundError
-
-        raise NotFoundError(f"spec file not found: {path}", field="spec")
-    return validate(CompressSpec, parse_document(path.read_text(encoding="utf-8"), str(path)))
+    """Validate a compress spec from a YAML/JSON file, a mapping, or itself."""
+    return load_document(CompressSpec, source)
 
 
 def compress(

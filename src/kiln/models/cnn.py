@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kiln.errors import SpecError
-from kiln.models.layers import activation, initialise
+from kiln.models.layers import activation, dense_stack, initialise
 from kiln.models.registry import register
 from kiln.spec.model import CNNSpec
 
@@ -67,13 +67,8 @@ def build_cnn(spec: CNNSpec, n_inputs: int, n_outputs: int, **context: Any) -> n
         channels = out_ch
     layers.append(nn.Flatten())
     width = channels * h * w
-    for size in spec.hidden:
-        layers.append(nn.Linear(width, size))
-        layers.append(activation(spec.activation))
-        if spec.dropout:
-            layers.append(nn.Dropout(spec.dropout))
-        width = size
-    layers.append(nn.Linear(width, n_outputs))
+    layers += dense_stack(width, spec.hidden, spec.activation, spec.dropout)
+    layers.append(nn.Linear(spec.hidden[-1] if spec.hidden else width, n_outputs))
     model = nn.Sequential(*layers)
     initialise(model, spec.init, nonlinearity=spec.activation)
     return model

@@ -49,6 +49,22 @@ def initialise(module: nn.Module, scheme: str, nonlinearity: str = "relu") -> No
             nn.init.zeros_(m.bias)
 
 
+def dense_stack(
+    width: int, sizes: list[int], act: str, dropout: float, batch_norm: bool = False
+) -> list[nn.Module]:
+    """Linear -> [BatchNorm1d] -> activation -> [Dropout] for each size in ``sizes``."""
+    layers: list[nn.Module] = []
+    for size in sizes:
+        layers.append(nn.Linear(width, size))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(activation(act))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    return layers
+
+
 def flatten_images(context: dict[str, Any]) -> list[nn.Module]:
     """[Flatten] when the input is image-shaped (context input_shape [C, H, W]), else []."""
     shape = context.get("input_shape")

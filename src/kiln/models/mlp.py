@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from kiln.models.layers import activation, flatten_images, initialise
+from kiln.models.layers import dense_stack, flatten_images, initialise
 from kiln.models.registry import register
 from kiln.spec.model import MLPSpec
 
@@ -17,17 +17,9 @@ def build_mlp(spec: MLPSpec, n_inputs: int, n_outputs: int, **context: Any) -> n
 
     Image input (B, C, H, W) is flattened first.
     """
-    layers: list[nn.Module] = flatten_images(context)
-    width = n_inputs
-    for size in spec.hidden:
-        layers.append(nn.Linear(width, size))
-        if spec.batch_norm:
-            layers.append(nn.BatchNorm1d(size))
-        layers.append(activation(spec.activation))
-        if spec.dropout:
-            layers.append(nn.Dropout(spec.dropout))
-        width = size
-    layers.append(nn.Linear(width, n_outputs))
+    layers = flatten_images(context)
+    layers += dense_stack(n_inputs, spec.hidden, spec.activation, spec.dropout, spec.batch_norm)
+    layers.append(nn.Linear(spec.hidden[-1] if spec.hidden else n_inputs, n_outputs))
     model = nn.Sequential(*layers)
     initialise(model, spec.init, nonlinearity=spec.activation)
     return model

@@ -24,14 +24,19 @@ M = TypeVar("M", bound=BaseModel)
 
 def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
     """Validate a spec given as a path to YAML/JSON, a mapping, or a Spec (returned as is)."""
-    if isinstance(source, Spec):
+    return load_document(Spec, source)
+
+
+def load_document(model: type[M], source: str | Path | dict[str, Any] | M) -> M:
+    """Validate any spec document (``model``) from a YAML/JSON file, a mapping or itself."""
+    if isinstance(source, model):
         return source
     if isinstance(source, dict):
-        return validate(Spec, source)
-    path = Path(source)
+        return validate(model, source)
+    path = Path(source)  # type: ignore[arg-type]
     if not path.is_file():
         raise NotFoundError(f"spec file not found: {path}", field="spec")
-    return validate(Spec, parse_document(path.read_text(encoding="utf-8"), str(path)))
+    return validate(model, parse_document(path.read_text(encoding="utf-8"), str(path)))
 
 
 def parse_document(text: str, origin: str = "spec") -> dict[str, Any]:
