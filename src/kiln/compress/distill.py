@@ -73,6 +73,7 @@ def distill(
     val: tuple[np.ndarray, np.ndarray] | None,
     seed: int,
     target_scale: float,
+    device: str = "auto",
 ) -> tuple[nn.Module, FitResult]:
     """Train a fresh ``settings.student`` on encoded inputs ``x`` with labels ``y`` and
     the teacher's raw outputs; returns the student and its training result."""
@@ -91,6 +92,7 @@ def distill(
         batch_size=settings.batch_size,
         epochs=settings.epochs,
         seed=seed,
+        device=device,
     )
     criterion = DistillLoss(task, settings.temperature, settings.alpha)
     loss = "cross_entropy" if task == "classification" else "mse"

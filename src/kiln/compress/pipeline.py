@@ -53,6 +53,7 @@ class Splits:
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
+    device: str = "auto"  # the source spec's train.device, for students and fine-tuning
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _splits(source: Bundle, override: str | None) -> Splits:
         )
     frame = table.frame
     test = frame.iloc[parts.test] if len(parts.test) else frame.iloc[parts.val]
-    return Splits(frame.iloc[parts.train], frame.iloc[parts.val], test)
+    return Splits(frame.iloc[parts.train], frame.iloc[parts.val], test, spec.train.device)
 
 
 def _encode(bundle: Bundle, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +232,7 @@ def _distill(step: DistillStep, parent: Bundle, splits: Splits) -> Bundle:
         val,
         seed=0,
         target_scale=scale,
+        device=splits.device,
     )
     context = {k: v for k, v in parent.meta.model_context.items() if k != "hf_config"}
     return _derive(
@@ -262,6 +264,7 @@ def _prune(step: PruneStep, parent: Bundle, splits: Splits, amount: float) -> Bu
                 "optimizer": {"name": "adam", "lr": settings.lr},
                 "epochs": settings.finetune_epochs,
                 "batch_size": 32,
+                "device": splits.device,
             }
         )
         loss = parent.meta.training.get("loss") or (

@@ -8,6 +8,7 @@ costs too much accuracy; ``sensitivity`` ranks layers by the output error each o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import warnings
@@ -50,6 +51,7 @@ def ort_int8(onnx_model: bytes, exclude: list[str] | None = None) -> bytes:
     """onnxruntime dynamic int8 quantization (per-channel weights) of an fp32 graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    excluded = exclude or []
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_model)
@@ -60,10 +62,23 @@ def ort_int8(onnx_model: bytes, exclude: list[str] | None = None) -> bytes:
                 str(dst),
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                # Without VNNI, int8 x int8 products can saturate the 16-bit
+                # accumulators of the AVX2 kernels; 7-bit weights avoid that.
+                reduce_range=not has_vnni(),
                 op_types_to_quantize=list(QUANTIZABLE_OPS),
-                nodes_to_exclude=exclude or [],
+                # The quantizer rewrites Gemm nodes into MatMul ones named "<gemm>_MatMul"
+                # before it applies exclusions; name both.
+                nodes_to_exclude=[*excluded, *(f"{n}_MatMul" for n in excluded)],
             )
         return dst.read_bytes()
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+    from kiln.compress.measure import machine
+
+    return any("vnni" in flag for flag in machine()["cpu_flags"])
 
 
 @contextlib.contextmanager

@@ -102,6 +102,7 @@ def build_pretrained(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected here
+    hf_logging.disable_progress_bar()  # kiln shows its own progress
     if "hf_config" in context:
         cfg = dict(context["hf_config"])
         model_type = cfg.pop("model_type")

@@ -21,7 +21,9 @@ class TorchBackend:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(x)
-        device = next(self.model.parameters()).device
+        # Fully int8-quantized models keep no parameters (packed weights); they run on CPU.
+        first = next(iter(self.model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         out = predict_outputs(self.model, tensor.to(device))

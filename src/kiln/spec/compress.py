@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from kiln.spec.base import StrictModel
 from kiln.spec.model import ModelSpec
@@ -60,7 +60,27 @@ class QuantizeStep(StrictModel):
     quantize: QuantizeSettings
 
 
-Step = DistillStep | PruneStep | QuantizeStep
+STEP_KINDS = ("distill", "prune", "quantize")
+
+
+def _step_kind(value: Any) -> str | None:
+    """A step is a mapping with exactly one key, its kind."""
+    if isinstance(value, dict):
+        keys = [k for k in value if k in STEP_KINDS]
+        return keys[0] if len(keys) == 1 else None
+    return next((k for k in STEP_KINDS if hasattr(value, k)), None)
+
+
+Step = Annotated[
+    Annotated[DistillStep, Tag("distill")]
+    | Annotated[PruneStep, Tag("prune")]
+    | Annotated[QuantizeStep, Tag("quantize")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="invalid_step",
+        custom_error_message="each step is one of distill:, prune:, quantize:",
+    ),
+]
 
 
 class Tolerance(StrictModel):

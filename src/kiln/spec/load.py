@@ -71,6 +71,16 @@ def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
         return field, "unknown key" + (f" (did you mean {hint!r}?)" if hint else "")
     if err["type"] == "missing":
         return field, "required key is missing"
+    if err["type"] == "invalid_step":
+        given = list(err["input"]) if isinstance(err["input"], dict) else []
+        kinds = ["distill", "prune", "quantize"]
+        hints = [difflib.get_close_matches(str(k), kinds, n=1, cutoff=0.6) for k in given]
+        hint = next((h[0] for h in hints if h), None)
+        return field, (
+            f"unknown step {', '.join(map(repr, given)) or repr(err['input'])}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; each step is one key: distill, prune or quantize"
+        )
     msg = str(err["msg"]).removeprefix("Value error, ")
     # Cross-section checks name their key first: "train.loss: ...".
     named = _NAMED.match(msg)
@@ -80,6 +90,7 @@ def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
 
 
 _NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): (.*)$", re.DOTALL)
+_STEP_TAGS = frozenset({"distill", "prune", "quantize"})
 _MODEL_TAGS = frozenset({"linear", "mlp", "cnn", "transformer", "pretrained"})
 # Member names pydantic puts in an error path for `int | str | ...` unions.
 _UNION_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "tuple", "dict"})
@@ -88,9 +99,18 @@ _UNION_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "tuple",
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     # Tagged unions put the tag ('mlp') in the path; users never wrote it.
     out: list[Any] = []
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, str) and part in _MODEL_TAGS and out == ["model"]:
             continue
+        if (
+            isinstance(part, str)
+            and part in _STEP_TAGS
+            and out
+            and isinstance(out[-1], int)
+            and i + 1 < len(loc)
+            and loc[i + 1] == part
+        ):
+            continue  # steps.0.prune.prune.amount: the first "prune" is the union's tag
         if isinstance(part, str) and (
             part in _UNION_TAGS or part.startswith(("function-", "literal["))
         ):
@@ -104,6 +124,8 @@ def _suggest(model: type[BaseModel], loc: list[Any]) -> str | None:
     *parents, bad = loc
     candidates: list[type[BaseModel]] = [model]
     for part in parents:
+        if isinstance(part, int):
+            continue  # a list index: the item's model is the list's
         nxt: list[type[BaseModel]] = []
         for cls in candidates:
             field = cls.model_fields.get(str(part))
