@@ -6,6 +6,7 @@ import csv
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,24 +106,44 @@ def test_transformer_student_shorter_than_the_teacher_inputs_is_refused(teacher,
         )
 
 
-def test_onnx_export_of_a_scratch_transformer_is_refused_clearly(teacher, tmp_path):
-    # torch's exporter bakes nn.MultiheadAttention's shapes into the graph; kiln's parity
-    # check on differently shaped inputs catches it instead of serving a broken graph.
+def test_scratch_transformer_student_quantizes_on_onnxruntime(teacher, tmp_path):
+    # The export must hold for batch sizes and lengths unlike the traced example.
     student = {"type": "transformer", "layers": 1, "dim": 16, "heads": 2, "max_length": 16}
+    result = compress(
+        {
+            "source": str(teacher),
+            "steps": [
+                {"distill": {"student": student, "epochs": 10}},
+                {"quantize": {"method": "int8_dynamic", "backend": "onnxruntime"}},
+            ],
+        },
+        tmp_path / "out",
+        measure_runs=30,
+    )
+    variant = kiln.load(tmp_path / "out" / "02-quantize")
+    assert variant.backend.name == "onnxruntime"
+    assert result.variants[1].report["agreement_with_parent"] >= 0.9
+    rows = [{"text": "the film was very good"}, {"text": "a product that was not great"}]
+    assert len(variant.predict(rows).predictions) == 2
+
+
+def test_export_that_only_runs_at_the_traced_shape_is_refused(tmp_path):
+    class Baked(torch.nn.Module):
+        """Turns the batch size into a Python int: tracing bakes it into the graph."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x).reshape(int(x.shape[0]), -1)
+
+    from kiln.runtime.onnx import check_parity, export_onnx
+
+    model = Baked().eval()
+    graph = export_onnx(model, torch.zeros(1, 4))
     with pytest.raises(ExportError, match="torch backend"):
-        compress(
-            {
-                "source": str(teacher),
-                "steps": [
-                    {"distill": {"student": student, "epochs": 2}},
-                    {"quantize": {"method": "int8_dynamic", "backend": "onnxruntime"}},
-                ],
-            },
-            tmp_path / "out",
-            measure_runs=30,
-        )
-    assert (tmp_path / "out" / "01-distill" / "kiln.json").is_file()
-    assert not (tmp_path / "out" / "02-quantize").exists()
+        check_parity(model, graph, np.zeros((3, 4), dtype=np.float32))
 
 
 def test_pretrained_teacher_quantizes_on_onnxruntime(teacher, tmp_path):

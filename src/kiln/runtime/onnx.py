@@ -95,6 +95,12 @@ def check_parity(model: nn.Module, onnx_model: bytes, sample: np.ndarray) -> flo
             f"({str(exc).splitlines()[0][:160]}); this model type cannot be served by "
             "onnxruntime yet: use the torch backend"
         ) from None
+    if got.shape != expected.shape:
+        raise ExportError(
+            f"the ONNX export gives outputs of shape {list(got.shape)} where torch gives "
+            f"{list(expected.shape)}: the graph only fits the traced input's shape; "
+            "use the torch backend"
+        )
     scale = max(1.0, float(np.abs(expected).max()))
     diff = float(np.abs(expected - got).max()) / scale
     if diff > PARITY_TOLERANCE:
