@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from torch import nn
 
 from kiln.data.preprocess import JSONScalar, Preprocessor
@@ -67,8 +67,8 @@ class BundleMeta(BaseModel):
     input_schema: list[Column]
     target: str
     labels: list[JSONScalar] | None
-    n_inputs: int
-    n_outputs: int
+    n_inputs: int = Field(ge=1)
+    n_outputs: int = Field(ge=1)
     model_context: dict[str, Any] = {}
     # How the bundle runs: {"backend": "torch" | "onnxruntime", "quantization": None |
     # "int8_dynamic" | "fp16" | "bf16", ...details of compression}.
@@ -325,8 +325,23 @@ class Bundle:
         if pre.state.text is not None:
             from kiln.data.text import load_tokenizer
 
+            unlisted = [
+                p.relative_to(path).as_posix()
+                for p in (path / TOKENIZER_DIR).rglob("*")
+                if p.is_file() and p.relative_to(path).as_posix() not in meta.files
+            ]
+            listed = [f for f in meta.files if f.startswith(f"{TOKENIZER_DIR}/")]
+            if unlisted or not listed:
+                raise BundleError(
+                    f"bundle {path}: tokenizer files not covered by {META_FILE}: "
+                    f"{unlisted or [TOKENIZER_DIR]}"
+                )
             pre.tokenizer = load_tokenizer(path / TOKENIZER_DIR, for_bundle=True)
-        model = build(model_spec, meta.n_inputs, meta.n_outputs, **meta.model_context)
+        _check_consistent(path, meta, pre, model_spec)
+        try:
+            model = build(model_spec, meta.n_inputs, meta.n_outputs, **meta.model_context)
+        except Exception as exc:  # a manifest that describes no buildable model
+            raise BundleError(f"{path / META_FILE} describes no valid model: {exc}") from None
         try:
             state = load_file(str(path / WEIGHTS_FILE))
             model.load_state_dict(state, strict=True)
@@ -337,6 +352,21 @@ class Bundle:
         bundle = cls(meta, model, pre, onnx=onnx, report=report)
         bundle.path = path
         return bundle
+
+
+def _check_consistent(path: Path, meta: BundleMeta, pre: Preprocessor, model_spec: Any) -> None:
+    """The manifest, the preprocessing and the architecture must describe one model."""
+    if pre.n_outputs != meta.n_inputs:
+        raise BundleError(
+            f"bundle {path}: preprocessing gives {pre.n_outputs} inputs, the manifest "
+            f"says {meta.n_inputs}"
+        )
+    labels = pre.labels
+    if (len(labels) if labels is not None else 1) != meta.n_outputs:
+        raise BundleError(f"bundle {path}: the labels do not match the model's outputs")
+    if model_spec.type == "pretrained" and "hf_config" not in meta.model_context:
+        # Without its config the builder would load from model.path: outside the bundle.
+        raise BundleError(f"bundle {path}: a pretrained model's config is missing")
 
 
 def _half_dtype(runtime: dict[str, Any]) -> torch.dtype | None:

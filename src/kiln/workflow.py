@@ -91,7 +91,7 @@ def fit(
         lineage={
             "spec": spec.model_dump(mode="json"),
             "data": {
-                "source": spec.data.source,
+                "source": _absolute(spec.data.source),
                 "fingerprint": table.fingerprint,
                 "rows_read": table.rows_read,
                 "rows_dropped": table.rows_dropped,
@@ -110,3 +110,10 @@ def fit(
         if store is not None:
             store.clear()
     return bundle
+
+
+def _absolute(source: str) -> str:
+    """Local paths become absolute (so the lineage still finds them from elsewhere)."""
+    if "://" in source or source.startswith("sklearn:") or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())

@@ -27,7 +27,7 @@ def compress(
 ) -> None:
     """Distill, prune and quantize a bundle; each step is a new, measured bundle."""
     from kiln.compress.pipeline import compress as run
-    from kiln.compress.report import plot, rows
+    from kiln.errors import ToleranceError
     from kiln.settings import apply_threads, get_settings
 
     apply_threads(get_settings())
@@ -37,7 +37,28 @@ def compress(
         if show:
             err_console.print(f"[dim]·[/] {message}", highlight=False)
 
-    result = run(spec, out, on_event=event, measure_runs=runs)
+    try:
+        result = run(spec, out, on_event=event, measure_runs=runs)
+    except ToleranceError as exc:
+        partial = getattr(exc, "partial", None)
+        if partial is not None:  # the variants that fitted still get their report
+            _write_report(partial, out)
+        raise
+    table, chart = _write_report(result, out)
+    if json_out:
+        reports = [result.source.report, *(v.report for v in result.variants)]
+        print_json({"metric": result.metric, "variants": table, "reports": reports})
+        return
+    # Many columns: do not squeeze them into a non-terminal's default 80 characters.
+    wide = console if console.is_terminal else Console(width=200)
+    wide.print(_table(table, result.metric, full=report))
+    console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
+
+
+def _write_report(result: Any, out: Path) -> tuple[list[dict[str, Any]], Path]:
+    """``out/report.json`` and ``out/pareto.png`` for the source and its variants."""
+    from kiln.compress.report import plot, rows
+
     names = ["source", *(v.name for v in result.variants)]
     reports = [result.source.report, *(v.report for v in result.variants)]
     table = rows(reports, names)
@@ -45,14 +66,7 @@ def compress(
     (out / "report.json").write_text(
         json.dumps({"metric": result.metric, "variants": table, "reports": reports}, indent=2)
     )
-    chart = plot(table, result.metric, out / "pareto.png")
-    if json_out:
-        print_json({"metric": result.metric, "variants": table, "reports": reports})
-        return
-    # Many columns: do not squeeze them into a non-terminal's default 80 characters.
-    wide = console if console.is_terminal else Console(width=200)
-    wide.print(_table(table, result.metric, full=report))
-    console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
+    return table, plot(table, result.metric, out / "pareto.png")
 
 
 def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:

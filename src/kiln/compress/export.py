@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.bundle import ONNX_FILE, Bundle
-from kiln.errors import ExportError
+from kiln.errors import ExportError, NotFoundError
 from kiln.runtime.onnx import check_parity, export_onnx
 
 
@@ -22,7 +22,13 @@ def export_bundle(directory: str | Path, out: str | Path | None = None) -> tuple
     diff = check_parity(bundle.model, onnx, random_inputs(bundle, 8))
     if out is not None:
         target = Path(out)
-        target.write_bytes(onnx)
+        if target.is_dir():
+            raise ExportError(f"{target} is a directory; give a file path", field="out")
+        if not target.parent.is_dir():
+            raise NotFoundError(f"folder not found: {target.parent}", field="out")
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(onnx)
+        tmp.replace(target)
         return target, diff
     bundle.onnx = onnx
     bundle.save(directory)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from kiln.bundle import Bundle, new_meta
 from kiln.compress import measure
@@ -31,7 +31,7 @@ from kiln.compress.distill import check_student, distill
 from kiln.compress.prune import sparsity, structured, unstructured_masks
 from kiln.compress.quantize import ort_int8, sensitivity, torch_int8
 from kiln.data.split import holdout
-from kiln.errors import DataError, SpecError, ToleranceError
+from kiln.errors import BundleError, DataError, SpecError, ToleranceError
 from kiln.models.summary import count_parameters
 from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.spec.compress import CompressSpec, DistillStep, PruneStep, QuantizeStep
@@ -98,6 +98,28 @@ def compress(
     result.source.report = _report(
         source, source, splits, metric, base_val, source_test, {}, measure_runs, source.path
     )
+    try:
+        _run_steps(
+            spec, out, source, splits, metric, base_val, source_test, result, say, measure_runs
+        )
+    except ToleranceError as exc:
+        exc.partial = result  # type: ignore[attr-defined]  # what fitted, for the report
+        raise
+    return result
+
+
+def _run_steps(
+    spec: CompressSpec,
+    out: Path,
+    source: Bundle,
+    splits: Splits,
+    metric: str,
+    base_val: float,
+    source_test: float,
+    result: CompressResult,
+    say: Events,
+    measure_runs: int,
+) -> None:
     parent = source
     for i, step in enumerate(spec.steps, start=1):
         kind = _kind(step)
@@ -113,7 +135,6 @@ def compress(
         result.variants.append(Variant(name, variant, directory, report))
         say(f"{name}: saved {directory}")
         parent = variant
-    return result
 
 
 # ---- data ------------------------------------------------------------------------
@@ -123,9 +144,16 @@ def _splits(source: Bundle, override: str | None) -> Splits:
     lineage = source.meta.lineage
     if "spec" not in lineage:
         raise DataError("the source bundle records no training spec; give data:", field="data")
-    spec = Spec.model_validate(lineage["spec"])
-    if override is not None:
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": override})})
+    try:
+        spec = Spec.model_validate(lineage["spec"])
+    except ValidationError:
+        raise BundleError("the source bundle's lineage spec is invalid", field="source") from None
+    # The lineage records where the data was, made absolute at training time.
+    data_source = override if override is not None else lineage.get("data", {}).get("source")
+    if data_source:
+        spec = spec.model_copy(
+            update={"data": spec.data.model_copy(update={"source": data_source})}
+        )
     table = load_table(spec)
     if override is None and table.fingerprint != lineage.get("data", {}).get("fingerprint"):
         raise DataError(

@@ -308,7 +308,7 @@ class Preprocessor:
                 f"column {feat.name!r}, row {row}: missing value (missing: drop rejects it)",
                 field=feat.name,
             )
-        values = series.astype(object).where(~nan, feat.fill).astype(str)
+        values = series.astype(object).where(~nan, feat.fill).map(_category)
         index = {c: i for i, c in enumerate(feat.categories)}
         # Categories never seen in training: all-zero one-hot, or code -1 for ordinal.
         codes = values.map(index).fillna(-1).to_numpy(dtype=np.int64)
@@ -393,8 +393,13 @@ def _fit_numeric(frame: pd.DataFrame, name: str, options: Preprocessing) -> Nume
     return NumericFeature(name=name, fill=fill, center=center, scale=scale or 1.0)
 
 
+def _category(value: Any) -> str:
+    """A category's name: 1, 1.0 and "1" are the same category (CSV readers disagree)."""
+    return str(_native(value))
+
+
 def _fit_categorical(series: pd.Series, name: str, options: Preprocessing) -> CategoricalFeature:
-    present = series.dropna().astype(str)
+    present = series.dropna().map(_category)
     if present.empty:
         raise DataError(f"column {name!r} has no values in the training split", field=name)
     fill: str | None

@@ -11,6 +11,8 @@ from kiln.errors import DataError, SpecError
 
 ColumnKind = Literal["numeric", "categorical", "text", "image"]
 
+# Share of parseable numbers above which a string column is numeric.
+NUMERIC_SHARE = 0.9
 # Object columns whose values average more than this many words read as free text.
 _TEXT_MIN_WORDS = 4.0
 
@@ -29,6 +31,10 @@ def infer_kind(series: pd.Series) -> ColumnKind:
     values = series.dropna().astype(str)
     if values.empty:
         return "categorical"
+    # Mostly numbers with a few stray strings is a numeric column with bad cells, which
+    # preprocessing then reports by row; not a category per distinct number.
+    if pd.to_numeric(values, errors="coerce").notna().mean() >= NUMERIC_SHARE:
+        return "numeric"
     words = values.map(lambda v: len(v.split())).mean()
     unique_ratio = values.nunique() / len(values)
     if words >= _TEXT_MIN_WORDS and unique_ratio > 0.5:

@@ -55,6 +55,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> PreTr
     tok.decoder = decoders.WordPiece()
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
     tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer breaks frequency ties in hash order, which differs between processes;
+    # number the learned vocabulary in a fixed order so a seed gives the same model.
+    learned = [t for t in tok.get_vocab() if t not in SPECIAL_TOKENS]
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *sorted(learned)])}
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -72,8 +77,15 @@ def load_tokenizer(path: str | Path, *, for_bundle: bool = False) -> PreTrainedT
     """A fast tokenizer from a local Hugging Face directory (or a hub id when online)."""
     from transformers import AutoTokenizer
 
+    if for_bundle and not Path(path).is_dir():
+        raise BundleError(f"the bundle's tokenizer folder is missing: {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            str(path),
+            use_fast=True,
+            trust_remote_code=False,
+            local_files_only=for_bundle,  # a bundle never reaches the network
+        )
     except (OSError, ValueError) as exc:
         err = BundleError if for_bundle else SpecError
         raise err(

@@ -84,7 +84,5 @@ def build_transformer(
 ) -> nn.Module:
     """``n_inputs`` is the tokenizer's vocabulary size; ``pad_id`` comes from the tokenizer."""
     model = TextTransformer(spec, n_inputs, n_outputs, int(context.get("pad_id", 0)))
-    for block in model.blocks:
-        initialise(block, "xavier", nonlinearity="linear")
     initialise(model.head, "xavier", nonlinearity="linear")
     return model

@@ -68,7 +68,9 @@ def load_table(spec: Spec) -> Table:
     keep = frame[spec.data.target].notna()
     if spec.data.preprocessing.missing == "drop":
         keep &= frame[names].notna().all(axis=1)
-    frame = frame[keep].reset_index(drop=True)
+    # Rows keep their table index (splits select by position), so errors name the row
+    # the user can find in the file.
+    frame = frame[keep]
     if frame.empty:
         raise DataError(
             "no rows left after dropping rows with missing values",
