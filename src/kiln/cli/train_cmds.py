@@ -29,6 +29,7 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train the model a spec describes and save it as a bundle directory."""
+    from kiln.evaluate.metrics import headline_metric
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
     from kiln.train.callbacks import Callback, JsonlLog, RichProgress
@@ -59,7 +60,7 @@ def train(
     splits = {k: v for k, v in bundle.metrics.items() if isinstance(v, dict)}
     if splits:
         console.print(metrics_table("held-out metrics", splits))
-    headline = "accuracy" if bundle.meta.task == "classification" else "rmse"
+    headline = headline_metric(bundle.meta.task)
     if "test" in bundle.metrics:
         console.print(f"test {headline}: [bold]{bundle.metrics['test'][headline]:.4f}[/]")
     console.print(f"saved bundle: [bold]{out}[/]")
@@ -80,6 +81,7 @@ def crossval(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from kiln.evaluate.crossval import crossval as run_crossval
+    from kiln.evaluate.metrics import headline_metric
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
 
@@ -94,7 +96,7 @@ def crossval(
         console=err_console,
         disable=not show,
     )
-    headline = "accuracy" if parsed.task == "classification" else "rmse"
+    headline = headline_metric(parsed.task)
     with progress:
         task = progress.add_task("folds", total=folds, status="")
 

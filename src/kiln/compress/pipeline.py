@@ -32,6 +32,7 @@ from kiln.compress.prune import sparsity, structured, unstructured_masks
 from kiln.compress.quantize import ort_int8, sensitivity, torch_int8
 from kiln.data.split import holdout
 from kiln.errors import BundleError, DataError, SpecError, ToleranceError
+from kiln.evaluate.metrics import headline_metric
 from kiln.models.summary import count_parameters
 from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.spec.compress import CompressSpec, DistillStep, PruneStep, QuantizeStep
@@ -89,7 +90,7 @@ def compress(
     out = Path(out)
     source = Bundle.load(spec.source)
     splits = _splits(source, spec.data)
-    metric = spec.tolerance.metric if spec.tolerance else _headline(source)
+    metric = spec.tolerance.metric if spec.tolerance else headline_metric(source.meta.task)
     _check_metric(metric, source)
     base_val = source.evaluate(splits.val)[metric]
     say(f"source {source.name}: val {metric} {base_val:.4f}")
@@ -422,10 +423,6 @@ def _derive(
 
 
 # ---- scoring and reports ---------------------------------------------------------
-
-
-def _headline(bundle: Bundle) -> str:
-    return "accuracy" if bundle.meta.task == "classification" else "rmse"
 
 
 def _check_metric(metric: str, bundle: Bundle) -> None:

@@ -282,10 +282,6 @@ class Preprocessor:
         assert isinstance(t, RegressionTarget)
         return values * t.scale + t.center
 
-    def missing_rows(self, frame: pd.DataFrame) -> np.ndarray:
-        """Boolean mask of rows with a missing feature value (used by missing: drop)."""
-        return frame[self.feature_names].isna().any(axis=1).to_numpy()
-
     def _numeric(self, series: pd.Series, feat: NumericFeature) -> np.ndarray:
         values = _numeric_column(series, feat.name)
         nan = np.isnan(values)

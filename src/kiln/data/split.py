@@ -23,17 +23,15 @@ class Holdout:
 
 def holdout(y: pd.Series, split: Split, stratify: bool) -> Holdout:
     """Split positions 0..N-1 into train/val/test with the spec's fractions."""
-    from sklearn.model_selection import train_test_split
-
     n = len(y)
     idx = np.arange(n)
     labels = y.astype(str).to_numpy() if stratify else None
-    _check_stratifiable(labels, split.test + split.val, n)
-    rest, test = _cut(idx, split.test, labels, split.seed, train_test_split)
+    _check_stratifiable(labels, split.test + split.val)
+    rest, test = split_off(idx, split.test, labels, split.seed)
     if split.val > 0:
         val_of_rest = split.val / (1.0 - split.test)
         rest_labels = labels[rest] if labels is not None else None
-        train, val = _cut(rest, val_of_rest, rest_labels, split.seed + 1, train_test_split)
+        train, val = split_off(rest, val_of_rest, rest_labels, split.seed + 1)
     else:
         train, val = rest, idx[:0]
     if len(train) == 0:
@@ -50,12 +48,6 @@ def split_off(
     """
     from sklearn.model_selection import train_test_split
 
-    return _cut(idx, fraction, labels, seed, train_test_split)
-
-
-def _cut(
-    idx: np.ndarray, fraction: float, labels: np.ndarray | None, seed: int, splitter: object
-) -> tuple[np.ndarray, np.ndarray]:
     if fraction <= 0:
         return idx, idx[:0]
     size = max(1, round(fraction * len(idx)))
@@ -63,11 +55,11 @@ def _cut(
         size = max(size, len(np.unique(labels)))
     if size >= len(idx):
         raise DataError(f"too few rows ({len(idx)}) for a {fraction:.0%} split", field="data.split")
-    a, b = splitter(idx, test_size=size, random_state=seed, stratify=labels)  # type: ignore[operator]
+    a, b = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
     return np.asarray(a), np.asarray(b)
 
 
-def _check_stratifiable(labels: np.ndarray | None, held_out: float, n: int) -> None:
+def _check_stratifiable(labels: np.ndarray | None, held_out: float) -> None:
     if labels is None or held_out <= 0:
         return
     values, counts = np.unique(labels, return_counts=True)

@@ -10,7 +10,7 @@ bundle's ``tokenizer/`` folder; loading them executes nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -129,8 +129,3 @@ def trim_padding(x: torch.Tensor) -> torch.Tensor:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def tokenizer_files(directory: Path) -> list[Any]:
-    """The files a saved tokenizer consists of (for checksums in the bundle manifest)."""
-    return sorted(p for p in directory.rglob("*") if p.is_file())

@@ -55,7 +55,6 @@ class FitResult:
     seconds: float
     device: str
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
