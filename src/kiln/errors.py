@@ -88,3 +88,65 @@ class ToleranceError(KilnError):
     code = "tolerance_not_met"
     http_status = 422
     exit_code = 9
+
+
+class AuthError(KilnError):
+    """No API key, or one that is unknown, malformed or revoked."""
+
+    code = "unauthorized"
+    http_status = 401
+    exit_code = 10
+
+
+class ForbiddenError(KilnError):
+    """The API key is valid but lacks the scope the action needs."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_code = 11
+
+
+class ConflictError(KilnError):
+    """The request clashes with the current state (a name taken, a job already finished)."""
+
+    code = "conflict"
+    http_status = 409
+    exit_code = 12
+
+
+class TooLargeError(KilnError):
+    """A request body or upload is over the configured limit."""
+
+    code = "too_large"
+    http_status = 413
+    exit_code = 13
+
+
+class ServiceError(KilnError):
+    """The server could not be reached or answered with an unexpected failure."""
+
+    code = "service_error"
+    http_status = 502
+    exit_code = 14
+
+
+ERRORS_BY_CODE: dict[str, type[KilnError]] = {
+    cls.code: cls
+    for cls in (
+        KilnError,
+        SpecError,
+        DataError,
+        BundleError,
+        NotFoundError,
+        TrainingError,
+        Interrupted,
+        ExportError,
+        ToleranceError,
+        AuthError,
+        ForbiddenError,
+        ConflictError,
+        TooLargeError,
+        ServiceError,
+    )
+}
+"""Error classes by their ``code``: the client turns an API error back into its class."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,6 +19,73 @@ class Settings(BaseSettings):
         description="CPU threads torch may use (KILN_THREADS); default: torch's choice. "
         "Small models often train faster on 1 thread than on several.",
     )
+
+    # --- the platform (kiln up / kiln worker) ---
+    home: Path = Field(
+        default=Path("~/.kiln"),
+        description="KILN_HOME: the embedded database, artifacts and admin key live here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="KILN_DATABASE_URL, e.g. postgresql+psycopg://user@host/db; "
+        "default: SQLite (WAL) at $KILN_HOME/kiln.db.",
+    )
+    artifacts: str | None = Field(
+        default=None,
+        description="KILN_ARTIFACTS: a directory or s3://bucket/prefix; "
+        "default: $KILN_HOME/artifacts.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="KILN_S3_ENDPOINT_URL for S3-compatible servers (MinIO, ...)."
+    )
+    max_upload_mb: float = Field(
+        default=200.0, gt=0, description="KILN_MAX_UPLOAD_MB: largest dataset upload accepted."
+    )
+    heartbeat_seconds: float = Field(
+        default=2.0, gt=0, description="KILN_HEARTBEAT_SECONDS: how often a worker reports in."
+    )
+    heartbeat_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="KILN_HEARTBEAT_TIMEOUT: a running job whose worker has been silent "
+        "this long is re-queued (or failed once it used up its attempts).",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="KILN_MAX_ATTEMPTS: runs a job gets before it fails."
+    )
+    poll_seconds: float = Field(
+        default=0.2, gt=0, description="KILN_POLL_SECONDS: an idle worker's queue poll interval."
+    )
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="KILN_DATA_ROOTS (JSON list): server-side folders datasets may be "
+        "registered from by path; none by default.",
+    )
+
+    # --- the client side (kiln datasets|jobs|models|keys|projects) ---
+    url: str = Field(default="http://127.0.0.1:8080", description="KILN_URL: the server.")
+    api_key: str | None = Field(default=None, description="KILN_API_KEY for the client.")
+    project: str | None = Field(
+        default=None, description="KILN_PROJECT: the project a global admin key acts on."
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home_dir / 'kiln.db'}"
+
+    @property
+    def resolved_artifacts(self) -> str:
+        return self.artifacts or str(self.home_dir / "artifacts")
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.home_dir / "admin.key"
 
 
 def get_settings() -> Settings:

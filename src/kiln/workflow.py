@@ -13,7 +13,7 @@ from kiln.models.summary import count_parameters
 from kiln.spec.load import load_spec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
-from kiln.train.checkpoint import DirCheckpoints
+from kiln.train.checkpoint import CheckpointStore, DirCheckpoints
 from kiln.train.recipe import load_table, score_frame, train_frames
 
 
@@ -29,15 +29,15 @@ def fit(
     out: str | Path | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
-    checkpoints: str | Path | None = None,
+    checkpoints: str | Path | CheckpointStore | None = None,
 ) -> Bundle:
     """Train the model a spec describes and return its bundle.
 
     The table is split into train/val/test; preprocessing is fitted on train only;
     test metrics are measured once at the end. With ``out`` the bundle is saved there
     (atomically) and a checkpoint is written after every epoch to ``checkpoints``
-    (default: a hidden sibling of ``out``), removed once the bundle is saved;
-    ``resume=True`` continues from it.
+    (a directory or any ``CheckpointStore``; default: a hidden sibling of ``out``),
+    removed once the bundle is saved; ``resume=True`` continues from it.
     """
     spec = load_spec(spec)
     if out is not None:
@@ -51,9 +51,13 @@ def fit(
     val_df = table.frame.iloc[parts.val] if len(parts.val) else None
     test_df = table.frame.iloc[parts.test] if len(parts.test) else None
 
-    store = None
-    if checkpoints is not None or out is not None:
-        store = DirCheckpoints(checkpoints if checkpoints is not None else checkpoint_dir(out))  # type: ignore[arg-type]
+    store: CheckpointStore | None = None
+    if isinstance(checkpoints, str | Path):
+        store = DirCheckpoints(checkpoints)
+    elif checkpoints is not None:
+        store = checkpoints  # e.g. the job queue's checkpoints in the artifact store
+    elif out is not None:
+        store = DirCheckpoints(checkpoint_dir(out))
     trained = train_frames(
         spec, table, train_df, val_df, callbacks=callbacks, checkpoints=store, resume=resume
     )

@@ -1,6 +1,7 @@
 """Training callbacks: a Rich progress bar for people, JSON lines for machines.
 
-The engine calls ``on_train_start`` once, ``on_epoch_end`` after every epoch with
+The engine calls ``on_train_start`` once, ``on_batch_end`` after every batch (only
+for callbacks that override it), ``on_epoch_end`` after every epoch with
 that epoch's logs (``epoch``, ``train_loss``, ``lr``, ``val_*``, ``seconds``) and
 ``on_train_end`` once. Callbacks never change training.
 """
@@ -17,6 +18,9 @@ class Callback:
 
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
         """``start_epoch`` > 0 when resuming."""
+
+    def on_batch_end(self) -> None:
+        """Called after every batch; raising here stops training (a cancelled job)."""
 
     def on_epoch_end(self, logs: dict[str, Any]) -> None:
         """Called after each epoch's logs are final (and its checkpoint is written)."""

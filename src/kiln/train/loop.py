@@ -147,6 +147,10 @@ def fit_model(
 
     for cb in callbacks:
         cb.on_train_start(train.epochs, start_epoch)
+    # only callbacks that override the per-batch hook are called per batch
+    batch_hooks = [
+        cb.on_batch_end for cb in callbacks if type(cb).on_batch_end is not Callback.on_batch_end
+    ]
 
     try:
         # A run that had already stopped early resumes straight to the end.
@@ -191,6 +195,8 @@ def fit_model(
                     optimizer.zero_grad(set_to_none=True)
                     if scheduler is not None and per_step:
                         scheduler.step()
+                for hook in batch_hooks:
+                    hook()
             train_loss = float(total) / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise TrainingError(

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): thin routes over the store and the job queue."""

@@ -1,0 +1,199 @@
+"""The FastAPI application: routes under ``/api/v1``, one error shape, audit, size limits.
+
+``create_app(settings)`` opens the database (migrating it to the head) and the
+artifact store on start-up; tests pass their own ``Services``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln import __version__
+from kiln.api.deps import Services
+from kiln.api.routes import audit, datasets, jobs, models, projects
+from kiln.errors import KilnError, TooLargeError
+from kiln.jobs.queue import Queue
+from kiln.monitor.audit import record
+from kiln.settings import Settings
+from kiln.store.artifacts import open_store
+from kiln.store.db import Database, migrate
+
+API = "/api/v1"
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
+
+
+def build_services(settings: Settings) -> Services:
+    """Open (and migrate) the database and the artifact store named by the settings."""
+    url = settings.resolved_database_url
+    migrate(url)
+    db = Database(url)
+    store = open_store(settings.resolved_artifacts, endpoint_url=settings.s3_endpoint_url)
+    return Services(
+        settings=settings,
+        db=db,
+        store=store,
+        queue=Queue(db, heartbeat_timeout=settings.heartbeat_timeout),
+    )
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "field": field}}, status_code=status
+    )
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+    settings = settings or (services.settings if services else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = services is None
+        app.state.services = services or await run_in_threadpool(build_services, settings)
+        yield
+        if own:
+            app.state.services.db.dispose()
+
+    app = FastAPI(
+        title="kiln",
+        version=__version__,
+        description="Train, register and serve models. Every route but /healthz needs "
+        "`Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+    )
+    if services is not None:
+        app.state.services = services
+    _errors(app)
+    # the audit middleware is outermost, so refused bodies (413) are recorded too
+    app.add_middleware(BodyLimit, upload_limit=int(settings.max_upload_mb * (1 << 20)))
+    app.middleware("http")(_audit)
+    for module in (projects, datasets, jobs, models, audit):
+        app.include_router(module.router, prefix=API)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, Any]:
+        """Alive (no key needed)."""
+        return {"status": "ok", "version": __version__}
+
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(KilnError)
+    async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
+        request.state.error_code = exc.code
+        return error_response(exc.http_status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        field = ".".join(loc) or None
+        request.state.error_code = "invalid_request"
+        message = f"{field}: {first['msg']}" if field else str(first["msg"])
+        return error_response(422, "invalid_request", message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        request.state.error_code = code
+        return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    response = await call_next(request)
+    if request.method in MUTATING and request.url.path.startswith(API):
+        route = request.scope.get("route")
+        action = getattr(route, "name", None) or f"{request.method} {request.url.path}"
+        target = getattr(request.state, "audit_target", None) or "/".join(
+            f"{k}={v}" for k, v in request.path_params.items()
+        )
+        who = getattr(request.state, "principal", None)
+        outcome = (
+            "ok"
+            if response.status_code < 400
+            else getattr(request.state, "error_code", f"http_{response.status_code}")
+        )
+        services: Services = request.app.state.services
+
+        def write() -> None:
+            with services.db.session() as s:
+                record(
+                    s,
+                    action=action,
+                    target=target,
+                    outcome=outcome,
+                    status=response.status_code,
+                    key_id=who.key_id if who else None,
+                    project_id=getattr(request.state, "project_id", None)
+                    or (who.project_id if who else None),
+                )
+
+        await run_in_threadpool(write)
+    return response
+
+
+class BodyLimit:
+    """Refuses bodies over the limit with 413, by Content-Length or while streaming.
+
+    Dataset uploads get ``KILN_MAX_UPLOAD_MB``; every other request 8 MiB.
+    """
+
+    def __init__(self, app: ASGIApp, *, upload_limit: int) -> None:
+        self.app = app
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "POST" and scope["path"] == f"{API}/datasets"
+        limit = self.upload_limit if upload else JSON_BODY_LIMIT
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._refuse(scope, receive, send, limit)
+            return
+        seen = 0
+        over = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # whatever the app answers once the body ran over (a parse error), the
+            # caller gets the 413 instead
+            if not over:
+                await send(message)
+
+        with suppress(_TooLarge):
+            await self.app(scope, limited_receive, guarded_send)
+        if over:
+            await self._refuse(scope, receive, send, limit)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        exc = TooLargeError(
+            f"request body over the limit of {limit / (1 << 20):g} MiB", field="body"
+        )
+        response = error_response(exc.http_status, exc.code, exc.message, exc.field)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):  # noqa: N818 - internal signal
+    pass

@@ -1,0 +1,97 @@
+"""Datasets: upload a table or import one by URI (scope ``train``), list and read (``read``)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
+from kiln.api.schemas import DatasetImport, DatasetOut, Page, page_of
+from kiln.errors import DataError
+from kiln.store import datasets
+from kiln.store.artifacts import safe_segment
+from kiln.store.tables import Dataset
+
+router = APIRouter(tags=["datasets"])
+
+
+def dataset_out(row: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=row.id,
+        name=row.name,
+        format=row.format,
+        source=row.source,
+        fingerprint=row.fingerprint,
+        size_bytes=row.size_bytes,
+        rows=row.rows,
+        columns=row.columns,
+        created_at=row.created_at,
+        ref=f"{datasets.PREFIX}{row.id}",
+    )
+
+
+@router.post("/datasets", status_code=201, name="datasets.upload")
+def upload(
+    file: Annotated[UploadFile, File(description="A .csv, .tsv, .jsonl or .parquet table.")],
+    _who: Trainer,
+    project: ProjectDep,
+    s: SessionDep,
+    svc: ServicesDep,
+    request: Request,
+    name: Annotated[str | None, Form(description="Default: the file name without suffix.")] = None,
+) -> DatasetOut:
+    """Check the table (readable, UTF-8, at least one row), store it, return its id.
+
+    A rejected file stores nothing. The body size limit is ``KILN_MAX_UPLOAD_MB``.
+    """
+    filename = safe_segment(file.filename or "", field="file")
+    name = name if name is not None else filename.split(".", 1)[0]
+    safe_segment(name, field="name")
+    with tempfile.TemporaryDirectory(prefix="kiln-upload-") as tmp:
+        local = Path(tmp) / "upload"
+        with local.open("wb") as dst:
+            shutil.copyfileobj(file.file, dst, 1 << 20)
+        if local.stat().st_size == 0:
+            raise DataError(f"{filename} is empty", field="file")
+        row = datasets.ingest(s, svc.store, project, name=name, filename=filename, path=local)
+    request.state.audit_target = f"dataset:{row.id}"
+    return dataset_out(row)
+
+
+@router.post("/datasets/import", status_code=201, name="datasets.import")
+def import_(
+    body: DatasetImport,
+    _who: Trainer,
+    project: ProjectDep,
+    s: SessionDep,
+    svc: ServicesDep,
+    request: Request,
+) -> DatasetOut:
+    """Copy a table from an S3 URI (or a server path under ``KILN_DATA_ROOTS``) and register it."""
+    row = datasets.import_uri(
+        s,
+        svc.store,
+        project,
+        name=body.name,
+        uri=body.uri,
+        data_roots=svc.settings.data_roots,
+        s3_endpoint_url=svc.settings.s3_endpoint_url,
+    )
+    request.state.audit_target = f"dataset:{row.id}"
+    return dataset_out(row)
+
+
+@router.get("/datasets", name="datasets.list")
+def list_(_who: Reader, project: ProjectDep, s: SessionDep, page: PageDep) -> Page[DatasetOut]:
+    rows, total = datasets.list_datasets(s, project, limit=page.limit, offset=page.offset)
+    items: list[Any] = [dataset_out(r) for r in rows]
+    return Page[DatasetOut](**page_of(items, total, page.limit, page.offset))
+
+
+@router.get("/datasets/{dataset_id}", name="datasets.get")
+def get(dataset_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> DatasetOut:
+    return dataset_out(datasets.get_dataset(s, project, dataset_id))

@@ -1,0 +1,172 @@
+"""Jobs: submit (scope ``train``), follow, cancel; the spec is checked before queueing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
+from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, page_of
+from kiln.errors import NotFoundError, SpecError
+from kiln.jobs import queue
+from kiln.spec.load import load_spec
+from kiln.store.datasets import dataset_ref, get_dataset
+from kiln.store.projects import check_name
+from kiln.store.registry import get_model, resolve_version
+from kiln.store.tables import Job, JobState, Model, ModelVersion, Project
+
+router = APIRouter(tags=["jobs"])
+
+
+def job_out(s: Session, row: Job) -> JobOut:
+    version = None
+    if row.model_version_id:
+        mv = s.get(ModelVersion, row.model_version_id)
+        model = s.get(Model, mv.model_id) if mv else None
+        if mv is not None and model is not None:
+            version = {"model": model.name, "version": mv.version}
+    return JobOut(
+        id=row.id,
+        kind=row.kind,
+        state=row.state,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        progress=row.progress or {},
+        metrics=row.metrics or {},
+        result=row.result or {},
+        error=row.error,
+        model_version=version,
+        cancel_requested=row.cancel_requested,
+        worker=row.worker_id,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        spec=row.spec,
+        options=row.options or {},
+    )
+
+
+def _dataset(s: Session, project: Project, source: str, field: str) -> None:
+    dataset_id = dataset_ref(source)
+    if dataset_id is None:
+        if source.startswith("sklearn:"):
+            return
+        raise SpecError(
+            f"{field}: on the server, data comes from an uploaded dataset "
+            "(dataset:<id>, see POST /api/v1/datasets) or sklearn:<name>",
+            field=field,
+        )
+    try:
+        get_dataset(s, project, dataset_id)
+    except NotFoundError:
+        raise SpecError(f"{field}: dataset {dataset_id} not found", field=field) from None
+
+
+def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
+    """The job's spec, validated now so a mistake is a 422 naming the field, not a failed job."""
+    if body.kind == "evaluate":
+        try:
+            ev = EvaluateSpec.model_validate(body.spec)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise SpecError(f"spec.{where}: {err['msg']}", field=f"spec.{where}") from None
+        try:
+            resolve_version(s, get_model(s, project, ev.model), ev.version)
+        except NotFoundError as exc:
+            raise SpecError(exc.message, field=f"spec.{exc.field or 'model'}") from None
+        _dataset(s, project, ev.data, "spec.data")
+        return ev.model_dump()
+    try:
+        spec = load_spec(body.spec)
+    except SpecError as exc:
+        field = f"spec.{exc.field}" if exc.field else "spec"
+        # "model.hiden: unknown key" becomes "spec.model.hiden: ...", as the body nests it
+        lines = [
+            f"  spec.{line[2:]}" if line.startswith("  ") else line
+            for line in exc.message.splitlines()
+        ]
+        if lines and exc.field and lines[0].startswith(exc.field):
+            lines[0] = f"spec.{lines[0]}"
+        raise SpecError("\n".join(lines), field=field) from None
+    check_name(spec.name, field="spec.name", what="model name")
+    _dataset(s, project, spec.data.source, "spec.data.source")
+    return body.spec
+
+
+@router.post("/jobs", status_code=201, name="jobs.submit")
+def submit(
+    body: JobIn,
+    who: Trainer,
+    project: ProjectDep,
+    s: SessionDep,
+    svc: ServicesDep,
+    request: Request,
+) -> JobOut:
+    spec = checked_spec(s, project, body)
+    options = {"folds": body.folds or 5} if body.kind == "crossval" else {}
+    row = queue.new_job(
+        s,
+        project,
+        body.kind,
+        spec,
+        max_attempts=body.max_attempts or svc.settings.max_attempts,
+        created_by=who.key_id,
+    )
+    row.options = options
+    request.state.audit_target = f"job:{row.id}"
+    return job_out(s, row)
+
+
+@router.get("/jobs", name="jobs.list")
+def list_(
+    _who: Reader,
+    project: ProjectDep,
+    s: SessionDep,
+    page: PageDep,
+    state: JobState | None = Query(default=None),
+) -> Page[JobOut]:
+    rows, total = queue.list_jobs(
+        s, project, state=state.value if state else None, limit=page.limit, offset=page.offset
+    )
+    items: list[Any] = [job_out(s, r) for r in rows]
+    return Page[JobOut](**page_of(items, total, page.limit, page.offset))
+
+
+@router.get("/jobs/{job_id}", name="jobs.get")
+def get(job_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> JobOut:
+    return job_out(s, queue.get_job(s, project, job_id))
+
+
+@router.get("/jobs/{job_id}/metrics", name="jobs.metrics")
+def metrics(job_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> dict[str, Any]:
+    """The per-epoch series (``epoch``, ``train_loss``, ``val_*``, ``lr``, ``seconds``)."""
+    job = queue.get_job(s, project, job_id)
+    return {"job_id": job.id, "epochs": queue.epoch_series(s, job.id)}
+
+
+@router.get("/jobs/{job_id}/logs", name="jobs.logs")
+def logs(
+    job_id: str,
+    _who: Reader,
+    project: ProjectDep,
+    s: SessionDep,
+    after: int = Query(default=0, ge=0, description="Only lines with a larger id."),
+) -> list[JobLogOut]:
+    job = queue.get_job(s, project, job_id)
+    return [
+        JobLogOut.model_validate(r, from_attributes=True)
+        for r in queue.job_logs(s, job.id, after=after)
+    ]
+
+
+@router.post("/jobs/{job_id}/cancel", name="jobs.cancel")
+def cancel(
+    job_id: str, _who: Trainer, project: ProjectDep, s: SessionDep, request: Request
+) -> JobOut:
+    request.state.audit_target = f"job:{job_id}"
+    job = queue.request_cancel(s, queue.get_job(s, project, job_id))
+    return job_out(s, job)

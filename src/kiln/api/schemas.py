@@ -1,0 +1,185 @@
+"""Request and response bodies of the REST API (strict in, explicit out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None = Field(
+        description="Pass as ?offset= for the next page; null at the end."
+    )
+
+
+def page_of(items: list[T], total: int, limit: int, offset: int) -> dict[str, Any]:
+    nxt = offset + len(items)
+    return {
+        "items": items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": nxt if nxt < total else None,
+    }
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ProjectIn(Strict):
+    name: str
+
+
+class ProjectOut(BaseModel):
+    name: str
+    created_at: datetime
+
+
+class KeyIn(Strict):
+    project: str | None = Field(
+        default=None, description="The key's project; omitted by a global admin: a global key."
+    )
+    scopes: list[str]
+    name: str = Field(default="", max_length=128)
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    project: str | None
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="The full key. Shown this once; only its hash is stored.")
+
+
+class ColumnOut(BaseModel):
+    name: str
+    kind: str
+    dtype: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    source: str
+    fingerprint: str
+    size_bytes: int
+    rows: int
+    columns: list[ColumnOut]
+    created_at: datetime
+    ref: str = Field(description="What a spec's data.source uses: dataset:<id>.")
+
+
+class DatasetImport(Strict):
+    name: str
+    uri: str = Field(description="s3://bucket/key, or a path under KILN_DATA_ROOTS on the server.")
+
+
+class JobIn(Strict):
+    kind: Literal["train", "crossval", "evaluate"]
+    spec: dict[str, Any] = Field(
+        description="train/crossval: a kiln spec; evaluate: {model, version, data}."
+    )
+    folds: int | None = Field(default=None, ge=2, le=50, description="crossval only (default 5).")
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+
+
+class EvaluateSpec(Strict):
+    model: str
+    version: str | int = "latest"
+    data: str = Field(description="dataset:<id>")
+
+
+class ModelVersionRef(BaseModel):
+    model: str
+    version: int
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    progress: dict[str, Any]
+    metrics: dict[str, Any] = Field(description="The latest epoch's logs.")
+    result: dict[str, Any]
+    error: ErrorBody | None
+    model_version: ModelVersionRef | None
+    cancel_requested: bool
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+    options: dict[str, Any]
+
+
+class JobLogOut(BaseModel):
+    id: int
+    attempt: int
+    level: str
+    message: str
+    time: datetime
+
+
+class VersionOut(BaseModel):
+    model: str
+    version: int
+    id: str
+    task: str
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+    job_id: str | None
+    dataset_id: str | None
+    parent_id: str | None
+    size_bytes: int
+    aliases: list[str]
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    latest_version: int | None
+    aliases: dict[str, int]
+    created_at: datetime
+
+
+class AliasIn(Strict):
+    version: int | str
+
+
+class AuditOut(BaseModel):
+    id: int
+    time: datetime
+    key_id: str | None
+    project_id: int | None
+    action: str
+    target: str
+    outcome: str
+    status: int

@@ -1,0 +1,1 @@
+"""Jobs: a durable queue in the metadata database and the workers that run it."""

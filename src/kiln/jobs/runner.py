@@ -1,0 +1,240 @@
+"""Running one claimed job: train, crossval or evaluate, then close it in the database.
+
+The runner turns a job row into calls of the ML core (``kiln.fit``, ``kiln.crossval``,
+``Bundle.evaluate``) with the job's dataset copied out of the artifact store, reports
+every epoch to the queue, checkpoints into the artifact store (so a re-queued job
+resumes on any worker), and for a train job stores the bundle and registers the
+model version in the same transaction that marks the job succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConflictError, KilnError, NotFoundError
+from kiln.jobs.checkpoints import ArtifactCheckpoints
+from kiln.jobs.queue import Lease, LeaseLost, Queue
+from kiln.store.artifacts import ArtifactStore, safe_key
+from kiln.store.datasets import dataset_ref
+from kiln.store.db import Database
+from kiln.store.registry import get_model, register_version, resolve_version
+from kiln.store.tables import Dataset, Job, JobState, Project
+from kiln.train.callbacks import Callback
+
+
+class JobStopped(Exception):  # noqa: N818 - a request, not a failure
+    """Raised inside training when the job must stop (cancelled, lease lost, shutdown)."""
+
+
+@dataclass
+class JobContext:
+    """What a running job may touch, and the flag that stops it."""
+
+    db: Database
+    store: ArtifactStore
+    queue: Queue
+    lease: Lease
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""  # "cancelled" | "lease_lost" | "shutdown"
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.reason = reason
+            self.stop.set()
+
+
+class _Reporter(Callback):
+    """Sends each epoch to the queue and stops training when asked to."""
+
+    def __init__(self, ctx: JobContext, label: str = "", *, record: bool = True) -> None:
+        self.ctx = ctx
+        self.label = label
+        self.record = record  # crossval folds repeat epoch numbers: progress is per fold
+        self.total = 0
+
+    def on_train_start(self, epochs: int, start_epoch: int) -> None:
+        self.total = epochs
+        if start_epoch:
+            self.ctx.queue.log(
+                self.ctx.lease,
+                "info",
+                f"{self.label}resumed from the checkpoint of epoch {start_epoch}",
+            )
+
+    def on_batch_end(self) -> None:
+        if self.ctx.stop.is_set():
+            raise JobStopped(self.ctx.reason)
+
+    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+        if not self.record:
+            self.on_batch_end()
+            return
+        try:
+            self.ctx.queue.record_epoch(self.ctx.lease, logs, self.total)
+        except LeaseLost:
+            self.ctx.request_stop("lease_lost")
+        self.on_batch_end()
+
+
+def run(ctx: JobContext, job: Job) -> JobState | None:
+    """Run ``job`` to its end and record the outcome; None when the lease was lost."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"kiln-{job.id}-") as tmp:
+            if job.kind == "train":
+                _train(ctx, job, Path(tmp))
+                return JobState.succeeded
+            if job.kind == "crossval":
+                result = _crossval(ctx, job, Path(tmp))
+            elif job.kind == "evaluate":
+                result = _evaluate(ctx, job, Path(tmp))
+            else:
+                raise KilnError(f"unknown job kind {job.kind!r}", field="kind")
+            _finish(ctx, JobState.succeeded, result=result)
+            return JobState.succeeded
+    except JobStopped:
+        if ctx.reason == "cancelled":
+            _finish(ctx, JobState.cancelled)
+            return JobState.cancelled
+        if ctx.reason == "shutdown":
+            ctx.queue.release(ctx.lease, "the worker is shutting down; it resumes later")
+        return None
+    except LeaseLost:
+        return None
+    except KilnError as exc:
+        _finish(ctx, JobState.failed, error=exc.to_dict())
+        return JobState.failed
+    except Exception as exc:  # a bug or an environment failure: keep the trace in the log
+        ctx.queue.log(ctx.lease, "error", traceback.format_exc(limit=8))
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "field": None}
+        _finish(ctx, JobState.failed, error=error)
+        return JobState.failed
+
+
+def _finish(ctx: JobContext, state: JobState, **kwargs: Any) -> None:
+    try:
+        with ctx.db.session() as session:
+            ctx.queue.finish(session, ctx.lease, state, **kwargs)
+    except LeaseLost:
+        pass  # a newer attempt owns the job now
+
+
+def _project(ctx: JobContext, job: Job) -> Project:
+    with ctx.db.session() as session:
+        project = session.get(Project, job.project_id)
+    assert project is not None
+    return project
+
+
+def _fetch_dataset(ctx: JobContext, job: Job, source: str, tmp: Path) -> tuple[str, Dataset | None]:
+    """A local path for a spec's data source: ``dataset:<id>`` is copied out of the store."""
+    dataset_id = dataset_ref(source)
+    if dataset_id is None:
+        return source, None
+    with ctx.db.session() as session:
+        dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.project_id != job.project_id:
+        raise NotFoundError(f"dataset {dataset_id} not found", field="spec.data.source")
+    local = tmp / "data" / dataset.artifact_key.rsplit("/", 1)[-1]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    ctx.store.get_file(dataset.artifact_key, local)
+    return str(local), dataset
+
+
+def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
+    from kiln.workflow import fit
+
+    project = _project(ctx, job)
+    spec = copy.deepcopy(job.spec)
+    spec["data"]["source"], dataset = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
+    checkpoints = ArtifactCheckpoints(
+        ctx.store, safe_key("projects", project.name, "jobs", job.id, "checkpoint.pt")
+    )
+    bundle = fit(
+        spec, callbacks=[_Reporter(ctx)], checkpoints=checkpoints, resume=checkpoints.exists()
+    )
+    # the lineage names the dataset, not the worker's temporary copy of it
+    bundle.meta.lineage["data"]["source"] = job.spec["data"]["source"]
+    bundle.meta.lineage["job"] = job.id
+    bundle.meta.lineage["project"] = project.name
+    out = bundle.save(tmp / "bundle")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    prefix = safe_key("projects", project.name, "models", bundle.meta.name, job.id)
+    ctx.store.put_dir(prefix, out)
+    summary = {
+        "model": bundle.meta.model.get("type"),
+        "parameters": bundle.meta.parameters,
+        "epochs_run": bundle.meta.training.get("epochs_run"),
+        "seconds": bundle.meta.training.get("seconds"),
+        "device": bundle.meta.training.get("device"),
+    }
+    for _ in range(3):  # two registrations racing for one version number retry
+        try:
+            with ctx.db.session() as session:
+                version = register_version(
+                    session,
+                    project,
+                    bundle.meta.name,
+                    artifact_key=prefix,
+                    task=bundle.meta.task,
+                    metrics=bundle.meta.metrics,
+                    summary=summary,
+                    size_bytes=size,
+                    job_id=job.id,
+                    dataset_id=dataset.id if dataset else None,
+                )
+                result = {
+                    "model": bundle.meta.name,
+                    "version": version.version,
+                    "metrics": bundle.meta.metrics,
+                }
+                ctx.queue.finish(
+                    session,
+                    ctx.lease,
+                    JobState.succeeded,
+                    result=result,
+                    model_version_id=version.id,
+                )
+            break
+        except ConflictError:
+            continue
+    checkpoints.clear()
+
+
+def _crossval(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
+    from kiln.evaluate.crossval import crossval
+
+    spec = copy.deepcopy(job.spec)
+    spec["data"]["source"], _ = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
+    folds = int(job.options.get("folds", 5))
+
+    def on_fold(i: int, metrics: dict[str, Any]) -> None:
+        ctx.queue.log(ctx.lease, "info", f"fold {i + 1}/{folds}: {metrics}")
+        ctx.queue.set_progress(ctx.lease, {"fold": i + 1, "folds": folds})
+
+    result = crossval(
+        spec,
+        folds,
+        on_fold=on_fold,
+        callbacks=lambda i: [_Reporter(ctx, f"fold {i + 1}: ", record=False)],
+    )
+    return result.to_dict()
+
+
+def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
+    from kiln.bundle import Bundle
+
+    project = _project(ctx, job)
+    name, ref, source = job.spec["model"], job.spec["version"], job.spec["data"]
+    with ctx.db.session() as session:
+        model = get_model(session, project, name)
+        version = resolve_version(session, model, ref)
+    local, _ = _fetch_dataset(ctx, job, source, tmp)
+    ctx.store.get_dir(version.artifact_key, tmp / "bundle")
+    metrics = Bundle.load(tmp / "bundle").evaluate(local)
+    return {"model": name, "version": version.version, "metrics": metrics}

@@ -1,0 +1,1 @@
+"""Monitoring: the audit log (and, later, metrics, usage and drift)."""
