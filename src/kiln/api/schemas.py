@@ -101,9 +101,10 @@ class DatasetImport(Strict):
 
 
 class JobIn(Strict):
-    kind: Literal["train", "crossval", "evaluate"]
+    kind: Literal["train", "crossval", "evaluate", "compress"]
     spec: dict[str, Any] = Field(
-        description="train/crossval: a kiln spec; evaluate: {model, version, data}."
+        description="train/crossval: a kiln spec; evaluate: {model, version, data}; "
+        "compress: a compress spec whose source is model:<name>[@<version>]."
     )
     folds: int | None = Field(default=None, ge=2, le=50, description="crossval only (default 5).")
     max_attempts: int | None = Field(default=None, ge=1, le=20)

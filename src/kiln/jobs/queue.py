@@ -22,7 +22,7 @@ from kiln.errors import ConflictError, NotFoundError
 from kiln.store.db import Database
 from kiln.store.tables import FINISHED, Job, JobLog, JobMetric, JobState, Project, utcnow
 
-JOB_KINDS = ("train", "crossval", "evaluate")
+JOB_KINDS = ("train", "crossval", "evaluate", "compress")
 
 
 class LeaseLost(Exception):  # noqa: N818 - a condition, not a failure of ours

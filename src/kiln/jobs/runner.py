@@ -93,6 +93,8 @@ def run(ctx: JobContext, job: Job) -> JobState | None:
                 result = _crossval(ctx, job, Path(tmp))
             elif job.kind == "evaluate":
                 result = _evaluate(ctx, job, Path(tmp))
+            elif job.kind == "compress":
+                return _compress(ctx, job, Path(tmp))
             else:
                 raise KilnError(f"unknown job kind {job.kind!r}", field="kind")
             _finish(ctx, JobState.succeeded, result=result)
@@ -238,3 +240,97 @@ def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
     ctx.store.get_dir(version.artifact_key, tmp / "bundle")
     metrics = Bundle.load(tmp / "bundle").evaluate(local)
     return {"model": name, "version": version.version, "metrics": metrics}
+
+
+MODEL_PREFIX = "model:"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """``model:<name>[@<version>]`` → (name, version); the version defaults to ``latest``."""
+    body = ref.removeprefix(MODEL_PREFIX)
+    name, _, version = body.partition("@")
+    return name, version or "latest"
+
+
+def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
+    """Compress a registered version; every variant becomes a new version of the same
+    model whose parent is the version it was made from (step by step)."""
+    from kiln.bundle import Bundle
+    from kiln.compress.pipeline import compress
+    from kiln.errors import ToleranceError
+
+    project = _project(ctx, job)
+    spec = copy.deepcopy(job.spec)
+    name, ref = parse_model_ref(spec["source"])
+    with ctx.db.session() as session:
+        source = resolve_version(session, get_model(session, project, name), ref)
+    ctx.store.get_dir(source.artifact_key, tmp / "source")
+    spec["source"] = str(tmp / "source")
+    data = spec.get("data")
+    if data is None:
+        # the source's own training data, when it came from a dataset of this project
+        lineage = Bundle.load(tmp / "source").meta.lineage
+        data = lineage.get("data", {}).get("source")
+        if data is not None and dataset_ref(data) is None:
+            data = None  # a path on the machine that trained it: let compress re-read it
+    if data is not None:
+        spec["data"], _ = _fetch_dataset(ctx, job, data, tmp)
+    failure: ToleranceError | None = None
+    try:
+        result = compress(
+            spec, tmp / "variants", on_event=lambda m: ctx.queue.log(ctx.lease, "info", m)
+        )
+        variants = result.variants
+    except ToleranceError as exc:
+        failure = exc
+        partial = getattr(exc, "partial", None)
+        variants = partial.variants if partial is not None else []
+    if ctx.stop.is_set():
+        raise JobStopped(ctx.reason)
+    with ctx.db.session() as session:
+        parent = session.get(type(source), source.id)
+        assert parent is not None
+        registered: list[dict[str, Any]] = []
+        for variant in variants:
+            bundle = variant.bundle
+            # name the registered parent instead of a worker's temporary folder
+            bundle.meta.lineage["parent"] = {
+                **{k: v for k, v in bundle.meta.lineage.get("parent", {}).items() if k != "path"},
+                "model": name,
+                "version": parent.version,
+                "id": parent.id,
+            }
+            bundle.meta.lineage["job"] = job.id
+            out = bundle.save(tmp / "register" / variant.name)
+            prefix = safe_key("projects", project.name, "models", name, job.id, variant.name)
+            ctx.store.put_dir(prefix, out)
+            size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+            version = register_version(
+                session,
+                project,
+                name,
+                artifact_key=prefix,
+                task=bundle.meta.task,
+                metrics=bundle.meta.metrics,
+                summary={
+                    "model": bundle.meta.model.get("type"),
+                    "parameters": bundle.meta.parameters,
+                    "variant": variant.name,
+                    "runtime": bundle.meta.runtime,
+                    "report": variant.report,
+                },
+                size_bytes=size,
+                job_id=job.id,
+                dataset_id=parent.dataset_id,
+                parent_id=parent.id,
+            )
+            registered.append({"variant": variant.name, "version": version.version})
+            parent = version
+        outcome = {"model": name, "source_version": source.version, "variants": registered}
+        if failure is None:
+            ctx.queue.finish(session, ctx.lease, JobState.succeeded, result=outcome)
+            return JobState.succeeded
+        ctx.queue.finish(
+            session, ctx.lease, JobState.failed, result=outcome, error=failure.to_dict()
+        )
+        return JobState.failed

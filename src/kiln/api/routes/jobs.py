@@ -65,6 +65,41 @@ def _dataset(s: Session, project: Project, source: str, field: str) -> None:
         raise SpecError(f"{field}: dataset {dataset_id} not found", field=field) from None
 
 
+def _nested(exc: SpecError) -> SpecError:
+    """The same error with its keys as the request body nests them (``spec.<key>``)."""
+    field = f"spec.{exc.field}" if exc.field else "spec"
+    lines = [
+        f"  spec.{line[2:]}" if line.startswith("  ") else line for line in exc.message.splitlines()
+    ]
+    if lines and exc.field and lines[0].startswith(exc.field):
+        lines[0] = f"spec.{lines[0]}"
+    return SpecError("\n".join(lines), field=field)
+
+
+def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dict[str, Any]:
+    from kiln.jobs.runner import MODEL_PREFIX, parse_model_ref
+    from kiln.spec.compress import CompressSpec
+    from kiln.spec.load import load_document
+
+    try:
+        checked = load_document(CompressSpec, spec)
+    except SpecError as exc:
+        raise _nested(exc) from None
+    if not checked.source.startswith(MODEL_PREFIX):
+        raise SpecError(
+            "spec.source: on the server, compress a registered version: model:<name>[@<version>]",
+            field="spec.source",
+        )
+    name, version = parse_model_ref(checked.source)
+    try:
+        resolve_version(s, get_model(s, project, name), version)
+    except NotFoundError as exc:
+        raise SpecError(f"spec.source: {exc.message}", field="spec.source") from None
+    if checked.data is not None:
+        _dataset(s, project, checked.data, "spec.data")
+    return spec
+
+
 def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
     """The job's spec, validated now so a mistake is a 422 naming the field, not a failed job."""
     if body.kind == "evaluate":
@@ -80,18 +115,12 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
             raise SpecError(exc.message, field=f"spec.{exc.field or 'model'}") from None
         _dataset(s, project, ev.data, "spec.data")
         return ev.model_dump()
+    if body.kind == "compress":
+        return _checked_compress(s, project, body.spec)
     try:
         spec = load_spec(body.spec)
     except SpecError as exc:
-        field = f"spec.{exc.field}" if exc.field else "spec"
-        # "model.hiden: unknown key" becomes "spec.model.hiden: ...", as the body nests it
-        lines = [
-            f"  spec.{line[2:]}" if line.startswith("  ") else line
-            for line in exc.message.splitlines()
-        ]
-        if lines and exc.field and lines[0].startswith(exc.field):
-            lines[0] = f"spec.{lines[0]}"
-        raise SpecError("\n".join(lines), field=field) from None
+        raise _nested(exc) from None
     check_name(spec.name, field="spec.name", what="model name")
     _dataset(s, project, spec.data.source, "spec.data.source")
     return body.spec
