@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from servers import postgres_server, postgres_url, s3_bucket, s3_server  # noqa: F401
+
 # Tiny models train fastest on one thread; on a busy small machine torch's default
 # thread pool spends far more time waiting than computing. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
