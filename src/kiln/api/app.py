@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
@@ -30,6 +31,7 @@ from kiln.store.db import Database, migrate
 API = "/api/v1"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
+ROUTERS = (projects, datasets, jobs, models, audit)
 
 
 def build_services(settings: Settings) -> Services:
@@ -76,7 +78,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     # the audit middleware is outermost, so refused bodies (413) are recorded too
     app.add_middleware(BodyLimit, upload_limit=int(settings.max_upload_mb * (1 << 20)))
     app.middleware("http")(_audit)
-    for module in (projects, datasets, jobs, models, audit):
+    for module in ROUTERS:
         app.include_router(module.router, prefix=API)
 
     @app.get("/healthz", tags=["health"])
@@ -112,8 +114,7 @@ def _errors(app: FastAPI) -> None:
 async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     response = await call_next(request)
     if request.method in MUTATING and request.url.path.startswith(API):
-        route = request.scope.get("route")
-        action = getattr(route, "name", None) or f"{request.method} {request.url.path}"
+        action = _route_name(request)
         target = getattr(request.state, "audit_target", None) or "/".join(
             f"{k}={v}" for k, v in request.path_params.items()
         )
@@ -140,6 +141,23 @@ async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Resp
 
         await run_in_threadpool(write)
     return response
+
+
+def _route_name(request: Request) -> str:
+    """The route's name ("jobs.submit"), also for a request refused before routing (413)."""
+    route = request.scope.get("route")
+    if route is None:
+        scope = {**request.scope, "path": request.url.path.removeprefix(API), "root_path": ""}
+        route = next(
+            (
+                r
+                for module in ROUTERS
+                for r in module.router.routes
+                if r.matches(scope)[0] == Match.FULL
+            ),
+            None,
+        )
+    return getattr(route, "name", None) or f"{request.method} {request.url.path}"
 
 
 class BodyLimit:
@@ -189,8 +207,9 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         exc = TooLargeError(
-            f"request body over the limit of {limit / (1 << 20):g} MiB", field="body"
+            f"request body over the limit of {limit / (1 << 20):.3g} MiB", field="body"
         )
+        scope.setdefault("state", {})["error_code"] = exc.code  # for the audit record
         response = error_response(exc.http_status, exc.code, exc.message, exc.field)
         await response(scope, receive, send)
 

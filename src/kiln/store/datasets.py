@@ -39,7 +39,10 @@ def inspect_table(path: Path, filename: str) -> dict[str, Any]:
     from kiln.data.schema import infer_kind
     from kiln.data.sources import read_table, table_format
 
-    fmt = table_format(filename)
+    try:
+        fmt = table_format(filename)
+    except DataError as exc:
+        raise DataError(exc.message, field="file") from None
     if fmt in ("csv", "tsv", "jsonl"):
         _check_utf8(path, filename)
     local = str(path.with_name(path.name + "." + filename.rsplit(".", 1)[-1]))

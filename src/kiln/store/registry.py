@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kiln.errors import ConflictError, NotFoundError
+from kiln.errors import ConflictError, NotFoundError, SpecError
 from kiln.store.projects import check_name
 from kiln.store.tables import Alias, Model, ModelVersion, Project, utcnow
 
@@ -95,7 +95,8 @@ def resolve_version(session: Session, model: Model, ref: str | int) -> ModelVers
 def set_alias(session: Session, model: Model, alias: str, ref: str | int) -> Alias:
     check_name(alias, field="alias", what="alias")
     if alias == "latest" or alias.isdigit() or (alias[:1] == "v" and alias[1:].isdigit()):
-        raise ConflictError(f"alias {alias!r} would read as a version number", field="alias")
+        # a naming rule, like check_name's: 422, not a conflict with stored state
+        raise SpecError(f"alias {alias!r} would read as a version number", field="alias")
     version = resolve_version(session, model, ref)
     row = session.scalar(select(Alias).where(Alias.model_id == model.id, Alias.name == alias))
     if row is None:

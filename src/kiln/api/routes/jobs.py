@@ -110,9 +110,13 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
             where = ".".join(str(p) for p in err["loc"])
             raise SpecError(f"spec.{where}: {err['msg']}", field=f"spec.{where}") from None
         try:
-            resolve_version(s, get_model(s, project, ev.model), ev.version)
+            model = get_model(s, project, ev.model)
         except NotFoundError as exc:
-            raise SpecError(exc.message, field=f"spec.{exc.field or 'model'}") from None
+            raise SpecError(f"spec.model: {exc.message}", field="spec.model") from None
+        try:
+            resolve_version(s, model, ev.version)
+        except NotFoundError as exc:
+            raise SpecError(f"spec.version: {exc.message}", field="spec.version") from None
         _dataset(s, project, ev.data, "spec.data")
         return ev.model_dump()
     if body.kind == "compress":
