@@ -18,12 +18,14 @@ def test_every_public_name_resolves(name):
 
 def test_public_names_are_the_real_objects():
     from kiln.bundle import Bundle, Predictions
+    from kiln.client import Client
     from kiln.evaluate.crossval import crossval
     from kiln.spec import Spec, load_spec
     from kiln.workflow import fit
 
     assert kiln.Bundle is Bundle
     assert kiln.Predictions is Predictions
+    assert kiln.Client is Client
     assert kiln.Spec is Spec
     assert kiln.load_spec is load_spec
     assert kiln.fit is fit

@@ -7,6 +7,7 @@ The public library API::
     bundle = kiln.load("models/wine")
     bundle.predict([{"alcohol": 13.2, ...}])
     kiln.crossval("spec.yaml", folds=5)
+    kiln.Client("http://127.0.0.1:8080", api_key="kiln_...")   # a kiln server (kiln up)
 
 Heavy modules (torch) load on first use of these names, so importing ``kiln`` (and
 running ``kiln --help``) stays fast.
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bundle",
     "BundleError",
+    "Client",
     "DataError",
     "Interrupted",
     "KilnError",
@@ -50,6 +52,7 @@ __all__ = [
 _LAZY = {
     "Bundle": ("kiln.bundle", "Bundle"),
     "Predictions": ("kiln.bundle", "Predictions"),
+    "Client": ("kiln.client", "Client"),
     "Spec": ("kiln.spec", "Spec"),
     "load_spec": ("kiln.spec", "load_spec"),
     "fit": ("kiln.workflow", "fit"),
@@ -58,6 +61,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from kiln.bundle import Bundle, Predictions
+    from kiln.client import Client
     from kiln.evaluate.crossval import crossval
     from kiln.spec import Spec, load_spec
     from kiln.workflow import fit

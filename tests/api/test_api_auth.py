@@ -282,3 +282,12 @@ def test_global_admin_creates_global_keys(platform) -> None:
     assert platform.get("/datasets", other, project="p2").status_code == 200
     r = platform.post("/projects", other, {"name": "p3"})
     assert r.status_code == 201
+
+
+def test_keys_without_admin_must_belong_to_a_project(platform) -> None:
+    # a key with no project acts on every project; only an admin key may be global
+    r = platform.post("/keys", platform.admin, {"scopes": ["read"]})
+    assert r.status_code == 422
+    assert r.json()["error"]["field"] == "project"
+    r = platform.post("/keys", platform.admin, {"scopes": ["read"], "project": "default"})
+    assert r.status_code == 201 and r.json()["project"] == "default"

@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 
 from kiln import __version__
-from kiln.cli import compress_cmds, model_cmds, train_cmds
+from kiln.cli import (
+    compress_cmds,
+    jobs_cmds,
+    model_cmds,
+    platform_cmds,
+    registry_cmds,
+    remote_cmds,
+    train_cmds,
+)
 
 app = typer.Typer(
     name="kiln",
@@ -29,6 +37,13 @@ app.command()(model_cmds.predict)
 app.command()(model_cmds.inspect)
 app.command()(compress_cmds.compress)
 app.command()(compress_cmds.export)
+app.command()(platform_cmds.up)
+app.command()(platform_cmds.worker)
+app.add_typer(remote_cmds.projects_app, name="projects")
+app.add_typer(remote_cmds.keys_app, name="keys")
+app.add_typer(remote_cmds.datasets_app, name="datasets")
+app.add_typer(jobs_cmds.jobs_app, name="jobs")
+app.add_typer(registry_cmds.models_app, name="models")
 
 
 def _version(value: bool) -> None:

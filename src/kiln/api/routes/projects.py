@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from kiln.api.deps import Admin, SessionDep
 from kiln.api.schemas import KeyIn, KeyOut, NewKeyOut, ProjectIn, ProjectOut
-from kiln.errors import ForbiddenError
+from kiln.errors import ForbiddenError, SpecError
 from kiln.store import keys
 from kiln.store.projects import create_project, list_projects, project_for
 from kiln.store.tables import ApiKey, Project
@@ -48,7 +48,13 @@ def _key_out(row: ApiKey, s: Any, **extra: Any) -> dict[str, Any]:
 def create_key(body: KeyIn, who: Admin, s: SessionDep, request: Request) -> NewKeyOut:
     """Issue a key; the response is the only time its secret is shown."""
     if body.project is None and who.is_global_admin:
-        project_id = None  # another global key
+        if "admin" not in body.scopes:
+            # a key with no project acts on every project: only admins get one
+            raise SpecError(
+                "project: a key without the admin scope must belong to a project",
+                field="project",
+            )
+        project_id = None  # another global admin key
     else:
         project_id = project_for(s, who, body.project).id
     row, secret = keys.create_key(s, project_id=project_id, scopes=body.scopes, name=body.name)

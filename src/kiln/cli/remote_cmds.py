@@ -1,0 +1,323 @@
+"""``kiln projects|keys|datasets``, and what every command that talks to a server shares.
+
+The server, key and project come from ``--url/--api-key/--project``, else from
+``KILN_URL``, ``KILN_API_KEY``, ``KILN_PROJECT``; with no key anywhere, the admin key
+``kiln up`` wrote to ``$KILN_HOME/admin.key`` is used (and that is said on stderr).
+Each command makes one client call and renders it: a Rich table, or ``--json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kiln.cli.errors import reports_errors
+from kiln.cli.render import console, err_console, print_json
+
+if TYPE_CHECKING:
+    from kiln.client import Client
+
+Url = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="The kiln server [default: KILN_URL or http://127.0.0.1:8080].",
+        show_default=False,
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="API key [default: KILN_API_KEY, else $KILN_HOME/admin.key].",
+        show_default=False,
+    ),
+]
+ProjectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--project",
+        help="Project a global admin key acts on [default: KILN_PROJECT, else 'default'].",
+        show_default=False,
+    ),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Limit = Annotated[int, typer.Option("--limit", min=1, max=500, help="Rows per page.")]
+Offset = Annotated[int, typer.Option("--offset", min=0, help="Rows to skip.")]
+
+
+def connect(url: str | None, api_key: str | None, project: str | None) -> Client:
+    """A client from the options, else the settings, else the local admin key file."""
+    from kiln.client import Client
+    from kiln.errors import AuthError
+    from kiln.settings import Settings
+
+    settings = Settings()
+    key = api_key or settings.api_key
+    if not key:
+        path = settings.admin_key_file
+        if path.is_file():
+            key = path.read_text(encoding="utf-8").strip()
+            err_console.print(
+                f"[dim]using the admin key in {escape(str(path))}[/]", highlight=False
+            )
+        else:
+            raise AuthError(
+                "no API key: pass --api-key or set KILN_API_KEY "
+                f"(kiln up writes its admin key to {path})",
+                field="api_key",
+            )
+    return Client(url or settings.url, key, project=project or settings.project)
+
+
+def when(stamp: str | None) -> str:
+    """An API timestamp (ISO 8601, UTC) for a table cell."""
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
+def table(title: str, *columns: str) -> Table:
+    """A table whose first column and ids (values to copy) never wrap."""
+    out = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        out.add_column(column, no_wrap=i == 0 or column in ("id", "job"))
+    return out
+
+
+def page_note(page: dict[str, Any]) -> None:
+    shown = len(page["items"])
+    if page["next_offset"] is not None:
+        console.print(
+            f"{shown} of {page['total']} shown; next page: --offset {page['next_offset']}"
+        )
+
+
+# --- projects ---------------------------------------------------------------------
+
+projects_app = typer.Typer(
+    help="Projects: the tenant boundary (a global admin key).", no_args_is_help=True
+)
+
+
+@projects_app.command("create")
+@reports_errors
+def projects_create(
+    name: Annotated[str, typer.Argument(help="a-z, 0-9, '-' and '_'.", show_default=False)],
+    url: Url = None,
+    api_key: ApiKey = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Create a project."""
+    with connect(url, api_key, None) as client:
+        row = client.projects.create(name)
+    if json_out:
+        print_json(row)
+        return
+    console.print(f"created project [bold]{escape(row['name'])}[/]")
+
+
+@projects_app.command("list")
+@reports_errors
+def projects_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """The projects this key may act on."""
+    with connect(url, api_key, None) as client:
+        rows = client.projects.list()
+    if json_out:
+        print_json(rows)
+        return
+    out = table("projects", "name", "created")
+    for row in rows:
+        out.add_row(row["name"], when(row["created_at"]))
+    console.print(out)
+
+
+# --- keys -------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys (an admin key).", no_args_is_help=True)
+
+
+@keys_app.command("create")
+@reports_errors
+def keys_create(
+    scope: Annotated[
+        list[str],
+        typer.Option(
+            "--scope", "-s", help="admin, read, train, deploy or predict; repeat for more."
+        ),
+    ],
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project",
+            help="The key's project [default: KILN_PROJECT; with neither, a global admin "
+            "key issues a global key, valid in every project].",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
+    url: Url = None,
+    api_key: ApiKey = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Issue an API key. Its secret is printed this once; only a hash is stored."""
+    with connect(url, api_key, None) as client:
+        row = client.keys.create(scope, project=project or client.project, name=name)
+    if json_out:
+        print_json(row)
+        return
+    where = f"project {row['project']}" if row["project"] else "every project (global key)"
+    console.print(f"created key {row['id']} ({', '.join(row['scopes'])}) for {escape(where)}:")
+    print(row["key"])
+    err_console.print("[yellow]This key is shown once only; store it now.[/]")
+
+
+@keys_app.command("list")
+@reports_errors
+def keys_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """Keys this admin key manages (never their secrets)."""
+    with connect(url, api_key, None) as client:
+        rows = client.keys.list()
+    if json_out:
+        print_json(rows)
+        return
+    out = table("API keys", "id", "name", "project", "scopes", "created", "last used", "revoked")
+    for row in rows:
+        out.add_row(
+            row["id"],
+            escape(row["name"]),
+            row["project"] or "[dim](global)[/]",
+            ", ".join(row["scopes"]),
+            when(row["created_at"]),
+            when(row["last_used_at"]),
+            when(row["revoked_at"]) if row["revoked_at"] else "",
+        )
+    console.print(out)
+
+
+@keys_app.command("revoke")
+@reports_errors
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Revoke a key; requests made with it fail from now on."""
+    with connect(url, api_key, None) as client:
+        row = client.keys.revoke(key_id)
+    if json_out:
+        print_json(row)
+        return
+    console.print(f"revoked key {row['id']}")
+
+
+# --- datasets ---------------------------------------------------------------------
+
+datasets_app = typer.Typer(help="Tables stored on the server, for jobs.", no_args_is_help=True)
+
+
+def _dataset_summary(row: dict[str, Any]) -> None:
+    console.print(
+        f"dataset [bold]{row['id']}[/] ({escape(row['name'])}, {row['format']}): "
+        f"{row['rows']:,} rows, {len(row['columns'])} columns, {row['size_bytes']:,} bytes"
+    )
+    console.print(f"use in a spec as  data.source: [bold]{row['ref']}[/]")
+
+
+@datasets_app.command("upload")
+@reports_errors
+def datasets_upload(
+    file: Annotated[Path, typer.Argument(help="A .csv, .tsv, .jsonl or .parquet table.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Default: the file name.", show_default=False)
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Upload a local table; the server checks it can be read before storing it."""
+    with connect(url, api_key, project) as client:
+        row = client.datasets.upload(file, name=name)
+    if json_out:
+        print_json(row)
+        return
+    _dataset_summary(row)
+
+
+@datasets_app.command("import")
+@reports_errors
+def datasets_import(
+    uri: Annotated[
+        str, typer.Argument(help="s3://bucket/key, or a path under the server's KILN_DATA_ROOTS.")
+    ],
+    name: Annotated[str, typer.Option("--name", help="The dataset's name.")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Have the server copy a table it can reach and register it."""
+    with connect(url, api_key, project) as client:
+        row = client.datasets.import_uri(uri, name=name)
+    if json_out:
+        print_json(row)
+        return
+    _dataset_summary(row)
+
+
+@datasets_app.command("list")
+@reports_errors
+def datasets_list(
+    limit: Limit = 50,
+    offset: Offset = 0,
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Datasets of the project, newest first."""
+    with connect(url, api_key, project) as client:
+        page = client.datasets.list(limit=limit, offset=offset)
+    if json_out:
+        print_json(page)
+        return
+    out = table("datasets", "id", "name", "format", "rows", "columns", "bytes", "created")
+    for row in page["items"]:
+        out.add_row(
+            row["id"],
+            escape(row["name"]),
+            row["format"],
+            f"{row['rows']:,}",
+            str(len(row["columns"])),
+            f"{row['size_bytes']:,}",
+            when(row["created_at"]),
+        )
+    console.print(out)
+    page_note(page)
+
+
+@datasets_app.command("show")
+@reports_errors
+def datasets_show(
+    dataset_id: Annotated[str, typer.Argument(help="ds_... (or dataset:ds_...).")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """A dataset and its columns."""
+    with connect(url, api_key, project) as client:
+        row = client.datasets.get(dataset_id.removeprefix("dataset:"))
+    if json_out:
+        print_json(row)
+        return
+    _dataset_summary(row)
+    console.print(f"source {escape(row['source'])}, fingerprint {row['fingerprint']}")
+    out = table("columns", "name", "kind", "dtype")
+    for column in row["columns"]:
+        out.add_row(escape(column["name"]), column["kind"], column["dtype"])
+    console.print(out)

@@ -1,0 +1,440 @@
+"""The Python SDK over kiln's REST API (``/api/v1``).
+
+::
+
+    import kiln
+
+    with kiln.Client("http://127.0.0.1:8080", api_key="kiln_...") as client:
+        job = client.jobs.submit("spec.yaml", data="wine.csv")  # uploads the table first
+        job = client.jobs.wait(job["id"])
+        bundle_dir = client.models.download("wine", dest="models")
+        kiln.load(str(bundle_dir)).predict(rows)
+
+Every method returns the JSON the server sent (plain dicts and lists). Every error
+response becomes the kiln error class of its code (``AuthError`` for 401,
+``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
+an unreachable server or a response that is not kiln's JSON is a ``ServiceError``.
+Connection failures are retried (3 times) by httpx's transport.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+
+from kiln.errors import ERRORS_BY_CODE, ConflictError, KilnError, NotFoundError, ServiceError
+
+JSON = dict[str, Any]
+Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+API = "/api/v1"
+
+
+class Client:
+    """A connection to one kiln server, as one API key.
+
+    ``url``, ``api_key`` and ``project`` default to the settings (``KILN_URL``,
+    ``KILN_API_KEY``, ``KILN_PROJECT``). ``project`` is the project a global admin key
+    acts on (sent as ``?project=`` on datasets, jobs and models); a project key always
+    acts on its own project. ``transport`` replaces httpx's (tests, proxies); by
+    default connection failures are retried 3 times. Use as a context manager, or
+    call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        project: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if url is None or api_key is None or project is None:
+            from kiln.settings import Settings
+
+            settings = Settings()
+            url = url if url is not None else settings.url
+            api_key = api_key if api_key is not None else settings.api_key
+            project = project if project is not None else settings.project
+        self.url = url.rstrip("/")
+        self.project = project
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport or httpx.HTTPTransport(retries=3),
+        )
+        self.projects = Projects(self)
+        self.keys = Keys(self)
+        self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+        self.models = Models(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health(self) -> JSON:
+        """``GET /healthz`` (needs no key): ``{"status": "ok", "version": ...}``."""
+        result: JSON = self._send("GET", "/healthz").json()
+        return result
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, *, scoped: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """One request; a non-2xx answer raises the matching KilnError."""
+        if scoped and self.project:
+            kwargs["params"] = {**(kwargs.get("params") or {}), "project": self.project}
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ServiceError(
+                f"kiln server at {self.url} did not answer in time ({exc})"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ServiceError(f"cannot reach the kiln server at {self.url}: {exc}") from None
+        if response.is_success:
+            return response
+        raise error_of(response, self.url)
+
+    def _json(self, method: str, path: str, *, scoped: bool = False, **kwargs: Any) -> Any:
+        response = self._send(method, API + path, scoped=scoped, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise ServiceError(
+                f"kiln server at {self.url} answered {method} {path} with something not JSON"
+            ) from None
+
+    def _pages(self, path: str, page_size: int, params: JSON | None = None) -> Iterator[JSON]:
+        """Every item of a paginated list, following ``next_offset``."""
+        offset: int | None = 0
+        while offset is not None:
+            query = {**(params or {}), "limit": page_size, "offset": offset}
+            page = self._json("GET", path, scoped=True, params=query)
+            yield from page["items"]
+            offset = page["next_offset"]
+
+
+def error_of(response: httpx.Response, url: str) -> KilnError:
+    """The KilnError a non-2xx response stands for (``ServiceError`` if not kiln's JSON)."""
+    try:
+        body = response.json()
+        error = body["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(
+            f"kiln server at {url} answered {response.status_code} "
+            f"{response.reason_phrase} to {response.request.method} {response.request.url.path}"
+        )
+    cls = ERRORS_BY_CODE.get(code, KilnError)
+    exc = cls(message, field=error.get("field"))
+    if cls is KilnError:
+        exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
+    return exc
+
+
+class _Group:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+
+class Projects(_Group):
+    """Projects (a global admin key)."""
+
+    def create(self, name: str) -> JSON:
+        result: JSON = self._c._json("POST", "/projects", json={"name": name})
+        return result
+
+    def list(self) -> Items:
+        result: Items = self._c._json("GET", "/projects")
+        return result
+
+
+class Keys(_Group):
+    """API keys (an admin key)."""
+
+    def create(self, scopes: Sequence[str], *, project: str | None = None, name: str = "") -> JSON:
+        """Issue a key; ``result["key"]`` is the secret, returned this once only.
+
+        A global admin key with no ``project`` issues another global key.
+        """
+        body = {"scopes": list(scopes), "name": name, "project": project}
+        result: JSON = self._c._json("POST", "/keys", json=body)
+        return result
+
+    def list(self) -> Items:
+        result: Items = self._c._json("GET", "/keys")
+        return result
+
+    def revoke(self, key_id: str) -> JSON:
+        result: JSON = self._c._json("DELETE", f"/keys/{key_id}")
+        return result
+
+
+class Datasets(_Group):
+    """Tables stored on the server; specs use them as ``data.source: dataset:<id>``."""
+
+    def upload(self, path: str | Path, *, name: str | None = None) -> JSON:
+        """Upload a local .csv/.tsv/.jsonl/.parquet file; the dataset (``ref``, rows, ...)."""
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"file not found: {path}", field="file")
+        data = {"name": name} if name is not None else None
+        with path.open("rb") as fh:
+            result: JSON = self._c._json(
+                "POST", "/datasets", scoped=True, files={"file": (path.name, fh)}, data=data
+            )
+        return result
+
+    def import_uri(self, uri: str, *, name: str) -> JSON:
+        """Register a table the server reads itself (s3://..., or a path under its data roots)."""
+        result: JSON = self._c._json(
+            "POST", "/datasets/import", scoped=True, json={"uri": uri, "name": name}
+        )
+        return result
+
+    def list(self, limit: int = 50, offset: int = 0) -> JSON:
+        """One page: ``{items, total, limit, offset, next_offset}``."""
+        result: JSON = self._c._json(
+            "GET", "/datasets", scoped=True, params={"limit": limit, "offset": offset}
+        )
+        return result
+
+    def all(self, *, page_size: int = 100) -> Iterator[JSON]:
+        """Every dataset, fetched a page at a time."""
+        return self._c._pages("/datasets", page_size)
+
+    def get(self, dataset_id: str) -> JSON:
+        result: JSON = self._c._json("GET", f"/datasets/{dataset_id}", scoped=True)
+        return result
+
+
+class Jobs(_Group):
+    """Training, cross-validation and evaluation jobs, run by the server's workers."""
+
+    def submit(
+        self,
+        spec: JSON | str | Path,
+        *,
+        kind: str = "train",
+        data: str | Path | None = None,
+        folds: int | None = None,
+        max_attempts: int | None = None,
+    ) -> JSON:
+        """Queue a job; returns it (state ``queued``).
+
+        ``spec`` is a mapping or a YAML/JSON file. With ``data`` (a local table) the
+        file is uploaded first and the spec's data source set to it. The server checks
+        the spec now: a mistake raises ``SpecError`` naming the field (``spec.model.hiden``).
+        """
+        if isinstance(spec, dict):
+            doc = dict(spec)
+        else:
+            from kiln.spec.load import parse_document
+
+            path = Path(spec)
+            if not path.is_file():
+                raise NotFoundError(f"spec file not found: {path}", field="spec")
+            doc = parse_document(path.read_text(encoding="utf-8"), str(path))
+        if data is not None:
+            ref = self._c.datasets.upload(data)["ref"]
+            if kind == "evaluate":
+                doc["data"] = ref
+            else:
+                section = doc.get("data")
+                doc["data"] = {**(section if isinstance(section, dict) else {}), "source": ref}
+        body: JSON = {"kind": kind, "spec": doc}
+        if folds is not None:
+            body["folds"] = folds
+        if max_attempts is not None:
+            body["max_attempts"] = max_attempts
+        result: JSON = self._c._json("POST", "/jobs", scoped=True, json=body)
+        return result
+
+    def get(self, job_id: str) -> JSON:
+        result: JSON = self._c._json("GET", f"/jobs/{job_id}", scoped=True)
+        return result
+
+    def list(self, state: str | None = None, *, limit: int = 50, offset: int = 0) -> JSON:
+        """One page of jobs, newest first; ``state`` filters (queued, running, ...)."""
+        params: JSON = {"limit": limit, "offset": offset}
+        if state is not None:
+            params["state"] = state
+        result: JSON = self._c._json("GET", "/jobs", scoped=True, params=params)
+        return result
+
+    def all(self, state: str | None = None, *, page_size: int = 100) -> Iterator[JSON]:
+        """Every job (in ``state``), newest first, fetched a page at a time."""
+        return self._c._pages("/jobs", page_size, {"state": state} if state else None)
+
+    def metrics(self, job_id: str) -> JSON:
+        """``{job_id, epochs: [{epoch, train_loss, val_*, lr, seconds, ...}]}``."""
+        result: JSON = self._c._json("GET", f"/jobs/{job_id}/metrics", scoped=True)
+        return result
+
+    def logs(self, job_id: str, after: int = 0) -> Items:
+        """Log lines with an id above ``after``: ``[{id, attempt, level, message, time}]``."""
+        result: Items = self._c._json(
+            "GET", f"/jobs/{job_id}/logs", scoped=True, params={"after": after}
+        )
+        return result
+
+    def cancel(self, job_id: str) -> JSON:
+        """Ask the job to stop (a queued job ends at once, a running one at its next batch)."""
+        result: JSON = self._c._json("POST", f"/jobs/{job_id}/cancel", scoped=True)
+        return result
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float = 0.5,
+        on_update: Callable[[JSON], None] | None = None,
+    ) -> JSON:
+        """Poll until the job ends; returns it, whatever the outcome (check ``state``).
+
+        ``on_update`` receives the job at every poll. Raises ``TimeoutError`` after
+        ``timeout`` seconds; the job keeps running on the server.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["state"] in FINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll)
+
+
+class Models(_Group):
+    """The model registry: names, numbered versions, aliases, bundle downloads."""
+
+    def list(self, limit: int = 50, offset: int = 0) -> JSON:
+        result: JSON = self._c._json(
+            "GET", "/models", scoped=True, params={"limit": limit, "offset": offset}
+        )
+        return result
+
+    def all(self, *, page_size: int = 100) -> Iterator[JSON]:
+        """Every model, fetched a page at a time."""
+        return self._c._pages("/models", page_size)
+
+    def get(self, name: str) -> JSON:
+        """``{name, latest_version, aliases: {alias: version}, created_at}``."""
+        result: JSON = self._c._json("GET", f"/models/{name}", scoped=True)
+        return result
+
+    def versions(self, name: str, limit: int = 50, offset: int = 0) -> JSON:
+        result: JSON = self._c._json(
+            "GET",
+            f"/models/{name}/versions",
+            scoped=True,
+            params={"limit": limit, "offset": offset},
+        )
+        return result
+
+    def version(self, name: str, version: str | int = "latest") -> JSON:
+        """One version by number, ``latest`` or alias: metrics, summary, lineage ids."""
+        result: JSON = self._c._json("GET", f"/models/{name}/versions/{version}", scoped=True)
+        return result
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> JSON:
+        result: JSON = self._c._json(
+            "PUT", f"/models/{name}/aliases/{alias}", scoped=True, json={"version": version}
+        )
+        return result
+
+    def delete_alias(self, name: str, alias: str) -> JSON:
+        result: JSON = self._c._json("DELETE", f"/models/{name}/aliases/{alias}", scoped=True)
+        return result
+
+    def download(self, name: str, version: str | int = "latest", *, dest: str | Path = ".") -> Path:
+        """Fetch a version's bundle into ``dest``; the bundle directory (``dest/<name>-v<n>``).
+
+        ``kiln.load()`` reads the result. An existing directory of that name is never
+        overwritten (``ConflictError``).
+        """
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".kiln-download-", dir=dest) as tmp:
+            archive = Path(tmp) / "bundle.tar.gz"
+            path = f"{API}/models/{name}/versions/{version}/bundle"
+            params = {"project": self._c.project} if self._c.project else None
+            try:
+                with self._c._http.stream("GET", path, params=params) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise error_of(response, self._c.url)
+                    with archive.open("wb") as fh:
+                        for chunk in response.iter_bytes(1 << 20):
+                            fh.write(chunk)
+            except httpx.TransportError as exc:
+                raise ServiceError(
+                    f"cannot reach the kiln server at {self._c.url}: {exc}"
+                ) from None
+            staged = extract_bundle(archive, Path(tmp) / "out")
+            target = dest / staged.name
+            if target.exists():
+                raise ConflictError(f"{target} already exists; not overwriting it", field="dest")
+            shutil.move(str(staged), target)
+        return target
+
+
+def extract_bundle(archive: Path, dest: Path) -> Path:
+    """Extract a bundle .tar.gz into ``dest``; the one top-level directory it holds.
+
+    Refuses (``ServiceError``) any archive with a member outside one top folder, an
+    absolute path, ``..``, a link or anything but plain files and directories; the
+    extraction itself runs with tarfile's ``data`` filter as a second guard.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            tops = {_checked_top(m) for m in members}
+            if len(tops) != 1:
+                raise ServiceError(
+                    f"bundle archive must hold one top folder, not {sorted(tops) or 'none'}"
+                )
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise ServiceError(f"bundle archive could not be extracted: {exc}") from None
+    top = dest / tops.pop()
+    if not top.is_dir():
+        raise ServiceError(f"bundle archive holds no folder {top.name!r}")
+    return top
+
+
+def _checked_top(member: tarfile.TarInfo) -> str:
+    """The member's top-level folder; ServiceError if the member is unsafe."""
+    path = PurePosixPath(member.name)
+    unsafe = (
+        not (member.isfile() or member.isdir())
+        or path.is_absolute()
+        or ".." in path.parts
+        or "\\" in member.name
+        or not path.parts
+    )
+    if unsafe:
+        raise ServiceError(f"refusing unsafe bundle archive member {member.name!r}")
+    return path.parts[0]
