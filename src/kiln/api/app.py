@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -19,8 +19,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
-from kiln.api.deps import Services
-from kiln.api.routes import audit, datasets, jobs, models, projects
+from kiln.api.deps import Services, principal
+from kiln.api.routes import audit, datasets, deployments, jobs, models, projects, v2
 from kiln.errors import KilnError, TooLargeError
 from kiln.jobs.queue import Queue
 from kiln.monitor.audit import record
@@ -31,7 +31,9 @@ from kiln.store.db import Database, migrate
 API = "/api/v1"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
-ROUTERS = (projects, datasets, jobs, models, audit)
+ROUTERS = (projects, datasets, jobs, models, deployments, audit)
+INFERENCE = {"deployments.predict", "v2.infer"}
+"""Routes that are metered as requests (Prometheus), not audited: they change nothing."""
 
 
 def build_services(settings: Settings) -> Services:
@@ -59,11 +61,23 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from kiln.monitor.metrics import ServingMetrics
+        from kiln.serve.deployments import DeploymentManager
+
         own = services is None
-        app.state.services = services or await run_in_threadpool(build_services, settings)
+        svc = (
+            services if services is not None else await run_in_threadpool(build_services, settings)
+        )
+        app.state.services = svc
+        manager = DeploymentManager(
+            svc.db, svc.store, svc.settings.home_dir / "cache" / "deployments", ServingMetrics()
+        )
+        app.state.deployments = manager
+        await manager.restore()  # deployments come back by themselves after a restart
         yield
+        await manager.close()
         if own:
-            app.state.services.db.dispose()
+            svc.db.dispose()
 
     app = FastAPI(
         title="kiln",
@@ -80,39 +94,85 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.middleware("http")(_audit)
     for module in ROUTERS:
         app.include_router(module.router, prefix=API)
+    app.include_router(v2.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:
         """Alive (no key needed)."""
         return {"status": "ok", "version": __version__}
 
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """Every deployment loaded and warm (no key needed); 503 until then."""
+        manager = getattr(request.app.state, "deployments", None)
+        ok = manager is not None and manager.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(principal)])
+    def metrics(request: Request) -> Response:
+        """Prometheus text format (any valid API key; scrape with a bearer token)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(
+            request.app.state.deployments.metrics.render(), media_type=CONTENT_TYPE_LATEST
+        )
+
     return app
 
 
 def _errors(app: FastAPI) -> None:
+    from kiln.serve.batcher import DeadlineExceeded, QueueFull
+
+    def respond(
+        request: Request, status: int, code: str, message: str, field: str | None
+    ) -> JSONResponse:
+        request.state.error_code = code
+        if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+            return JSONResponse({"error": message}, status_code=status)
+        return error_response(status, code, message, field)
+
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
-        request.state.error_code = exc.code
-        return error_response(exc.http_status, exc.code, exc.message, exc.field)
+        return respond(request, exc.http_status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        response = respond(
+            request, 503, "overloaded", "the deployment's queue is full; retry shortly", None
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return respond(
+            request, 504, "timeout", "the request waited past the deployment's timeout_ms", None
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
         field = ".".join(loc) or None
-        request.state.error_code = "invalid_request"
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
-        return error_response(422, "invalid_request", message, field)
+        return respond(request, 422, "invalid_request", message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        request.state.error_code = code
-        return error_response(exc.status_code, code, str(exc.detail))
+        return respond(request, exc.status_code, code, str(exc.detail), None)
 
 
 async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     response = await call_next(request)
+    route = request.scope.get("route")
+    name = getattr(route, "name", None)
+    if name in INFERENCE:
+        deployment = request.path_params.get("name", "")
+        version = getattr(request.state, "served_version", "")
+        metrics = request.app.state.deployments.metrics
+        metrics.requests.labels(deployment, str(version), str(response.status_code)).inc()
+        return response
     if request.method in MUTATING and request.url.path.startswith(API):
         action = _route_name(request)
         target = getattr(request.state, "audit_target", None) or "/".join(

@@ -5,8 +5,11 @@ Tests override :func:`services` to point the app at their own database and store
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -30,6 +33,39 @@ class Services:
     db: Database
     store: ArtifactStore
     queue: Queue
+    keys: KeyCache = field(default_factory=lambda: KeyCache())
+    static_key: str | None = None  # ``kiln serve --api-key``: a predict/read key for one bundle
+
+
+class KeyCache:
+    """Principals of recently seen keys, for a few seconds.
+
+    Inference requests would otherwise read (and on SQLite, lock) the database once
+    each. Revoking a key clears the cache of this server at once; other servers
+    sharing the database see it within ``ttl`` seconds.
+    """
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(_digest(token))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token: str, who: Principal) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[_digest(token)] = (who, time.monotonic() + self.ttl)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def services(request: Request) -> Services:
@@ -48,10 +84,23 @@ def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> 
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise AuthError("invalid or missing API key")
-    with svc.db.session() as s:
-        who = authenticate(s, token.strip())
+    token = token.strip()
+    who = svc.keys.get(token)
+    if who is None:
+        if svc.static_key is not None and hmac.compare_digest(token, svc.static_key):
+            who = STATIC_PRINCIPAL
+        else:
+            with svc.db.session() as s:
+                who = authenticate(s, token)
+        svc.keys.put(token, who)
     request.state.principal = who
     return who
+
+
+STATIC_PRINCIPAL = Principal(
+    key_id="static", project_id=1, project="default", scopes=frozenset({"predict", "read"})
+)
+"""The principal of ``kiln serve``'s single key: predict and read in the default project."""
 
 
 class Scope:
@@ -78,6 +127,25 @@ def project(
     return row
 
 
+def project_alone(
+    request: Request,
+    svc: Annotated[Services, Depends(services)],
+    who: Annotated[Principal, Depends(principal)],
+    project: Annotated[
+        str | None, Query(description="For a global admin key: the project to act on.")
+    ] = None,
+) -> Project:
+    """The project, looked up in a transaction of its own that is closed at once.
+
+    For routes that hold no request session (deployments): on SQLite a session kept
+    open across the route would hold the write lock that the route's own work needs.
+    """
+    with svc.db.session() as s:
+        row = project_for(s, who, project)
+    request.state.project_id = row.id
+    return row
+
+
 @dataclass
 class Page:
     limit: int
@@ -94,6 +162,7 @@ def page(
 SessionDep = Annotated[Session, Depends(session, scope="function")]
 ServicesDep = Annotated[Services, Depends(services)]
 ProjectDep = Annotated[Project, Depends(project)]
+ProjectAlone = Annotated[Project, Depends(project_alone)]
 PageDep = Annotated[Page, Depends(page)]
 Reader = Annotated[Principal, Depends(Scope("read"))]
 Trainer = Annotated[Principal, Depends(Scope("train"))]

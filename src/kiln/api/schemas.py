@@ -184,3 +184,66 @@ class AuditOut(BaseModel):
     target: str
     outcome: str
     status: int
+
+
+class RouteIn(Strict):
+    version: int | str
+    weight: int = Field(ge=0, le=1000)
+
+
+class DeploymentIn(Strict):
+    name: str
+    model: str
+    version: int | str = Field(default="latest", description="A number, latest or an alias.")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        default="auto", description="auto: onnxruntime on CPU when it agrees with torch."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_delay_ms: float = Field(default=5.0, ge=0, le=1000)
+    max_queue: int = Field(default=256, ge=1, le=100_000)
+    timeout_ms: float = Field(default=10_000, gt=0, le=600_000)
+
+
+class DeploymentPatch(Strict):
+    version: int | str | None = Field(default=None, description="Hot swap to this version.")
+    routes: list[RouteIn] | None = Field(
+        default=None,
+        description="Canary: versions with weights (the response says which answered).",
+    )
+    backend: Literal["auto", "torch", "onnx"] | None = None
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_delay_ms: float | None = Field(default=None, ge=0, le=1000)
+    max_queue: int | None = Field(default=None, ge=1, le=100_000)
+    timeout_ms: float | None = Field(default=None, gt=0, le=600_000)
+
+
+class RouteOut(BaseModel):
+    version: int
+    weight: int
+    backend: str
+    queue_depth: int
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    model: str
+    state: str
+    error: str | None
+    routes: list[RouteOut]
+    backend: str
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int
+    timeout_ms: float
+
+
+class PredictIn(Strict):
+    inputs: list[dict[str, Any]] = Field(description="Rows: {column: value}.")
+
+
+class PredictOut(BaseModel):
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
+    labels: list[Any] | None = None
+    model: str
+    version: int

@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -206,6 +207,34 @@ class Alias(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     name: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeploymentState(enum.StrEnum):
+    """A deployment's lifecycle (in the server that holds it)."""
+
+    loading = "loading"  # versions being fetched, exported and warmed up
+    ready = "ready"  # every route answers
+    failed = "failed"  # a version could not be loaded; see ``error``
+
+
+class Deployment(Base):
+    """A served model: routes (version, weight) and batching settings; restored on start."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    routes: Mapped[list[Any]] = mapped_column(JSON)  # [{"version": 3, "weight": 90}, ...]
+    backend: Mapped[str] = mapped_column(String(16))
+    max_batch_size: Mapped[int] = mapped_column(Integer)
+    max_delay_ms: Mapped[float] = mapped_column(Float)
+    max_queue: Mapped[int] = mapped_column(Integer)
+    timeout_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

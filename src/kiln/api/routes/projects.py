@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kiln.api.deps import Admin, SessionDep
+from kiln.api.deps import Admin, ServicesDep, SessionDep
 from kiln.api.schemas import KeyIn, KeyOut, NewKeyOut, ProjectIn, ProjectOut
 from kiln.errors import ForbiddenError, SpecError
 from kiln.store import keys
@@ -68,6 +68,10 @@ def list_keys(who: Admin, s: SessionDep) -> list[KeyOut]:
 
 
 @router.delete("/keys/{key_id}", name="keys.revoke")
-def revoke_key(key_id: str, who: Admin, s: SessionDep, request: Request) -> KeyOut:
+def revoke_key(
+    key_id: str, who: Admin, s: SessionDep, svc: ServicesDep, request: Request
+) -> KeyOut:
     request.state.audit_target = f"key:{key_id}"
-    return KeyOut(**_key_out(keys.revoke(s, who, key_id), s))
+    out = KeyOut(**_key_out(keys.revoke(s, who, key_id), s))
+    svc.keys.clear()  # the revoked key stops working now, not when its cache entry expires
+    return out

@@ -1,0 +1,135 @@
+"""Deployments (scope ``deploy``) and predictions (scope ``predict``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from kiln.api.deps import Deployer, ProjectAlone, Reader, ServicesDep, principal
+from kiln.api.schemas import DeploymentIn, DeploymentOut, DeploymentPatch, PredictIn, PredictOut
+from kiln.serve.deployments import DeploymentManager, Live
+from kiln.store.keys import Principal
+from kiln.store.projects import project_for
+
+router = APIRouter(tags=["deployments"])
+
+
+def manager(request: Request) -> DeploymentManager:
+    deployments: DeploymentManager = request.app.state.deployments
+    return deployments
+
+
+Manager = Annotated[DeploymentManager, Depends(manager)]
+
+
+def deployment_out(live: Live) -> DeploymentOut:
+    return DeploymentOut(
+        name=live.name,
+        model=live.model,
+        state=live.state.value,
+        error=live.error,
+        routes=[
+            {
+                "version": r.version,
+                "weight": r.weight,
+                "backend": r.batcher.model.backend_name,
+                "queue_depth": r.batcher.depth,
+            }
+            for r in live.routes
+        ],
+        **live.config,
+    )
+
+
+@router.post("/deployments", status_code=201, name="deployments.create")
+async def create(
+    body: DeploymentIn,
+    _who: Deployer,
+    project: ProjectAlone,
+    deployments: Manager,
+    request: Request,
+) -> DeploymentOut:
+    """Load the version, warm it up and answer once it is ready."""
+    request.state.audit_target = f"deployment:{body.name}"
+    return deployment_out(await deployments.create(project, body.model_dump()))
+
+
+@router.get("/deployments", name="deployments.list")
+def list_(_who: Reader, project: ProjectAlone, deployments: Manager) -> list[DeploymentOut]:
+    return [deployment_out(d) for d in deployments.of_project(project.id)]
+
+
+@router.get("/deployments/{name}", name="deployments.get")
+def get(name: str, _who: Reader, project: ProjectAlone, deployments: Manager) -> DeploymentOut:
+    return deployment_out(deployments.get(project.id, name))
+
+
+@router.patch("/deployments/{name}", name="deployments.update")
+async def update(
+    name: str,
+    body: DeploymentPatch,
+    _who: Deployer,
+    project: ProjectAlone,
+    deployments: Manager,
+    request: Request,
+) -> DeploymentOut:
+    """Hot swap (``version``), canary or rollback (``routes``), or batching settings.
+
+    New versions load beside the old ones; traffic switches once they are warm.
+    """
+    request.state.audit_target = f"deployment:{name}"
+    patch = body.model_dump(exclude_none=True)
+    if body.routes is not None:
+        patch["routes"] = [r.model_dump() for r in body.routes]
+    return deployment_out(await deployments.update(project, name, patch))
+
+
+@router.delete("/deployments/{name}", status_code=204, name="deployments.delete")
+async def delete(
+    name: str, _who: Deployer, project: ProjectAlone, deployments: Manager, request: Request
+) -> Response:
+    request.state.audit_target = f"deployment:{name}"
+    await deployments.delete(project, name)
+    return Response(status_code=204)
+
+
+def inference_project(
+    request: Request,
+    svc: ServicesDep,
+    who: Annotated[Principal, Depends(principal)],
+    project: Annotated[str | None, Query()] = None,
+) -> int:
+    """The caller's project for inference (no database read for a project key)."""
+    who.require("predict")
+    if who.project_id is not None and project is None:
+        return who.project_id
+    with svc.db.session() as s:
+        return project_for(s, who, project).id
+
+
+InferenceProject = Annotated[int, Depends(inference_project)]
+
+
+@router.post("/deployments/{name}/predict", name="deployments.predict")
+async def predict(
+    name: str,
+    body: PredictIn,
+    project_id: InferenceProject,
+    deployments: Manager,
+    request: Request,
+) -> PredictOut:
+    """Rows in, predictions out; the reply names the version that answered."""
+    started = time.perf_counter()
+    output, version = await deployments.predict(project_id, name, body.inputs)
+    deployments.metrics.total.labels(name).observe(time.perf_counter() - started)
+    request.state.served_version = version
+    live = deployments.get(project_id, name)
+    return PredictOut(
+        predictions=output.predictions,
+        probabilities=output.probabilities,
+        labels=output.labels,
+        model=live.model,
+        version=version,
+    )

@@ -1,0 +1,1 @@
+"""Serving: a bundle behind a backend, dynamic batching, deployments with routes."""

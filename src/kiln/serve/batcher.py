@@ -1,0 +1,180 @@
+"""Dynamic batching: requests queue per model version and run together.
+
+A batch closes at ``max_batch_size`` rows or ``max_delay_ms`` after its first request,
+whichever comes first; requests are never split (one larger than the batch size runs
+alone). The forward pass runs on a thread of its own, off the event loop. The queue
+is bounded (:class:`QueueFull` → 503), and a request whose deadline passes before its
+batch starts is dropped uncomputed (:class:`DeadlineExceeded` → 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from kiln.serve.model import Output, ServedModel
+
+
+class QueueFull(Exception):  # noqa: N818 - mapped to 503
+    """The model's queue is at ``max_queue`` requests."""
+
+
+class DeadlineExceeded(Exception):  # noqa: N818 - mapped to 504
+    """The request waited past its timeout; it was not computed."""
+
+
+class Closed(Exception):  # noqa: N818 - the caller picks another route
+    """The batcher stopped taking requests (its version was swapped out)."""
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost, for metrics: rows, seconds waiting, seconds computing."""
+
+    rows: int
+    waits: list[float]
+    model_seconds: float
+
+
+@dataclass
+class _Item:
+    frame: pd.DataFrame
+    deadline: float
+    enqueued: float
+    future: asyncio.Future[tuple[Output, int, int]] = field(repr=False)
+
+
+class Batcher:
+    """One model version's queue and its batching loop."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._items: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._inflight = 0  # requests taken into a batch that has not answered yet
+        # one thread: batches of one version never compete for the cores
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-forward")
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._items)
+
+    async def predict(self, frame: pd.DataFrame, timeout: float) -> Output:
+        """This request's rows of its batch's output."""
+        if self._closed:
+            raise Closed()
+        if len(self._items) >= self.max_queue:
+            raise QueueFull()
+        now = time.monotonic()
+        future: asyncio.Future[tuple[Output, int, int]] = asyncio.get_running_loop().create_future()
+        # a caller that timed out never reads its future's exception: mark it read
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._items.append(_Item(frame, now + timeout, now, future))
+        self._wake.set()
+        try:
+            output, start, stop = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            future.cancel()  # not yet in a batch: it never will be
+            raise DeadlineExceeded() from None
+        return Output(
+            predictions=output.predictions[start:stop],
+            probabilities=output.probabilities[start:stop] if output.probabilities else None,
+            labels=output.labels,
+        )
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._items:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            first = self._items[0]
+            close_at = first.enqueued + self.max_delay
+            # wait for more rows until the batch is full or the delay is over
+            while self._rows_waiting() < self.max_batch_size and time.monotonic() < close_at:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, close_at - time.monotonic()))
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            frame = batch[0].frame if len(batch) == 1 else pd.concat([b.frame for b in batch])
+            started = time.monotonic()
+            self._inflight += len(batch)
+            try:
+                output = await loop.run_in_executor(self._executor, self.model.predict_frame, frame)
+            except Exception as exc:  # the model failed: every request of the batch hears it
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            finally:
+                self._inflight -= len(batch)
+            offset = 0
+            for item in batch:
+                n = len(item.frame)
+                if not item.future.done():
+                    item.future.set_result((output, offset, offset + n))
+                offset += n
+            if self.on_batch is not None:
+                self.on_batch(
+                    BatchStats(
+                        rows=len(frame),
+                        waits=[started - b.enqueued for b in batch],
+                        model_seconds=time.monotonic() - started,
+                    )
+                )
+
+    def _rows_waiting(self) -> int:
+        return sum(len(item.frame) for item in self._items)
+
+    def _take(self) -> list[_Item]:
+        """Whole requests up to the batch size (at least one); expired ones are dropped."""
+        batch: list[_Item] = []
+        rows = 0
+        now = time.monotonic()
+        while self._items:
+            item = self._items[0]
+            if item.future.done() or item.deadline <= now:  # its caller gave up: skip it
+                self._items.popleft()
+                if not item.future.done():
+                    item.future.set_exception(DeadlineExceeded())
+                continue
+            if batch and rows + len(item.frame) > self.max_batch_size:
+                break
+            self._items.popleft()
+            batch.append(item)
+            rows += len(item.frame)
+        return batch
+
+    async def close(self) -> None:
+        """Stop taking requests; those already queued are answered first."""
+        self._closed = True
+        self._wake.set()
+        await self._task
+        self._executor.shutdown(wait=True)

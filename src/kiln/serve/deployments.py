@@ -1,0 +1,315 @@
+"""Deployments: named endpoints over registered versions, with weighted routes.
+
+The manager holds every deployment of the server in memory (its routes, each a
+loaded model behind a batcher) and persists its definition in the database, so a
+restarted server restores them. Changing the routes (hot swap, canary, rollback)
+loads any new version beside the old ones, warms it up, switches in one assignment,
+and only then closes the old batchers, which answer what they already queued: no
+request fails because of a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from kiln.errors import ConflictError, NotFoundError, SpecError
+from kiln.monitor.metrics import ServingMetrics
+from kiln.serve.batcher import Batcher, BatchStats, Closed
+from kiln.serve.model import Output, ServedModel
+from kiln.store.artifacts import ArtifactStore
+from kiln.store.db import Database
+from kiln.store.projects import check_name
+from kiln.store.registry import get_model, resolve_version
+from kiln.store.tables import Deployment, DeploymentState, Project, utcnow
+
+log = logging.getLogger("kiln.serve")
+
+
+@dataclass
+class Route:
+    version: int
+    weight: int
+    batcher: Batcher
+
+
+@dataclass
+class Live:
+    """A deployment as the server holds it."""
+
+    project_id: int
+    name: str
+    model: str
+    routes: list[Route] = field(default_factory=list)
+    state: DeploymentState = DeploymentState.loading
+    error: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def pick(self) -> Route:
+        if not self.routes:
+            raise ConflictError(f"deployment {self.name} is {self.state.value}", field="name")
+        if len(self.routes) == 1:
+            return self.routes[0]
+        weights = [r.weight for r in self.routes]
+        return random.choices(self.routes, weights=weights)[0]  # noqa: S311 - traffic split
+
+
+class DeploymentManager:
+    """Creates, changes, restores and removes deployments; answers predictions."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ArtifactStore,
+        cache_dir: Path,
+        metrics: ServingMetrics,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.cache_dir = cache_dir
+        self.metrics = metrics
+        self.live: dict[tuple[int, str], Live] = {}
+        self._models: dict[tuple[str, str], ServedModel] = {}  # (version id, backend)
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Bring back every persisted deployment (a failure marks that one failed)."""
+        rows = await asyncio.to_thread(self._all_rows)
+        for row in rows:
+            live = Live(row.project_id, row.name, row.model, config=_config(row))
+            self.live[(row.project_id, row.name)] = live
+            try:
+                live.routes = await self._build_routes(live, row.routes)
+                live.state = DeploymentState.ready
+            except Exception as exc:
+                live.state, live.error = DeploymentState.failed, str(exc)
+                log.error("deployment %s could not be restored: %s", row.name, exc)
+
+    def _all_rows(self) -> list[Deployment]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Deployment).order_by(Deployment.id)))
+
+    def ready(self) -> bool:
+        return all(d.state == DeploymentState.ready for d in self.live.values())
+
+    async def close(self) -> None:
+        for live in self.live.values():
+            for route in live.routes:
+                await route.batcher.close()
+        self.live.clear()
+
+    # ---- API --------------------------------------------------------------------
+
+    def get(self, project_id: int, name: str) -> Live:
+        live = self.live.get((project_id, name))
+        if live is None:
+            raise NotFoundError(f"deployment {name!r} not found", field="name")
+        return live
+
+    def of_project(self, project_id: int) -> list[Live]:
+        return sorted(
+            (d for (p, _), d in self.live.items() if p == project_id), key=lambda d: d.name
+        )
+
+    async def create(self, project: Project, body: dict[str, Any]) -> Live:
+        name = check_name(body["name"], what="deployment name")
+        async with self._lock:
+            if (project.id, name) in self.live:
+                raise ConflictError(f"deployment {name!r} already exists", field="name")
+            routes = [{"version": body["version"], "weight": 100}]
+            live = Live(project.id, name, body["model"], config=_pick_config(body))
+            resolved = await asyncio.to_thread(self._resolve, project.id, live.model, routes)
+            live.routes = await self._build_routes(live, resolved)
+            live.state = DeploymentState.ready
+            await asyncio.to_thread(self._insert, live, resolved)
+            self.live[(project.id, name)] = live
+        return live
+
+    async def update(self, project: Project, name: str, patch: dict[str, Any]) -> Live:
+        """Swap the version, set canary routes, or change batching; atomically."""
+        async with self._lock:
+            live = self.get(project.id, name)
+            config = {**live.config, **_pick_config(patch)}
+            if patch.get("routes") is not None:
+                routes = patch["routes"]
+            elif patch.get("version") is not None:
+                routes = [{"version": patch["version"], "weight": 100}]
+            else:
+                routes = [{"version": r.version, "weight": r.weight} for r in live.routes]
+            resolved = await asyncio.to_thread(self._resolve, project.id, live.model, routes)
+            staged = Live(project.id, name, live.model, config=config)
+            new_routes = await self._build_routes(staged, resolved)  # loaded and warm
+            old = live.routes
+            live.routes, live.config = new_routes, config  # the switch
+            live.state, live.error = DeploymentState.ready, None
+            await asyncio.to_thread(self._save, live, resolved)
+        for route in old:
+            await route.batcher.close()  # answers what it already queued
+        return live
+
+    async def delete(self, project: Project, name: str) -> None:
+        async with self._lock:
+            live = self.get(project.id, name)
+            del self.live[(project.id, name)]
+            await asyncio.to_thread(self._remove, project.id, name)
+        for route in live.routes:
+            await route.batcher.close()
+
+    async def predict(
+        self, project_id: int, name: str, rows: Any, *, matrix: Any = None
+    ) -> tuple[Output, int]:
+        """Check ``rows`` (or an (N, F) ``matrix``) and predict; returns (output, version)."""
+        live = self.get(project_id, name)
+        for _ in range(3):  # a route closed by a swap between pick and submit: pick again
+            route = live.pick()
+            model = route.batcher.model
+            frame = model.check_matrix(matrix) if matrix is not None else model.check_rows(rows)
+            try:
+                output = await route.batcher.predict(frame, live.config["timeout_ms"] / 1000)
+            except Closed:
+                continue
+            self.metrics.rows.labels(name, str(route.version)).inc(len(frame))
+            return output, route.version
+        raise ConflictError(f"deployment {name} is changing; try again", field="name")
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _resolve(
+        self, project_id: int, model_name: str, routes: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Routes with version numbers (aliases resolved now) and their bundle keys."""
+        if not routes:
+            raise SpecError("routes: at least one route", field="routes")
+        if sum(int(r["weight"]) for r in routes) <= 0:
+            raise SpecError("routes: the weights must add up to more than 0", field="routes")
+        with self.db.session() as s:
+            project = s.get(Project, project_id)
+            assert project is not None
+            model = get_model(s, project, model_name)
+            out = []
+            for i, route in enumerate(routes):
+                try:
+                    version = resolve_version(s, model, route["version"])
+                except NotFoundError as exc:
+                    raise SpecError(exc.message, field=f"routes.{i}.version") from None
+                out.append(
+                    {
+                        "version": version.version,
+                        "weight": int(route["weight"]),
+                        "id": version.id,
+                        "key": version.artifact_key,
+                    }
+                )
+        if len({r["version"] for r in out}) != len(out):
+            raise SpecError("routes: each version once", field="routes")
+        return out
+
+    async def _build_routes(self, live: Live, resolved: list[dict[str, Any]]) -> list[Route]:
+        routes = []
+        for r in resolved:
+            model = await self._load(r.get("id"), r.get("key"), live, r["version"])
+            batcher = Batcher(
+                model,
+                max_batch_size=live.config["max_batch_size"],
+                max_delay_ms=live.config["max_delay_ms"],
+                max_queue=live.config["max_queue"],
+                on_batch=self._recorder(live.name, r["version"]),
+            )
+            labels = (live.name, str(r["version"]))
+            self.metrics.queue_depth.labels(*labels).set_function(_depth_of(batcher))
+            routes.append(Route(r["version"], r["weight"], batcher))
+        return routes
+
+    async def _load(
+        self, version_id: str | None, key: str | None, live: Live, number: int
+    ) -> ServedModel:
+        if version_id is None or key is None:  # a restored row: resolve it again
+            resolved = await asyncio.to_thread(
+                self._resolve, live.project_id, live.model, [{"version": number, "weight": 1}]
+            )
+            version_id, key = resolved[0]["id"], resolved[0]["key"]
+        backend = live.config["backend"]
+        cached = self._models.get((version_id, backend))
+        if cached is not None:
+            return cached
+        local = self.cache_dir / version_id
+        if not local.is_dir():
+            tmp = self.cache_dir / f".{version_id}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            await asyncio.to_thread(self.store.get_dir, key, tmp)
+            tmp.rename(local)
+        model = await asyncio.to_thread(ServedModel, local, backend)
+        self.metrics.load_seconds.labels(live.name, str(number)).set(model.load_seconds)
+        self._models[(version_id, backend)] = model
+        return model
+
+    def _recorder(self, name: str, version: int) -> Any:
+        labels = (name, str(version))
+
+        def record(stats: BatchStats) -> None:
+            self.metrics.batch_size.labels(*labels).observe(stats.rows)
+            self.metrics.model_time.labels(*labels).observe(stats.model_seconds)
+            wait = self.metrics.queue_wait.labels(*labels)
+            for seconds in stats.waits:
+                wait.observe(seconds)
+
+        return record
+
+    def _insert(self, live: Live, resolved: list[dict[str, Any]]) -> None:
+        with self.db.session() as s:
+            s.add(
+                Deployment(
+                    project_id=live.project_id,
+                    name=live.name,
+                    model=live.model,
+                    routes=[{"version": r["version"], "weight": r["weight"]} for r in resolved],
+                    **live.config,
+                )
+            )
+
+    def _save(self, live: Live, resolved: list[dict[str, Any]]) -> None:
+        with self.db.session() as s:
+            row = s.scalar(
+                select(Deployment).where(
+                    Deployment.project_id == live.project_id, Deployment.name == live.name
+                )
+            )
+            assert row is not None
+            row.routes = [{"version": r["version"], "weight": r["weight"]} for r in resolved]
+            for key, value in live.config.items():
+                setattr(row, key, value)
+            row.updated_at = utcnow()
+
+    def _remove(self, project_id: int, name: str) -> None:
+        with self.db.session() as s:
+            row = s.scalar(
+                select(Deployment).where(
+                    Deployment.project_id == project_id, Deployment.name == name
+                )
+            )
+            if row is not None:
+                s.delete(row)
+
+
+def _depth_of(batcher: Batcher) -> Any:
+    return lambda: float(batcher.depth)
+
+
+CONFIG_KEYS = ("backend", "max_batch_size", "max_delay_ms", "max_queue", "timeout_ms")
+
+
+def _pick_config(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in CONFIG_KEYS if body.get(k) is not None}
+
+
+def _config(row: Deployment) -> dict[str, Any]:
+    return {k: getattr(row, k) for k in CONFIG_KEYS}
