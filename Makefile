@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/text_finetune.py
 	$(BIN)/python benchmarks/compression.py
+	$(BIN)/python benchmarks/job_queue.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,7 @@ from typing import Any
 
 from kiln.errors import ConflictError, KilnError, NotFoundError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
-from kiln.jobs.queue import Lease, LeaseLost, Queue
+from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
 from kiln.store.artifacts import ArtifactStore, safe_key
 from kiln.store.datasets import dataset_ref
 from kiln.store.db import Database
@@ -49,13 +49,34 @@ class JobContext:
             self.stop.set()
 
 
+class _JobCheckpoints(ArtifactCheckpoints):
+    """Also remembers the per-epoch logs of the checkpoint it loaded."""
+
+    def __init__(self, store: ArtifactStore, key: str) -> None:
+        super().__init__(store, key)
+        self.history: list[dict[str, Any]] = []
+
+    def load(self) -> dict[str, Any] | None:
+        state = super().load()
+        self.history = list(state.get("history") or []) if state is not None else []
+        return state
+
+
 class _Reporter(Callback):
     """Sends each epoch to the queue and stops training when asked to."""
 
-    def __init__(self, ctx: JobContext, label: str = "", *, record: bool = True) -> None:
+    def __init__(
+        self,
+        ctx: JobContext,
+        label: str = "",
+        *,
+        record: bool = True,
+        checkpoints: _JobCheckpoints | None = None,
+    ) -> None:
         self.ctx = ctx
         self.label = label
         self.record = record  # crossval folds repeat epoch numbers: progress is per fold
+        self.checkpoints = checkpoints
         self.total = 0
 
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
@@ -66,6 +87,17 @@ class _Reporter(Callback):
                 "info",
                 f"{self.label}resumed from the checkpoint of epoch {start_epoch}",
             )
+            if self.record and self.checkpoints is not None:
+                self._record_missed(self.checkpoints.history)
+
+    def _record_missed(self, history: list[dict[str, Any]]) -> None:
+        """Record the checkpointed epochs the series lacks: a worker that died after
+        writing an epoch's checkpoint but before recording the epoch left it out."""
+        with self.ctx.db.session() as session:
+            recorded = {e["epoch"] for e in epoch_series(session, self.ctx.lease.job_id)}
+        for logs in history:
+            if int(logs["epoch"]) not in recorded:
+                self.ctx.queue.record_epoch(self.ctx.lease, logs, self.total)
 
     def on_batch_end(self) -> None:
         if self.ctx.stop.is_set():
@@ -154,11 +186,14 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
     project = _project(ctx, job)
     spec = copy.deepcopy(job.spec)
     spec["data"]["source"], dataset = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
-    checkpoints = ArtifactCheckpoints(
+    checkpoints = _JobCheckpoints(
         ctx.store, safe_key("projects", project.name, "jobs", job.id, "checkpoint.pt")
     )
     bundle = fit(
-        spec, callbacks=[_Reporter(ctx)], checkpoints=checkpoints, resume=checkpoints.exists()
+        spec,
+        callbacks=[_Reporter(ctx, checkpoints=checkpoints)],
+        checkpoints=checkpoints,
+        resume=checkpoints.exists(),
     )
     # the lineage names the dataset, not the worker's temporary copy of it
     bundle.meta.lineage["data"]["source"] = job.spec["data"]["source"]

@@ -134,8 +134,13 @@ def _file_digest(path: str) -> str:
 
 
 def run_id(spec: Spec, table: Table) -> str:
-    """Identifies a run for resuming: same spec and same data give the same id."""
-    return hashlib.sha256((dump_spec(spec) + table.fingerprint).encode()).hexdigest()[:16]
+    """Identifies a run for resuming: same spec and same data give the same id.
+
+    The data counts by content (its fingerprint), not by where it was read from: a
+    queued job's worker reads its dataset from a fresh temporary copy on every attempt.
+    """
+    unlocated = spec.model_copy(update={"data": spec.data.model_copy(update={"source": ""})})
+    return hashlib.sha256((dump_spec(unlocated) + table.fingerprint).encode()).hexdigest()[:16]
 
 
 def train_frames(
