@@ -251,6 +251,8 @@ def test_cancelling_a_running_job_stops_it_within_a_batch_or_so(platform: Platfo
     assert (job.state, job.error, job.model_version_id) == (JobState.cancelled, None, None)
     assert job.progress["epoch"] < 50  # of 500
     assert platform.logs(job_id)[-1] == "cancelled"
+    # a cancelled job never resumes, so its checkpoint is gone
+    assert not platform.store.exists(CHECKPOINT.format(job_id))
 
 
 def test_sigterm_drains_the_worker_after_its_job_finishes(

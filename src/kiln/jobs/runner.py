@@ -150,10 +150,20 @@ def run(ctx: JobContext, job: Job) -> JobState | None:
         return JobState.failed
 
 
+def checkpoint_key(project: str, job_id: str) -> str:
+    """Where a train job's latest checkpoint lives in the artifact store."""
+    return safe_key("projects", project, "jobs", job_id, "checkpoint.pt")
+
+
 def _finish(ctx: JobContext, state: JobState, **kwargs: Any) -> None:
     try:
         with ctx.db.session() as session:
             ctx.queue.finish(session, ctx.lease, state, **kwargs)
+            job = session.get(Job, ctx.lease.job_id)
+            project = session.get(Project, job.project_id) if job is not None else None
+        if state != JobState.succeeded and project is not None:
+            # a failed or cancelled job never resumes: its checkpoint would only take space
+            ctx.store.delete(checkpoint_key(project.name, ctx.lease.job_id))
     except LeaseLost:
         pass  # a newer attempt owns the job now
 
@@ -186,9 +196,7 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
     project = _project(ctx, job)
     spec = copy.deepcopy(job.spec)
     spec["data"]["source"], dataset = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
-    checkpoints = _JobCheckpoints(
-        ctx.store, safe_key("projects", project.name, "jobs", job.id, "checkpoint.pt")
-    )
+    checkpoints = _JobCheckpoints(ctx.store, checkpoint_key(project.name, job.id))
     bundle = fit(
         spec,
         callbacks=[_Reporter(ctx, checkpoints=checkpoints)],

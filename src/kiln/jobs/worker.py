@@ -87,6 +87,9 @@ class Worker:
         With ``parent``, drain once that process is gone (``kiln up`` was killed).
         """
         apply_threads(self.settings)
+        # torch and the training code take seconds to import: do it while waiting,
+        # not between claiming the first job and starting it
+        threading.Thread(target=_preload, daemon=True).start()
         log.info("%s: waiting for jobs", self.id)
         if parent is not None:
             threading.Thread(target=self._watch_parent, args=(parent,), daemon=True).start()
@@ -125,6 +128,10 @@ class Worker:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.handle_signal)
         signal.signal(signal.SIGINT, self.handle_signal)
+
+
+def _preload() -> None:
+    import kiln.workflow  # noqa: F401
 
 
 def main(settings: Settings | None = None, *, parent: int | None = None) -> None:
