@@ -144,6 +144,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     model_version_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # wall_seconds, cpu_seconds, peak_rss_bytes, gpu_peak_bytes, device: of the last attempt
+    resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class JobMetric(Base):
@@ -235,6 +237,36 @@ class Deployment(Base):
     max_queue: Mapped[int] = mapped_column(Integer)
     timeout_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageEvent(Base):
+    """One metered quantity: compute seconds of a job, predictions served, bytes stored."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (Index("ix_usage_project_time", "project_id", "time"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    # compute_seconds | prediction_requests | prediction_rows | stored_bytes
+    kind: Mapped[str] = mapped_column(String(32))
+    quantity: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(16), default="")  # cpu | cuda, for compute
+    subject: Mapped[str] = mapped_column(String(128), default="")  # job id, deployment, dataset
+
+
+class Quota(Base):
+    """A per-project limit on a usage kind over a period; past it, 429."""
+
+    __tablename__ = "quotas"
+    __table_args__ = (UniqueConstraint("project_id", "kind", "period"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    period: Mapped[str] = mapped_column(String(8))  # day | month
+    limit: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
