@@ -78,6 +78,9 @@ class BundleMeta(BaseModel):
     training: dict[str, Any]
     lineage: dict[str, Any]
     files: dict[str, str] = {}
+    # per input column, a summary of the training split (kiln.monitor.drift): what a
+    # deployment compares live inputs with
+    reference: dict[str, Any] = {}
 
 
 @dataclass

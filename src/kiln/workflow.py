@@ -10,6 +10,7 @@ from typing import Any
 from kiln.bundle import Bundle, check_destination, new_meta
 from kiln.data.split import holdout
 from kiln.models.summary import count_parameters
+from kiln.monitor.drift import reference_stats
 from kiln.spec.load import load_spec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
@@ -75,6 +76,7 @@ def fit(
         task=spec.task,
         model=spec.model.model_dump(mode="json"),
         input_schema=table.columns,
+        reference=reference_stats(train_df, [(c.name, c.kind) for c in table.columns]),
         target=target,
         labels=table.labels,
         n_inputs=pre.n_outputs,

@@ -408,6 +408,7 @@ def _derive(
         task=meta.task,
         model=model_spec,
         input_schema=meta.input_schema,
+        reference=meta.reference,  # same inputs, same training data
         target=meta.target,
         labels=meta.labels,
         n_inputs=meta.n_inputs,
