@@ -122,6 +122,14 @@ class TooLargeError(KilnError):
     exit_code = 13
 
 
+class QuotaError(KilnError):
+    """The project used up a quota (compute seconds, predictions, storage) for the period."""
+
+    code = "quota_exceeded"
+    http_status = 429
+    exit_code = 15
+
+
 class ServiceError(KilnError):
     """The server could not be reached or answered with an unexpected failure."""
 
@@ -146,6 +154,7 @@ ERRORS_BY_CODE: dict[str, type[KilnError]] = {
         ForbiddenError,
         ConflictError,
         TooLargeError,
+        QuotaError,
         ServiceError,
     )
 }

@@ -1,0 +1,168 @@
+"""Usage metering: durable events per project, aggregated on demand, and quotas.
+
+Kinds (units): ``compute_seconds`` (wall seconds a job's attempt ran, by device),
+``prediction_requests`` and ``prediction_rows`` (served), ``stored_bytes`` (datasets
+and model versions written to the artifact store). Events are only appended; totals
+are sums over a time range. A quota caps one kind per ``day`` or ``month`` (UTC
+calendar periods), or in ``total``; past it the call is refused with 429.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from kiln.errors import QuotaError, SpecError
+from kiln.store.tables import Quota, UsageEvent, utcnow
+
+KINDS = ("compute_seconds", "prediction_requests", "prediction_rows", "stored_bytes")
+PERIODS = ("day", "month", "total")
+
+
+def record(
+    session: Session,
+    project_id: int,
+    kind: str,
+    quantity: float,
+    *,
+    device: str = "",
+    subject: str = "",
+    time: datetime | None = None,
+) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown usage kind {kind!r}")
+    session.add(
+        UsageEvent(
+            project_id=project_id,
+            kind=kind,
+            quantity=float(quantity),
+            device=device,
+            subject=subject[:128],
+            time=time or utcnow(),
+        )
+    )
+
+
+def period_start(period: str, now: datetime | None = None) -> datetime | None:
+    """The start of the current UTC day or month (None for ``total``)."""
+    now = (now or utcnow()).astimezone(UTC)
+    if period == "day":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "month":
+        return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return None
+
+
+def used(session: Session, project_id: int, kind: str, since: datetime | None) -> float:
+    query = select(func.coalesce(func.sum(UsageEvent.quantity), 0.0)).where(
+        UsageEvent.project_id == project_id, UsageEvent.kind == kind
+    )
+    if since is not None:
+        query = query.where(UsageEvent.time >= since)
+    return float(session.scalar(query) or 0.0)
+
+
+def check_quota(
+    session: Session, project_id: int, kind: str, adding: float = 0.0, *, pending: float = 0.0
+) -> None:
+    """Raise QuotaError if ``adding`` more of ``kind`` would pass one of the project's quotas.
+
+    ``pending`` counts usage this process has seen but not written yet.
+    """
+    quotas = session.scalars(
+        select(Quota).where(Quota.project_id == project_id, Quota.kind == kind)
+    ).all()
+    for quota in quotas:
+        so_far = used(session, project_id, kind, period_start(quota.period)) + pending
+        # a request that is itself larger than what is left is refused; one that only
+        # reaches the limit passes
+        if so_far + adding > quota.limit or (adding == 0 and so_far >= quota.limit):
+            per = "in total" if quota.period == "total" else f"per {quota.period}"
+            raise QuotaError(
+                f"quota exceeded: {kind} {per} is {quota.limit:g}; "
+                f"{so_far:g} used, this needs {adding:g} more",
+                field=kind,
+            )
+
+
+def set_quota(
+    session: Session, project_id: int, kind: str, period: str, limit: float | None
+) -> None:
+    """Set (or with ``limit=None`` remove) a project's quota."""
+    if kind not in KINDS:
+        raise SpecError(f"kind must be one of {', '.join(KINDS)}", field="kind")
+    if period not in PERIODS:
+        raise SpecError(f"period must be one of {', '.join(PERIODS)}", field="period")
+    row = session.scalar(
+        select(Quota).where(
+            Quota.project_id == project_id, Quota.kind == kind, Quota.period == period
+        )
+    )
+    if limit is None:
+        if row is not None:
+            session.delete(row)
+        return
+    if limit < 0:
+        raise SpecError("limit must be 0 or more", field="limit")
+    if row is None:
+        session.add(Quota(project_id=project_id, kind=kind, period=period, limit=limit))
+    else:
+        row.limit, row.updated_at = limit, utcnow()
+
+
+def quotas(session: Session, project_id: int) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(Quota).where(Quota.project_id == project_id).order_by(Quota.kind, Quota.period)
+    )
+    out = []
+    for q in rows:
+        out.append(
+            {
+                "kind": q.kind,
+                "period": q.period,
+                "limit": q.limit,
+                "used": used(session, project_id, q.kind, period_start(q.period)),
+            }
+        )
+    return out
+
+
+def summary(
+    session: Session,
+    project_id: int,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    group_by: str,
+) -> dict[str, Any]:
+    """Sums per period (``day``, ``month`` or ``total``), kind and device, and overall totals."""
+    if group_by not in PERIODS:
+        raise SpecError(f"group_by must be one of {', '.join(PERIODS)}", field="group_by")
+    query = select(UsageEvent.time, UsageEvent.kind, UsageEvent.device, UsageEvent.quantity).where(
+        UsageEvent.project_id == project_id
+    )
+    if start is not None:
+        query = query.where(UsageEvent.time >= start)
+    if end is not None:
+        query = query.where(UsageEvent.time < end)
+    buckets: dict[tuple[str, str, str], float] = defaultdict(float)
+    totals: dict[str, float] = defaultdict(float)
+    # summed in Python: one portable code path for SQLite and PostgreSQL date handling
+    for time, kind, device, quantity in session.execute(query):
+        if group_by == "day":
+            period = time.strftime("%Y-%m-%d")
+        elif group_by == "month":
+            period = time.strftime("%Y-%m")
+        else:
+            period = "total"
+        buckets[(period, kind, device)] += quantity
+        totals[kind] += quantity
+    items = [
+        {"period": p, "kind": k, "device": d, "quantity": q}
+        for (p, k, d), q in sorted(buckets.items())
+    ]
+    return {"group_by": group_by, "items": items, "totals": dict(totals)}
