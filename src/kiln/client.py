@@ -9,11 +9,15 @@
         job = client.jobs.wait(job["id"])
         bundle_dir = client.models.download("wine", dest="models")
         kiln.load(str(bundle_dir)).predict(rows)
+        client.deployments.create("wine", model="wine")  # serve it
+        client.deployments.predict("wine", rows)  # {predictions, probabilities, version, ...}
 
 Every method returns the JSON the server sent (plain dicts and lists). Every error
 response becomes the kiln error class of its code (``AuthError`` for 401,
 ``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
-an unreachable server or a response that is not kiln's JSON is a ``ServiceError``.
+an unreachable server or a response that is not kiln's JSON is a ``ServiceError``, and
+so is a deployment that is overloaded (503) or timed out (504), with the server's code
+(``overloaded``, ``timeout``) as the error's ``code``.
 Connection failures are retried (3 times) by httpx's transport.
 """
 
@@ -23,7 +27,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,6 +39,10 @@ JSON = dict[str, Any]
 Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 API = "/api/v1"
+SERVICE_CODES = frozenset({"overloaded", "timeout"})
+"""Error codes of a deployment under load (503, 504): retryable, raised as ``ServiceError``."""
+DEPLOY_TIMEOUT = 600.0
+"""Seconds to wait for a deployment to load and warm up (create, swap, canary)."""
 
 
 class Client:
@@ -78,6 +86,7 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.models = Models(self)
+        self.deployments = Deployments(self)
 
     def __enter__(self) -> Client:
         return self
@@ -143,9 +152,9 @@ def error_of(response: httpx.Response, url: str) -> KilnError:
             f"kiln server at {url} answered {response.status_code} "
             f"{response.reason_phrase} to {response.request.method} {response.request.url.path}"
         )
-    cls = ERRORS_BY_CODE.get(code, KilnError)
+    cls = ServiceError if code in SERVICE_CODES else ERRORS_BY_CODE.get(code, KilnError)
     exc = cls(message, field=error.get("field"))
-    if cls is KilnError:
+    if cls is KilnError or code in SERVICE_CODES:
         exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
     return exc
 
@@ -398,6 +407,93 @@ class Models(_Group):
                 raise ConflictError(f"{target} already exists; not overwriting it", field="dest")
             shutil.move(str(staged), target)
         return target
+
+
+class Deployments(_Group):
+    """Named endpoints serving registered versions, with weighted routes; predictions.
+
+    ``create`` and ``update`` return once the versions are loaded and warm. Settings
+    (``backend``, ``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_ms``)
+    left out keep the server's defaults (or, on update, their current values).
+    """
+
+    def create(self, name: str, model: str, version: str | int = "latest", **settings: Any) -> JSON:
+        """Deploy ``version`` (number, ``latest`` or alias) of ``model`` as ``name``."""
+        body = {"name": name, "model": model, "version": version, **settings}
+        result: JSON = self._c._json(
+            "POST", "/deployments", scoped=True, json=body, timeout=self._deploy_timeout()
+        )
+        return result
+
+    def list(self) -> Items:
+        result: Items = self._c._json("GET", "/deployments", scoped=True)
+        return result
+
+    def get(self, name: str) -> JSON:
+        """``{name, model, state, error, routes: [{version, weight, backend, ...}], ...}``."""
+        result: JSON = self._c._json("GET", f"/deployments/{name}", scoped=True)
+        return result
+
+    def update(
+        self,
+        name: str,
+        *,
+        version: str | int | None = None,
+        routes: Mapping[str | int, int] | Sequence[Mapping[str, Any]] | None = None,
+        **settings: Any,
+    ) -> JSON:
+        """Hot swap to ``version``, or split traffic with ``routes``; and/or change settings.
+
+        ``routes`` is ``{version: weight}`` (``{3: 90, 4: 10}``) or a list of
+        ``{"version", "weight"}``; a single route is a rollback.
+        """
+        body: JSON = dict(settings)
+        if version is not None:
+            body["version"] = version
+        if routes is not None:
+            if isinstance(routes, Mapping):
+                body["routes"] = [{"version": v, "weight": w} for v, w in routes.items()]
+            else:
+                body["routes"] = [dict(r) for r in routes]
+        result: JSON = self._c._json(
+            "PATCH", f"/deployments/{name}", scoped=True, json=body, timeout=self._deploy_timeout()
+        )
+        return result
+
+    def delete(self, name: str) -> None:
+        """Stop serving ``name``; requests it already queued are answered first."""
+        self._c._send("DELETE", f"{API}/deployments/{name}", scoped=True)
+
+    def predict(self, name: str, rows: Any) -> JSON:
+        """Predictions for ``rows`` (a list of ``{column: value}`` or a DataFrame).
+
+        Returns ``{predictions, probabilities, labels, model, version}``; ``version``
+        says which route answered. Missing values in a DataFrame are sent as null.
+        """
+        result: JSON = self._c._json(
+            "POST", f"/deployments/{name}/predict", scoped=True, json={"inputs": records(rows)}
+        )
+        return result
+
+    def _deploy_timeout(self) -> httpx.Timeout:
+        current = self._c._http.timeout
+        return httpx.Timeout(
+            connect=current.connect,
+            read=max(current.read or 0.0, DEPLOY_TIMEOUT),
+            write=current.write,
+            pool=current.pool,
+        )
+
+
+def records(rows: Any) -> list[JSON]:
+    """Rows as a list of plain dicts: a DataFrame's records (NaN as None), or the list given."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
+        frame = rows.astype(object).where(rows.notna(), None)
+        out: list[JSON] = frame.to_dict(orient="records")
+        return out
+    if isinstance(rows, Mapping):
+        raise TypeError("rows: a list of {column: value} rows or a DataFrame, not one row")
+    return list(rows)
 
 
 def extract_bundle(archive: Path, dest: Path) -> Path:

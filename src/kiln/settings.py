@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         description="KILN_DATA_ROOTS (JSON list): server-side folders datasets may be "
         "registered from by path; none by default.",
     )
+    serve_api_key: str | None = Field(
+        default=None,
+        description="KILN_SERVE_API_KEY: the key `kiln serve` accepts (predict and read only); "
+        "default: a new random key, printed once.",
+    )
 
     # --- the client side (kiln datasets|jobs|models|keys|projects) ---
     url: str = Field(default="http://127.0.0.1:8080", description="KILN_URL: the server.")

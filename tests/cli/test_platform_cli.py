@@ -51,7 +51,8 @@ HEAVY_PROBE = """
 import json, sys
 from typer.testing import CliRunner
 from kiln.cli.main import app
-for args in (["--help"], ["up", "--help"], ["jobs", "--help"], ["models", "list", "--help"]):
+for args in (["--help"], ["up", "--help"], ["jobs", "--help"], ["models", "list", "--help"],
+             ["serve", "--help"], ["deployments", "--help"], ["deployments", "predict", "--help"]):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
 heavy = ("torch", "fastapi", "sqlalchemy", "uvicorn", "httpx", "numpy", "pandas")

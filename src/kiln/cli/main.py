@@ -18,6 +18,7 @@ from kiln.cli import (
     platform_cmds,
     registry_cmds,
     remote_cmds,
+    serve_cmds,
     train_cmds,
 )
 
@@ -39,11 +40,13 @@ app.command()(compress_cmds.compress)
 app.command()(compress_cmds.export)
 app.command()(platform_cmds.up)
 app.command()(platform_cmds.worker)
+app.command()(serve_cmds.serve)
 app.add_typer(remote_cmds.projects_app, name="projects")
 app.add_typer(remote_cmds.keys_app, name="keys")
 app.add_typer(remote_cmds.datasets_app, name="datasets")
 app.add_typer(jobs_cmds.jobs_app, name="jobs")
 app.add_typer(registry_cmds.models_app, name="models")
+app.add_typer(serve_cmds.deployments_app, name="deployments")
 
 
 def _version(value: bool) -> None:
@@ -64,3 +67,7 @@ def _root(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m kiln.cli.main
+    main()

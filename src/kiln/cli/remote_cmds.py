@@ -25,7 +25,7 @@ Url = Annotated[
     str | None,
     typer.Option(
         "--url",
-        help="The kiln server [default: KILN_URL or http://127.0.0.1:8080].",
+        help="The kiln server \\[default: KILN_URL or http://127.0.0.1:8080].",
         show_default=False,
     ),
 ]
@@ -33,7 +33,7 @@ ApiKey = Annotated[
     str | None,
     typer.Option(
         "--api-key",
-        help="API key [default: KILN_API_KEY, else $KILN_HOME/admin.key].",
+        help="API key \\[default: KILN_API_KEY, else $KILN_HOME/admin.key].",
         show_default=False,
     ),
 ]
@@ -41,7 +41,7 @@ ProjectOpt = Annotated[
     str | None,
     typer.Option(
         "--project",
-        help="Project a global admin key acts on [default: KILN_PROJECT, else 'default'].",
+        help="Project a global admin key acts on \\[default: KILN_PROJECT, else 'default'].",
         show_default=False,
     ),
 ]
@@ -152,7 +152,7 @@ def keys_create(
         str | None,
         typer.Option(
             "--project",
-            help="The key's project [default: KILN_PROJECT; with neither, a global admin "
+            help="The key's project \\[default: KILN_PROJECT; with neither, a global admin "
             "key issues a global key, valid in every project].",
             show_default=False,
         ),
