@@ -127,7 +127,9 @@ class DeploymentManager:
                 raise ConflictError(f"deployment {name!r} already exists", field="name")
             routes = [{"version": body["version"], "weight": 100}]
             live = Live(project.id, name, body["model"], config=_pick_config(body))
-            resolved = await asyncio.to_thread(self._resolve, project.id, live.model, routes)
+            resolved = await asyncio.to_thread(
+                self._resolve, project.id, live.model, routes, "version"
+            )
             live.routes = await self._build_routes(live, resolved)
             live.state = DeploymentState.ready
             await asyncio.to_thread(self._insert, live, resolved)
@@ -139,13 +141,17 @@ class DeploymentManager:
         async with self._lock:
             live = self.get(project.id, name)
             config = {**live.config, **_pick_config(patch)}
+            version_field = None  # an unknown version is named as the caller wrote it
             if patch.get("routes") is not None:
                 routes = patch["routes"]
             elif patch.get("version") is not None:
                 routes = [{"version": patch["version"], "weight": 100}]
+                version_field = "version"
             else:
                 routes = [{"version": r.version, "weight": r.weight} for r in live.routes]
-            resolved = await asyncio.to_thread(self._resolve, project.id, live.model, routes)
+            resolved = await asyncio.to_thread(
+                self._resolve, project.id, live.model, routes, version_field
+            )
             staged = Live(project.id, name, live.model, config=config)
             new_routes = await self._build_routes(staged, resolved)  # loaded and warm
             old = live.routes
@@ -184,9 +190,17 @@ class DeploymentManager:
     # ---- internals ----------------------------------------------------------------
 
     def _resolve(
-        self, project_id: int, model_name: str, routes: list[dict[str, Any]]
+        self,
+        project_id: int,
+        model_name: str,
+        routes: list[dict[str, Any]],
+        version_field: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Routes with version numbers (aliases resolved now) and their bundle keys."""
+        """Routes with version numbers (aliases resolved now) and their bundle keys.
+
+        An unknown model or version is a 422 naming the request's field
+        (``model``; ``version_field`` or ``routes.<i>.version``).
+        """
         if not routes:
             raise SpecError("routes: at least one route", field="routes")
         if sum(int(r["weight"]) for r in routes) <= 0:
@@ -194,13 +208,17 @@ class DeploymentManager:
         with self.db.session() as s:
             project = s.get(Project, project_id)
             assert project is not None
-            model = get_model(s, project, model_name)
+            try:
+                model = get_model(s, project, model_name)
+            except NotFoundError as exc:
+                raise SpecError(exc.message, field="model") from None
             out = []
             for i, route in enumerate(routes):
                 try:
                     version = resolve_version(s, model, route["version"])
                 except NotFoundError as exc:
-                    raise SpecError(exc.message, field=f"routes.{i}.version") from None
+                    where = version_field or f"routes.{i}.version"
+                    raise SpecError(exc.message, field=where) from None
                 out.append(
                     {
                         "version": version.version,
