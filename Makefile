@@ -20,10 +20,14 @@ quickstart: $(STAMP)
 	$(BIN)/kiln train examples/digits-cnn.yaml --out models/digits-cnn
 	$(BIN)/kiln inspect models/digits-cnn
 	$(BIN)/kiln predict models/digits-cnn examples/data/digits-sample.csv
+	$(BIN)/kiln compress examples/quickstart-int8.yaml --out models/digits-int8
+	$(BIN)/python examples/serve_and_query.py models/digits-int8/01-quantize examples/data/digits-sample.csv
 	@echo
 	@echo "Next: kiln train examples/wine-mlp.yaml --out models/wine-mlp"
 	@echo "      kiln crossval examples/wine-mlp.yaml --folds 5"
 	@echo "      kiln evaluate models/wine-mlp examples/data/wine-holdout.csv"
+	@echo "      kiln serve models/digits-int8/01-quantize        (an HTTP endpoint on 127.0.0.1:8080)"
+	@echo "      kiln up                                          (the platform: jobs, registry, keys)"
 	@echo "      (run them as .venv/bin/kiln, or 'source .venv/bin/activate' first)"
 
 test: $(STAMP)
