@@ -11,6 +11,7 @@
         kiln.load(str(bundle_dir)).predict(rows)
         client.deployments.create("wine", model="wine")  # serve it
         client.deployments.predict("wine", rows)  # {predictions, probabilities, version, ...}
+        client.usage(from_="2026-01-01", group_by="month")  # compute, bytes, predictions
 
 Every method returns the JSON the server sent (plain dicts and lists). Every error
 response becomes the kiln error class of its code (``AuthError`` for 401,
@@ -28,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import date, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -87,6 +89,7 @@ class Client:
         self.jobs = Jobs(self)
         self.models = Models(self)
         self.deployments = Deployments(self)
+        self.quotas = Quotas(self)
 
     def __enter__(self) -> Client:
         return self
@@ -100,6 +103,27 @@ class Client:
     def health(self) -> JSON:
         """``GET /healthz`` (needs no key): ``{"status": "ok", "version": ...}``."""
         result: JSON = self._send("GET", "/healthz").json()
+        return result
+
+    def usage(
+        self,
+        from_: str | date | datetime | None = None,
+        to: str | date | datetime | None = None,
+        group_by: str = "day",
+    ) -> JSON:
+        """The project's metered usage: ``{project, from, to, group_by, items: [{period,
+        kind, device, quantity}], totals: {kind: quantity}, quotas: [{kind, period, limit,
+        used}]}``.
+
+        ``from_`` and ``to`` (exclusive) are dates or datetimes (naive means UTC) or ISO
+        strings; ``group_by`` is ``day``, ``month`` or ``total``.
+        """
+        params: JSON = {"group_by": group_by}
+        if from_ is not None:
+            params["from"] = from_.isoformat() if isinstance(from_, date) else from_
+        if to is not None:
+            params["to"] = to.isoformat() if isinstance(to, date) else to
+        result: JSON = self._json("GET", "/usage", scoped=True, params=params)
         return result
 
     # --- plumbing -------------------------------------------------------------
@@ -483,6 +507,40 @@ class Deployments(_Group):
             write=current.write,
             pool=current.pool,
         )
+
+
+class Quotas(_Group):
+    """Per-project limits on usage kinds (``compute_seconds``, ``stored_bytes``,
+    ``prediction_requests``, ``prediction_rows``) per ``day``, ``month`` or in ``total``.
+
+    Past one, the call that would use more is refused (``QuotaError``, HTTP 429).
+    Only a global admin key sets them; any key with ``read`` lists its project's.
+    """
+
+    def set(
+        self,
+        kind: str,
+        limit: float | None,
+        *,
+        period: str = "day",
+        project: str | None = None,
+    ) -> JSON:
+        """Set the quota (``limit=None`` removes it); ``{project, kind, period, limit, used}``.
+
+        ``project`` defaults to the client's project, else the server's default project.
+        """
+        body = {"kind": kind, "period": period, "limit": limit, "project": project}
+        result: JSON = self._c._json("PUT", "/quotas", scoped=True, json=body)
+        return result
+
+    def remove(self, kind: str, *, period: str = "day", project: str | None = None) -> JSON:
+        """Remove a quota (doing so twice is fine)."""
+        return self.set(kind, None, period=period, project=project)
+
+    def list(self) -> Items:
+        """The project's quotas: ``[{project, kind, period, limit, used}]``."""
+        result: Items = self._c._json("GET", "/quotas", scoped=True)
+        return result
 
 
 def records(rows: Any) -> list[JSON]:

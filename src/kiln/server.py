@@ -133,7 +133,7 @@ def up(settings: Settings, *, host: str, port: int, workers: int) -> None:
     supervisor = Supervisor(workers)
     supervisor.start()
     print(
-        f"kiln API on http://{host}:{port}  (OpenAPI: /docs)  workers: {workers}  "
+        f"kiln on http://{host}:{port}  (dashboard: /, OpenAPI: /docs)  workers: {workers}  "
         f"database: {_redacted(settings.resolved_database_url)}  "
         f"artifacts: {settings.resolved_artifacts}",
         flush=True,

@@ -67,6 +67,39 @@ class Settings(BaseSettings):
         "default: a new random key, printed once.",
     )
 
+    # --- monitoring of deployments ---
+    drift_window: int = Field(
+        default=1000,
+        ge=10,
+        description="KILN_DRIFT_WINDOW: the most recent input rows a deployment compares "
+        "with its training data for drift.",
+    )
+    drift_threshold: float = Field(
+        default=0.2,
+        gt=0,
+        description="KILN_DRIFT_THRESHOLD: a column whose population stability index "
+        "passes this is flagged as drifted (0.1-0.25 moderate, above 0.25 major).",
+    )
+    prediction_log_sample: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="KILN_PREDICTION_LOG_SAMPLE: the share of prediction requests whose "
+        "inputs and outputs are kept in the artifact store; 0 turns the log off.",
+    )
+    prediction_log_max_mb: float = Field(
+        default=50.0,
+        ge=0,
+        description="KILN_PREDICTION_LOG_MAX_MB: a deployment's prediction log stops "
+        "growing at this size.",
+    )
+    monitor_flush_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="KILN_MONITOR_FLUSH_SECONDS: how often counted predictions (usage) "
+        "and the prediction log are written.",
+    )
+
     # --- the client side (kiln datasets|jobs|models|keys|projects) ---
     url: str = Field(default="http://127.0.0.1:8080", description="KILN_URL: the server.")
     api_key: str | None = Field(default=None, description="KILN_API_KEY for the client.")

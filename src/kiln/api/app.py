@@ -6,7 +6,7 @@ artifact store on start-up; tests pass their own ``Services``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -20,18 +20,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.api.deps import Services, principal
-from kiln.api.routes import audit, datasets, deployments, jobs, models, projects, v2
+from kiln.api.routes import audit, datasets, deployments, jobs, models, projects, usage, v2
 from kiln.errors import KilnError, TooLargeError
 from kiln.jobs.queue import Queue
 from kiln.monitor.audit import record
 from kiln.settings import Settings
 from kiln.store.artifacts import open_store
 from kiln.store.db import Database, migrate
+from kiln.web import mount as mount_dashboard
 
 API = "/api/v1"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
-ROUTERS = (projects, datasets, jobs, models, deployments, audit)
+ROUTERS = (projects, datasets, jobs, models, deployments, audit, usage)
 INFERENCE = {"deployments.predict", "v2.infer"}
 """Routes that are metered as requests (Prometheus), not audited: they change nothing."""
 
@@ -70,7 +71,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         )
         app.state.services = svc
         manager = DeploymentManager(
-            svc.db, svc.store, svc.settings.home_dir / "cache" / "deployments", ServingMetrics()
+            svc.db,
+            svc.store,
+            svc.settings.home_dir / "cache" / "deployments",
+            ServingMetrics(),
+            settings=svc.settings,
         )
         app.state.deployments = manager
         await manager.restore()  # deployments come back by themselves after a restart
@@ -91,10 +96,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     _errors(app)
     # the audit middleware is outermost, so refused bodies (413) are recorded too
     app.add_middleware(BodyLimit, upload_limit=int(settings.max_upload_mb * (1 << 20)))
-    app.middleware("http")(_audit)
+    app.add_middleware(Audit)
     for module in ROUTERS:
         app.include_router(module.router, prefix=API)
     app.include_router(v2.router)
+    mount_dashboard(app)  # the web dashboard at /
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:
@@ -163,27 +169,48 @@ def _errors(app: FastAPI) -> None:
         return respond(request, exc.status_code, code, str(exc.detail), None)
 
 
-async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    response = await call_next(request)
+class Audit:
+    """Records every mutating API request in the audit log; meters inference requests.
+
+    A plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` runs the app in a task
+    of its own behind memory streams, which cost more than the routes it wraps). Both
+    happen when the response starts, before any of it reaches the caller, so a caller
+    that reads /audit after an answer finds its record there.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # reads are neither audited nor metered (inference routes are POSTs)
+        if scope["type"] != "http" or scope["method"] not in MUTATING:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_after(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await _audit(Request(scope), message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_after)
+
+
+async def _audit(request: Request, status: int) -> None:
     route = request.scope.get("route")
     name = getattr(route, "name", None)
     if name in INFERENCE:
         deployment = request.path_params.get("name", "")
         version = getattr(request.state, "served_version", "")
         metrics = request.app.state.deployments.metrics
-        metrics.requests.labels(deployment, str(version), str(response.status_code)).inc()
-        return response
+        metrics.requests.labels(deployment, str(version), str(status)).inc()
+        return
     if request.method in MUTATING and request.url.path.startswith(API):
         action = _route_name(request)
         target = getattr(request.state, "audit_target", None) or "/".join(
             f"{k}={v}" for k, v in request.path_params.items()
         )
         who = getattr(request.state, "principal", None)
-        outcome = (
-            "ok"
-            if response.status_code < 400
-            else getattr(request.state, "error_code", f"http_{response.status_code}")
-        )
+        outcome = "ok" if status < 400 else getattr(request.state, "error_code", f"http_{status}")
         services: Services = request.app.state.services
 
         def write() -> None:
@@ -193,14 +220,13 @@ async def _audit(request: Request, call_next: Callable[[Request], Awaitable[Resp
                     action=action,
                     target=target,
                     outcome=outcome,
-                    status=response.status_code,
+                    status=status,
                     key_id=who.key_id if who else None,
                     project_id=getattr(request.state, "project_id", None)
                     or (who.project_id if who else None),
                 )
 
         await run_in_threadpool(write)
-    return response
 
 
 def _route_name(request: Request) -> str:

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import AuthError
 from kiln.jobs.queue import Queue
@@ -68,7 +69,8 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async (like every dependency that does no I/O): a sync one costs a thread hop
     svc: Services = request.app.state.services
     return svc
 
@@ -79,7 +81,9 @@ def session(svc: Annotated[Services, Depends(services)]) -> Iterator[Session]:
         yield s
 
 
-def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
+async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
+    """The caller; a key seen in the last seconds is answered from the cache on the event
+    loop, only a database read goes to a thread."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -90,11 +94,15 @@ def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> 
         if svc.static_key is not None and hmac.compare_digest(token, svc.static_key):
             who = STATIC_PRINCIPAL
         else:
-            with svc.db.session() as s:
-                who = authenticate(s, token)
+            who = await run_in_threadpool(_authenticate, svc, token)
         svc.keys.put(token, who)
     request.state.principal = who
     return who
+
+
+def _authenticate(svc: Services, token: str) -> Principal:
+    with svc.db.session() as s:
+        return authenticate(s, token)
 
 
 STATIC_PRINCIPAL = Principal(

@@ -139,6 +139,11 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     spec: dict[str, Any]
     options: dict[str, Any]
+    resources: dict[str, Any] = Field(
+        default_factory=dict,
+        description="wall_seconds, cpu_seconds (sums), peak_rss_bytes, gpu_peak_bytes (maxima), "
+        "device, and attempts: [{attempt, state, ...}] of every attempt (see kiln.jobs.resources).",
+    )
 
 
 class JobLogOut(BaseModel):

@@ -175,6 +175,8 @@ def jobs_show(
     done, total = _progress(job)
     if total:
         console.print(f"progress {done}/{total}  {escape(_status(job))}")
+    if job.get("resources"):
+        console.print(resources_line(job["resources"]))
     if job["state"] in ("succeeded", "failed", "cancelled"):
         _print_outcome(job)
 
@@ -313,6 +315,22 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
     else:
         _print_outcome(job)
     return exit_code(job)
+
+
+def resources_line(res: dict[str, Any]) -> str:
+    """``resources: 12.3 s wall, 11.9 s CPU, peak memory 310.2 MiB on cpu (2 attempts)``."""
+    from kiln.cli.usage_cmds import amount
+
+    parts = [
+        f"{amount('compute_seconds', res.get('wall_seconds', 0.0))} wall",
+        f"{amount('compute_seconds', res.get('cpu_seconds', 0.0))} CPU",
+        f"peak memory {amount('stored_bytes', res.get('peak_rss_bytes', 0))}",
+    ]
+    if "gpu_peak_bytes" in res:
+        parts.append(f"GPU peak {amount('stored_bytes', res['gpu_peak_bytes'])}")
+    attempts = len(res.get("attempts", []))
+    tail = f" ({attempts} attempts)" if attempts > 1 else ""
+    return f"resources: {', '.join(parts)} on {res.get('device', '?')}{tail}"
 
 
 def exit_code(job: dict[str, Any]) -> int:

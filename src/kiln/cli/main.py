@@ -20,6 +20,7 @@ from kiln.cli import (
     remote_cmds,
     serve_cmds,
     train_cmds,
+    usage_cmds,
 )
 
 app = typer.Typer(
@@ -47,6 +48,8 @@ app.add_typer(remote_cmds.datasets_app, name="datasets")
 app.add_typer(jobs_cmds.jobs_app, name="jobs")
 app.add_typer(registry_cmds.models_app, name="models")
 app.add_typer(serve_cmds.deployments_app, name="deployments")
+app.command()(usage_cmds.usage)
+app.add_typer(usage_cmds.quotas_app, name="quotas")
 
 
 def _version(value: bool) -> None:

@@ -4,7 +4,9 @@ The runner turns a job row into calls of the ML core (``kiln.fit``, ``kiln.cross
 ``Bundle.evaluate``) with the job's dataset copied out of the artifact store, reports
 every epoch to the queue, checkpoints into the artifact store (so a re-queued job
 resumes on any worker), and for a train job stores the bundle and registers the
-model version in the same transaction that marks the job succeeded.
+model version in the same transaction that marks the job succeeded. That transaction
+also writes the attempt's measured resources and meters its compute seconds
+(:mod:`kiln.jobs.resources`), whatever the outcome.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from kiln.errors import ConflictError, KilnError, NotFoundError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
+from kiln.jobs.resources import RELEASED, ResourceMeter, account
 from kiln.store.artifacts import ArtifactStore, safe_key
 from kiln.store.datasets import dataset_ref
 from kiln.store.db import Database
@@ -42,6 +47,7 @@ class JobContext:
     lease: Lease
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str = ""  # "cancelled" | "lease_lost" | "shutdown"
+    meter: ResourceMeter = field(default_factory=ResourceMeter)  # started with the attempt
 
     def request_stop(self, reason: str) -> None:
         if not self.stop.is_set():
@@ -136,9 +142,13 @@ def run(ctx: JobContext, job: Job) -> JobState | None:
             _finish(ctx, JobState.cancelled)
             return JobState.cancelled
         if ctx.reason == "shutdown":
+            # billed now: the attempt used the machine, though the job is not over
+            with ctx.db.session() as session:
+                account(session, ctx.lease, ctx.meter.snapshot(), RELEASED)
             ctx.queue.release(ctx.lease, "the worker is shutting down; it resumes later")
         return None
     except LeaseLost:
+        # the worker that re-queued the job billed this attempt up to its last heartbeat
         return None
     except KilnError as exc:
         _finish(ctx, JobState.failed, error=exc.to_dict())
@@ -155,10 +165,17 @@ def checkpoint_key(project: str, job_id: str) -> str:
     return safe_key("projects", project, "jobs", job_id, "checkpoint.pt")
 
 
+def _close(ctx: JobContext, session: Session, state: JobState, **kwargs: Any) -> None:
+    """End the attempt in the caller's transaction: its resources, its metered compute
+    and the job's new state commit together. Raises LeaseLost."""
+    account(session, ctx.lease, ctx.meter.snapshot(), state.value)
+    ctx.queue.finish(session, ctx.lease, state, **kwargs)
+
+
 def _finish(ctx: JobContext, state: JobState, **kwargs: Any) -> None:
     try:
         with ctx.db.session() as session:
-            ctx.queue.finish(session, ctx.lease, state, **kwargs)
+            _close(ctx, session, state, **kwargs)
             job = session.get(Job, ctx.lease.job_id)
             project = session.get(Project, job.project_id) if job is not None else None
         if state != JobState.succeeded and project is not None:
@@ -203,6 +220,7 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
         checkpoints=checkpoints,
         resume=checkpoints.exists(),
     )
+    ctx.meter.device = bundle.meta.training.get("device")
     # the lineage names the dataset, not the worker's temporary copy of it
     bundle.meta.lineage["data"]["source"] = job.spec["data"]["source"]
     bundle.meta.lineage["job"] = job.id
@@ -238,9 +256,9 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
                     "version": version.version,
                     "metrics": bundle.meta.metrics,
                 }
-                ctx.queue.finish(
+                _close(
+                    ctx,
                     session,
-                    ctx.lease,
                     JobState.succeeded,
                     result=result,
                     model_version_id=version.id,
@@ -371,9 +389,7 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
             parent = version
         outcome = {"model": name, "source_version": source.version, "variants": registered}
         if failure is None:
-            ctx.queue.finish(session, ctx.lease, JobState.succeeded, result=outcome)
+            _close(ctx, session, JobState.succeeded, result=outcome)
             return JobState.succeeded
-        ctx.queue.finish(
-            session, ctx.lease, JobState.failed, result=outcome, error=failure.to_dict()
-        )
+        _close(ctx, session, JobState.failed, result=outcome, error=failure.to_dict())
         return JobState.failed

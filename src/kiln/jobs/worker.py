@@ -1,11 +1,13 @@
 """A worker process: claim a job, run it with a heartbeat, repeat.
 
 While a job runs, a background thread renews the lease every
-``KILN_HEARTBEAT_SECONDS`` and watches for a cancel request; the worker also
+``KILN_HEARTBEAT_SECONDS``, watches for a cancel request and writes the attempt's
+resources so far (wall and CPU seconds, peak memory) to the job; the worker also
 re-queues jobs of workers that went silent (any live worker recovers any dead one's
-job). SIGTERM or Ctrl-C drains: the running job finishes, no new one is taken; a
-second signal stops the running job at the next batch and puts it back in the queue,
-to resume from its last checkpoint.
+job) and bills their lost attempts' compute up to the last heartbeat. SIGTERM or
+Ctrl-C drains: the running job finishes, no new one is taken; a second signal stops
+the running job at the next batch and puts it back in the queue, to resume from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from types import FrameType
 
 from kiln.jobs.queue import LeaseLost, Queue
+from kiln.jobs.resources import RUNNING, account, settle_lost
 from kiln.jobs.runner import JobContext, run
 from kiln.settings import Settings, apply_threads
 from kiln.store.artifacts import ArtifactStore, open_store
@@ -60,6 +63,9 @@ class Worker:
                 log.warning("%s: re-queued %s (its worker went silent)", self.id, job_id)
             for job_id in ended:
                 log.warning("%s: %s ended (its worker went silent)", self.id, job_id)
+            for job_id in requeued + ended:
+                with self.db.session() as session:
+                    settle_lost(session, job_id)
         claimed = self.queue.claim(self.id)
         if claimed is None:
             return False
@@ -105,6 +111,8 @@ class Worker:
             try:
                 if self.queue.heartbeat(ctx.lease):
                     ctx.request_stop("cancelled")
+                with self.db.session() as session:
+                    account(session, ctx.lease, ctx.meter.snapshot(), RUNNING)
             except LeaseLost:
                 log.warning("%s: lost the lease on %s", self.id, ctx.lease.job_id)
                 ctx.request_stop("lease_lost")

@@ -6,6 +6,9 @@ seconds, as Prometheus expects.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +18,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # 0.5 ms … 10 s: an MLP answers in well under a millisecond, a text model in tens
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -84,3 +89,44 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_drift(self, reports: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+        """Expose the drift reports ``reports()`` yields, as (deployment, report), at each
+        scrape (see :class:`DriftCollector`)."""
+        self.registry.register(DriftCollector(reports))
+
+
+class DriftCollector(Collector):
+    """``kiln_drift_psi{deployment, column}`` and ``kiln_drift_flagged_columns{deployment}``,
+    computed when scraped, so they are always as current as the deployment's window.
+
+    A deployment whose version has no reference statistics has no series.
+    """
+
+    def __init__(self, reports: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+        self.reports = reports
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to compute at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        psi = GaugeMetricFamily(
+            "kiln_drift_psi",
+            "Population stability index of a deployment's recent inputs against its "
+            "training data, per input column.",
+            labels=["deployment", "column"],
+        )
+        flagged = GaugeMetricFamily(
+            "kiln_drift_flagged_columns",
+            "Input columns of a deployment whose PSI is past the drift threshold.",
+            labels=["deployment"],
+        )
+        for deployment, report in self.reports():
+            if not report.get("reference", True):
+                continue
+            for column, values in report["columns"].items():
+                if values["psi"] is not None:
+                    psi.add_metric([deployment, column], values["psi"])
+            flagged.add_metric([deployment], len(report["drifted"]))
+        yield psi
+        yield flagged

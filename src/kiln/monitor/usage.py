@@ -5,11 +5,22 @@ Kinds (units): ``compute_seconds`` (wall seconds a job's attempt ran, by device)
 and model versions written to the artifact store). Events are only appended; totals
 are sums over a time range. A quota caps one kind per ``day`` or ``month`` (UTC
 calendar periods), or in ``total``; past it the call is refused with 429.
+
+Where each kind is written: ``compute_seconds`` when a job's attempt ends, whatever
+its outcome (``kiln.jobs.resources``; an event's time is the attempt's end, so an
+attempt that spans midnight counts for the day it ended); ``stored_bytes`` when a
+dataset is stored and when a model version is registered (``kiln.store``; bytes
+written, nothing is ever deleted); predictions by the serving side. Quotas are
+enforced at the door: ``compute_seconds`` when a job is submitted (the seconds of
+attempts still running count as used), ``stored_bytes`` when a dataset is uploaded
+or imported (before anything is stored); a job that is already running is not
+stopped, and a version that training produced is always registered.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kiln.errors import QuotaError, SpecError
-from kiln.store.tables import Quota, UsageEvent, utcnow
+from kiln.store.tables import Job, JobState, Quota, UsageEvent, utcnow
 
 KINDS = ("compute_seconds", "prediction_requests", "prediction_rows", "stored_bytes")
 PERIODS = ("day", "month", "total")
@@ -82,11 +93,57 @@ def check_quota(
         # reaches the limit passes
         if so_far + adding > quota.limit or (adding == 0 and so_far >= quota.limit):
             per = "in total" if quota.period == "total" else f"per {quota.period}"
+            running = f" ({number(pending)} of them still running)" if pending else ""
+            needs = f", this needs {number(adding)} more" if adding else ""
             raise QuotaError(
-                f"quota exceeded: {kind} {per} is {quota.limit:g}; "
-                f"{so_far:g} used, this needs {adding:g} more",
+                f"quota exceeded: {kind} {per} is {number(quota.limit)}; "
+                f"{number(so_far)} used{running}{needs}",
                 field=kind,
             )
+
+
+def stored_bytes_check(session: Session, project_id: int) -> Callable[[int], None]:
+    """A ``before_store`` hook for ``kiln.store.datasets``: refuses bytes past a quota."""
+
+    def check(size: int) -> None:
+        check_quota(session, project_id, "stored_bytes", float(size))
+
+    return check
+
+
+def number(value: float) -> str:
+    """A quantity for a message: whole numbers without a decimal point or exponent."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def running_seconds(session: Session, project_id: int) -> float:
+    """Wall seconds, as of their last heartbeat, of the project's attempts still running
+    (not metered until they end; see ``kiln.jobs.resources``)."""
+    rows = session.scalars(
+        select(Job.resources).where(Job.project_id == project_id, Job.state == JobState.running)
+    )
+    return sum(
+        float(a.get("wall_seconds", 0.0))
+        for resources in rows
+        for a in (resources or {}).get("attempts", [])
+        if a.get("state") == "running"
+    )
+
+
+def parse_bound(value: str | None, field: str) -> datetime | None:
+    """A range bound: an ISO date (midnight UTC) or datetime (naive means UTC); 422 naming
+    ``field`` otherwise."""
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise SpecError(
+            f"{field}: {value!r} is not an ISO date (2026-01-31) or datetime "
+            "(2026-01-31T12:00:00Z)",
+            field=field,
+        ) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def set_quota(

@@ -55,7 +55,11 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, model: bytes | str | Path, threads: int | None = None, *, spinning: bool = True
+    ) -> None:
+        """``spinning=False``: idle threads sleep at once instead of busy-waiting for
+        the next run; a server wants the cores for its other work between batches."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)  # errors surface as exceptions, not log lines
@@ -63,6 +67,8 @@ class OnnxBackend:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         providers = [
             p

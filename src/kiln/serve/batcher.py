@@ -68,12 +68,14 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self._items: deque[_Item] = deque()
-        self._wake = asyncio.Event()
+        self._rows = 0  # rows of the requests in ``_items``
+        self._loop_ref = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None  # the batching loop sleeps on it
         self._closed = False
         self._inflight = 0  # requests taken into a batch that has not answered yet
         # one thread: batches of one version never compete for the cores
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-forward")
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = self._loop_ref.create_task(self._loop())
 
     @property
     def depth(self) -> int:
@@ -86,40 +88,57 @@ class Batcher:
             raise Closed()
         if len(self._items) >= self.max_queue:
             raise QueueFull()
+        loop = self._loop_ref
         now = time.monotonic()
-        future: asyncio.Future[tuple[Output, int, int]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[Output, int, int]] = loop.create_future()
         # a caller that timed out never reads its future's exception: mark it read
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        future.add_done_callback(_retrieve)
         self._items.append(_Item(frame, now + timeout, now, future))
-        self._wake.set()
+        self._rows += len(frame)
+        self._notify()
+        # one timer, not ``wait_for`` (a task per request): past the deadline the future
+        # fails, and a batch that takes it later skips it
+        timer = loop.call_later(timeout, _expire, future)
         try:
-            output, start, stop = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            future.cancel()  # not yet in a batch: it never will be
-            raise DeadlineExceeded() from None
+            output, start, stop = await future
+        finally:
+            timer.cancel()
         return Output(
             predictions=output.predictions[start:stop],
             probabilities=output.probabilities[start:stop] if output.probabilities else None,
             labels=output.labels,
         )
 
+    def _notify(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until a request arrives (or ``close``), or ``timeout`` seconds pass."""
+        waiter = self._waiter = self._loop_ref.create_future()
+        timer = None if timeout is None else self._loop_ref.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop_ref
         while True:
             while not self._items:
                 if self._closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                await self._sleep(None)
             first = self._items[0]
             close_at = first.enqueued + self.max_delay
             # wait for more rows until the batch is full or the delay is over
-            while self._rows_waiting() < self.max_batch_size and time.monotonic() < close_at:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, close_at - time.monotonic()))
-                except TimeoutError:
+            while self._rows < self.max_batch_size:
+                left = close_at - time.monotonic()
+                if left <= 0:
                     break
+                await self._sleep(left)
             batch = self._take()
             if not batch:
                 continue
@@ -150,9 +169,6 @@ class Batcher:
                     )
                 )
 
-    def _rows_waiting(self) -> int:
-        return sum(len(item.frame) for item in self._items)
-
     def _take(self) -> list[_Item]:
         """Whole requests up to the batch size (at least one); expired ones are dropped."""
         batch: list[_Item] = []
@@ -160,21 +176,39 @@ class Batcher:
         now = time.monotonic()
         while self._items:
             item = self._items[0]
+            n = len(item.frame)
             if item.future.done() or item.deadline <= now:  # its caller gave up: skip it
                 self._items.popleft()
+                self._rows -= n
                 if not item.future.done():
                     item.future.set_exception(DeadlineExceeded())
                 continue
-            if batch and rows + len(item.frame) > self.max_batch_size:
+            if batch and rows + n > self.max_batch_size:
                 break
             self._items.popleft()
+            self._rows -= n
             batch.append(item)
-            rows += len(item.frame)
+            rows += n
         return batch
 
     async def close(self) -> None:
         """Stop taking requests; those already queued are answered first."""
         self._closed = True
-        self._wake.set()
+        self._notify()
         await self._task
         self._executor.shutdown(wait=True)
+
+
+def _retrieve(future: asyncio.Future[tuple[Output, int, int]]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _expire(future: asyncio.Future[tuple[Output, int, int]]) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded())
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -6,6 +6,13 @@ restarted server restores them. Changing the routes (hot swap, canary, rollback)
 loads any new version beside the old ones, warms it up, switches in one assignment,
 and only then closes the old batchers, which answer what they already queued: no
 request fails because of a swap.
+
+Every prediction is also monitored here: each deployment keeps a window of its recent
+requests and batches (:meth:`DeploymentManager.window`) and a drift feed against the
+reference statistics of its main version (:meth:`DeploymentManager.drift`); the
+manager meters predictions per project (with quotas) and samples them into the
+prediction log, both written by a background task every ``KILN_MONITOR_FLUSH_SECONDS``
+and on close.
 """
 
 from __future__ import annotations
@@ -14,16 +21,23 @@ import asyncio
 import logging
 import random
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from kiln.errors import ConflictError, NotFoundError, SpecError
+from kiln.errors import ConflictError, KilnError, NotFoundError, SpecError
+from kiln.monitor.live import DriftFeed, RequestWindow, no_drift
+from kiln.monitor.metering import PredictionMeter
 from kiln.monitor.metrics import ServingMetrics
-from kiln.serve.batcher import Batcher, BatchStats, Closed
+from kiln.monitor.predlog import PredictionLog
+from kiln.serve.batcher import Batcher, BatchStats, Closed, DeadlineExceeded, QueueFull
 from kiln.serve.model import Output, ServedModel
+from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.db import Database
 from kiln.store.projects import check_name
@@ -51,6 +65,9 @@ class Live:
     state: DeploymentState = DeploymentState.loading
     error: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    project: str = ""  # the project's name (artifact keys)
+    window: RequestWindow = field(default_factory=RequestWindow)
+    drift: DriftFeed | None = None  # against the reference of the heaviest route's version
 
     def pick(self) -> Route:
         if not self.routes:
@@ -70,42 +87,86 @@ class DeploymentManager:
         store: ArtifactStore,
         cache_dir: Path,
         metrics: ServingMetrics,
+        settings: Settings | None = None,
     ) -> None:
         self.db = db
         self.store = store
         self.cache_dir = cache_dir
         self.metrics = metrics
+        self.settings = settings or Settings()
         self.live: dict[tuple[int, str], Live] = {}
         self._models: dict[tuple[str, str], ServedModel] = {}  # (version id, backend)
         self._lock = asyncio.Lock()
+        self.meter = PredictionMeter(db)
+        self.predlog = PredictionLog(
+            store,
+            sample=self.settings.prediction_log_sample,
+            max_bytes=int(self.settings.prediction_log_max_mb * (1 << 20)),
+        )
+        metrics.watch_drift(self._drift_reports)
+        self._ticker: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------
 
     async def restore(self) -> None:
         """Bring back every persisted deployment (a failure marks that one failed)."""
+        self._start_ticker()
         rows = await asyncio.to_thread(self._all_rows)
-        for row in rows:
-            live = Live(row.project_id, row.name, row.model, config=_config(row))
+        for row, project in rows:
+            live = Live(row.project_id, row.name, row.model, config=_config(row), project=project)
             self.live[(row.project_id, row.name)] = live
             try:
                 live.routes = await self._build_routes(live, row.routes)
                 live.state = DeploymentState.ready
+                self._watch_drift(live)
             except Exception as exc:
                 live.state, live.error = DeploymentState.failed, str(exc)
                 log.error("deployment %s could not be restored: %s", row.name, exc)
 
-    def _all_rows(self) -> list[Deployment]:
+    def _all_rows(self) -> list[tuple[Deployment, str]]:
         with self.db.session() as s:
-            return list(s.scalars(select(Deployment).order_by(Deployment.id)))
+            query = (
+                select(Deployment, Project.name)
+                .join(Project, Project.id == Deployment.project_id)
+                .order_by(Deployment.id)
+            )
+            return [(row, name) for row, name in s.execute(query)]
 
     def ready(self) -> bool:
         return all(d.state == DeploymentState.ready for d in self.live.values())
 
     async def close(self) -> None:
+        """Close every batcher (they answer what they queued), then write the last
+        metered usage and prediction log records."""
+        self._stop.set()
         for live in self.live.values():
             for route in live.routes:
                 await route.batcher.close()
         self.live.clear()
+        if self._ticker is not None:
+            await self._ticker  # finishes a flush it may be in
+        await self.flush()
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None and not self._stop.is_set():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.monitor_flush_seconds)
+            if self._stop.is_set():
+                return  # close() flushes once more itself
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("monitoring flush failed")
+
+    async def flush(self) -> None:
+        """Write the metered usage and the prediction log's buffers now."""
+        await self.meter.flush()
+        await self.predlog.flush()
 
     # ---- API --------------------------------------------------------------------
 
@@ -126,12 +187,15 @@ class DeploymentManager:
             if (project.id, name) in self.live:
                 raise ConflictError(f"deployment {name!r} already exists", field="name")
             routes = [{"version": body["version"], "weight": 100}]
-            live = Live(project.id, name, body["model"], config=_pick_config(body))
+            live = Live(
+                project.id, name, body["model"], config=_pick_config(body), project=project.name
+            )
             resolved = await asyncio.to_thread(
                 self._resolve, project.id, live.model, routes, "version"
             )
             live.routes = await self._build_routes(live, resolved)
             live.state = DeploymentState.ready
+            self._watch_drift(live)
             await asyncio.to_thread(self._insert, live, resolved)
             self.live[(project.id, name)] = live
         return live
@@ -152,11 +216,12 @@ class DeploymentManager:
             resolved = await asyncio.to_thread(
                 self._resolve, project.id, live.model, routes, version_field
             )
-            staged = Live(project.id, name, live.model, config=config)
+            staged = Live(project.id, name, live.model, config=config, window=live.window)
             new_routes = await self._build_routes(staged, resolved)  # loaded and warm
             old = live.routes
             live.routes, live.config = new_routes, config  # the switch
             live.state, live.error = DeploymentState.ready, None
+            self._watch_drift(live)
             await asyncio.to_thread(self._save, live, resolved)
         for route in old:
             await route.batcher.close()  # answers what it already queued
@@ -173,19 +238,120 @@ class DeploymentManager:
     async def predict(
         self, project_id: int, name: str, rows: Any, *, matrix: Any = None
     ) -> tuple[Output, int]:
-        """Check ``rows`` (or an (N, F) ``matrix``) and predict; returns (output, version)."""
+        """Check ``rows`` (or an (N, F) ``matrix``) and predict; returns (output, version).
+
+        The project's prediction quotas are checked first (QuotaError, 429). Every call
+        on an existing deployment is recorded in its window with its HTTP-equivalent
+        status; an answered one is metered, fed to drift and offered to the prediction
+        log.
+        """
         live = self.get(project_id, name)
-        for _ in range(3):  # a route closed by a swap between pick and submit: pick again
-            route = live.pick()
-            model = route.batcher.model
-            frame = model.check_matrix(matrix) if matrix is not None else model.check_rows(rows)
-            try:
-                output = await route.batcher.predict(frame, live.config["timeout_ms"] / 1000)
-            except Closed:
+        started = time.perf_counter()
+        n = len(matrix) if matrix is not None else len(rows) if isinstance(rows, list) else 0
+        status, version, reserved = 500, None, False
+        meter = self.meter
+        try:
+            if self._ticker is None:
+                self._start_ticker()
+            if meter.needs_load(project_id):
+                await meter.prepare(project_id)
+            meter.reserve(project_id, n)
+            reserved = True
+            for _ in range(3):  # a route closed by a swap between pick and submit: pick again
+                route = live.pick()
+                version = route.version
+                model = route.batcher.model
+                frame = model.check_rows(rows) if matrix is None else model.check_matrix(matrix)
+                try:
+                    output = await route.batcher.predict(frame, live.config["timeout_ms"] / 1000)
+                except Closed:
+                    continue
+                status = 200
+                self.metrics.rows.labels(name, str(version)).inc(len(frame))
+                meter.commit(project_id, name, n)
+                if live.drift is not None:
+                    live.drift.add(frame)
+                self.predlog.offer(
+                    live.project, name, version, rows if matrix is None else frame, output
+                )
+                return output, version
+            raise ConflictError(f"deployment {name} is changing; try again", field="name")
+        except KilnError as exc:
+            status = exc.http_status
+            raise
+        except QueueFull:
+            status = 503
+            raise
+        except DeadlineExceeded:
+            status = 504
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the caller went away
+            raise
+        finally:
+            if reserved and status != 200:
+                meter.release(project_id, n)
+            live.window.record(time.perf_counter() - started, status, n, version)
+
+    # ---- monitoring -----------------------------------------------------------------
+
+    def window(self, project_id: int, name: str, seconds: float = 60) -> dict[str, Any]:
+        """The deployment's recent traffic: rates, latency percentiles, error share,
+        batch sizes, queue depth and per-version counts over the last ``seconds``, and
+        ``series``, one point per 5 s over the last 5 minutes, for live charts."""
+        live = self.get(project_id, name)
+        depth = sum(route.batcher.depth for route in live.routes)
+        out = {"deployment": live.name, "model": live.model, "state": live.state.value}
+        out.update(live.window.summary(seconds, queue_depth=depth))
+        return out
+
+    def drift(self, project_id: int, name: str) -> dict[str, Any]:
+        """The drift report of the deployment's recent inputs (PSI per column, against
+        the training data of its heaviest route's version); computes, may take
+        milliseconds: call it off the event loop."""
+        live = self.get(project_id, name)
+        if live.drift is None:  # failed to load
+            message = f"deployment {live.name} is {live.state.value}"
+            report = no_drift(self.settings.drift_threshold, None, message)
+        else:
+            report = live.drift.report()
+        return {"deployment": live.name, "model": live.model, **report}
+
+    def _drift_reports(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every drift report, for a scrape (another thread: one failure skips one)."""
+        for live in list(self.live.values()):
+            if live.drift is None:
                 continue
-            self.metrics.rows.labels(name, str(route.version)).inc(len(frame))
-            return output, route.version
-        raise ConflictError(f"deployment {name} is changing; try again", field="name")
+            try:
+                yield live.name, live.drift.report()
+            except Exception:
+                log.exception("drift report of %s failed", live.name)
+
+    def _watch_drift(self, live: Live) -> None:
+        """(Re)start drift against the heaviest route's version, if that changed."""
+        if not live.routes:
+            live.drift = None
+            return
+        top = max(live.routes, key=lambda r: r.weight)
+        if live.drift is not None and live.drift.version == top.version:
+            return
+        live.drift = DriftFeed(
+            top.batcher.model.meta.reference or {},
+            size=self.settings.drift_window,
+            threshold=self.settings.drift_threshold,
+            version=top.version,
+        )
+
+    def predictions(self, project_id: int, name: str, limit: int = 100) -> dict[str, Any]:
+        """The newest ``limit`` records of the prediction log (blocking: a thread)."""
+        live = self.get(project_id, name)
+        items = self.predlog.read(live.project, live.name, limit)
+        return {
+            "deployment": live.name,
+            "items": items,
+            "limit": limit,
+            **self.predlog.status(live.project, live.name),
+        }
 
     # ---- internals ----------------------------------------------------------------
 
@@ -240,7 +406,7 @@ class DeploymentManager:
                 max_batch_size=live.config["max_batch_size"],
                 max_delay_ms=live.config["max_delay_ms"],
                 max_queue=live.config["max_queue"],
-                on_batch=self._recorder(live.name, r["version"]),
+                on_batch=self._recorder(live, r["version"]),
             )
             labels = (live.name, str(r["version"]))
             self.metrics.queue_depth.labels(*labels).set_function(_depth_of(batcher))
@@ -270,10 +436,12 @@ class DeploymentManager:
         self._models[(version_id, backend)] = model
         return model
 
-    def _recorder(self, name: str, version: int) -> Any:
-        labels = (name, str(version))
+    def _recorder(self, live: Live, version: int) -> Any:
+        labels = (live.name, str(version))
+        window = live.window
 
         def record(stats: BatchStats) -> None:
+            window.record_batch(stats.rows)
             self.metrics.batch_size.labels(*labels).observe(stats.rows)
             self.metrics.model_time.labels(*labels).observe(stats.model_seconds)
             wait = self.metrics.queue_wait.labels(*labels)

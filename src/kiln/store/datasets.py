@@ -3,7 +3,9 @@
 A dataset is accepted only if kiln can read it as a table with at least one row; the
 file is then stored under ``projects/<project>/datasets/<id>/`` and never changed.
 A rejected file leaves nothing behind. Specs refer to a dataset as
-``data.source: dataset:<id>``.
+``data.source: dataset:<id>``. Storing one meters its size (a ``stored_bytes`` usage
+event in the same transaction); a caller's ``before_store`` check (a quota) runs
+once the size is known and before anything is stored.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from kiln.errors import DataError, NotFoundError
 from kiln.store.artifacts import ArtifactStore, safe_key, safe_segment
-from kiln.store.tables import Dataset, Project
+from kiln.store.tables import Dataset, Project, UsageEvent
 
 PREFIX = "dataset:"
 
@@ -91,11 +94,18 @@ def ingest(
     filename: str,
     path: Path,
     source: str = "upload",
+    before_store: Callable[[int], None] | None = None,
 ) -> Dataset:
-    """Check ``path``, store it and register it as a new dataset of ``project``."""
+    """Check ``path``, store it and register it as a new dataset of ``project``.
+
+    ``before_store(size_bytes)`` may refuse (raise) after the checks, before any write.
+    """
     safe_segment(name, field="name")
     safe_segment(filename, field="file")
     info = inspect_table(path, filename)
+    size = path.stat().st_size
+    if before_store is not None:
+        before_store(size)
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -111,11 +121,16 @@ def ingest(
         source=source,
         format=info["format"],
         fingerprint=digest.hexdigest(),
-        size_bytes=path.stat().st_size,
+        size_bytes=size,
         rows=info["rows"],
         columns=info["columns"],
     )
     session.add(row)
+    session.add(
+        UsageEvent(
+            project_id=project.id, kind="stored_bytes", quantity=float(size), subject=dataset_id
+        )
+    )
     try:
         session.flush()
     except Exception:
@@ -133,6 +148,7 @@ def import_uri(
     uri: str,
     data_roots: list[Path],
     s3_endpoint_url: str | None = None,
+    before_store: Callable[[int], None] | None = None,
 ) -> Dataset:
     """Copy a table from ``uri`` (s3://… or a path under one of ``data_roots``) and ingest it.
 
@@ -165,7 +181,16 @@ def import_uri(
             if not path.is_file():
                 raise NotFoundError(f"{uri} not found", field="uri")
             shutil.copyfile(path, local)
-        return ingest(session, store, project, name=name, filename=filename, path=local, source=uri)
+        return ingest(
+            session,
+            store,
+            project,
+            name=name,
+            filename=filename,
+            path=local,
+            source=uri,
+            before_store=before_store,
+        )
 
 
 def get_dataset(session: Session, project: Project, dataset_id: str) -> Dataset:

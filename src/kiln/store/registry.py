@@ -3,6 +3,7 @@
 A version is a bundle in the artifact store plus what it came from (job, dataset,
 parent version for compressed variants) and its metrics. Version numbers count up
 per model from 1; aliases (``production``, ``staging``, ...) point at one version.
+Registering a version meters its size (a ``stored_bytes`` usage event, same transaction).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from kiln.errors import ConflictError, NotFoundError, SpecError
 from kiln.store.projects import check_name
-from kiln.store.tables import Alias, Model, ModelVersion, Project, utcnow
+from kiln.store.tables import Alias, Model, ModelVersion, Project, UsageEvent, utcnow
 
 
 def get_model(session: Session, project: Project, name: str) -> Model:
@@ -69,6 +70,15 @@ def register_version(
     except IntegrityError:
         # Two registrations raced for the same number (PostgreSQL); the caller retries.
         raise ConflictError(f"version {row.version} of {name!r} was just taken") from None
+    if size_bytes > 0:
+        session.add(
+            UsageEvent(
+                project_id=project.id,
+                kind="stored_bytes",
+                quantity=float(size_bytes),
+                subject=row.id,
+            )
+        )
     return row
 
 

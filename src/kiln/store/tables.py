@@ -144,7 +144,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     model_version_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    # wall_seconds, cpu_seconds, peak_rss_bytes, gpu_peak_bytes, device: of the last attempt
+    # wall/cpu seconds (sums), peak_rss_bytes, gpu_peak_bytes (maxima), device, attempts: [...]
+    # (every attempt; see kiln.jobs.resources)
     resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
@@ -265,7 +266,7 @@ class Quota(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     kind: Mapped[str] = mapped_column(String(32))
-    period: Mapped[str] = mapped_column(String(8))  # day | month
+    period: Mapped[str] = mapped_column(String(8))  # day | month | total
     limit: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

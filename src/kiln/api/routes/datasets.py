@@ -12,6 +12,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
 from kiln.api.schemas import DatasetImport, DatasetOut, Page, page_of
 from kiln.errors import DataError
+from kiln.monitor import usage
 from kiln.store import datasets
 from kiln.store.artifacts import safe_segment
 from kiln.store.tables import Dataset
@@ -51,13 +52,16 @@ def upload(
     filename = safe_segment(file.filename or "", field="file")
     name = name if name is not None else filename.split(".", 1)[0]
     safe_segment(name, field="name")
+    quota = usage.stored_bytes_check(s, project.id)
     with tempfile.TemporaryDirectory(prefix="kiln-upload-") as tmp:
         local = Path(tmp) / "upload"
         with local.open("wb") as dst:
             shutil.copyfileobj(file.file, dst, 1 << 20)
         if local.stat().st_size == 0:
             raise DataError(f"{filename} is empty", field="file")
-        row = datasets.ingest(s, svc.store, project, name=name, filename=filename, path=local)
+        row = datasets.ingest(
+            s, svc.store, project, name=name, filename=filename, path=local, before_store=quota
+        )
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)
 
@@ -80,6 +84,7 @@ def import_(
         uri=body.uri,
         data_roots=svc.settings.data_roots,
         s3_endpoint_url=svc.settings.s3_endpoint_url,
+        before_store=usage.stored_bytes_check(s, project.id),
     )
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from kiln.api.deps import Deployer, ProjectAlone, Reader, ServicesDep, principal
+from kiln.api.deps import Deployer, ProjectAlone, Reader, Services, ServicesDep, principal
 from kiln.api.schemas import DeploymentIn, DeploymentOut, DeploymentPatch, PredictIn, PredictOut
 from kiln.serve.deployments import DeploymentManager, Live
 from kiln.store.keys import Principal
@@ -16,7 +17,7 @@ from kiln.store.projects import project_for
 router = APIRouter(tags=["deployments"])
 
 
-def manager(request: Request) -> DeploymentManager:
+async def manager(request: Request) -> DeploymentManager:
     deployments: DeploymentManager = request.app.state.deployments
     return deployments
 
@@ -95,16 +96,21 @@ async def delete(
     return Response(status_code=204)
 
 
-def inference_project(
+async def inference_project(
     request: Request,
     svc: ServicesDep,
     who: Annotated[Principal, Depends(principal)],
     project: Annotated[str | None, Query()] = None,
 ) -> int:
-    """The caller's project for inference (no database read for a project key)."""
+    """The caller's project for inference (no database read, nor thread, for a project
+    key)."""
     who.require("predict")
     if who.project_id is not None and project is None:
         return who.project_id
+    return await run_in_threadpool(_project_id, svc, who, project)
+
+
+def _project_id(svc: Services, who: Principal, project: str | None) -> int:
     with svc.db.session() as s:
         return project_for(s, who, project).id
 
@@ -133,3 +139,26 @@ async def predict(
         model=live.model,
         version=version,
     )
+
+
+@router.get("/deployments/{name}/drift", name="deployments.drift")
+def drift(name: str, _who: Reader, project: ProjectAlone, deployments: Manager) -> dict[str, Any]:
+    """Input drift of the recent rows (``KILN_DRIFT_WINDOW``) against the training data of
+    the deployment's main version: ``{rows, threshold, version, reference, columns:
+    {name: {psi, drifted}}, drifted: [names]}``. A version trained before bundles kept
+    reference statistics has ``reference: false`` and a ``message``."""
+    return deployments.drift(project.id, name)
+
+
+@router.get("/deployments/{name}/predictions", name="deployments.predictions")
+def predictions(
+    name: str,
+    _who: Reader,
+    project: ProjectAlone,
+    deployments: Manager,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """The newest records of the prediction log, newest first (a sample of the requests,
+    ``KILN_PREDICTION_LOG_SAMPLE``): ``{items: [{time, version, inputs, predictions,
+    probabilities?, labels?}], sample, full, ...}``."""
+    return deployments.predictions(project.id, name, limit)

@@ -12,6 +12,7 @@ from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, 
 from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, page_of
 from kiln.errors import NotFoundError, SpecError
 from kiln.jobs import queue
+from kiln.monitor import usage
 from kiln.spec.load import load_spec
 from kiln.store.datasets import dataset_ref, get_dataset
 from kiln.store.projects import check_name
@@ -46,6 +47,7 @@ def job_out(s: Session, row: Job) -> JobOut:
         finished_at=row.finished_at,
         spec=row.spec,
         options=row.options or {},
+        resources=row.resources or {},
     )
 
 
@@ -140,6 +142,8 @@ def submit(
     request: Request,
 ) -> JobOut:
     spec = checked_spec(s, project, body)
+    running = usage.running_seconds(s, project.id)
+    usage.check_quota(s, project.id, "compute_seconds", pending=running)
     options = {"folds": body.folds or 5} if body.kind == "crossval" else {}
     row = queue.new_job(
         s,

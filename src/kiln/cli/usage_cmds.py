@@ -1,0 +1,217 @@
+"""``kiln usage`` and ``kiln quotas``: what a project consumed, and the limits on it.
+
+Quantities print in their units: compute in seconds, minutes or hours, storage in
+binary bytes (KiB, MiB, ...), predictions as counts; ``--json`` prints the server's
+numbers as they are (seconds, bytes, counts). A quota's limit may be given with a
+unit: ``2h``, ``90min``, ``500MB``, ``1.5GiB``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from kiln.cli.errors import reports_errors
+from kiln.cli.remote_cmds import ApiKey, JsonOut, ProjectOpt, Url, connect, table
+from kiln.cli.render import console, print_json
+
+KINDS_HELP = "compute_seconds, stored_bytes, prediction_requests or prediction_rows"
+Period = Annotated[str, typer.Option("--period", help="day or month (UTC calendar), or total.")]
+
+UNITS: dict[str, float] = {
+    # seconds
+    "s": 1,
+    "sec": 1,
+    "min": 60,
+    "h": 3600,
+    "d": 86400,
+    # bytes
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_amount(text: str) -> float:
+    """``"3600"``, ``"1h"``, ``"90min"``, ``"500MB"``, ``"1.5GiB"`` → seconds or bytes."""
+    from kiln.errors import SpecError
+
+    match = _AMOUNT.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit and unit not in UNITS):
+        raise SpecError(
+            f"limit: {text!r} is not a number, optionally with a unit "
+            "(s, min, h, d; B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)",
+            field="limit",
+        )
+    return float(match.group(1)) * (UNITS[unit] if unit else 1)
+
+
+def amount(kind: str, value: float | None) -> str:
+    """A quantity of ``kind`` for a person: ``12.3 s``, ``4.5 min``, ``1.2 GiB``, ``1,024``."""
+    if value is None:
+        return "-"
+    if kind == "compute_seconds":
+        if value < 120:
+            return f"{value:.1f} s"
+        if value < 2 * 3600:
+            return f"{value / 60:.1f} min"
+        return f"{value / 3600:,.1f} h"
+    if kind == "stored_bytes":
+        size = float(value)
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if size < 1024 or unit == "TiB":
+                return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+            size /= 1024
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def _per(period: str) -> str:
+    return "in total" if period == "total" else f"per {period}"
+
+
+def _quota_line(quota: dict[str, Any]) -> str:
+    kind, limit, used = quota["kind"], quota["limit"], quota["used"]
+    share = f" ({100 * used / limit:.0f}%)" if limit else ""
+    style = "red" if limit is not None and used >= limit else "green"
+    return (
+        f"quota {kind} {_per(quota['period'])}: [{style}]{amount(kind, used)}[/] "
+        f"of {amount(kind, limit)} used{share}"
+    )
+
+
+@reports_errors
+def usage(
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="First day (ISO date or datetime, UTC).", show_default=False),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="End, exclusive (ISO date or datetime).", show_default=False),
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option("--group-by", help="day, month or total.", case_sensitive=False)
+    ] = "day",
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """What the project used: compute seconds by device, bytes stored, predictions."""
+    with connect(url, api_key, project) as client:
+        doc = client.usage(from_=from_, to=to, group_by=group_by.lower())
+    if json_out:
+        print_json(doc)
+        return
+    span = f"from {doc['from'] or 'the start'} to {doc['to'] or 'now'}"
+    out = table(f"usage of {doc['project']} ({span})", "period", "kind", "device", "quantity")
+    for item in doc["items"]:
+        out.add_row(
+            item["period"],
+            item["kind"],
+            item["device"] or "",
+            amount(item["kind"], item["quantity"]),
+        )
+    if doc["items"]:
+        console.print(out)
+    else:
+        console.print(f"no usage recorded for {escape(doc['project'])} ({span})")
+    for kind, total in sorted(doc["totals"].items()):
+        console.print(f"total {kind}: [bold]{amount(kind, total)}[/]")
+    for quota in doc["quotas"]:
+        console.print(_quota_line(quota))
+
+
+quotas_app = typer.Typer(
+    help="Per-project limits on usage (set by a global admin key).", no_args_is_help=True
+)
+
+
+@quotas_app.command("set")
+@reports_errors
+def quotas_set(
+    kind: Annotated[str, typer.Argument(help=KINDS_HELP + ".", show_default=False)],
+    limit: Annotated[
+        str,
+        typer.Argument(
+            help="The most per period: a number, or with a unit (2h, 90min, 500MB, 1GiB).",
+            show_default=False,
+        ),
+    ],
+    period: Period = "day",
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Cap a project's usage of KIND per period; past it, the server answers 429."""
+    value = parse_amount(limit)
+    with connect(url, api_key, project) as client:
+        row = client.quotas.set(kind, value, period=period.lower(), project=project)
+    if json_out:
+        print_json(row)
+        return
+    console.print(
+        f"project [bold]{escape(row['project'])}[/]: {kind} limited to "
+        f"{amount(kind, row['limit'])} {_per(row['period'])}"
+    )
+    console.print(_quota_line(row))
+
+
+@quotas_app.command("remove")
+@reports_errors
+def quotas_remove(
+    kind: Annotated[str, typer.Argument(help=KINDS_HELP + ".", show_default=False)],
+    period: Period = "day",
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Remove a project's quota on KIND for a period."""
+    with connect(url, api_key, project) as client:
+        row = client.quotas.remove(kind, period=period.lower(), project=project)
+    if json_out:
+        print_json(row)
+        return
+    console.print(
+        f"project [bold]{escape(row['project'])}[/]: no {kind} quota {_per(row['period'])}"
+    )
+
+
+@quotas_app.command("list")
+@reports_errors
+def quotas_list(
+    url: Url = None,
+    api_key: ApiKey = None,
+    project: ProjectOpt = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The project's quotas and what is used of each in its current period."""
+    with connect(url, api_key, project) as client:
+        rows = client.quotas.list()
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no quotas in this project")
+        return
+    out = table(f"quotas of {rows[0]['project']}", "kind", "period", "limit", "used", "%")
+    for row in rows:
+        kind = row["kind"]
+        share = f"{100 * row['used'] / row['limit']:.0f}" if row["limit"] else "-"
+        out.add_row(
+            kind, row["period"], amount(kind, row["limit"]), amount(kind, row["used"]), share
+        )
+    console.print(out)

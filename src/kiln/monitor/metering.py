@@ -1,0 +1,219 @@
+"""Prediction metering: requests and rows served, counted in memory, written in batches.
+
+The serving path never waits on the database: :meth:`PredictionMeter.reserve` checks a
+project's ``prediction_requests`` and ``prediction_rows`` quotas against a cached
+copy of its quotas and usage so far, plus what this process has counted but not yet
+written (and what requests in flight have reserved, so concurrent requests cannot all
+slip past a limit). :meth:`PredictionMeter.flush`, run every few seconds by the
+deployment manager, writes the counts as usage events (``subject`` = the deployment)
+and refreshes the cache of the projects that were active; a project the cache has not
+seen for a while is read once, off the event loop, by :meth:`PredictionMeter.prepare`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from kiln.errors import QuotaError
+from kiln.monitor import usage
+from kiln.store.db import Database
+from kiln.store.tables import Quota
+
+log = logging.getLogger("kiln.monitor")
+
+REQUESTS, ROWS = "prediction_requests", "prediction_rows"
+KINDS = (REQUESTS, ROWS)
+
+
+@dataclass
+class _Limits:
+    """A project's prediction quotas and its usage as the database had it at ``loaded``."""
+
+    quotas: list[tuple[str, str, float]]  # (kind, period, limit)
+    used: dict[tuple[str, str], float]  # (kind, period) -> used in the period
+    starts: dict[str, datetime | None]  # period -> the start ``used`` counts from
+    loaded: float  # monotonic seconds
+    until: float = math.inf  # epoch seconds: when the first of these periods ends
+
+
+@dataclass
+class _Unwritten:
+    """Requests and rows this process counted (or reserved) and has not written yet."""
+
+    requests: float = 0.0
+    rows: float = 0.0
+    by_deployment: dict[str, list[float]] = field(default_factory=dict)  # answered: [req, rows]
+
+
+class PredictionMeter:
+    """Counts predictions per (project, deployment); enforces prediction quotas."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        stale_after: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.stale_after = stale_after
+        self.clock = clock
+        self._limits: dict[int, _Limits] = {}
+        self._unwritten: dict[int, _Unwritten] = {}
+        self._touched: set[int] = set()  # projects checked since the last refresh
+
+    # ---- the serving path (event loop, no I/O) ------------------------------------
+
+    def needs_load(self, project_id: int) -> bool:
+        """True if the project's quotas are unknown or stale (see :meth:`prepare`)."""
+        limits = self._limits.get(project_id)
+        return limits is None or self.clock() - limits.loaded > self.stale_after
+
+    def reserve(self, project_id: int, rows: int) -> None:
+        """Check one request of ``rows`` rows against the quotas and hold it as counted;
+        QuotaError (429) names the quota it would pass. Follow with :meth:`commit`
+        (answered) or :meth:`release` (not)."""
+        self._touched.add(project_id)
+        pending = self._unwritten.get(project_id)
+        if pending is None:
+            pending = self._unwritten[project_id] = _Unwritten()
+        limits = self._limits.get(project_id)
+        if limits is not None and limits.quotas:
+            _check(limits, REQUESTS, 1, pending.requests)
+            _check(limits, ROWS, rows, pending.rows)
+        pending.requests += 1
+        pending.rows += rows
+
+    def release(self, project_id: int, rows: int) -> None:
+        """A reserved request that was not answered: it does not count."""
+        pending = self._unwritten[project_id]
+        pending.requests -= 1
+        pending.rows -= rows
+
+    def commit(self, project_id: int, deployment: str, rows: int) -> None:
+        """A reserved request was answered: it is written at the next flush."""
+        counts = self._unwritten[project_id].by_deployment.setdefault(deployment, [0.0, 0.0])
+        counts[0] += 1
+        counts[1] += rows
+
+    def pending(self, project_id: int) -> dict[str, float]:
+        """What the project used that is not in the database yet."""
+        unwritten = self._unwritten.get(project_id, _Unwritten())
+        return {REQUESTS: unwritten.requests, ROWS: unwritten.rows}
+
+    # ---- the database (threads) ---------------------------------------------------
+
+    async def prepare(self, project_id: int) -> None:
+        """Make sure the project's quotas are cached: read them (in a thread) if they are
+        unknown or stale. Active projects are refreshed by every flush, so this reads
+        the database only for a project's first request in a while."""
+        if self.needs_load(project_id):
+            self._limits[project_id] = await asyncio.to_thread(self._load, project_id)
+
+    def _load(self, project_id: int) -> _Limits:
+        with self.db.session() as s:
+            return self._read(s, project_id)
+
+    def _read(self, session: Any, project_id: int) -> _Limits:
+        rows = session.scalars(
+            select(Quota).where(Quota.project_id == project_id, Quota.kind.in_(KINDS))
+        ).all()
+        quotas = [(q.kind, q.period, float(q.limit)) for q in rows]
+        starts = {period: usage.period_start(period) for _, period, _ in quotas}
+        used = {
+            (kind, period): usage.used(session, project_id, kind, starts[period])
+            for kind, period, _ in quotas
+        }
+        return _Limits(
+            quotas=quotas,
+            used=used,
+            starts=starts,
+            loaded=self.clock(),
+            until=min((_end(p, s) for p, s in starts.items()), default=math.inf),
+        )
+
+    async def flush(self) -> None:
+        """Write the answered counts as usage events and refresh the active projects'
+        quotas and usage; on a database error the counts wait for the next flush."""
+        batch: dict[int, dict[str, list[float]]] = {}
+        for project_id, unwritten in self._unwritten.items():
+            if unwritten.by_deployment:
+                batch[project_id] = unwritten.by_deployment
+                unwritten.by_deployment = {}
+        refresh = self._touched | set(batch)
+        self._touched = set()
+        if not batch and not refresh:
+            return
+        try:
+            fresh = await asyncio.to_thread(self._write, batch, refresh)
+        except Exception as exc:
+            log.error("prediction usage could not be written (will retry): %s", exc)
+            for project_id, counts in batch.items():
+                unwritten = self._unwritten[project_id]
+                for name, (requests, rows) in counts.items():
+                    again = unwritten.by_deployment.setdefault(name, [0.0, 0.0])
+                    again[0] += requests
+                    again[1] += rows
+            self._touched |= refresh
+            return
+        # in one step on the event loop: what was written leaves the pending counts as
+        # the refreshed usage (which includes it) arrives
+        for project_id, counts in batch.items():
+            unwritten = self._unwritten[project_id]
+            for requests, rows in counts.values():
+                unwritten.requests -= requests
+                unwritten.rows -= rows
+        self._limits.update(fresh)
+
+    def _write(
+        self, batch: dict[int, dict[str, list[float]]], refresh: set[int]
+    ) -> dict[int, _Limits]:
+        with self.db.session() as s:
+            for project_id, counts in batch.items():
+                for name, (requests, rows) in counts.items():
+                    usage.record(s, project_id, REQUESTS, requests, subject=name)
+                    usage.record(s, project_id, ROWS, rows, subject=name)
+        with self.db.session() as s:
+            return {project_id: self._read(s, project_id) for project_id in refresh}
+
+
+def _check(limits: _Limits, kind: str, adding: float, pending: float) -> None:
+    """As :func:`kiln.monitor.usage.check_quota`, on the cached usage."""
+    for quota_kind, period, limit in limits.quotas:
+        if quota_kind != kind:
+            continue
+        used = limits.used[(kind, period)]
+        # a new day or month began since the cache was read: nothing of it is used yet
+        if time.time() >= limits.until and usage.period_start(period) != limits.starts[period]:
+            used = 0.0
+        so_far = used + pending
+        if so_far + adding > limit or (adding == 0 and so_far >= limit):
+            per = "in total" if period == "total" else f"per {period}"
+            raise QuotaError(
+                f"quota exceeded: {kind} {per} is {limit:g}; "
+                f"{so_far:g} used, this needs {adding:g} more",
+                field=kind,
+            )
+
+
+def _end(period: str, start: datetime | None) -> float:
+    """When a period that began at ``start`` ends (epoch seconds; never for ``total``)."""
+    if start is None:
+        return math.inf
+    if period == "day":
+        return (start + timedelta(days=1)).timestamp()
+    month = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return month.timestamp()
