@@ -199,7 +199,7 @@ class ServedModel:
             raise DataError(f"{where}: {values[i, j]} is not a finite number", field=where)
         if len(values) > MAX_ROWS:
             raise DataError(f"{field}: at most {MAX_ROWS} rows per request", field=field)
-        return pd.DataFrame(values, columns=self.feature_order)
+        return pd.DataFrame(values, columns=self._column_index)
 
     def predict_frame(self, frame: pd.DataFrame) -> Output:
         """Predictions for a batch (rows already checked).
@@ -244,7 +244,9 @@ def _plain_numbers(rows: list[Any], names: list[str]) -> np.ndarray | None:
         matrix = np.array(values, dtype=np.float64)
     except OverflowError:
         return None
-    if not np.isfinite(matrix).all():
+    # one sum instead of an isfinite pass: NaN or infinity anywhere (or an overflow
+    # of the sum, rare and harmless) sends the rows to the exact check
+    if not math.isfinite(matrix.sum()):
         return None
     return matrix
 
