@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/text_finetune.py
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/job_queue.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
