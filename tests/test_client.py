@@ -15,7 +15,8 @@ import yaml
 
 import kiln
 from cli.live_server import Platform, running_platform
-from kiln.client import Client, extract_bundle
+from kiln.archive import extract_bundle
+from kiln.client import Client
 from kiln.errors import (
     AuthError,
     ConflictError,

@@ -25,16 +25,16 @@ Connection failures are retried (3 times) by httpx's transport.
 from __future__ import annotations
 
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from kiln.archive import extract_bundle
 from kiln.errors import ERRORS_BY_CODE, ConflictError, KilnError, NotFoundError, ServiceError
 
 JSON = dict[str, Any]
@@ -552,43 +552,3 @@ def records(rows: Any) -> list[JSON]:
     if isinstance(rows, Mapping):
         raise TypeError("rows: a list of {column: value} rows or a DataFrame, not one row")
     return list(rows)
-
-
-def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Extract a bundle .tar.gz into ``dest``; the one top-level directory it holds.
-
-    Refuses (``ServiceError``) any archive with a member outside one top folder, an
-    absolute path, ``..``, a link or anything but plain files and directories; the
-    extraction itself runs with tarfile's ``data`` filter as a second guard.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            tops = {_checked_top(m) for m in members}
-            if len(tops) != 1:
-                raise ServiceError(
-                    f"bundle archive must hold one top folder, not {sorted(tops) or 'none'}"
-                )
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        raise ServiceError(f"bundle archive could not be extracted: {exc}") from None
-    top = dest / tops.pop()
-    if not top.is_dir():
-        raise ServiceError(f"bundle archive holds no folder {top.name!r}")
-    return top
-
-
-def _checked_top(member: tarfile.TarInfo) -> str:
-    """The member's top-level folder; ServiceError if the member is unsafe."""
-    path = PurePosixPath(member.name)
-    unsafe = (
-        not (member.isfile() or member.isdir())
-        or path.is_absolute()
-        or ".." in path.parts
-        or "\\" in member.name
-        or not path.parts
-    )
-    if unsafe:
-        raise ServiceError(f"refusing unsafe bundle archive member {member.name!r}")
-    return path.parts[0]

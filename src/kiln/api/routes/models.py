@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from starlette.background import BackgroundTask
 
 from kiln.api.deps import Deployer, PageDep, ProjectDep, Reader, ServicesDep, SessionDep
 from kiln.api.schemas import AliasIn, ModelOut, Page, VersionOut, page_of
+from kiln.archive import pack_bundle
 from kiln.store import registry
 from kiln.store.tables import Alias, Model, ModelVersion
 
@@ -91,8 +91,7 @@ def bundle(
     folder = f"{model.name}-v{row.version}"
     svc.store.get_dir(row.artifact_key, tmp / folder)
     archive = tmp / f"{folder}.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp / folder, arcname=folder)
+    pack_bundle(tmp / folder, archive)
 
     return FileResponse(
         archive,
