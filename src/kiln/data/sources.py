@@ -42,11 +42,14 @@ def table_format(source: str) -> str:
     )
 
 
-def read_table(source: str) -> pd.DataFrame:
-    """Read ``source`` (path, fsspec URI or ``sklearn:<name>``) into a DataFrame."""
+def read_table(source: str, fmt: str | None = None) -> pd.DataFrame:
+    """Read ``source`` (path, fsspec URI or ``sklearn:<name>``) into a DataFrame.
+
+    ``fmt`` (csv, tsv, parquet, jsonl) overrides the format the suffix implies.
+    """
     if source.startswith(SKLEARN_PREFIX):
         return load_sklearn(source.removeprefix(SKLEARN_PREFIX))
-    fmt = table_format(source)
+    fmt = fmt or table_format(source)
     import fsspec
 
     try:

@@ -48,14 +48,10 @@ def inspect_table(path: Path, filename: str) -> dict[str, Any]:
         raise DataError(exc.message, field="file") from None
     if fmt in ("csv", "tsv", "jsonl"):
         _check_utf8(path, filename)
-    local = str(path.with_name(path.name + "." + filename.rsplit(".", 1)[-1]))
-    Path(local).symlink_to(path)
     try:
-        frame = read_table(local)
+        frame = read_table(str(path), fmt)
     except DataError as exc:
-        raise DataError(exc.message.replace(local, filename), field="file") from None
-    finally:
-        Path(local).unlink(missing_ok=True)
+        raise DataError(exc.message.replace(str(path), filename), field="file") from None
     columns = [
         {"name": str(name), "kind": infer_kind(frame[name]), "dtype": str(frame[name].dtype)}
         for name in frame.columns
