@@ -46,20 +46,33 @@ def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> PreTr
     from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     norm = [normalizers.NFD(), normalizers.StripAccents()]
     if lowercase:
         norm.insert(0, normalizers.Lowercase())
-    tok.normalizer = normalizers.Sequence(norm)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(texts, trainer=trainer)
-    # The trainer breaks frequency ties in hash order, which differs between processes;
-    # number the learned vocabulary in a fixed order so a seed gives the same model.
-    learned = [t for t in tok.get_vocab() if t not in SPECIAL_TOKENS]
+    normalizer = normalizers.Sequence(norm)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers continuation pieces ("##e") in hash-map order, and merge ties
+    # are broken by those numbers, so the same texts could learn a different vocabulary
+    # in another process (huggingface/tokenizers#1794). Giving every continuation
+    # piece a fixed id up front (sorted, as the trainer already does for the alphabet)
+    # leaves nothing to hash order: the same texts always learn the same vocabulary.
+    continuations: set[str] = set()
+    for text in texts:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            continuations.update(word[1:])
+    seeded = [f"##{c}" for c in sorted(continuations)]
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *seeded])
+    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizer
+    learner.train_from_iterator(texts, trainer=trainer)
+    # A fresh tokenizer over the learned vocabulary: the seeded pieces were "special"
+    # only to the trainer and must stay ordinary vocabulary here.
+    learned = [t for t in learner.get_vocab() if t not in SPECIAL_TOKENS]
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *sorted(learned)])}
-    tok.model = models.WordPiece(vocab, unk_token="[UNK]")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
