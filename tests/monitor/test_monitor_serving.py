@@ -242,7 +242,7 @@ def test_drift_flags_the_shifted_column(home: Home) -> None:
         assert psi[PETAL] == pytest.approx(report["columns"][PETAL]["psi"])
         assert all(v < 0.2 for k, v in psi.items() if k != PETAL)
         (flagged,) = families["kiln_drift_flagged_columns"].samples
-        assert flagged.labels == {"deployment": "iris"} and flagged.value == 1
+        assert flagged.labels == {"project": "default", "deployment": "iris"} and flagged.value == 1
 
         # the values are those of the moment of the scrape
         for _ in range(2):
@@ -260,6 +260,98 @@ def test_drift_flags_the_shifted_column(home: Home) -> None:
         families = _metrics(c)
         assert families["kiln_drift_psi"].samples == []
         assert c.get(f"{API}/deployments/nope/drift").status_code == 404
+
+
+# ---- Prometheus series per project -----------------------------------------------------
+
+
+def test_metrics_are_labelled_and_shown_per_project(home: Home) -> None:
+    """Two projects each deploy ``iris``: their series stay apart, and a project's key
+    sees only its own (a global key sees both, or one with ``?project=``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kiln.store.projects import ensure_project
+    from kiln.store.registry import register_version
+
+    with home.db() as s:
+        register_version(
+            s,
+            ensure_project(s, "other"),
+            "iris",
+            artifact_key="projects/default/models/iris/v1",
+            task="classification",
+            metrics={},
+            summary={},
+            size_bytes=0,
+        )
+    with home.client() as c:
+        r = c.post(
+            f"{API}/deployments",
+            params={"project": "other"},
+            json={"name": "iris", "model": "iris", "version": 1},
+        )
+        assert r.status_code == 201, r.text
+        keys = {}
+        for project in ("default", "other"):
+            r = c.post(f"{API}/keys", json={"project": project, "scopes": ["predict", "read"]})
+            assert r.status_code == 201, r.text
+            keys[project] = {"Authorization": f"Bearer {r.json()['key']}"}
+        for project, n in (("default", 3), ("other", 2)):
+            for i in range(n):
+                r = c.post(
+                    f"{API}/deployments/iris/predict",
+                    json={"inputs": ROWS[i : i + 4]},
+                    headers=keys[project],
+                )
+                assert r.status_code == 200, r.text
+
+        def scrape(headers: dict[str, str], **params: str) -> dict[tuple[str, str], float]:
+            """(project, family) -> the sum of its samples, for every kiln_* family."""
+            r = c.get("/metrics", headers=headers, params=params)
+            assert r.status_code == 200, r.text
+            families = {f.name: f for f in text_string_to_metric_families(r.text)}
+            assert families["process_resident_memory_bytes"].samples  # not a project's
+            seen: dict[tuple[str, str], float] = {}
+            for name, family in families.items():
+                for sample in family.samples:
+                    if name.startswith("kiln_") and sample.name == f"{name}_total":
+                        key = (sample.labels["project"], name)
+                        seen[key] = seen.get(key, 0) + sample.value
+                    elif name.startswith("kiln_"):
+                        seen.setdefault((sample.labels["project"], name), 0)
+            return seen
+
+        mine = scrape(keys["default"])
+        assert {project for project, _ in mine} == {"default"}
+        assert mine[("default", "kiln_requests")] == 3
+        assert mine[("default", "kiln_rows")] == 12
+        assert ("default", "kiln_queue_depth") in mine and ("default", "kiln_drift_psi") in mine
+        theirs = scrape(keys["other"])
+        assert {project for project, _ in theirs} == {"other"}
+        assert theirs[("other", "kiln_requests")] == 2
+        assert theirs[("other", "kiln_rows")] == 8
+        admin = {"Authorization": f"Bearer {home.admin}"}
+        both = scrape(admin)
+        assert both == {**mine, **theirs}
+        assert scrape(admin, project="other") == theirs
+        # a key of one project cannot ask for another's series
+        assert scrape(keys["default"], project="other") == mine
+
+        # a swap drops the gauges of the version no longer served, and only that project's
+        r = c.patch(f"{API}/deployments/iris", json={"version": 2})
+        assert r.status_code == 200, r.text
+        r = c.get("/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        depth = {
+            (s.labels["project"], s.labels["version"]) for s in families["kiln_queue_depth"].samples
+        }
+        assert depth == {("default", "2"), ("other", "1")}
+        loads = {
+            (s.labels["project"], s.labels["version"])
+            for s in families["kiln_model_load_seconds"].samples
+        }
+        # each deployment has its load time, though "other" reused the loaded model
+        assert loads == {("default", "2"), ("other", "1")}
 
 
 # ---- the prediction log ---------------------------------------------------------------

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,7 @@ from kiln.monitor.audit import record
 from kiln.settings import Settings
 from kiln.store.artifacts import open_store
 from kiln.store.db import Database, migrate
+from kiln.store.keys import Principal
 from kiln.web import mount as mount_dashboard
 
 API = "/api/v1"
@@ -116,13 +117,24 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         ok = manager is not None and manager.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["health"], dependencies=[Depends(principal)])
-    def metrics(request: Request) -> Response:
-        """Prometheus text format (any valid API key; scrape with a bearer token)."""
+    @app.get("/metrics", tags=["health"])
+    def metrics(
+        request: Request,
+        who: Annotated[Principal, Depends(principal)],
+        project: Annotated[
+            str | None, Query(description="For a global key: only this project's series.")
+        ] = None,
+    ) -> Response:
+        """Prometheus text format (any valid API key; scrape with a bearer token).
+
+        A project's key sees its own project's ``kiln_*`` series only; a global key sees
+        every project's (each series has a ``project`` label), or one with ``?project=``.
+        """
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        only = who.project if who.project_id is not None else project
         return Response(
-            request.app.state.deployments.metrics.render(), media_type=CONTENT_TYPE_LATEST
+            request.app.state.deployments.metrics.render(only), media_type=CONTENT_TYPE_LATEST
         )
 
     return app
@@ -202,9 +214,11 @@ async def _audit(scope: Scope, status: int) -> None:
     name = getattr(scope.get("route"), "name", None)
     if name in INFERENCE:  # read from the scope: no Request built on the hot path
         deployment = scope.get("path_params", {}).get("name", "")
-        version = scope.get("state", {}).get("served_version", "")
+        state = scope.get("state", {})
+        version = state.get("served_version", "")
+        project = state.get("served_project") or ""  # "": refused before the key was known
         metrics = scope["app"].state.deployments.metrics
-        metrics.requests.labels(deployment, str(version), str(status)).inc()
+        metrics.requests.labels(project, deployment, str(version), str(status)).inc()
         return
     request = Request(scope)
     if request.url.path.startswith(API):

@@ -1,12 +1,15 @@
 """Prometheus metrics of the serving path, in the official client's text format.
 
 One registry per app (tests build several apps in one process). Latencies are in
-seconds, as Prometheus expects.
+seconds, as Prometheus expects. Every ``kiln_*`` series is labelled with the project
+that owns the deployment (two projects may both have a deployment named ``api``), and
+:meth:`ServingMetrics.render` shows a project's key only that project's series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from typing import Any
 
 from prometheus_client import (
@@ -18,7 +21,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # 0.5 ms … 10 s: an MLP answers in well under a millisecond, a text model in tens
@@ -37,73 +40,103 @@ class ServingMetrics:
         self.requests = Counter(
             "kiln_requests",
             "Inference requests by deployment, version and HTTP status code.",
-            ["deployment", "version", "code"],
+            ["project", "deployment", "version", "code"],
             registry=r,
         )
         self.rows = Counter(
             "kiln_rows",
             "Rows predicted by deployment and version.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             registry=r,
         )
         self.total = Histogram(
             "kiln_request_seconds",
             "Inference request latency, end to end inside the server.",
-            ["deployment"],
+            ["project", "deployment"],
             buckets=LATENCY,
             registry=r,
         )
         self.queue_wait = Histogram(
             "kiln_queue_wait_seconds",
             "Time a request waited for its batch to start.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             buckets=LATENCY,
             registry=r,
         )
         self.model_time = Histogram(
             "kiln_model_seconds",
             "Time of one batch's preprocessing and forward pass.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             buckets=LATENCY,
             registry=r,
         )
         self.batch_size = Histogram(
             "kiln_batch_rows",
             "Rows per executed batch.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             buckets=BATCH,
             registry=r,
         )
         self.queue_depth = Gauge(
             "kiln_queue_depth",
             "Requests waiting for a batch.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             registry=r,
         )
         self.load_seconds = Gauge(
             "kiln_model_load_seconds",
             "Time to load, export and warm up a version.",
-            ["deployment", "version"],
+            ["project", "deployment", "version"],
             registry=r,
         )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, project: str | None = None) -> bytes:
+        """The text format: every series, or with ``project`` only that project's
+        ``kiln_*`` series (and the process-wide ones, which belong to no project)."""
+        if project is None:
+            return generate_latest(self.registry)
+        return generate_latest(ProjectView(self.registry, project))
 
-    def watch_drift(self, reports: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
-        """Expose the drift reports ``reports()`` yields, as (deployment, report), at each
-        scrape (see :class:`DriftCollector`)."""
+    def forget(self, project: str, deployment: str, version: int) -> None:
+        """Drop the gauges of a version a deployment no longer routes to (its queue-depth
+        gauge would otherwise keep the closed batcher, and its last value, forever)."""
+        for gauge in (self.queue_depth, self.load_seconds):
+            with suppress(KeyError):
+                gauge.remove(project, deployment, str(version))
+
+    def watch_drift(self, reports: Callable[[], Iterable[tuple[str, str, dict[str, Any]]]]) -> None:
+        """Expose the drift reports ``reports()`` yields, as (project, deployment, report),
+        at each scrape (see :class:`DriftCollector`)."""
         self.registry.register(DriftCollector(reports))
 
 
+class ProjectView:
+    """A registry's families with only one project's ``kiln_*`` samples, for
+    ``generate_latest`` (which needs nothing but ``collect``)."""
+
+    def __init__(self, registry: CollectorRegistry, project: str) -> None:
+        self.registry = registry
+        self.project = project
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not family.name.startswith("kiln_"):
+                yield family
+                continue
+            mine = Metric(family.name, family.documentation, family.type, family.unit)
+            mine.samples = [s for s in family.samples if s.labels.get("project") == self.project]
+            yield mine
+
+
 class DriftCollector(Collector):
-    """``kiln_drift_psi{deployment, column}`` and ``kiln_drift_flagged_columns{deployment}``,
+    """``kiln_drift_psi{project, deployment, column}`` and
+    ``kiln_drift_flagged_columns{project, deployment}``,
     computed when scraped, so they are always as current as the deployment's window.
 
     A deployment whose version has no reference statistics has no series.
     """
 
-    def __init__(self, reports: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
+    def __init__(self, reports: Callable[[], Iterable[tuple[str, str, dict[str, Any]]]]) -> None:
         self.reports = reports
 
     def describe(self) -> list[Any]:
@@ -114,19 +147,19 @@ class DriftCollector(Collector):
             "kiln_drift_psi",
             "Population stability index of a deployment's recent inputs against its "
             "training data, per input column.",
-            labels=["deployment", "column"],
+            labels=["project", "deployment", "column"],
         )
         flagged = GaugeMetricFamily(
             "kiln_drift_flagged_columns",
             "Input columns of a deployment whose PSI is past the drift threshold.",
-            labels=["deployment"],
+            labels=["project", "deployment"],
         )
-        for deployment, report in self.reports():
+        for project, deployment, report in self.reports():
             if not report.get("reference", True):
                 continue
             for column, values in report["columns"].items():
                 if values["psi"] is not None:
-                    psi.add_metric([deployment, column], values["psi"])
-            flagged.add_metric([deployment], len(report["drifted"]))
+                    psi.add_metric([project, deployment, column], values["psi"])
+            flagged.add_metric([project, deployment], len(report["drifted"]))
         yield psi
         yield flagged

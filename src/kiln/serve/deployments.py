@@ -216,15 +216,25 @@ class DeploymentManager:
             resolved = await asyncio.to_thread(
                 self._resolve, project.id, live.model, routes, version_field
             )
-            staged = Live(project.id, name, live.model, config=config, window=live.window)
+            staged = Live(
+                project.id,
+                name,
+                live.model,
+                config=config,
+                project=live.project,
+                window=live.window,
+            )
             new_routes = await self._build_routes(staged, resolved)  # loaded and warm
             old = live.routes
             live.routes, live.config = new_routes, config  # the switch
             live.state, live.error = DeploymentState.ready, None
             self._watch_drift(live)
             await asyncio.to_thread(self._save, live, resolved)
+        kept = {r.version for r in new_routes}
         for route in old:
             await route.batcher.close()  # answers what it already queued
+            if route.version not in kept:
+                self.metrics.forget(live.project, name, route.version)
         return live
 
     async def delete(self, project: Project, name: str) -> None:
@@ -234,6 +244,7 @@ class DeploymentManager:
             await asyncio.to_thread(self._remove, project.id, name)
         for route in live.routes:
             await route.batcher.close()
+            self.metrics.forget(live.project, name, route.version)
 
     async def predict(
         self, project_id: int, name: str, rows: Any, *, matrix: Any = None
@@ -267,7 +278,7 @@ class DeploymentManager:
                 except Closed:
                     continue
                 status = 200
-                self.metrics.rows.labels(name, str(version)).inc(len(frame))
+                self.metrics.rows.labels(live.project, name, str(version)).inc(len(frame))
                 meter.commit(project_id, name, n)
                 if live.drift is not None:
                     live.drift.add(frame)
@@ -317,13 +328,13 @@ class DeploymentManager:
             report = live.drift.report()
         return {"deployment": live.name, "model": live.model, **report}
 
-    def _drift_reports(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _drift_reports(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """Every drift report, for a scrape (another thread: one failure skips one)."""
         for live in list(self.live.values()):
             if live.drift is None:
                 continue
             try:
-                yield live.name, live.drift.report()
+                yield live.project, live.name, live.drift.report()
             except Exception:
                 log.exception("drift report of %s failed", live.name)
 
@@ -408,7 +419,7 @@ class DeploymentManager:
                 max_queue=live.config["max_queue"],
                 on_batch=self._recorder(live, r["version"]),
             )
-            labels = (live.name, str(r["version"]))
+            labels = (live.project, live.name, str(r["version"]))
             self.metrics.queue_depth.labels(*labels).set_function(_depth_of(batcher))
             routes.append(Route(r["version"], r["weight"], batcher))
         return routes
@@ -422,8 +433,10 @@ class DeploymentManager:
             )
             version_id, key = resolved[0]["id"], resolved[0]["key"]
         backend = live.config["backend"]
+        load_seconds = self.metrics.load_seconds.labels(live.project, live.name, str(number))
         cached = self._models.get((version_id, backend))
-        if cached is not None:
+        if cached is not None:  # loaded for another deployment: its load time is this one's
+            load_seconds.set(cached.load_seconds)
             return cached
         local = self.cache_dir / version_id
         if not local.is_dir():
@@ -432,12 +445,12 @@ class DeploymentManager:
             await asyncio.to_thread(self.store.get_dir, key, tmp)
             tmp.rename(local)
         model = await asyncio.to_thread(ServedModel, local, backend)
-        self.metrics.load_seconds.labels(live.name, str(number)).set(model.load_seconds)
+        load_seconds.set(model.load_seconds)
         self._models[(version_id, backend)] = model
         return model
 
     def _recorder(self, live: Live, version: int) -> Any:
-        labels = (live.name, str(version))
+        labels = (live.project, live.name, str(version))
         window = live.window
 
         def record(stats: BatchStats) -> None:

@@ -89,18 +89,16 @@ def _quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower  # pragma: no cover - the last bucket holds every observation
 
 
-def prometheus_stats(metrics: Any, deployment: str) -> dict[str, Any]:
-    """Totals since the server started, from the Prometheus series of ``deployment``.
-
-    The series are labelled by deployment name only, so two projects' deployments of
-    the same name share them. Requests per second are left to the page, from two polls.
-    """
+def prometheus_stats(metrics: Any, project: str, deployment: str) -> dict[str, Any]:
+    """Totals since the server started, from the Prometheus series of ``deployment`` in
+    ``project``. Requests per second are left to the page, from two polls."""
     requests = errors = rows = batch_sum = batch_count = 0.0
     latency: dict[float, float] = {}
     registry_ = getattr(metrics, "registry", None)
     for family in registry_.collect() if registry_ is not None else []:
         for sample in family.samples:
-            if sample.labels.get("deployment") != deployment:
+            labels = sample.labels
+            if labels.get("deployment") != deployment or labels.get("project") != project:
                 continue
             if sample.name == "kiln_requests_total":
                 requests += sample.value
@@ -141,7 +139,7 @@ def live_panel(manager: Any, live: Any) -> dict[str, Any]:
     """The live panel: the window's recent figures when there is a window, else the
     Prometheus totals since start (requests/s then come from two polls, in the page)."""
     depth = sum(r.batcher.depth for r in live.routes)
-    totals = prometheus_stats(manager.metrics, live.name)
+    totals = prometheus_stats(manager.metrics, live.project, live.name)
     window = window_stats(manager, live)
     if window is not None:
         stats = {k: window.get(k) for k in TILES}

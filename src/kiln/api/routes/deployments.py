@@ -106,13 +106,16 @@ async def inference_project(
     who = await principal(request, svc)
     who.require("predict")
     if who.project_id is not None and project is None:
+        request.state.served_project = who.project  # the metrics' project label
         return who.project_id
-    return await run_in_threadpool(_project_id, svc, who, project)
+    project_id, request.state.served_project = await run_in_threadpool(_project, svc, who, project)
+    return project_id
 
 
-def _project_id(svc: Services, who: Principal, project: str | None) -> int:
+def _project(svc: Services, who: Principal, project: str | None) -> tuple[int, str]:
     with svc.db.session() as s:
-        return project_for(s, who, project).id
+        row = project_for(s, who, project)
+        return row.id, row.name
 
 
 InferenceProject = Annotated[int, Depends(inference_project)]
@@ -129,9 +132,9 @@ async def predict(
     """Rows in, predictions out; the reply names the version that answered."""
     started = time.perf_counter()
     output, version = await deployments.predict(project_id, name, body.inputs)
-    deployments.metrics.total.labels(name).observe(time.perf_counter() - started)
-    request.state.served_version = version
     live = deployments.get(project_id, name)
+    deployments.metrics.total.labels(live.project, name).observe(time.perf_counter() - started)
+    request.state.served_version = version
     return PredictOut(
         predictions=output.predictions,
         probabilities=output.probabilities,

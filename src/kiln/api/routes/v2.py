@@ -51,6 +51,6 @@ async def infer(
     live = deployments.get(project_id, name)
     rows, matrix = v2.to_rows_or_matrix(body, live.pick().batcher.model)
     output, version = await deployments.predict(project_id, name, rows, matrix=matrix)
-    deployments.metrics.total.labels(name).observe(time.perf_counter() - started)
+    deployments.metrics.total.labels(live.project, name).observe(time.perf_counter() - started)
     request.state.served_version = version
     return v2.response(name, version, output, body)
