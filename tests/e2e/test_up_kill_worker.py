@@ -161,6 +161,10 @@ def run_scenario(server: Server) -> None:
     running = wait_for("epoch 2", at_epoch_2, 90)
     first = int(running["worker"].rsplit(":", 2)[1])
     assert first in workers_of(server.proc.pid), running["worker"]
+    scratch = server.home / "scratch"
+    (left,) = [f for f in scratch.iterdir() if f.name.startswith(f"{first}-")]
+    (job_folder,) = left.iterdir()
+    assert job_folder.name.startswith(f"kiln-{job_id}-")  # holding its dataset
     os.kill(first, signal.SIGKILL)
     killed_at = job()["progress"]["epoch"]
     assert killed_at < EPOCHS, "the job ended before its worker was killed; make it longer"
@@ -176,6 +180,7 @@ def run_scenario(server: Server) -> None:
     assert done["attempts"] == 2, done
     assert int(done["worker"].rsplit(":", 2)[1]) != first
     assert done["result"]["version"] == 1
+    assert not left.exists()  # the killed worker's job folder, removed by its successor
 
     logs = api.get(f"/jobs/{job_id}/logs").json()
     messages = [entry["message"] for entry in logs]
@@ -198,3 +203,4 @@ def run_scenario(server: Server) -> None:
         raise AssertionError("kiln up did not exit within 30 s of SIGINT") from None
     assert server.proc.returncode == 0, server.proc.returncode
     assert wait_for("no worker left", lambda: not workers_of(server.proc.pid), 5)
+    assert list(scratch.iterdir()) == []  # workers that exit cleanly leave nothing

@@ -340,7 +340,11 @@ def test_a_train_job_on_postgres_and_s3(postgres_url: str, s3_bucket: Any, tmp_p
         assert len(bundle.predict([row]).predictions) == 1
     finally:
         platform.db.dispose()
-    assert not (tmp_path / "home").exists()  # nothing was written locally
+    # nothing was kept locally: only the worker's scratch folder is made, and it is
+    # empty again (jobs' temporary folders are removed, then the worker's own)
+    assert [p.relative_to(tmp_path) for p in (tmp_path / "home").rglob("*")] == [
+        Path("home/scratch")
+    ]
 
 
 def _wine_rows(n: int) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class JobContext:
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str = ""  # "cancelled" | "lease_lost" | "shutdown"
     meter: ResourceMeter = field(default_factory=ResourceMeter)  # started with the attempt
+    scratch: Path | None = None  # where the job's temporary folder goes (None: the system's)
 
     def request_stop(self, reason: str) -> None:
         if not self.stop.is_set():
@@ -123,7 +124,7 @@ class _Reporter(Callback):
 def run(ctx: JobContext, job: Job) -> JobState | None:
     """Run ``job`` to its end and record the outcome; None when the lease was lost."""
     try:
-        with tempfile.TemporaryDirectory(prefix=f"kiln-{job.id}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"kiln-{job.id}-", dir=ctx.scratch) as tmp:
             if job.kind == "train":
                 _train(ctx, job, Path(tmp))
                 return JobState.succeeded

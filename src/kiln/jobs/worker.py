@@ -4,7 +4,8 @@ While a job runs, a background thread renews the lease every
 ``KILN_HEARTBEAT_SECONDS``, watches for a cancel request and writes the attempt's
 resources so far (wall and CPU seconds, peak memory) to the job; the worker also
 re-queues jobs of workers that went silent (any live worker recovers any dead one's
-job) and bills their lost attempts' compute up to the last heartbeat. SIGTERM or
+job) and bills their lost attempts' compute up to the last heartbeat. Jobs' temporary
+folders live in the worker's scratch folder (:mod:`kiln.jobs.scratch`). SIGTERM or
 Ctrl-C drains: the running job finishes, no new one is taken; a second signal stops
 the running job at the next batch and puts it back in the queue, to resume from its
 last checkpoint.
@@ -24,6 +25,7 @@ from types import FrameType
 from kiln.jobs.queue import LeaseLost, Queue
 from kiln.jobs.resources import RUNNING, account, settle_lost
 from kiln.jobs.runner import JobContext, run
+from kiln.jobs.scratch import release, worker_scratch
 from kiln.settings import Settings, apply_threads
 from kiln.store.artifacts import ArtifactStore, open_store
 from kiln.store.db import Database
@@ -49,6 +51,8 @@ class Worker:
         )
         self.queue = Queue(self.db, heartbeat_timeout=settings.heartbeat_timeout)
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        # jobs' temporary folders; those of killed workers are removed here
+        self.scratch = worker_scratch(settings.home_dir / "scratch")
         self.draining = threading.Event()
         self.current: JobContext | None = None
         self._last_recover = 0.0
@@ -70,7 +74,10 @@ class Worker:
         if claimed is None:
             return False
         lease, job = claimed
-        ctx = JobContext(db=self.db, store=self.store, queue=self.queue, lease=lease)
+        self.scratch.mkdir(parents=True, exist_ok=True)  # released when a run() ended
+        ctx = JobContext(
+            db=self.db, store=self.store, queue=self.queue, lease=lease, scratch=self.scratch
+        )
         self.current = ctx
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True)
@@ -99,12 +106,15 @@ class Worker:
         log.info("%s: waiting for jobs", self.id)
         if parent is not None:
             threading.Thread(target=self._watch_parent, args=(parent,), daemon=True).start()
-        while not self.draining.is_set():
-            if not self.run_once():
-                if until_idle:
-                    return
-                self.draining.wait(self.settings.poll_seconds)
-        log.info("%s: drained, exiting", self.id)
+        try:
+            while not self.draining.is_set():
+                if not self.run_once():
+                    if until_idle:
+                        return
+                    self.draining.wait(self.settings.poll_seconds)
+            log.info("%s: drained, exiting", self.id)
+        finally:
+            release(self.scratch)
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
