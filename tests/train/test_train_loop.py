@@ -468,6 +468,75 @@ def test_corrupt_checkpoint_is_a_training_error(tmp_path):
         store.load()
 
 
+@pytest.mark.parametrize("where", ["dir", "artifacts"])
+def test_checkpoint_round_trip_keeps_types_and_unpickles_nothing(tmp_path, monkeypatch, where):
+    import pickle
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from kiln.jobs.checkpoints import ArtifactCheckpoints
+    from kiln.store.artifacts import open_store
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    tied = torch.randn(2, 2)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "best_value": float("inf"),
+        "history": [{"epoch": 1, "loss": 0.5}],
+        "pair": (1, "a"),
+        "nothing": None,
+        "mask": torch.tensor([True, False]),
+        "a": tied,
+        "b": tied,  # one storage twice, as tied weights are
+        "step": np.int64(3),
+    }
+    if where == "dir":
+        store: Any = DirCheckpoints(tmp_path)
+        store.save(state)
+        with safe_open(str(store.path), framework="pt") as f:  # a plain safetensors file
+            assert len(list(f.keys())) > 5
+    else:
+        store = ArtifactCheckpoints(open_store(str(tmp_path / "artifacts")), "jobs/j/checkpoint.pt")
+        store.save(state)
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a checkpoint was unpickled")
+
+    for module, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+    back = store.load()
+
+    assert list(back["optimizer"]["state"]) == [0, 1]  # int keys stay ints
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    restored = torch.optim.Adam(nn.Linear(3, 2).parameters(), lr=0.01)
+    restored.load_state_dict(back["optimizer"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(back["model"][key], value)
+    exp_avg = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert torch.equal(back["torch_rng"], state["torch_rng"])
+    assert back["best_value"] == math.inf and back["history"] == state["history"]
+    assert back["pair"] == (1, "a") and back["nothing"] is None and back["step"] == 3
+    assert back["mask"].dtype == torch.bool and back["mask"].tolist() == [True, False]
+    assert torch.equal(back["a"], tied) and torch.equal(back["b"], tied)
+
+
+def test_a_checkpoint_cannot_hold_arbitrary_objects(tmp_path):
+    with pytest.raises(TrainingError, match="cannot hold 'object' values"):
+        DirCheckpoints(tmp_path).save({"thing": object()})
+
+
 def test_jsonl_log_to_an_open_stream_leaves_it_open():
     stream = io.StringIO()
     train(epochs=2, callbacks=[JsonlLog(stream)])

@@ -1,20 +1,27 @@
 """Checkpoints: the full training state after every epoch, for ``--resume``.
 
-A checkpoint holds tensors, numbers and strings only; it is written with
-``torch.save`` to a temporary file and renamed (a crash never leaves half a file),
-and read back with ``torch.load(weights_only=True)``, which refuses anything that
-would need unpickling code.
+A checkpoint is a safetensors file: every tensor of the state (weights, optimizer
+moments, RNG states) under its own name, and the rest of the state (numbers, strings,
+lists, dicts, tuples) as JSON in one more uint8 tensor. Reading one parses JSON and raw
+tensor bytes only: nothing is unpickled and no code from the file can run. The local
+store writes to a temporary file and renames it, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
 from kiln.errors import TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+SKELETON = "__kiln_state__"  # the tensor holding the JSON of everything but the tensors
 
 
 class CheckpointStore(Protocol):
@@ -27,8 +34,84 @@ class CheckpointStore(Protocol):
     def clear(self) -> None: ...
 
 
+def encode_state(state: dict[str, Any]) -> bytes:
+    """``state`` as safetensors bytes (see the module docstring).
+
+    Dicts keep their key types (the optimizer's are ints) and tuples stay tuples, so
+    ``decode_state`` gives back what ``load_state_dict`` was given.
+    """
+    import torch  # here: the API server reads job code without loading torch
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+
+    def tensor(value: torch.Tensor) -> dict[str, str]:
+        t = value.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors wants one owner
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        name = f"t{len(tensors)}"
+        tensors[name] = t
+        return {"tensor": name}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return tensor(value)
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value):
+                return {"dict": {k: walk(v) for k, v in value.items()}}
+            return {"items": [[walk(k), walk(v)] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {"tuple": [walk(v) for v in value]}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TrainingError(f"a checkpoint cannot hold {type(value).__name__!r} values")
+
+    skeleton = json.dumps(walk(state)).encode()
+    tensors[SKELETON] = torch.frombuffer(bytearray(skeleton), dtype=torch.uint8)
+    data: bytes = save(tensors)
+    return data
+
+
+def decode_state(data: bytes, where: object) -> dict[str, Any]:
+    """The state ``encode_state`` wrote; a TrainingError naming ``where`` if unreadable."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        skeleton = json.loads(tensors.pop(SKELETON).numpy().tobytes())
+
+        def build(node: Any) -> Any:
+            if isinstance(node, list):
+                return [build(v) for v in node]
+            if not isinstance(node, dict):
+                return node
+            ((kind, body),) = node.items()
+            if kind == "tensor":
+                return tensors[body]
+            if kind == "dict":
+                return {k: build(v) for k, v in body.items()}
+            if kind == "items":
+                return {build(k): build(v) for k, v in body}
+            if kind == "tuple":
+                return tuple(build(v) for v in body)
+            raise ValueError(f"unknown node {kind!r}")
+
+        state = build(skeleton)
+        if not isinstance(state, dict):
+            raise ValueError("not a training state")
+    except Exception as exc:
+        raise TrainingError(f"checkpoint {where} cannot be read: {exc}") from None
+    return state
+
+
 class DirCheckpoints:
-    """Keeps ``last.pt`` in a local directory."""
+    """Keeps ``last.pt`` (a safetensors file, by its old name) in a local directory."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -37,17 +120,13 @@ class DirCheckpoints:
     def save(self, state: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        tmp.write_bytes(encode_state(state))
         os.replace(tmp, self.path)
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
-        try:
-            state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise TrainingError(f"checkpoint {self.path} cannot be read: {exc}") from None
-        return state
+        return decode_state(self.path.read_bytes(), self.path)
 
     def clear(self) -> None:
         for p in (self.path, self.path.with_suffix(".tmp")):
