@@ -157,6 +157,8 @@ def jobs_show(
     json_out: JsonOut = False,
 ) -> None:
     """A job: state, progress, latest metrics, result or error."""
+    from kiln.client import FINAL_STATES
+
     with connect(url, api_key, project) as client:
         job = client.jobs.get(job_id)
     if json_out:
@@ -177,7 +179,7 @@ def jobs_show(
         console.print(f"progress {done}/{total}  {escape(_status(job))}")
     if job.get("resources"):
         console.print(resources_line(job["resources"]))
-    if job["state"] in ("succeeded", "failed", "cancelled"):
+    if job["state"] in FINAL_STATES:
         _print_outcome(job)
 
 
@@ -194,17 +196,15 @@ def jobs_logs(
     json_out: JsonOut = False,
 ) -> None:
     """The job's log lines (every attempt)."""
+    from kiln.client import FINAL_STATES
+
     lines: list[dict[str, Any]] = []
     try:
         with connect(url, api_key, project) as client:
             after = 0
             while True:
                 # the state first: lines written before it ended are fetched below
-                ended = not follow or client.jobs.get(job_id)["state"] in (
-                    "succeeded",
-                    "failed",
-                    "cancelled",
-                )
+                ended = not follow or client.jobs.get(job_id)["state"] in FINAL_STATES
                 new = client.jobs.logs(job_id, after=after)
                 for line in new:
                     after = max(after, line["id"])

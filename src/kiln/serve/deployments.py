@@ -1,11 +1,11 @@
 """Deployments: named endpoints over registered versions, with weighted routes.
 
 The manager holds every deployment of the server in memory (its routes, each a
-loaded model behind a batcher) and persists its definition in the database, so a
-restarted server restores them. Changing the routes (hot swap, canary, rollback)
-loads any new version beside the old ones, warms it up, switches in one assignment,
-and only then closes the old batchers, which answer what they already queued: no
-request fails because of a swap.
+loaded model behind a batcher) and persists its definition in the database
+(:mod:`kiln.store.deployments`), so a restarted server restores them. Changing the
+routes (hot swap, canary, rollback) loads any new version beside the old ones, warms it
+up, switches in one assignment, and only then closes the old batchers, which answer
+what they already queued: no request fails because of a swap.
 
 Every prediction is also monitored here: each deployment keeps a window of its recent
 requests and batches (:meth:`DeploymentManager.window`) and a drift feed against the
@@ -22,15 +22,13 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import select
-
-from kiln.errors import ConflictError, KilnError, NotFoundError, SpecError
+from kiln.errors import ConflictError, KilnError, NotFoundError
 from kiln.monitor.live import DriftFeed, RequestWindow, no_drift
 from kiln.monitor.metering import PredictionMeter
 from kiln.monitor.metrics import ServingMetrics
@@ -40,11 +38,19 @@ from kiln.serve.model import Output, ServedModel
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.db import Database
+from kiln.store.deployments import (
+    all_deployments,
+    config_of,
+    pick_config,
+    remove_deployment,
+    resolve_routes,
+    save_deployment,
+)
 from kiln.store.projects import check_name
-from kiln.store.registry import get_model, resolve_version
-from kiln.store.tables import Deployment, DeploymentState, Project, utcnow
+from kiln.store.tables import DeploymentState, Project
 
 log = logging.getLogger("kiln.serve")
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,9 +118,9 @@ class DeploymentManager:
     async def restore(self) -> None:
         """Bring back every persisted deployment (a failure marks that one failed)."""
         self._start_ticker()
-        rows = await asyncio.to_thread(self._all_rows)
+        rows = await self._in_session(all_deployments)
         for row, project in rows:
-            live = Live(row.project_id, row.name, row.model, config=_config(row), project=project)
+            live = Live(row.project_id, row.name, row.model, config=config_of(row), project=project)
             self.live[(row.project_id, row.name)] = live
             try:
                 live.routes = await self._build_routes(live, row.routes)
@@ -123,15 +129,6 @@ class DeploymentManager:
             except Exception as exc:
                 live.state, live.error = DeploymentState.failed, str(exc)
                 log.error("deployment %s could not be restored: %s", row.name, exc)
-
-    def _all_rows(self) -> list[tuple[Deployment, str]]:
-        with self.db.session() as s:
-            query = (
-                select(Deployment, Project.name)
-                .join(Project, Project.id == Deployment.project_id)
-                .order_by(Deployment.id)
-            )
-            return [(row, name) for row, name in s.execute(query)]
 
     def ready(self) -> bool:
         return all(d.state == DeploymentState.ready for d in self.live.values())
@@ -188,15 +185,17 @@ class DeploymentManager:
                 raise ConflictError(f"deployment {name!r} already exists", field="name")
             routes = [{"version": body["version"], "weight": 100}]
             live = Live(
-                project.id, name, body["model"], config=_pick_config(body), project=project.name
+                project.id, name, body["model"], config=pick_config(body), project=project.name
             )
-            resolved = await asyncio.to_thread(
-                self._resolve, project.id, live.model, routes, "version"
+            resolved = await self._in_session(
+                resolve_routes, project.id, live.model, routes, "version"
             )
             live.routes = await self._build_routes(live, resolved)
             live.state = DeploymentState.ready
             self._watch_drift(live)
-            await asyncio.to_thread(self._insert, live, resolved)
+            await self._in_session(
+                save_deployment, project.id, name, live.model, resolved, live.config
+            )
             self.live[(project.id, name)] = live
         return live
 
@@ -204,7 +203,7 @@ class DeploymentManager:
         """Swap the version, set canary routes, or change batching; atomically."""
         async with self._lock:
             live = self.get(project.id, name)
-            config = {**live.config, **_pick_config(patch)}
+            config = {**live.config, **pick_config(patch)}
             version_field = None  # an unknown version is named as the caller wrote it
             if patch.get("routes") is not None:
                 routes = patch["routes"]
@@ -213,8 +212,8 @@ class DeploymentManager:
                 version_field = "version"
             else:
                 routes = [{"version": r.version, "weight": r.weight} for r in live.routes]
-            resolved = await asyncio.to_thread(
-                self._resolve, project.id, live.model, routes, version_field
+            resolved = await self._in_session(
+                resolve_routes, project.id, live.model, routes, version_field
             )
             staged = Live(
                 project.id,
@@ -229,7 +228,7 @@ class DeploymentManager:
             live.routes, live.config = new_routes, config  # the switch
             live.state, live.error = DeploymentState.ready, None
             self._watch_drift(live)
-            await asyncio.to_thread(self._save, live, resolved)
+            await self._in_session(save_deployment, project.id, name, live.model, resolved, config)
         kept = {r.version for r in new_routes}
         for route in old:
             await route.batcher.close()  # answers what it already queued
@@ -241,7 +240,7 @@ class DeploymentManager:
         async with self._lock:
             live = self.get(project.id, name)
             del self.live[(project.id, name)]
-            await asyncio.to_thread(self._remove, project.id, name)
+            await self._in_session(remove_deployment, project.id, name)
         for route in live.routes:
             await route.batcher.close()
             self.metrics.forget(live.project, name, route.version)
@@ -366,47 +365,14 @@ class DeploymentManager:
 
     # ---- internals ----------------------------------------------------------------
 
-    def _resolve(
-        self,
-        project_id: int,
-        model_name: str,
-        routes: list[dict[str, Any]],
-        version_field: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Routes with version numbers (aliases resolved now) and their bundle keys.
+    async def _in_session(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(session, *args)`` in a transaction of its own, off the event loop."""
 
-        An unknown model or version is a 422 naming the request's field
-        (``model``; ``version_field`` or ``routes.<i>.version``).
-        """
-        if not routes:
-            raise SpecError("routes: at least one route", field="routes")
-        if sum(int(r["weight"]) for r in routes) <= 0:
-            raise SpecError("routes: the weights must add up to more than 0", field="routes")
-        with self.db.session() as s:
-            project = s.get(Project, project_id)
-            assert project is not None
-            try:
-                model = get_model(s, project, model_name)
-            except NotFoundError as exc:
-                raise SpecError(exc.message, field="model") from None
-            out = []
-            for i, route in enumerate(routes):
-                try:
-                    version = resolve_version(s, model, route["version"])
-                except NotFoundError as exc:
-                    where = version_field or f"routes.{i}.version"
-                    raise SpecError(exc.message, field=where) from None
-                out.append(
-                    {
-                        "version": version.version,
-                        "weight": int(route["weight"]),
-                        "id": version.id,
-                        "key": version.artifact_key,
-                    }
-                )
-        if len({r["version"] for r in out}) != len(out):
-            raise SpecError("routes: each version once", field="routes")
-        return out
+        def run() -> T:
+            with self.db.session() as s:
+                return fn(s, *args)
+
+        return await asyncio.to_thread(run)
 
     async def _build_routes(self, live: Live, resolved: list[dict[str, Any]]) -> list[Route]:
         routes = []
@@ -428,8 +394,8 @@ class DeploymentManager:
         self, version_id: str | None, key: str | None, live: Live, number: int
     ) -> ServedModel:
         if version_id is None or key is None:  # a restored row: resolve it again
-            resolved = await asyncio.to_thread(
-                self._resolve, live.project_id, live.model, [{"version": number, "weight": 1}]
+            resolved = await self._in_session(
+                resolve_routes, live.project_id, live.model, [{"version": number, "weight": 1}]
             )
             version_id, key = resolved[0]["id"], resolved[0]["key"]
         backend = live.config["backend"]
@@ -463,52 +429,6 @@ class DeploymentManager:
 
         return record
 
-    def _insert(self, live: Live, resolved: list[dict[str, Any]]) -> None:
-        with self.db.session() as s:
-            s.add(
-                Deployment(
-                    project_id=live.project_id,
-                    name=live.name,
-                    model=live.model,
-                    routes=[{"version": r["version"], "weight": r["weight"]} for r in resolved],
-                    **live.config,
-                )
-            )
-
-    def _save(self, live: Live, resolved: list[dict[str, Any]]) -> None:
-        with self.db.session() as s:
-            row = s.scalar(
-                select(Deployment).where(
-                    Deployment.project_id == live.project_id, Deployment.name == live.name
-                )
-            )
-            assert row is not None
-            row.routes = [{"version": r["version"], "weight": r["weight"]} for r in resolved]
-            for key, value in live.config.items():
-                setattr(row, key, value)
-            row.updated_at = utcnow()
-
-    def _remove(self, project_id: int, name: str) -> None:
-        with self.db.session() as s:
-            row = s.scalar(
-                select(Deployment).where(
-                    Deployment.project_id == project_id, Deployment.name == name
-                )
-            )
-            if row is not None:
-                s.delete(row)
-
 
 def _depth_of(batcher: Batcher) -> Any:
     return lambda: float(batcher.depth)
-
-
-CONFIG_KEYS = ("backend", "max_batch_size", "max_delay_ms", "max_queue", "timeout_ms")
-
-
-def _pick_config(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: body[k] for k in CONFIG_KEYS if body.get(k) is not None}
-
-
-def _config(row: Deployment) -> dict[str, Any]:
-    return {k: getattr(row, k) for k in CONFIG_KEYS}
