@@ -283,3 +283,44 @@ class AuditEvent(Base):
     target: Mapped[str] = mapped_column(String(256), default="")
     outcome: Mapped[str] = mapped_column(String(64))  # "ok" or the error code
     status: Mapped[int] = mapped_column(Integer)
+
+
+class CatalogModel(Base):
+    """A base model in the catalog: files pinned in the artifact store, named by a global admin.
+
+    Specs that run on the server name it as ``base:<name>``; no path is ever taken from
+    a caller. ``files`` lists every pinned file with its SHA-256, checked on use.
+    """
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # hf_dir | gguf
+    source: Mapped[str] = mapped_column(String(1024))  # what the admin registered it from
+    artifact_key: Mapped[str] = mapped_column(String(512))  # prefix of the pinned files
+    sha256: Mapped[str] = mapped_column(String(64))  # over the sorted (path, sha256) list
+    files: Mapped[list[Any]] = mapped_column(JSON)  # [{"path", "sha256", "size"}]
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class DataKey(Base):
+    """A data-encryption key, stored only wrapped (AES-256-GCM) by the master key.
+
+    One row per project; ``project_id`` None is the platform's own key (artifacts of no
+    project), which also proves at start that the master key is the right one.
+    ``master_key_id`` names the master key that wrapped it (a fingerprint, not the key).
+    """
+
+    __tablename__ = "data_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int | None] = mapped_column(
+        ForeignKey("projects.id"), nullable=True, unique=True
+    )
+    wrapped: Mapped[str] = mapped_column(Text)  # base64(nonce || ciphertext || tag)
+    master_key_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(nullable=True)
