@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test test-all lint format bench clean
+.PHONY: quickstart test test-all lint fuzz format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+# schemathesis against a live `kiln up`: a few minutes, any 5xx or failed check fails it.
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	$(BIN)/python .ci/fuzz.py $(FUZZ_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks

@@ -171,14 +171,19 @@ class Bundle:
             labels=decoded["labels"],
         )
 
-    def evaluate(self, data: pd.DataFrame | str | Path) -> dict[str, Any]:
+    def evaluate(
+        self, data: pd.DataFrame | str | Path, *, data_root: Path | None = None
+    ) -> dict[str, Any]:
         """Metrics on labelled data (a DataFrame or a table path/URI holding the target).
 
         Rows whose target is empty are skipped and counted in ``rows_skipped``.
+        ``data_root`` (a server's dataset folder) confines image paths to it.
         """
         from kiln.evaluate.scoring import score
 
-        frame = self.read(str(data)) if isinstance(data, str | Path) else data
+        frame = (
+            data if isinstance(data, pd.DataFrame) else self.read(str(data), data_root=data_root)
+        )
         target = self.meta.target
         if target not in frame.columns:
             raise DataError(f"target column {target!r} is not in the data", field=target)
@@ -200,11 +205,12 @@ class Bundle:
             return torch.ones(1, 2, 8, dtype=torch.long)
         return torch.zeros(1, *shape)
 
-    def read(self, source: str) -> pd.DataFrame:
+    def read(self, source: str, *, data_root: Path | None = None) -> pd.DataFrame:
         """Read input rows from a table (csv/parquet/jsonl) or, for image models, a folder.
 
         Image paths in a table are taken relative to the table's folder. A folder with
         one sub-folder per class gives labelled rows; any other folder, its images.
+        With ``data_root`` (a server's dataset folder) they must name files inside it.
         """
         from kiln.data.images import FOLDER_IMAGE_COLUMN, folder_table, list_images, resolve_paths
         from kiln.data.sources import read_table
@@ -213,13 +219,13 @@ class Bundle:
         if image is not None and Path(source).is_dir():
             root = Path(source)
             if any(p.is_dir() for p in root.iterdir()):
-                frame = folder_table(root, self.meta.target)
+                frame = folder_table(root, self.meta.target, within=data_root)
             else:
-                frame = list_images(root)
+                frame = list_images(root, within=data_root)
             return frame.rename(columns={FOLDER_IMAGE_COLUMN: image.column})
         frame = read_table(source)
         if image is not None and "://" not in source:
-            frame = resolve_paths(frame, image.column, Path(source).parent)
+            frame = resolve_paths(frame, image.column, Path(source).parent, root=data_root)
         return frame
 
     def _frame(self, rows: Any) -> pd.DataFrame:

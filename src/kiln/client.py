@@ -18,7 +18,8 @@ response becomes the kiln error class of its code (``AuthError`` for 401,
 ``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
 an unreachable server or a response that is not kiln's JSON is a ``ServiceError``, and
 so is a deployment that is overloaded (503) or timed out (504), with the server's code
-(``overloaded``, ``timeout``) as the error's ``code``.
+(``overloaded``, ``timeout``) as the error's ``code``. Past a rate limit (429) the error
+is a ``RateLimitError`` whose ``retry_after`` is the server's ``Retry-After`` in seconds.
 Connection failures are retried (3 times) by httpx's transport.
 """
 
@@ -31,11 +32,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from kiln.archive import extract_bundle
-from kiln.errors import ERRORS_BY_CODE, ConflictError, KilnError, NotFoundError, ServiceError
+from kiln.errors import (
+    ERRORS_BY_CODE,
+    ConflictError,
+    KilnError,
+    NotFoundError,
+    RateLimitError,
+    ServiceError,
+)
 
 JSON = dict[str, Any]
 Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
@@ -90,6 +99,7 @@ class Client:
         self.models = Models(self)
         self.deployments = Deployments(self)
         self.quotas = Quotas(self)
+        self.base_models = BaseModels(self)
 
     def __enter__(self) -> Client:
         return self
@@ -178,6 +188,9 @@ def error_of(response: httpx.Response, url: str) -> KilnError:
         )
     cls = ServiceError if code in SERVICE_CODES else ERRORS_BY_CODE.get(code, KilnError)
     exc = cls(message, field=error.get("field"))
+    if isinstance(exc, RateLimitError):
+        retry = response.headers.get("Retry-After", "")
+        exc.retry_after = int(retry) if retry.isdigit() else 1
     if cls is KilnError or code in SERVICE_CODES:
         exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
     return exc
@@ -216,16 +229,54 @@ class Keys(_Group):
         result: Items = self._c._json("GET", "/keys")
         return result
 
-    def revoke(self, key_id: str) -> JSON:
-        result: JSON = self._c._json("DELETE", f"/keys/{key_id}")
+    def revoke(self, key_id: str, *, confirm_self: bool = False) -> JSON:
+        """Revoke a key. The key this client uses needs ``confirm_self=True``, and the
+        last active global admin key cannot be revoked (``ConflictError`` for both)."""
+        params = {"confirm_self": "true"} if confirm_self else None
+        result: JSON = self._c._json("DELETE", f"/keys/{key_id}", params=params)
         return result
+
+
+class BaseModels(_Group):
+    """The base-model catalog: specs on the server name an entry as ``base:<name>``.
+
+    Any key with ``read`` lists it; adding and removing take a global admin key.
+    """
+
+    def add(self, name: str, source: str, *, timeout: float | None = 3600.0) -> JSON:
+        """Register ``source`` (read by the server: a model directory, a GGUF file,
+        ``pkg:<package>/<dir>``, or a hub id where the server sets KILN_ALLOW_HUB=1);
+        its files are copied and pinned by SHA-256. Copying takes a while for large
+        models, hence the long default ``timeout`` (seconds)."""
+        result: JSON = self._c._json(
+            "POST", "/base-models", json={"name": name, "source": source}, timeout=timeout
+        )
+        return result
+
+    def list(self) -> Items:
+        result: Items = self._c._json("GET", "/base-models")
+        return result
+
+    def get(self, name: str) -> JSON:
+        result: JSON = self._c._json("GET", f"/base-models/{_seg(name)}")
+        return result
+
+    def remove(self, name: str) -> JSON:
+        result: JSON = self._c._json("DELETE", f"/base-models/{_seg(name)}")
+        return result
+
+
+def _seg(value: str) -> str:
+    """``value`` as one URL path segment (a ``/`` or ``..`` in it cannot change the route)."""
+    return quote(value, safe="").replace(".", "%2E")  # quote keeps "." and ".."
 
 
 class Datasets(_Group):
     """Tables stored on the server; specs use them as ``data.source: dataset:<id>``."""
 
     def upload(self, path: str | Path, *, name: str | None = None) -> JSON:
-        """Upload a local .csv/.tsv/.jsonl/.parquet file; the dataset (``ref``, rows, ...)."""
+        """Upload a local .csv/.tsv/.jsonl/.parquet file, or a .zip/.tar.gz of an image
+        folder or of a table and its images; the dataset (``ref``, rows, ...)."""
         path = Path(path)
         if not path.is_file():
             raise NotFoundError(f"file not found: {path}", field="file")
@@ -514,6 +565,9 @@ class Quotas(_Group):
     ``prediction_requests``, ``prediction_rows``) per ``day``, ``month`` or in ``total``.
 
     Past one, the call that would use more is refused (``QuotaError``, HTTP 429).
+    Rate limits are quotas too: ``requests_inference`` or ``requests_api`` per ``second``
+    or ``minute`` (``set("requests_inference", 20, period="second")``); past one, a
+    request made with the project's keys is refused with ``RateLimitError``.
     Only a global admin key sets them; any key with ``read`` lists its project's.
     """
 

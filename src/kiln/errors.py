@@ -130,12 +130,36 @@ class QuotaError(KilnError):
     exit_code = 15
 
 
+class RateLimitError(KilnError):
+    """Too many requests for a rate limit (per API key or per project) in its window.
+
+    ``retry_after`` is the whole seconds until the limit's window lets a request through
+    again (the HTTP ``Retry-After`` header).
+    """
+
+    code = "rate_limited"
+    http_status = 429
+    exit_code = 16
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
 class ServiceError(KilnError):
     """The server could not be reached or answered with an unexpected failure."""
 
     code = "service_error"
     http_status = 502
     exit_code = 14
+
+
+class EncryptionError(KilnError):
+    """The master key is missing or wrong, or a stored object failed its integrity check."""
+
+    code = "encryption_error"
+    http_status = 500
+    exit_code = 17
 
 
 ERRORS_BY_CODE: dict[str, type[KilnError]] = {
@@ -155,7 +179,9 @@ ERRORS_BY_CODE: dict[str, type[KilnError]] = {
         ConflictError,
         TooLargeError,
         QuotaError,
+        RateLimitError,
         ServiceError,
+        EncryptionError,
     )
 }
 """Error classes by their ``code``: the client turns an API error back into its class."""

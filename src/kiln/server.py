@@ -46,6 +46,21 @@ def bootstrap(services: Services) -> str | None:
     return secret
 
 
+def preregister(services: Services) -> None:
+    """Put the packaged MiniLM in the catalog as ``base:minilm-l6`` (once: a later start,
+    or a name an admin took, copies nothing), so the README's server examples run."""
+    from kiln.errors import KilnError
+    from kiln.store.catalog import ensure_packaged
+
+    try:
+        info = ensure_packaged(services.db, services.store)
+    except KilnError as exc:  # the server runs without it; say why
+        log.warning("could not register the packaged MiniLM: %s", exc.message)
+        return
+    if info is not None:
+        print(f"Registered the base model {info.ref} ({info.source})", flush=True)
+
+
 def write_key_file(path: Path, secret: str) -> None:
     """Write the key readable by its owner only (0600), created that way, never widened."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +136,17 @@ def up(settings: Settings, *, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from kiln.api.app import build_services, create_app
+    from kiln.store.keyring import master_key_file
 
-    services = build_services(settings)
+    master = master_key_file(settings)
+    new_master = settings.master_key is None and not master.exists()
+    services = build_services(settings)  # encryption at rest: makes master.key if new
+    if new_master and master.exists():
+        print(
+            f"Created the master key {master} (mode 0600): back it up, the artifacts "
+            "cannot be read without it",
+            flush=True,
+        )
     key = bootstrap(services)
     if key is not None:
         print(
@@ -130,6 +154,7 @@ def up(settings: Settings, *, host: str, port: int, workers: int) -> None:
             f"  {key}\n",
             flush=True,
         )
+    preregister(services)
     supervisor = Supervisor(workers)
     supervisor.start()
     print(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +42,26 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(
         default=200.0, gt=0, description="KILN_MAX_UPLOAD_MB: largest dataset upload accepted."
     )
+    # what one dataset may hold, checked before it is stored (413 past a limit)
+    max_dataset_rows: int = Field(
+        default=10_000_000, ge=1, description="KILN_MAX_DATASET_ROWS: rows in one dataset."
+    )
+    max_dataset_cells: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="KILN_MAX_DATASET_CELLS: rows x columns in one dataset.",
+    )
+    max_decompressed_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        description="KILN_MAX_DECOMPRESSED_MB: a dataset's size once decompressed "
+        "(.csv.gz, Parquet pages, archives).",
+    )
+    max_archive_files: int = Field(
+        default=100_000,
+        ge=1,
+        description="KILN_MAX_ARCHIVE_FILES: files and folders in one .zip/.tar.gz dataset.",
+    )
     heartbeat_seconds: float = Field(
         default=2.0, gt=0, description="KILN_HEARTBEAT_SECONDS: how often a worker reports in."
     )
@@ -60,6 +81,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="KILN_DATA_ROOTS (JSON list): server-side folders datasets may be "
         "registered from by path; none by default.",
+    )
+    allow_hub: bool = Field(
+        default=False,
+        description="KILN_ALLOW_HUB: let `kiln base-models add` (and local training) "
+        "download a Hugging Face hub id; off by default, and no worker ever downloads.",
     )
     serve_api_key: str | None = Field(
         default=None,
@@ -98,6 +124,59 @@ class Settings(BaseSettings):
         gt=0,
         description="KILN_MONITOR_FLUSH_SECONDS: how often counted predictions (usage) "
         "and the prediction log are written.",
+    )
+
+    # --- rate limits, per API key ("limits" notation; per project: kiln quotas set) ---
+    rate_limit_api: str = Field(
+        default="100/second",
+        description="KILN_RATE_LIMIT_API: requests one key may make to the management API "
+        "(/api/v1 and /v2 but inference and health), e.g. 50/second or 20/second;600/minute; "
+        "off turns it off.",
+    )
+    rate_limit_inference: str = Field(
+        default="2000/second",
+        description="KILN_RATE_LIMIT_INFERENCE: predict and v2 infer requests one key may "
+        "make, e.g. 1000/second; off turns it off.",
+    )
+
+    @field_validator("rate_limit_api", "rate_limit_inference")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        """A bad limit stops the server at start, not at the first request."""
+        from limits import parse_many  # only when the environment sets one
+
+        value = value.strip()
+        if value.lower() == "off":
+            return "off"
+        try:
+            items = parse_many(value)
+        except ValueError:
+            items = []
+        if not items or any(item.amount < 1 for item in items):
+            raise ValueError(
+                f"{value!r} is not a rate limit such as 50/second, 1000/minute or "
+                "20/second;600/minute (at least 1 request), nor off"
+            )
+        return value
+
+    # --- encryption at rest (kiln.store.crypto) ---
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="KILN_MASTER_KEY: base64 of 32 bytes that wraps the data keys; "
+        "default: $KILN_HOME/master.key, created (mode 0600) at the first start.",
+    )
+    allow_plaintext_artifacts: bool = Field(
+        default=False,
+        description="KILN_ALLOW_PLAINTEXT_ARTIFACTS: read objects stored before encryption "
+        "at rest as they are (else they are refused; see kiln keys encrypt-existing).",
+    )
+    s3_sse: Literal["AES256", "aws:kms"] | None = Field(
+        default=None,
+        description="KILN_S3_SSE: S3 server-side encryption of every object (AES256 or "
+        "aws:kms), on top of kiln's own.",
+    )
+    s3_sse_kms_key_id: str | None = Field(
+        default=None, description="KILN_S3_SSE_KMS_KEY_ID: the KMS key for KILN_S3_SSE=aws:kms."
     )
 
     # --- the client side (kiln datasets|jobs|models|keys|projects) ---

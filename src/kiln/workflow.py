@@ -31,6 +31,7 @@ def fit(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     checkpoints: str | Path | CheckpointStore | None = None,
+    data_root: Path | None = None,
 ) -> Bundle:
     """Train the model a spec describes and return its bundle.
 
@@ -38,13 +39,14 @@ def fit(
     test metrics are measured once at the end. With ``out`` the bundle is saved there
     (atomically) and a checkpoint is written after every epoch to ``checkpoints``
     (a directory or any ``CheckpointStore``; default: a hidden sibling of ``out``),
-    removed once the bundle is saved; ``resume=True`` continues from it.
+    removed once the bundle is saved; ``resume=True`` continues from it. ``data_root``
+    (a server's dataset folder) confines image paths to it.
     """
     spec = load_spec(spec)
     if out is not None:
         check_destination(Path(out))  # fail before training, not after
     started = time.perf_counter()
-    table = load_table(spec)
+    table = load_table(spec, data_root=data_root)
     target = spec.data.target
     stratify = spec.task == "classification" and spec.data.split.stratify
     parts = holdout(table.frame[target], spec.data.split, stratify)

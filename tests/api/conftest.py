@@ -163,11 +163,20 @@ class Platform:
             return int(s.scalar(select(func.count()).select_from(table)) or 0)
 
     def artifact_files(self) -> dict[str, bytes]:
-        """Every file in the artifact store (relative path -> bytes)."""
+        """Every file in the artifact store (relative path -> bytes, decrypted by the
+        store; a stray temporary file as it is on disk)."""
         root = Path(self.settings.resolved_artifacts)
         if not root.exists():
             return {}
-        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        return {
+            str(p.relative_to(root)): (
+                p.read_bytes()
+                if p.name.startswith(".")
+                else self.svc.store.get_bytes(str(p.relative_to(root)))
+            )
+            for p in root.rglob("*")
+            if p.is_file()
+        }
 
     def close(self) -> None:
         self.client.close()

@@ -263,3 +263,15 @@ def test_import_without_data_roots_refuses_paths(platform, tmp_path) -> None:
     assert r.status_code == 422
     assert r.json()["error"]["field"] == "uri"
     _nothing_stored(platform)
+
+
+def test_an_import_over_the_upload_limit_is_refused_while_copied(make_platform, tmp_path) -> None:
+    root = tmp_path / "big"
+    root.mkdir()
+    big = root / "big.csv"
+    big.write_bytes(b"a,b\n" + b"1,2\n" * 300_000)  # 1.2 MB, over a 1 MB limit
+    p = make_platform(data_roots=[root], max_upload_mb=1)
+    r = p.post("/datasets/import", p.admin, {"name": "big", "uri": str(big)})
+    assert r.status_code == 413, r.text
+    assert "KILN_MAX_UPLOAD_MB" in r.json()["error"]["message"]
+    _nothing_stored(p)

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from kiln.jobs.queue import epoch_series, job_logs, new_job, request_cancel
 from kiln.jobs.worker import Worker
 from kiln.settings import Settings
-from kiln.store.artifacts import ArtifactStore, open_store
+from kiln.store.artifacts import ArtifactStore
+from kiln.store.crypto import open_artifacts
 from kiln.store.datasets import ingest
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
@@ -82,7 +83,7 @@ def make_platform(tmp_path: Path, settings: Settings) -> Platform:
 
     migrate(settings.resolved_database_url)
     db = Database(settings.resolved_database_url)
-    store = open_store(settings.resolved_artifacts, endpoint_url=settings.s3_endpoint_url)
+    store = open_artifacts(settings, db)  # as the worker processes open it: encrypted
     csv = tmp_path / "wine.csv"
     load_wine(as_frame=True).frame.to_csv(csv, index=False)
     with db.session() as session:
@@ -340,10 +341,11 @@ def test_a_train_job_on_postgres_and_s3(postgres_url: str, s3_bucket: Any, tmp_p
         assert len(bundle.predict([row]).predictions) == 1
     finally:
         platform.db.dispose()
-    # nothing was kept locally: only the worker's scratch folder is made, and it is
-    # empty again (jobs' temporary folders are removed, then the worker's own)
-    assert [p.relative_to(tmp_path) for p in (tmp_path / "home").rglob("*")] == [
-        Path("home/scratch")
+    # nothing was kept locally but the master key: only the worker's scratch folder is
+    # made, and it is empty again (jobs' temporary folders are removed, then its own)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "home").rglob("*")) == [
+        Path("home/master.key"),
+        Path("home/scratch"),
     ]
 
 

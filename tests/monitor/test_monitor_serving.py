@@ -117,9 +117,11 @@ class Home:
             database.dispose()
 
     def store(self) -> Any:
-        from kiln.store.artifacts import open_store
+        """The platform's store (encrypted, as the server opens it)."""
+        from kiln.store.crypto import open_artifacts
+        from kiln.store.db import Database
 
-        return open_store(self.settings().resolved_artifacts)
+        return open_artifacts(self.settings(), Database(self.settings().resolved_database_url))
 
     @contextmanager
     def client(self, deploy: bool = True, **settings: Any) -> Iterator[TestClient]:

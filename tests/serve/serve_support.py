@@ -60,8 +60,24 @@ class Home:
     keys: dict[str, str]  # predict, read, deploy (project default); other (project other)
     bundles: dict[int, str] = field(default_factory=dict)  # version -> artifact key
 
-    def bundle_dir(self, version: int) -> Path:
+    def artifact_dir(self, version: int) -> Path:
+        """Where the version's (encrypted) bundle files lie in the artifact store."""
         return self.path / "artifacts" / self.bundles[version]
+
+    def bundle_dir(self, version: int) -> Path:
+        """The version's bundle, decrypted by the platform's store into a folder."""
+        from kiln.store.crypto import open_artifacts
+        from kiln.store.db import Database
+
+        out = self.path.parent / f"{self.path.name}-bundle-{version}"
+        if not out.exists():
+            settings = self.settings()
+            db = Database(settings.resolved_database_url)
+            try:
+                open_artifacts(settings, db).get_dir(self.bundles[version], out)
+            finally:
+                db.dispose()
+        return out
 
     def settings(self, **overrides: Any) -> Any:
         from kiln.settings import Settings

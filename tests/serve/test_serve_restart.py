@@ -81,7 +81,7 @@ def test_a_deployment_that_cannot_be_restored_is_failed_until_fixed(home_copy: H
         r = admin.post(f"{API}/deployments", json={"name": "sturdy", "model": "iris", "version": 1})
         assert r.status_code == 201, r.text
     # version 2's bundle disappears from the artifact store and the server's cache
-    shutil.rmtree(home_copy.bundle_dir(2))
+    shutil.rmtree(home_copy.artifact_dir(2))
     shutil.rmtree(home_copy.path / "cache")
 
     with (

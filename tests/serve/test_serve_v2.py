@@ -95,7 +95,8 @@ def test_binary_tensors_are_read_in_input_order_with_their_own_sizes() -> None:
     }
     request = v2.parse_body(*binary(header, [x, colors, ints]))
     data = [t["data"] for t in request["inputs"]]
-    assert data == [[1.5, -2.25, 3.0], ["red", "grün", ""], [7, -8, 9], [4.0]]
+    # BYTES stay bytes here (an image column takes them raw); text columns decode them
+    assert data == [[1.5, -2.25, 3.0], [b"red", "grün".encode(), b""], [7, -8, 9], [4.0]]
 
 
 def test_binary_data_shorter_than_announced_names_the_input() -> None:
@@ -277,3 +278,71 @@ def test_metadata_describes_the_matrix_input_and_typed_outputs(served: ServedMod
     output = served.predict_frame(served.check_matrix(iris()[FEATURES].to_numpy()[:2]))
     types = {o["name"]: o["datatype"] for o in v2.response("iris", 1, output, {})["outputs"]}
     assert types == {o["name"]: o["datatype"] for o in meta["outputs"]}
+
+
+# ---- malformed tensors are 4xx, never 500 --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ([tensor("input", [1, 4], ["a", "b", "c", "d"])], "input"),  # strings in a matrix
+        ([tensor("input", [1, 4], [True, 1.0, 2.0, 3.0])], "input"),
+        ([tensor("input", [1, 4], [None, 1.0, 2.0, 3.0])], "input"),
+        ([tensor("input", [1, 4], [1e400, 1.0, 2.0, 3.0])], "input[0].sepal length (cm)"),
+        ([tensor("input", [0, 4], [])], "input"),  # no rows
+        ([tensor("input", [1, 4], [1.0] * 4, datatype="FP8")], "inputs[0].datatype"),
+        ([tensor("input", [1, 4], [1.0] * 4, datatype=None)], "inputs[0].datatype"),  # type: ignore[arg-type]
+        ([{"name": "input", "shape": [1, 4], "data": [1.0] * 4}], "inputs[0].datatype"),
+        ([tensor(FEATURES[0], [1], ["x"], datatype="BYTES")], f"inputs[0].{FEATURES[0]}"),
+        ([tensor(FEATURES[0], [1], [b"\xff"], datatype="BYTES")], "inputs[0].data"),
+        ([], "inputs"),
+        (["x"], "inputs[0]"),
+    ],
+)
+def test_malformed_tensors_are_data_errors(
+    served: ServedModel, inputs: list[Any], field: str
+) -> None:
+    with pytest.raises(DataError) as exc:
+        rows, matrix = v2.to_rows_or_matrix({"inputs": inputs}, served)
+        if matrix is not None:
+            served.check_matrix(matrix)
+        else:
+            served.check_rows(rows)
+    assert field_of(exc) == field
+
+
+@pytest.mark.parametrize(
+    ("parameters", "chunk", "length", "field"),
+    [
+        ({"binary_data_size": -4}, b"", None, "inputs[0].parameters"),
+        ({"binary_data_size": "4"}, b"abcd", None, "inputs[0].parameters"),
+        ({"binary_data_size": 1.5}, b"abcd", None, "inputs[0].parameters"),
+        ([1, 2], b"", None, "inputs[0].parameters"),
+        ({"binary_data_size": 2}, b"ab", None, "inputs[0]"),  # a cut length prefix
+        ({"binary_data_size": 6}, struct.pack("<I", 9) + b"ab", None, "inputs[0]"),  # cut element
+        ({"binary_data_size": 4}, b"abcd", "999999", "header"),  # header past the end
+        ({"binary_data_size": 4}, b"abcd", "-1", "header"),
+    ],
+)
+def test_malformed_binary_bodies_are_data_errors(
+    parameters: Any, chunk: bytes, length: str | None, field: str
+) -> None:
+    header = {
+        "inputs": [{"name": "c", "datatype": "BYTES", "shape": [1], "parameters": parameters}]
+    }
+    body, real = binary(header, [chunk])
+    with pytest.raises(DataError) as exc:
+        v2.parse_body(body, length or real)
+    assert field_of(exc) == field
+
+
+def test_binary_fp32_of_a_ragged_length_is_refused() -> None:
+    header = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 3}}
+        ]
+    }
+    with pytest.raises(DataError) as exc:
+        v2.parse_body(*binary(header, [b"abc"]))
+    assert field_of(exc) == "inputs[0]"

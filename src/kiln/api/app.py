@@ -13,19 +13,33 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln import __version__
 from kiln.api.deps import Services, principal
-from kiln.api.routes import audit, datasets, deployments, jobs, models, projects, usage, v2
-from kiln.errors import KilnError, TooLargeError
+from kiln.api.guards import TextGuard
+from kiln.api.openapi import install as install_openapi
+from kiln.api.routes import (
+    audit,
+    base_models,
+    datasets,
+    deployments,
+    jobs,
+    models,
+    projects,
+    usage,
+    v2,
+)
+from kiln.errors import KilnError, RateLimitError, TooLargeError
 from kiln.jobs.queue import Queue
+from kiln.jobs.scratch import release, worker_scratch
 from kiln.monitor.audit import record
 from kiln.settings import Settings
-from kiln.store.artifacts import open_store
+from kiln.store.crypto import open_artifacts
 from kiln.store.db import Database, migrate
 from kiln.store.keys import Principal
 from kiln.web import mount as mount_dashboard
@@ -35,7 +49,7 @@ MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
 # deployments first: routes are matched in order, and its predict route is the one
 # called thousands of times a second (the routers' paths do not overlap)
-ROUTERS = (deployments, projects, datasets, jobs, models, audit, usage)
+ROUTERS = (deployments, projects, datasets, jobs, models, audit, usage, base_models)
 INFERENCE = {"deployments.predict", "v2.infer"}
 """Routes that are metered as requests (Prometheus), not audited: they change nothing."""
 
@@ -45,7 +59,7 @@ def build_services(settings: Settings) -> Services:
     url = settings.resolved_database_url
     migrate(url)
     db = Database(url)
-    store = open_store(settings.resolved_artifacts, endpoint_url=settings.s3_endpoint_url)
+    store = open_artifacts(settings, db)  # encrypted; a wrong master key fails here
     return Services(
         settings=settings,
         db=db,
@@ -73,6 +87,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             services if services is not None else await run_in_threadpool(build_services, settings)
         )
         app.state.services = svc
+        # uploads a killed API process (or worker) left in scratch go now
+        scratch = await run_in_threadpool(worker_scratch, svc.settings.home_dir / "scratch")
         manager = DeploymentManager(
             svc.db,
             svc.store,
@@ -84,22 +100,36 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         await manager.restore()  # deployments come back by themselves after a restart
         yield
         await manager.close()
+        release(scratch)  # an API process that exits cleanly leaves no scratch folder
         if own:
             svc.db.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc with their assets from the fastapi-offline package: no CDN
+    app = FastAPIOffline(
         title="kiln",
         version=__version__,
-        description="Train, register and serve models. Every route but /healthz needs "
+        description="Train, register and serve models. Every route but health needs "
         "`Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
     if services is not None:
         app.state.services = services
     _errors(app)
+    install_openapi(app)
+    # innermost: it reads bodies the size limit around it has already bounded
+    app.add_middleware(TextGuard)
     # the audit middleware is outermost, so refused bodies (413) are recorded too
     app.add_middleware(BodyLimit, upload_limit=int(settings.max_upload_mb * (1 << 20)))
     app.add_middleware(Audit)
+
+    # /datasets/import takes POST only; without this, GET would reach /datasets/{dataset_id}
+    # and answer 404 for a dataset named "import" where the document promises a 405
+    @app.api_route(
+        f"{API}/datasets/import", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    def not_a_dataset() -> None:
+        raise StarletteHTTPException(405)
+
     for module in ROUTERS:
         app.include_router(module.router, prefix=API)
     app.include_router(v2.router)
@@ -153,7 +183,12 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
-        return respond(request, exc.http_status, exc.code, exc.message, exc.field)
+        response = respond(request, exc.http_status, exc.code, exc.message, exc.field)
+        if isinstance(exc, RateLimitError):
+            from kiln.api.ratelimit import refused
+
+            refused(request, response, exc)  # Retry-After, and the metric
+        return response
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -179,8 +214,43 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(request, exc.status_code, code, str(exc.detail), None)
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        # FastAPI's one 400: a body that does not parse as its content type says
+        field = "body" if exc.status_code == 400 else None
+        response = respond(request, exc.status_code, code, str(exc.detail), field)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request.app, request.scope)
+        return response
+
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> str:
+    """The ``Allow`` header of a 405: the methods of this path.
+
+    The router names only the first route whose path matched, while one path often has
+    a route per method (GET, PATCH and DELETE of a deployment). A documented path answers
+    what the OpenAPI document lists for its most specific template (``/datasets/import``,
+    not ``/datasets/{dataset_id}``); any other path, each method some route takes.
+    """
+    path = scope["path"]
+    templates = [
+        (template.count("{"), template)
+        for template in app.openapi().get("paths", {})
+        if compile_path(template)[0].match(path)
+    ]
+    if templates:
+        item = app.openapi()["paths"][min(templates)[1]]
+        return ", ".join(m for m in METHODS if m.lower() in item)
+    return ", ".join(
+        method
+        for method in METHODS
+        if any(r.matches({**scope, "method": method})[0] == Match.FULL for r in app.router.routes)
+    )
 
 
 class Audit:

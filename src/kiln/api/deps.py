@@ -16,6 +16,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from kiln.api.ratelimit import RateLimits, lane_of
 from kiln.errors import AuthError
 from kiln.jobs.queue import Queue
 from kiln.settings import Settings
@@ -36,6 +37,14 @@ class Services:
     queue: Queue
     keys: KeyCache = field(default_factory=lambda: KeyCache())
     static_key: str | None = None  # ``kiln serve --api-key``: a predict/read key for one bundle
+    rate: RateLimits = field(init=False)  # from the settings' KILN_RATE_LIMIT_*
+
+    def __post_init__(self) -> None:
+        self.rate = RateLimits(
+            self.db,
+            api=self.settings.rate_limit_api,
+            inference=self.settings.rate_limit_inference,
+        )
 
 
 class KeyCache:
@@ -83,7 +92,8 @@ def session(svc: Annotated[Services, Depends(services)]) -> Iterator[Session]:
 
 async def principal(request: Request, svc: Annotated[Services, Depends(services)]) -> Principal:
     """The caller; a key seen in the last seconds is answered from the cache on the event
-    loop, only a database read goes to a thread."""
+    loop, only a database read goes to a thread. Counts the request against the key's
+    and its project's rate limits (``kiln.api.ratelimit``; 429 past one)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -97,6 +107,9 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
             who = await run_in_threadpool(_authenticate, svc, token)
         svc.keys.put(token, who)
     request.state.principal = who
+    lane = lane_of(request.scope)
+    if lane is not None:
+        await svc.rate.check(who, lane)
     return who
 
 
@@ -160,9 +173,14 @@ class Page:
     offset: int
 
 
+MAX_OFFSET = 2**31 - 1
+"""The largest offset (or id to list after) a query takes: an INTEGER on every engine,
+where 2**63 overflowed SQLite and PostgreSQL (a 500); no listing is that long."""
+
+
 def page(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page:
     return Page(limit, offset)
 

@@ -7,7 +7,20 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kiln.store.keys import SCOPES
+from kiln.store.projects import NAME
+
 T = TypeVar("T")
+
+NAME_PATTERN = NAME.pattern
+"""Projects, models, deployments, aliases: what ``check_name`` lets through."""
+SEGMENT_PATTERN = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+"""Dataset names: what ``kiln.store.artifacts.safe_segment`` lets through."""
+
+
+def _pattern(pattern: str) -> dict[str, Any]:
+    # documented, not enforced by pydantic: the store's check answers with its own message
+    return {"pattern": pattern}
 
 
 class Strict(BaseModel):
@@ -41,12 +54,23 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorOut(BaseModel):
+    """The body of every 4xx and 5xx under /api/v1 and of the dashboard's JSON routes."""
+
     error: ErrorBody
 
 
+ErrorResponse = ErrorOut
+
+
+class V2ErrorOut(BaseModel):
+    """The Open Inference Protocol's error body (the /v2 routes)."""
+
+    error: str
+
+
 class ProjectIn(Strict):
-    name: str
+    name: str = Field(json_schema_extra=_pattern(NAME_PATTERN))
 
 
 class ProjectOut(BaseModel):
@@ -56,9 +80,16 @@ class ProjectOut(BaseModel):
 
 class KeyIn(Strict):
     project: str | None = Field(
-        default=None, description="The key's project; omitted by a global admin: a global key."
+        default=None,
+        description="The key's project; omitted by a global admin: a global key.",
+        # "" is read as absent, like ?project=
+        json_schema_extra={
+            "anyOf": [{"type": "string", "pattern": f"{NAME_PATTERN}|^$"}, {"type": "null"}]
+        },
     )
-    scopes: list[str]
+    scopes: list[str] = Field(
+        json_schema_extra={"items": {"type": "string", "enum": list(SCOPES)}, "minItems": 1}
+    )
     name: str = Field(default="", max_length=128)
 
 
@@ -96,7 +127,7 @@ class DatasetOut(BaseModel):
 
 
 class DatasetImport(Strict):
-    name: str
+    name: str = Field(json_schema_extra=_pattern(SEGMENT_PATTERN))
     uri: str = Field(description="s3://bucket/key, or a path under KILN_DATA_ROOTS on the server.")
 
 
@@ -197,8 +228,8 @@ class RouteIn(Strict):
 
 
 class DeploymentIn(Strict):
-    name: str
-    model: str
+    name: str = Field(json_schema_extra=_pattern(NAME_PATTERN))
+    model: str = Field(json_schema_extra=_pattern(NAME_PATTERN))
     version: int | str = Field(default="latest", description="A number, latest or an alias.")
     backend: Literal["auto", "torch", "onnx"] = Field(
         default="auto", description="auto: onnxruntime on CPU when it agrees with torch."

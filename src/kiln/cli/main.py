@@ -12,6 +12,7 @@ import typer
 
 from kiln import __version__
 from kiln.cli import (
+    catalog_cmds,
     compress_cmds,
     jobs_cmds,
     model_cmds,
@@ -43,6 +44,9 @@ app.command()(platform_cmds.up)
 app.command()(platform_cmds.worker)
 app.command()(serve_cmds.serve)
 app.add_typer(remote_cmds.projects_app, name="projects")
+# local commands on the server machine (they need the master key, not an API key)
+remote_cmds.keys_app.command("rotate-master")(platform_cmds.rotate_master)
+remote_cmds.keys_app.command("encrypt-existing")(platform_cmds.encrypt_existing)
 app.add_typer(remote_cmds.keys_app, name="keys")
 app.add_typer(remote_cmds.datasets_app, name="datasets")
 app.add_typer(jobs_cmds.jobs_app, name="jobs")
@@ -50,6 +54,7 @@ app.add_typer(registry_cmds.models_app, name="models")
 app.add_typer(serve_cmds.deployments_app, name="deployments")
 app.command()(usage_cmds.usage)
 app.add_typer(usage_cmds.quotas_app, name="quotas")
+app.add_typer(catalog_cmds.base_models_app, name="base-models")
 
 
 def _version(value: bool) -> None:

@@ -13,6 +13,15 @@ from kiln.cli.render import confusion_table, console, metrics_table, print_json
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+OutCsv = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Also write the rows with their predictions to FILE (.csv or .tsv); cells a "
+        "spreadsheet would run as formulas are prefixed with '.",
+    ),
+]
 
 # Rows shown in the predictions table; --json prints every row.
 SHOWN_ROWS = 20
@@ -42,13 +51,19 @@ def predict(
     bundle: BundleArg,
     input: Annotated[str, typer.Argument(help="Rows to predict (.csv or .jsonl).")],
     json_out: JsonOut = False,
+    out: OutCsv = None,
 ) -> None:
     """Predict labels (and class probabilities) or values for each input row."""
     from kiln.bundle import Bundle
+    from kiln.data.csv_safe import predictions_table, separator, write_csv
 
+    if out is not None:
+        separator(out)  # a wrong suffix fails before any work
     b = Bundle.load(bundle)
     rows = b.read(input)
     result = b.predict(rows)
+    if out is not None:
+        write_csv(predictions_table(rows, result.predictions, result.probabilities), out)
     if json_out:
         print_json(result.to_dict())
         return

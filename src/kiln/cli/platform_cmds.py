@@ -6,6 +6,7 @@ The server's modules (FastAPI, SQLAlchemy, uvicorn) load when a command runs, so
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -46,3 +47,52 @@ def worker() -> None:
     from kiln.jobs.worker import main
 
     main()
+
+
+@reports_errors
+def rotate_master(
+    new_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-key-file",
+            help="With KILN_MASTER_KEY: write the new key to this new file (0600) "
+            "instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Replace the master key: re-wrap every data key with a new one (data stays as is).
+
+    Runs on the server machine against KILN_DATABASE_URL; stop kiln up and its workers
+    first. With the key file, the new key replaces $KILN_HOME/master.key. With
+    KILN_MASTER_KEY, the new key is printed (or written to --new-key-file): put it in
+    KILN_MASTER_KEY before the next start; the old key no longer works.
+    """
+    from kiln.settings import Settings
+    from kiln.store.crypto import MasterKey, rotate_master_key
+
+    def show(new: MasterKey) -> None:
+        typer.echo(f"New master key (shown once; set KILN_MASTER_KEY to it):\n  {new.encoded()}")
+
+    done = rotate_master_key(Settings(), new_key_file=new_key_file, before_commit=show)
+    where = f"; the new key is in {done.key_file}" if done.key_file else ""
+    typer.echo(f"Re-wrapped {done.rewrapped} data key(s) (master key {done.new_key.id}){where}")
+
+
+@reports_errors
+def encrypt_existing() -> None:
+    """Encrypt in place every artifact stored before encryption at rest (once, on upgrade).
+
+    Runs on the server machine with its master key; objects already encrypted are skipped.
+    """
+    from kiln.settings import Settings
+    from kiln.store.crypto import open_artifacts
+    from kiln.store.db import Database, migrate
+
+    settings = Settings()
+    migrate(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    try:
+        count = open_artifacts(settings, db).encrypt_existing()
+    finally:
+        db.dispose()
+    typer.echo(f"Encrypted {count} artifacts")

@@ -201,13 +201,21 @@ def keys_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False
 @reports_errors
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", help="Confirm revoking the key this command runs with."),
+    ] = False,
     url: Url = None,
     api_key: ApiKey = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Revoke a key; requests made with it fail from now on."""
+    """Revoke a key; requests made with it fail from now on.
+
+    The key this command runs with needs --yes; the last global admin key cannot be
+    revoked (create another first: kiln keys create --scope admin).
+    """
     with connect(url, api_key, None) as client:
-        row = client.keys.revoke(key_id)
+        row = client.keys.revoke(key_id, confirm_self=yes)
     if json_out:
         print_json(row)
         return
@@ -230,7 +238,10 @@ def _dataset_summary(row: dict[str, Any]) -> None:
 @datasets_app.command("upload")
 @reports_errors
 def datasets_upload(
-    file: Annotated[Path, typer.Argument(help="A .csv, .tsv, .jsonl or .parquet table.")],
+    file: Annotated[
+        Path,
+        typer.Argument(help="A .csv, .tsv, .jsonl or .parquet table, or a .zip/.tar.gz of images."),
+    ],
     name: Annotated[
         str | None, typer.Option("--name", help="Default: the file name.", show_default=False)
     ] = None,

@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
+from kiln.cli.model_cmds import OutCsv
 from kiln.cli.remote_cmds import ApiKey, JsonOut, ProjectOpt, Url, connect, table
 from kiln.cli.render import console, print_json
 
@@ -346,13 +347,20 @@ def deployments_predict(
     api_key: ApiKey = None,
     project: ProjectOpt = None,
     json_out: JsonOut = False,
+    csv_out: OutCsv = None,
 ) -> None:
     """Send a table's rows to a deployment (needs 'predict'); one request."""
+    from kiln.data.csv_safe import predictions_table, separator, write_csv
     from kiln.data.sources import read_table
 
+    if csv_out is not None:
+        separator(csv_out)  # a wrong suffix fails before the request
     frame = read_table(file)
     with connect(url, api_key, project) as client:
         result = client.deployments.predict(name, frame)
+    if csv_out is not None:
+        rows = predictions_table(frame, result["predictions"], result.get("probabilities"))
+        write_csv(rows, csv_out)
     if json_out:
         print_json(result)
         return

@@ -3,7 +3,9 @@
 Quantities print in their units: compute in seconds, minutes or hours, storage in
 binary bytes (KiB, MiB, ...), predictions as counts; ``--json`` prints the server's
 numbers as they are (seconds, bytes, counts). A quota's limit may be given with a
-unit: ``2h``, ``90min``, ``500MB``, ``1.5GiB``.
+unit: ``2h``, ``90min``, ``500MB``, ``1.5GiB``. Rate limits are quotas of the kinds
+``inference`` and ``api`` (``requests_inference``, ``requests_api``), set with
+``--rps N`` and/or ``--rpm N``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from kiln.cli.errors import reports_errors
 from kiln.cli.remote_cmds import ApiKey, JsonOut, ProjectOpt, Url, connect, table
 from kiln.cli.render import console, print_json
 
-KINDS_HELP = "compute_seconds, stored_bytes, prediction_requests or prediction_rows"
-Period = Annotated[str, typer.Option("--period", help="day or month (UTC calendar), or total.")]
+KINDS_HELP = (
+    "compute_seconds, stored_bytes, prediction_requests or prediction_rows; for a rate "
+    "limit, inference or api (requests_inference, requests_api)"
+)
+Period = Annotated[
+    str,
+    typer.Option(
+        "--period", help="day or month (UTC calendar), or total; second or minute for rates."
+    ),
+]
+RATE_ALIASES = {"inference": "requests_inference", "api": "requests_api"}
+RATE_KINDS = frozenset(RATE_ALIASES.values())
 
 UNITS: dict[str, float] = {
     # seconds
@@ -80,8 +92,15 @@ def _per(period: str) -> str:
     return "in total" if period == "total" else f"per {period}"
 
 
+def _kind(text: str) -> str:
+    """A kind as the server names it: ``inference`` and ``api`` are rate limits."""
+    return RATE_ALIASES.get(text.lower(), text)
+
+
 def _quota_line(quota: dict[str, Any]) -> str:
     kind, limit, used = quota["kind"], quota["limit"], quota["used"]
+    if kind in RATE_KINDS:
+        return f"rate limit {kind}: {amount(kind, limit)} requests per {quota['period']}"
     share = f" ({100 * used / limit:.0f}%)" if limit else ""
     style = "red" if limit is not None and used >= limit else "green"
     return (
@@ -143,30 +162,60 @@ quotas_app = typer.Typer(
 def quotas_set(
     kind: Annotated[str, typer.Argument(help=KINDS_HELP + ".", show_default=False)],
     limit: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="The most per period: a number, or with a unit (2h, 90min, 500MB, 1GiB).",
+            help="The most per period: a number, or with a unit (2h, 90min, 500MB, 1GiB); "
+            "not with --rps/--rpm.",
             show_default=False,
         ),
-    ],
+    ] = None,
     period: Period = "day",
+    rps: Annotated[
+        int | None,
+        typer.Option("--rps", min=1, help="Rate limit (KIND inference or api): per second."),
+    ] = None,
+    rpm: Annotated[
+        int | None,
+        typer.Option("--rpm", min=1, help="Rate limit (KIND inference or api): per minute."),
+    ] = None,
     url: Url = None,
     api_key: ApiKey = None,
     project: ProjectOpt = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Cap a project's usage of KIND per period; past it, the server answers 429."""
-    value = parse_amount(limit)
+    """Cap a project's usage of KIND per period; past it, the server answers 429.
+
+    Rate limits: kiln quotas set inference --rps 20 --project acme (and/or --rpm N; KIND
+    api for the management API). They apply at once to requests made with the
+    project's keys. --json prints one quota, or a list when both --rps and --rpm are given.
+    """
+    from kiln.errors import SpecError
+
+    kind = _kind(kind)
+    if rps is not None or rpm is not None:
+        if kind not in RATE_KINDS:
+            raise SpecError("--rps/--rpm: KIND must be inference or api", field="kind")
+        if limit is not None:
+            raise SpecError("give either LIMIT or --rps/--rpm, not both", field="limit")
+        wanted = [(float(n), per) for n, per in ((rps, "second"), (rpm, "minute")) if n]
+    elif limit is None:
+        raise SpecError(
+            "LIMIT is missing (for inference or api: --rps N or --rpm N)", field="limit"
+        )
+    else:
+        wanted = [(parse_amount(limit), period.lower())]
     with connect(url, api_key, project) as client:
-        row = client.quotas.set(kind, value, period=period.lower(), project=project)
+        rows = [client.quotas.set(kind, v, period=per, project=project) for v, per in wanted]
     if json_out:
-        print_json(row)
+        print_json(rows[0] if len(rows) == 1 else rows)
         return
-    console.print(
-        f"project [bold]{escape(row['project'])}[/]: {kind} limited to "
-        f"{amount(kind, row['limit'])} {_per(row['period'])}"
-    )
-    console.print(_quota_line(row))
+    for row in rows:
+        console.print(
+            f"project [bold]{escape(row['project'])}[/]: {kind} limited to "
+            f"{amount(kind, row['limit'])} {_per(row['period'])}"
+        )
+        if kind not in RATE_KINDS:
+            console.print(_quota_line(row))
 
 
 @quotas_app.command("remove")
@@ -179,7 +228,9 @@ def quotas_remove(
     project: ProjectOpt = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Remove a project's quota on KIND for a period."""
+    """Remove a project's quota on KIND for a period (a rate limit: --period second or
+    minute)."""
+    kind = _kind(kind)
     with connect(url, api_key, project) as client:
         row = client.quotas.remove(kind, period=period.lower(), project=project)
     if json_out:
@@ -210,8 +261,8 @@ def quotas_list(
     out = table(f"quotas of {rows[0]['project']}", "kind", "period", "limit", "used", "%")
     for row in rows:
         kind = row["kind"]
-        share = f"{100 * row['used'] / row['limit']:.0f}" if row["limit"] else "-"
-        out.add_row(
-            kind, row["period"], amount(kind, row["limit"]), amount(kind, row["used"]), share
-        )
+        rate = kind in RATE_KINDS  # enforced in memory, nothing metered
+        share = f"{100 * row['used'] / row['limit']:.0f}" if row["limit"] and not rate else "-"
+        used = "-" if rate else amount(kind, row["used"])
+        out.add_row(kind, row["period"], amount(kind, row["limit"]), used, share)
     console.print(out)

@@ -83,13 +83,17 @@ def compress(
     *,
     on_event: Events | None = None,
     measure_runs: int = 50,
+    data_root: Path | None = None,
 ) -> CompressResult:
-    """Run ``spec``'s steps from its source bundle; variants are saved under ``out``."""
+    """Run ``spec``'s steps from its source bundle; variants are saved under ``out``.
+
+    ``data_root`` (a server's dataset folder) confines image paths to it.
+    """
     spec = load_compress_spec(spec)
     say = on_event or (lambda _msg: None)
     out = Path(out)
     source = Bundle.load(spec.source)
-    splits = _splits(source, spec.data)
+    splits = _splits(source, spec.data, data_root)
     metric = spec.tolerance.metric if spec.tolerance else headline_metric(source.meta.task)
     _check_metric(metric, source)
     base_val = source.evaluate(splits.val)[metric]
@@ -141,7 +145,7 @@ def _run_steps(
 # ---- data ------------------------------------------------------------------------
 
 
-def _splits(source: Bundle, override: str | None) -> Splits:
+def _splits(source: Bundle, override: str | None, data_root: Path | None = None) -> Splits:
     lineage = source.meta.lineage
     if "spec" not in lineage:
         raise DataError("the source bundle records no training spec; give data:", field="data")
@@ -155,7 +159,7 @@ def _splits(source: Bundle, override: str | None) -> Splits:
         spec = spec.model_copy(
             update={"data": spec.data.model_copy(update={"source": data_source})}
         )
-    table = load_table(spec)
+    table = load_table(spec, data_root=data_root)
     if override is None and table.fingerprint != lineage.get("data", {}).get("fingerprint"):
         raise DataError(
             f"the source's training data {spec.data.source} changed since it was trained "

@@ -97,7 +97,9 @@ def load_tokenizer(path: str | Path, *, for_bundle: bool = False) -> PreTrainedT
             str(path),
             use_fast=True,
             trust_remote_code=False,
-            local_files_only=for_bundle,  # a bundle never reaches the network
+            # a bundle or a local folder never reaches the network; a hub id gets here
+            # only where KILN_ALLOW_HUB allowed it (kiln.models.pretrained.local_model_dir)
+            local_files_only=for_bundle or Path(path).is_dir(),
         )
     except (OSError, ValueError) as exc:
         err = BundleError if for_bundle else SpecError

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,14 @@ def crossval(
     *,
     on_fold: Callable[[int, dict[str, Any]], None] | None = None,
     callbacks: Callable[[int], Sequence[Callback]] | None = None,
+    data_root: Path | None = None,
 ) -> CrossValResult:
-    """Run k-fold cross-validation of ``spec``; ``on_fold(i, metrics)`` reports progress."""
+    """Run k-fold cross-validation of ``spec``; ``on_fold(i, metrics)`` reports progress.
+
+    ``data_root`` (a server's dataset folder) confines image paths to it.
+    """
     spec = load_spec(spec)
-    table = load_table(spec)
+    table = load_table(spec, data_root=data_root)
     target = spec.data.target
     y = table.frame[target]
     stratify = spec.task == "classification" and spec.data.split.stratify

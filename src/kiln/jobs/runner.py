@@ -4,7 +4,9 @@ The runner turns a job row into calls of the ML core (``kiln.fit``, ``kiln.cross
 ``Bundle.evaluate``) with the job's dataset copied out of the artifact store, reports
 every epoch to the queue, checkpoints into the artifact store (so a re-queued job
 resumes on any worker), and for a train job stores the bundle and registers the
-model version in the same transaction that marks the job succeeded. That transaction
+model version in the same transaction that marks the job succeeded (run again when a
+concurrent registration took the version number; the job fails with a 409-style
+``conflict`` error once :func:`kiln.store.registry.registering` gives up). That transaction
 also writes the attempt's measured resources and meters its compute seconds
 (:mod:`kiln.jobs.resources`), whatever the outcome.
 """
@@ -26,9 +28,10 @@ from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
 from kiln.jobs.resources import RELEASED, ResourceMeter, account
 from kiln.store.artifacts import ArtifactStore, safe_key
-from kiln.store.datasets import dataset_ref
+from kiln.store.datasets import archive_root, dataset_ref
 from kiln.store.db import Database
-from kiln.store.registry import get_model, register_version, resolve_version
+from kiln.store.model_refs import pin_spec
+from kiln.store.registry import get_model, register_version, registering, resolve_version
 from kiln.store.tables import Dataset, Job, JobState, Project
 from kiln.train.callbacks import Callback
 
@@ -194,7 +197,8 @@ def _project(ctx: JobContext, job: Job) -> Project:
 
 
 def _fetch_dataset(ctx: JobContext, job: Job, source: str, tmp: Path) -> tuple[str, Dataset | None]:
-    """A local path for a spec's data source: ``dataset:<id>`` is copied out of the store."""
+    """A local path for a spec's data source: ``dataset:<id>`` is copied out of the store
+    into ``_data_dir(tmp)``; an archive's files into a folder of their own there."""
     dataset_id = dataset_ref(source)
     if dataset_id is None:
         return source, None
@@ -202,10 +206,20 @@ def _fetch_dataset(ctx: JobContext, job: Job, source: str, tmp: Path) -> tuple[s
         dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.project_id != job.project_id:
         raise NotFoundError(f"dataset {dataset_id} not found", field="spec.data.source")
-    local = tmp / "data" / dataset.artifact_key.rsplit("/", 1)[-1]
+    root = archive_root(dataset)
+    if root is not None:  # an image folder, or a table at the top beside its images
+        folder = _data_dir(tmp) / dataset.id
+        ctx.store.get_dir(root, folder)
+        return str(folder.joinpath(*dataset.artifact_key[len(root) :].split("/"))), dataset
+    local = _data_dir(tmp) / dataset.artifact_key.rsplit("/", 1)[-1]
     local.parent.mkdir(parents=True, exist_ok=True)
     ctx.store.get_file(dataset.artifact_key, local)
     return str(local), dataset
+
+
+def _data_dir(tmp: Path) -> Path:
+    """Where a job's datasets are copied; the only folder its image paths may name."""
+    return tmp / "data"
 
 
 def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
@@ -213,6 +227,8 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
 
     project = _project(ctx, job)
     spec = copy.deepcopy(job.spec)
+    # base:<name> / model:<name>@<v> -> a verified local folder
+    pins = pin_spec(ctx.db, ctx.store, spec, tmp, project_id=job.project_id)
     spec["data"]["source"], dataset = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
     checkpoints = _JobCheckpoints(ctx.store, checkpoint_key(project.name, job.id))
     bundle = fit(
@@ -220,10 +236,14 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
         callbacks=[_Reporter(ctx, checkpoints=checkpoints)],
         checkpoints=checkpoints,
         resume=checkpoints.exists(),
+        data_root=_data_dir(tmp),
     )
     ctx.meter.device = bundle.meta.training.get("device")
     # the lineage names the dataset, not the worker's temporary copy of it
     bundle.meta.lineage["data"]["source"] = job.spec["data"]["source"]
+    bundle.meta.lineage["spec"]["data"]["source"] = job.spec["data"]["source"]
+    for part in (bundle.meta.lineage, bundle.meta.model, bundle.meta.model_context):
+        pins.restore(part)  # the base model's name, not the worker's copy of it
     bundle.meta.lineage["job"] = job.id
     bundle.meta.lineage["project"] = project.name
     out = bundle.save(tmp / "bundle")
@@ -237,36 +257,33 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
         "seconds": bundle.meta.training.get("seconds"),
         "device": bundle.meta.training.get("device"),
     }
-    for _ in range(3):  # two registrations racing for one version number retry
-        try:
-            with ctx.db.session() as session:
-                version = register_version(
-                    session,
-                    project,
-                    bundle.meta.name,
-                    artifact_key=prefix,
-                    task=bundle.meta.task,
-                    metrics=bundle.meta.metrics,
-                    summary=summary,
-                    size_bytes=size,
-                    job_id=job.id,
-                    dataset_id=dataset.id if dataset else None,
-                )
-                result = {
-                    "model": bundle.meta.name,
-                    "version": version.version,
-                    "metrics": bundle.meta.metrics,
-                }
-                _close(
-                    ctx,
-                    session,
-                    JobState.succeeded,
-                    result=result,
-                    model_version_id=version.id,
-                )
-            break
-        except ConflictError:
-            continue
+
+    def register(session: Session) -> None:
+        version = register_version(
+            session,
+            project,
+            bundle.meta.name,
+            artifact_key=prefix,
+            task=bundle.meta.task,
+            metrics=bundle.meta.metrics,
+            summary=summary,
+            size_bytes=size,
+            job_id=job.id,
+            dataset_id=dataset.id if dataset else None,
+        )
+        result = {
+            "model": bundle.meta.name,
+            "version": version.version,
+            "metrics": bundle.meta.metrics,
+        }
+        # the version and the job's end commit together: no succeeded job without its version
+        _close(ctx, session, JobState.succeeded, result=result, model_version_id=version.id)
+
+    try:
+        registering(ctx.db, bundle.meta.name, register)
+    except ConflictError:
+        ctx.store.delete(prefix)  # registered nowhere: the bundle's bytes would only take space
+        raise
     checkpoints.clear()
 
 
@@ -274,6 +291,7 @@ def _crossval(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
     from kiln.evaluate.crossval import crossval
 
     spec = copy.deepcopy(job.spec)
+    pin_spec(ctx.db, ctx.store, spec, tmp, project_id=job.project_id)
     spec["data"]["source"], _ = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
     folds = int(job.options.get("folds", 5))
 
@@ -286,6 +304,7 @@ def _crossval(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
         folds,
         on_fold=on_fold,
         callbacks=lambda i: [_Reporter(ctx, f"fold {i + 1}: ", record=False)],
+        data_root=_data_dir(tmp),
     )
     return result.to_dict()
 
@@ -300,7 +319,7 @@ def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
         version = resolve_version(session, model, ref)
     local, _ = _fetch_dataset(ctx, job, source, tmp)
     ctx.store.get_dir(version.artifact_key, tmp / "bundle")
-    metrics = Bundle.load(tmp / "bundle").evaluate(local)
+    metrics = Bundle.load(tmp / "bundle").evaluate(local, data_root=_data_dir(tmp))
     return {"model": name, "version": version.version, "metrics": metrics}
 
 
@@ -323,6 +342,8 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
 
     project = _project(ctx, job)
     spec = copy.deepcopy(job.spec)
+    # a pretrained student's base model (or earlier version)
+    pins = pin_spec(ctx.db, ctx.store, spec, tmp, project_id=job.project_id)
     name, ref = parse_model_ref(spec["source"])
     with ctx.db.session() as session:
         source = resolve_version(session, get_model(session, project, name), ref)
@@ -340,7 +361,10 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
     failure: ToleranceError | None = None
     try:
         result = compress(
-            spec, tmp / "variants", on_event=lambda m: ctx.queue.log(ctx.lease, "info", m)
+            spec,
+            tmp / "variants",
+            on_event=lambda m: ctx.queue.log(ctx.lease, "info", m),
+            data_root=_data_dir(tmp),
         )
         variants = result.variants
     except ToleranceError as exc:
@@ -349,12 +373,18 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         variants = partial.variants if partial is not None else []
     if ctx.stop.is_set():
         raise JobStopped(ctx.reason)
-    with ctx.db.session() as session:
+    prefixes: list[str] = []
+
+    def register(session: Session) -> JobState:
+        # run again on a lost race: each variant's lineage names its parent's version
+        # number, known only inside this transaction, so the bundles are saved here
         parent = session.get(type(source), source.id)
         assert parent is not None
         registered: list[dict[str, Any]] = []
         for variant in variants:
             bundle = variant.bundle
+            pins.restore(bundle.meta.model)
+            pins.restore(bundle.meta.model_context)
             # name the registered parent instead of a worker's temporary folder
             bundle.meta.lineage["parent"] = {
                 **{k: v for k, v in bundle.meta.lineage.get("parent", {}).items() if k != "path"},
@@ -366,6 +396,7 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
             out = bundle.save(tmp / "register" / variant.name)
             prefix = safe_key("projects", project.name, "models", name, job.id, variant.name)
             ctx.store.put_dir(prefix, out)
+            prefixes.append(prefix)
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
             version = register_version(
                 session,
@@ -394,3 +425,10 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
             return JobState.succeeded
         _close(ctx, session, JobState.failed, result=outcome, error=failure.to_dict())
         return JobState.failed
+
+    try:
+        return registering(ctx.db, name, register)
+    except ConflictError:
+        for prefix in set(prefixes):  # registered nowhere: the bytes would only take space
+            ctx.store.delete(prefix)
+        raise

@@ -1,9 +1,10 @@
-"""Workers' scratch space on the local disk, which a killed worker does not leak.
+"""Scratch space on the local disk, which a killed worker or API process does not leak.
 
-A job unpacks its dataset and writes its bundle in a temporary folder. A worker that is
-SIGKILLed (or runs out of memory) never removes it, so every worker keeps its job
-folders under ``$KILN_HOME/scratch/<pid>-<start time>/``, and a starting worker removes
-the folders of workers that no longer run. A process is named by its pid *and* start
+A job unpacks its dataset and writes its bundle in a temporary folder; the API writes
+an upload there while it checks it. A process that is SIGKILLed (or runs out of memory)
+never removes it, so every worker and API process keeps its temporary folders under
+``$KILN_HOME/scratch/<pid>-<start time>/``, and a starting one removes the folders of
+processes that no longer run. A process is named by its pid *and* start
 time, so a reused pid (a restarted container, say) is not taken for the dead worker.
 """
 
@@ -29,9 +30,16 @@ def _name(pid: int) -> str | None:
         return ""
 
 
+def own_scratch(root: Path) -> Path:
+    """This process's scratch folder under ``root`` (created if missing; nothing removed)."""
+    own = root / (_name(os.getpid()) or str(os.getpid()))
+    own.mkdir(parents=True, exist_ok=True)
+    return own
+
+
 def worker_scratch(root: Path) -> Path:
     """This process's scratch folder under ``root`` (created), after removing those of
-    workers that are gone."""
+    processes that are gone."""
     root.mkdir(parents=True, exist_ok=True)
     for folder in root.iterdir():
         pid, _, _ = folder.name.partition("-")
@@ -40,11 +48,9 @@ def worker_scratch(root: Path) -> Path:
         alive = _name(int(pid))
         if alive is not None and alive in ("", folder.name):
             continue
-        log.info("removing the scratch folder of a worker that is gone: %s", folder)
+        log.info("removing the scratch folder of a process that is gone: %s", folder)
         shutil.rmtree(folder, ignore_errors=True)
-    own = root / (_name(os.getpid()) or str(os.getpid()))
-    own.mkdir(exist_ok=True)
-    return own
+    return own_scratch(root)
 
 
 def release(folder: Path) -> None:

@@ -27,7 +27,8 @@ from kiln.jobs.resources import RUNNING, account, settle_lost
 from kiln.jobs.runner import JobContext, run
 from kiln.jobs.scratch import release, worker_scratch
 from kiln.settings import Settings, apply_threads
-from kiln.store.artifacts import ArtifactStore, open_store
+from kiln.store.artifacts import ArtifactStore
+from kiln.store.crypto import open_artifacts
 from kiln.store.db import Database
 
 log = logging.getLogger("kiln.worker")
@@ -46,9 +47,8 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.db = db or Database(settings.resolved_database_url)
-        self.store = store or open_store(
-            settings.resolved_artifacts, endpoint_url=settings.s3_endpoint_url
-        )
+        # encrypted with the platform's data keys; a wrong master key fails here
+        self.store = store or open_artifacts(settings, self.db)
         self.queue = Queue(self.db, heartbeat_timeout=settings.heartbeat_timeout)
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         # jobs' temporary folders; those of killed workers are removed here

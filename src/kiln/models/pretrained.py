@@ -1,10 +1,13 @@
 """Pretrained Hugging Face encoders fine-tuned for sequence classification/regression.
 
-Training loads ``AutoModelForSequenceClassification`` from a local directory (or a hub
-id when online) with ``trust_remote_code=False``: only architectures that ship inside
-``transformers`` load. A bundle stores the model's config as JSON and its weights as
-safetensors; loading rebuilds the architecture from that config and never reaches the
-original directory or the network. LoRA adapters (peft) are merged into the weights
+Training loads ``AutoModelForSequenceClassification`` from a local directory with
+``trust_remote_code=False`` and ``local_files_only=True``: only architectures that ship
+inside ``transformers`` load, and nothing reaches the network. A hub id is refused
+unless ``KILN_ALLOW_HUB=1`` (the local CLI and library only: on the server, a spec names
+a base model of the catalog, which a worker copies into a local directory first).
+A bundle stores the model's config as JSON and its weights as safetensors; loading
+rebuilds the architecture from that config and never reaches the original directory
+or the network. LoRA adapters (peft) are merged into the weights
 before saving, so a bundle serves without peft and with no adapter overhead.
 """
 
@@ -49,11 +52,31 @@ def resolve_model_path(path: str) -> str:
 
 
 def local_model_dir(path: str) -> Path | None:
-    """The directory for a local path (checked to hold a config.json), None for hub ids."""
+    """The directory for a local path (checked to hold a config.json), None for a hub id
+    when ``KILN_ALLOW_HUB`` allows downloads; otherwise a hub id is a SpecError.
+
+    The messages tell a missing folder from one without config.json: they are for the
+    user of this machine. A server never passes a caller's path here (its jobs name
+    ``base:<name>`` and get a verified copy), so they reveal nothing through it.
+    """
     p = Path(path)
     looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
+    if path.startswith("base:") and not looks_local:
+        raise SpecError(
+            f"{path} names a base model of a kiln server's catalog: submit the spec to the "
+            "server (kiln jobs submit), or give a model directory here",
+            field="model.path",
+        )
     if not looks_local:
-        return None
+        from kiln.settings import get_settings
+
+        if get_settings().allow_hub:
+            return None
+        raise SpecError(
+            f"{path}: not a local directory; a Hugging Face hub id downloads only with "
+            "KILN_ALLOW_HUB=1 (or give the path of a downloaded model directory)",
+            field="model.path",
+        )
     p = p.expanduser()
     if not p.is_dir():
         raise SpecError(f"model directory not found: {path}", field="model.path")
@@ -110,14 +133,23 @@ def build_pretrained(
         return HFClassifier(AutoModelForSequenceClassification.from_config(config))
 
     path = resolve_model_path(spec.path)
-    local_model_dir(path)
+    local = local_model_dir(path) is not None  # a hub id only where KILN_ALLOW_HUB says so
     problem = "regression" if n_outputs == 1 else "single_label_classification"
     try:
         config = AutoConfig.from_pretrained(
-            path, num_labels=n_outputs, problem_type=problem, trust_remote_code=False
+            path,
+            num_labels=n_outputs,
+            problem_type=problem,
+            trust_remote_code=False,
+            local_files_only=local,
         )
         hf = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, trust_remote_code=False
+            path,
+            config=config,
+            trust_remote_code=False,
+            local_files_only=local,
+            # a fine-tuned model's head may have another number of labels: a new head
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise SpecError(

@@ -89,6 +89,13 @@ class ServingMetrics:
             ["project", "deployment", "version"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "kiln_rate_limited",
+            "Requests refused (429) by a rate limit, by lane (inference or api) and by "
+            "whose limit it was (key or project); the project is the key's ('' if global).",
+            ["project", "lane", "limit"],
+            registry=r,
+        )
 
     def render(self, project: str | None = None) -> bytes:
         """The text format: every series, or with ``project`` only that project's

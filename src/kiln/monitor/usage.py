@@ -15,6 +15,10 @@ enforced at the door: ``compute_seconds`` when a job is submitted (the seconds o
 attempts still running count as used), ``stored_bytes`` when a dataset is uploaded
 or imported (before anything is stored); a job that is already running is not
 stopped, and a version that training produced is always registered.
+
+Rate limits are quotas too: ``requests_api`` and ``requests_inference`` per ``second``
+or ``minute`` cap the requests a project's keys make; they are enforced in memory by
+``kiln.api.ratelimit`` (nothing is metered for them here, so their ``used`` is 0).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from kiln.store.tables import Job, JobState, Quota, UsageEvent, utcnow
 
 KINDS = ("compute_seconds", "prediction_requests", "prediction_rows", "stored_bytes")
 PERIODS = ("day", "month", "total")
+RATE_KINDS = ("requests_api", "requests_inference")
+RATE_PERIODS = ("second", "minute")
 
 
 def record(
@@ -149,10 +155,20 @@ def parse_bound(value: str | None, field: str) -> datetime | None:
 def set_quota(
     session: Session, project_id: int, kind: str, period: str, limit: float | None
 ) -> None:
-    """Set (or with ``limit=None`` remove) a project's quota."""
-    if kind not in KINDS:
-        raise SpecError(f"kind must be one of {', '.join(KINDS)}", field="kind")
-    if period not in PERIODS:
+    """Set (or with ``limit=None`` remove) a project's quota or rate limit."""
+    if kind in RATE_KINDS:
+        if period not in RATE_PERIODS:
+            raise SpecError(
+                f"period: a rate limit ({kind}) is per {' or '.join(RATE_PERIODS)}",
+                field="period",
+            )
+        if limit is not None and (limit < 1 or not float(limit).is_integer()):
+            raise SpecError(
+                "limit: a rate limit is a whole number of requests, 1 or more", field="limit"
+            )
+    elif kind not in KINDS:
+        raise SpecError(f"kind must be one of {', '.join(KINDS + RATE_KINDS)}", field="kind")
+    elif period not in PERIODS:
         raise SpecError(f"period must be one of {', '.join(PERIODS)}", field="period")
     row = session.scalar(
         select(Quota).where(
@@ -177,15 +193,23 @@ def quotas(session: Session, project_id: int) -> list[dict[str, Any]]:
     )
     out = []
     for q in rows:
+        metered = q.kind not in RATE_KINDS
         out.append(
             {
                 "kind": q.kind,
                 "period": q.period,
                 "limit": q.limit,
-                "used": used(session, project_id, q.kind, period_start(q.period)),
+                "used": used(session, project_id, q.kind, period_start(q.period))
+                if metered
+                else 0.0,
             }
         )
     return out
+
+
+def rate_quotas(session: Session) -> list[Quota]:
+    """Every project's rate limits (a few rows; ``kiln.api.ratelimit`` caches them)."""
+    return list(session.scalars(select(Quota).where(Quota.kind.in_(RATE_KINDS))))
 
 
 def summary(

@@ -5,7 +5,9 @@ loaded model behind a batcher) and persists its definition in the database
 (:mod:`kiln.store.deployments`), so a restarted server restores them. Changing the
 routes (hot swap, canary, rollback) loads any new version beside the old ones, warms it
 up, switches in one assignment, and only then closes the old batchers, which answer
-what they already queued: no request fails because of a swap.
+what they already queued: no request fails because of a swap. A loaded model is cached
+for as long as some deployment routes to it (two deployments of one version share it);
+once a swap or a delete leaves it unused, nothing keeps it, in memory or on local disk.
 
 Every prediction is also monitored here: each deployment keeps a window of its recent
 requests and batches (:meth:`DeploymentManager.window`) and a drift feed against the
@@ -18,6 +20,7 @@ and on close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import shutil
@@ -141,6 +144,10 @@ class DeploymentManager:
             for route in live.routes:
                 await route.batcher.close()
         self.live.clear()
+        for version_id, _backend in self._models:
+            # the decrypted copy of a bundle lives only while it is served
+            shutil.rmtree(self.cache_dir / version_id, ignore_errors=True)
+        self._models.clear()
         if self._ticker is not None:
             await self._ticker  # finishes a flush it may be in
         await self.flush()
@@ -190,7 +197,11 @@ class DeploymentManager:
             resolved = await self._in_session(
                 resolve_routes, project.id, live.model, routes, "version"
             )
-            live.routes = await self._build_routes(live, resolved)
+            try:
+                live.routes = await self._build_routes(live, resolved)
+            except BaseException:
+                self._evict_unused()  # what loaded before the failure
+                raise
             live.state = DeploymentState.ready
             self._watch_drift(live)
             await self._in_session(
@@ -223,17 +234,17 @@ class DeploymentManager:
                 project=live.project,
                 window=live.window,
             )
-            new_routes = await self._build_routes(staged, resolved)  # loaded and warm
+            try:
+                new_routes = await self._build_routes(staged, resolved)  # loaded and warm
+            except BaseException:
+                self._evict_unused()
+                raise
             old = live.routes
             live.routes, live.config = new_routes, config  # the switch
             live.state, live.error = DeploymentState.ready, None
             self._watch_drift(live)
             await self._in_session(save_deployment, project.id, name, live.model, resolved, config)
-        kept = {r.version for r in new_routes}
-        for route in old:
-            await route.batcher.close()  # answers what it already queued
-            if route.version not in kept:
-                self.metrics.forget(live.project, name, route.version)
+        await self._retire(live, old, kept={r.version for r in new_routes})
         return live
 
     async def delete(self, project: Project, name: str) -> None:
@@ -241,9 +252,7 @@ class DeploymentManager:
             live = self.get(project.id, name)
             del self.live[(project.id, name)]
             await self._in_session(remove_deployment, project.id, name)
-        for route in live.routes:
-            await route.batcher.close()
-            self.metrics.forget(live.project, name, route.version)
+        await self._retire(live, live.routes, kept=set())
 
     async def predict(
         self, project_id: int, name: str, rows: Any, *, matrix: Any = None
@@ -373,6 +382,44 @@ class DeploymentManager:
                 return fn(s, *args)
 
         return await asyncio.to_thread(run)
+
+    async def _retire(self, live: Live, routes: list[Route], kept: set[int]) -> None:
+        """Close ``routes`` (their batchers answer what they queued), forget the gauges of
+        versions not ``kept``, empty the list, then evict the models nothing uses now.
+
+        Eviction waits for ``_lock``: a change under way holds models it loaded but has
+        not routed to yet. The list is emptied here, not by the caller, so no frame
+        still refers to a closed batcher (and its model) when the collector runs.
+        """
+        while routes:
+            route = routes.pop()
+            await route.batcher.close()
+            if route.version not in kept:
+                self.metrics.forget(live.project, live.name, route.version)
+            del route
+        async with self._lock:
+            self._evict_unused()
+
+    def _evict_unused(self) -> None:
+        """Drop every cached model that no route of a deployment uses (swapped out,
+        deleted, or loaded by a change that failed), and its local copy of the bundle.
+        The caller holds ``_lock`` and has closed the batchers of those routes."""
+        used = {id(r.batcher.model) for live in self.live.values() for r in live.routes}
+        gone = [key for key, model in self._models.items() if id(model) not in used]
+        if not gone:
+            return
+        for key in gone:
+            del self._models[key]
+        still = {version_id for version_id, _ in self._models}
+        for version_id in {version_id for version_id, _ in gone} - still:
+            # decrypted bundle bytes: not left behind on disk either
+            shutil.rmtree(self.cache_dir / version_id, ignore_errors=True)
+        # ServedModel froze everything it loaded out of the cyclic collector's sight
+        # (gc.freeze), so the evicted model's reference cycles would never be freed:
+        # one full collection sees them, then what survives is frozen again.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     async def _build_routes(self, live: Live, resolved: list[dict[str, Any]]) -> list[Route]:
         routes = []

@@ -3,6 +3,11 @@
 Inputs are checked against the bundle's schema per request (so one bad request never
 fails a batch it would have shared); the forward pass then runs on whole batches:
 preprocessing is vectorised over the batch's DataFrame, not per row.
+
+An image model's image column takes the image itself, never a path: base64 text in
+JSON, or raw bytes (a KServe v2 binary ``BYTES`` tensor). Each one is decoded once
+while its request is checked (at most ``kiln.data.images.MAX_PIXELS`` pixels), so a bad
+image is a 422 naming ``inputs[i].<column>``.
 """
 
 from __future__ import annotations
@@ -39,9 +44,6 @@ class ServedModel:
 
         started = time.perf_counter()
         self.bundle = Bundle.load(path)
-        if self.bundle.preprocessor.kind == "image":
-            # image inputs are file paths, and a server must not open paths callers name
-            raise SpecError("image models cannot be deployed yet", field="model")
         self.backend_name, self.parity = self._choose(backend)
         self.columns = [(c.name, c.kind) for c in self.bundle.meta.input_schema]
         self.feature_order = [name for name, _ in self.columns]
@@ -173,11 +175,16 @@ class ServedModel:
                         )
                     if not math.isfinite(value):
                         raise DataError(f"{where}: {value} is not a finite number", field=where)
-                elif kind in ("text", "image"):
+                elif kind == "image":
+                    continue  # decoded below, once the row's other values passed
+                elif kind == "text":
                     if not isinstance(value, str):
                         raise DataError(f"{where}: expected a string", field=where)
                 elif not isinstance(value, str | int | float) or isinstance(value, bool):
                     raise DataError(f"{where}: expected a string or a number", field=where)
+        images = [name for name, kind in self.columns if kind == "image"]
+        if images:
+            rows = [_with_images(row, images, f"{field}[{i}]") for i, row in enumerate(rows)]
         return pd.DataFrame.from_records(rows, columns=self.feature_order)
 
     def check_matrix(self, values: np.ndarray, field: str = "input") -> pd.DataFrame:
@@ -187,6 +194,8 @@ class ServedModel:
                 f"{field}: expected shape [N, {len(self.feature_order)}], got {list(values.shape)}",
                 field=field,
             )
+        if len(values) == 0:
+            raise DataError(f"{field}: at least one row is needed", field=field)
         if any(kind != "numeric" for _, kind in self.columns):
             raise DataError(
                 f"{field}: this model has non-numeric columns; send one tensor per column",
@@ -225,6 +234,18 @@ class ServedModel:
             probabilities=proba.tolist(),
             labels=labels,
         )
+
+
+def _with_images(row: dict[str, Any], columns: list[str], where: str) -> dict[str, Any]:
+    """The row with each image column's value as checked image bytes (never a path)."""
+    from kiln.data.images import check_image, image_bytes
+
+    out = dict(row)
+    for name in columns:
+        data = image_bytes(row[name], f"{where}.{name}")
+        check_image(data, f"{where}.{name}")
+        out[name] = data
+    return out
 
 
 def _plain_numbers(rows: list[Any], names: list[str]) -> np.ndarray | None:

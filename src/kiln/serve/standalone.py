@@ -34,6 +34,7 @@ from kiln.settings import Settings, apply_threads
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from sqlalchemy.orm import Session
 
     from kiln.api.deps import Services
     from kiln.bundle import Bundle, BundleMeta
@@ -197,12 +198,13 @@ def register(services: Services, bundle_dir: Path, meta: BundleMeta, name: str) 
     from kiln.api.deps import STATIC_PRINCIPAL
     from kiln.store.artifacts import safe_key
     from kiln.store.projects import DEFAULT_PROJECT, ensure_project
-    from kiln.store.registry import register_version
+    from kiln.store.registry import register_version, registering
 
     prefix = safe_key("projects", DEFAULT_PROJECT, "models", name, VERSION_PREFIX)
     services.store.put_dir(prefix, bundle_dir)
     size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
-    with services.db.session() as s:
+
+    def work(s: Session) -> Project:
         project = ensure_project(s, DEFAULT_PROJECT)
         register_version(
             s,
@@ -221,6 +223,9 @@ def register(services: Services, bundle_dir: Path, meta: BundleMeta, name: str) 
             },
             size_bytes=size,
         )
+        return project
+
+    project = registering(services.db, name, work)
     # the static key's principal names the project by id: a fresh database's first row
     if project.id != STATIC_PRINCIPAL.project_id:
         raise RuntimeError(f"the default project has id {project.id}, not 1")

@@ -4,7 +4,10 @@ Requests come as JSON, or with the binary-data extension standard clients use by
 default (``tritonclient``): a JSON header of ``Inference-Header-Content-Length``
 bytes followed by the raw tensors, in input order. Inputs are one FP32 tensor
 ``input`` of shape [N, F] in the schema's feature order, or one tensor per column
-(BYTES for strings). Outputs ``predictions`` and ``probabilities`` come back as JSON.
+(BYTES for strings). An image column is a BYTES tensor of encoded images: base64 text
+in JSON, raw bytes in the binary extension. Outputs ``predictions`` and
+``probabilities`` come back as JSON. Whatever a request holds, a malformed one is a
+DataError (422) naming the tensor, never a server error.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
             raise DataError(
                 "Inference-Header-Content-Length is not a number", field="header"
             ) from None
+        if not 0 <= n <= len(body):
+            raise DataError(
+                "Inference-Header-Content-Length is past the end of the body", field="header"
+            )
         head, rest = body[:n], body[n:]
     else:
         head, rest = body, b""
@@ -56,32 +63,68 @@ def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
     for i, tensor in enumerate(request["inputs"]):
         if not isinstance(tensor, dict):
             raise DataError(f"inputs[{i}] must be an object", field=f"inputs[{i}]")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        parameters = tensor.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise DataError(
+                f"inputs[{i}].parameters must be an object", field=f"inputs[{i}].parameters"
+            )
+        size = parameters.get("binary_data_size")
         if size is not None:
-            chunk = rest[offset : offset + int(size)]
-            if len(chunk) != int(size):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise DataError(
+                    f"inputs[{i}]: binary_data_size must be a byte count",
+                    field=f"inputs[{i}].parameters",
+                )
+            chunk = rest[offset : offset + size]
+            if len(chunk) != size:
                 raise DataError(
                     f"inputs[{i}]: binary data is shorter than announced", field=f"inputs[{i}]"
                 )
             tensor["data"] = _decode_binary(chunk, tensor, i)
-            offset += int(size)
+            offset += size
     return request
 
 
 def _decode_binary(chunk: bytes, tensor: dict[str, Any], i: int) -> list[Any]:
-    datatype = str(tensor.get("datatype", ""))
+    datatype = _datatype(tensor, i)
     if datatype == "BYTES":  # each element: a 4-byte little-endian length, then the bytes
-        out, pos = [], 0
+        out: list[Any] = []
+        pos = 0
         while pos < len(chunk):
+            if pos + 4 > len(chunk):
+                raise DataError(
+                    f"inputs[{i}]: BYTES element {len(out)} has a cut length prefix",
+                    field=f"inputs[{i}]",
+                )
             (length,) = struct.unpack_from("<I", chunk, pos)
-            out.append(chunk[pos + 4 : pos + 4 + length].decode("utf-8"))
+            if pos + 4 + length > len(chunk):
+                raise DataError(
+                    f"inputs[{i}]: BYTES element {len(out)} is shorter than its length",
+                    field=f"inputs[{i}]",
+                )
+            # kept as bytes: an image column takes them as they are, others as UTF-8
+            out.append(chunk[pos + 4 : pos + 4 + length])
             pos += 4 + length
         return out
-    if datatype not in DTYPES:
+    width = np.dtype(DTYPES[datatype]).itemsize
+    if len(chunk) % width:
         raise DataError(
-            f"inputs[{i}]: unsupported datatype {datatype!r}", field=f"inputs[{i}].datatype"
+            f"inputs[{i}]: {len(chunk)} bytes is not a whole number of {datatype} values",
+            field=f"inputs[{i}]",
         )
     return np.frombuffer(chunk, dtype=DTYPES[datatype]).tolist()  # type: ignore[no-any-return]
+
+
+def _datatype(tensor: dict[str, Any], i: int) -> str:
+    """The tensor's datatype: BYTES or one of :data:`DTYPES`; else a DataError."""
+    datatype = tensor.get("datatype")
+    if datatype != "BYTES" and datatype not in DTYPES:
+        shown = repr(datatype)[:40]
+        raise DataError(
+            f"inputs[{i}]: unsupported datatype {shown}; one of BYTES, {', '.join(DTYPES)}",
+            field=f"inputs[{i}].datatype",
+        )
+    return str(datatype)
 
 
 def to_rows_or_matrix(
@@ -89,10 +132,17 @@ def to_rows_or_matrix(
 ) -> tuple[list[dict[str, Any]] | None, np.ndarray | None]:
     """Either rows (one tensor per column) or a matrix (one tensor ``input`` [N, F])."""
     inputs = request["inputs"]
-    if len(inputs) == 1 and inputs[0].get("name") == "input":
+    if not inputs:
+        raise DataError("inputs must hold at least one tensor", field="inputs")
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise DataError(f"inputs[{i}] must be an object", field=f"inputs[{i}]")
+        _datatype(tensor, i)
+    kinds = dict(model.columns)
+    if len(inputs) == 1 and inputs[0].get("name") == "input" and "input" not in kinds:
         tensor = inputs[0]
         shape = _shape(tensor, 0)
-        values = np.asarray(_flat(tensor, 0), dtype=np.float64)
+        values = _numbers(_flat(tensor, 0))
         if len(shape) != 2 or values.size != shape[0] * shape[1]:
             raise DataError(f"input: shape {shape} does not match its data", field="input")
         return None, values.reshape(shape)
@@ -102,6 +152,8 @@ def to_rows_or_matrix(
         name = tensor.get("name")
         shape = _shape(tensor, i)
         data = _flat(tensor, i)
+        if kinds.get(str(name)) != "image":  # text and categories: bytes are UTF-8
+            data = [_text(v, i, j) for j, v in enumerate(data)]
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or len(data) != shape[0]:
             raise DataError(
                 f"inputs[{i}] ({name}): a column tensor has shape [N] or [N, 1] matching its data",
@@ -118,6 +170,31 @@ def to_rows_or_matrix(
     assert n is not None
     rows = [{name: values[j] for name, values in columns.items()} for j in range(n)]
     return rows, None
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    """The ``input`` matrix's values as float64; DataError for anything but numbers."""
+    for j, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DataError(
+                f"input: element {j} is {type(value).__name__}, not a number", field="input"
+            )
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        raise DataError("input: a number is out of range", field="input") from None
+
+
+def _text(value: Any, i: int, j: int) -> Any:
+    """A BYTES element for a non-image column: bytes become text (UTF-8)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(
+                f"inputs[{i}]: element {j} is not UTF-8 text", field=f"inputs[{i}].data"
+            ) from None
+    return value
 
 
 def _shape(tensor: dict[str, Any], i: int) -> list[int]:

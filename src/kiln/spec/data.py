@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
 
+FOLDER_LABEL = "label"  # the label column of an image folder's table
+DATASET_PREFIX = "dataset:"  # a server's stored dataset (kiln.store.datasets.PREFIX)
+
 
 class Preprocessing(StrictModel):
     """How feature columns become numbers. Fitted on the training split only."""
@@ -65,7 +68,12 @@ class DataSpec(StrictModel):
     or a folder of images with one sub-folder per class."""
 
     source: str = Field(min_length=1)
-    target: str = Field(min_length=1)
+    target: str = Field(
+        default=FOLDER_LABEL,
+        min_length=1,
+        description="The label column; an image folder may omit it (its sub-folder "
+        "names become the column label).",
+    )
     features: list[str] | None = Field(
         default=None, description="Feature columns; default: every other non-text column."
     )
@@ -97,7 +105,11 @@ class DataSpec(StrictModel):
             raise ValueError("features applies to tables; text/image specs use text or image")
         if self.text is not None and not self.text_columns:
             raise ValueError("text must name at least one column")
-        if self.augment is not None and self.image is None and not _is_folder(self.source):
+        if "target" not in self.model_fields_set and not self.maybe_folder:
+            raise ValueError(
+                "data.target: required key is missing (only an image folder may omit it)"
+            )
+        if self.augment is not None and self.image is None and not self.maybe_folder:
             raise ValueError("augment applies to images (data.image or an image folder)")
         if self.image_size is not None and min(self.image_size) < 1:
             raise ValueError("image_size must be positive")
@@ -106,6 +118,11 @@ class DataSpec(StrictModel):
     @property
     def is_image_folder(self) -> bool:
         return _is_folder(self.source)
+
+    @property
+    def maybe_folder(self) -> bool:
+        """An image folder here, or a server's dataset that may be one (known at run time)."""
+        return _is_folder(self.source) or self.source.startswith(DATASET_PREFIX)
 
     @model_validator(mode="after")
     def _target_not_a_feature(self) -> DataSpec:

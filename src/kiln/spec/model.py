@@ -101,7 +101,9 @@ class PretrainedSpec(StrictModel):
     """Fine-tune a pretrained Hugging Face encoder (AutoModelForSequenceClassification).
 
     ``path`` is a local model directory, ``pkg:<python package>/<sub/dir>`` for a model
-    shipped inside an installed package, or a hub id when online. Remote code is never run.
+    shipped inside an installed package, or a hub id where ``KILN_ALLOW_HUB=1``; on the
+    server only ``base:<name>`` (a base model of the catalog) or ``model:<name>[@<version>]``
+    (a pretrained version of the same project). Remote code is never run.
     """
 
     type: Literal["pretrained"] = "pretrained"

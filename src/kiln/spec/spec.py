@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
-from kiln.spec.data import DataSpec
+from kiln.spec.data import DATASET_PREFIX, DataSpec
 from kiln.spec.model import TEXT_MODELS, ModelSpec
 from kiln.spec.train import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, TrainSpec
 
@@ -62,7 +62,9 @@ class Spec(StrictModel):
             raise ValueError(
                 f"model.type: images need a cnn, mlp or linear model, not {self.model.type}"
             )
-        if self.model.type == "cnn" and not is_image and self.model.input_shape is None:
+        # a server's dataset:<id> may be an image folder; the worker checks again on it
+        maybe_image = is_image or self.data.source.startswith(DATASET_PREFIX)
+        if self.model.type == "cnn" and not maybe_image and self.model.input_shape is None:
             raise ValueError(
                 "model.input_shape: a cnn on table columns needs [C, H, W] "
                 "(images give it themselves)"

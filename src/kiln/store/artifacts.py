@@ -241,11 +241,19 @@ class LocalStore(FsspecStore):
         }
 
 
-def open_store(url: str, *, endpoint_url: str | None = None) -> ArtifactStore:
+def open_store(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    sse: str | None = None,
+    sse_kms_key_id: str | None = None,
+) -> ArtifactStore:
     """Open ``url``: a directory path, ``file://`` URL or ``s3://bucket[/prefix]``.
 
     ``endpoint_url`` selects an S3-compatible server (MinIO, ...) and is ignored for a
     directory. S3 credentials come from the standard AWS environment/config chain.
+    ``sse`` (``AES256`` or ``aws:kms``) and ``sse_kms_key_id`` ask S3 to encrypt every
+    object it stores (server-side encryption); a directory ignores them.
     """
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://") :].strip("/").partition("/")
@@ -260,8 +268,15 @@ def open_store(url: str, *, endpoint_url: str | None = None) -> ArtifactStore:
         # fsspec shares one instance per (endpoint, options, process): clients are made
         # once, and different endpoints never share one. No listings cache, so exists and
         # list see every writer's changes at once.
+        extra: dict[str, str] = {}
+        if sse:
+            extra["ServerSideEncryption"] = sse
+            if sse_kms_key_id:
+                extra["SSEKMSKeyId"] = sse_kms_key_id
         fs = s3fs.S3FileSystem(
-            client_kwargs={"endpoint_url": endpoint_url}, use_listings_cache=False
+            client_kwargs={"endpoint_url": endpoint_url},
+            use_listings_cache=False,
+            s3_additional_kwargs=extra,
         )
         return FsspecStore(fs, root, f"s3://{root}")
     if url.startswith("file://"):

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from kiln.errors import DataError, NotFoundError
+from kiln.errors import DataError, KilnError, NotFoundError, ServiceError, TooLargeError
+from kiln.store.archives import ArchiveLimits, is_archive, unpack
 from kiln.store.artifacts import ArtifactStore, safe_key, safe_segment
 from kiln.store.tables import Dataset, Project, UsageEvent
+
+if TYPE_CHECKING:
+    from kiln.data.scan import Limits
 
 PREFIX = "dataset:"
 
@@ -33,52 +36,19 @@ def dataset_ref(source: str) -> str | None:
     return source.removeprefix(PREFIX) if source.startswith(PREFIX) else None
 
 
-def inspect_table(path: Path, filename: str) -> dict[str, Any]:
+def inspect_table(path: Path, filename: str, limits: Limits | None = None) -> dict[str, Any]:
     """Read a candidate file as kiln would and describe it: format, rows, columns.
 
-    Raises DataError (with the reason) for anything kiln could not train on: an
-    unknown format, bytes that are not text in UTF-8, a table with no rows.
+    The file is streamed in bounded chunks (:func:`kiln.data.scan.scan_table`): past
+    one of ``limits`` (default: :class:`~kiln.data.scan.Limits`) it is a TooLargeError
+    naming the limit; anything kiln could not train on (an unknown format, bytes that
+    are not UTF-8 text, a table with no rows) is a DataError with the reason.
     """
-    from kiln.data.schema import infer_kind
-    from kiln.data.sources import read_table, table_format
+    from kiln.data.scan import Limits, scan_table
 
-    try:
-        fmt = table_format(filename)
-    except DataError as exc:
-        raise DataError(exc.message, field="file") from None
-    if fmt in ("csv", "tsv", "jsonl"):
-        _check_utf8(path, filename)
-    try:
-        frame = read_table(str(path), fmt)
-    except DataError as exc:
-        raise DataError(exc.message.replace(str(path), filename), field="file") from None
-    columns = [
-        {"name": str(name), "kind": infer_kind(frame[name]), "dtype": str(frame[name].dtype)}
-        for name in frame.columns
-    ]
-    return {"format": fmt, "rows": int(frame.shape[0]), "columns": columns}
-
-
-def _check_utf8(path: Path, filename: str) -> None:
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    seen = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            try:
-                decoder.decode(chunk)
-                seen += len(chunk)
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{filename} is not UTF-8 text (byte {seen + exc.start}): "
-                    "save it as UTF-8 and upload again",
-                    field="file",
-                ) from None
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise DataError(f"{filename} ends inside a UTF-8 character", field="file") from None
+    scan = scan_table(path, filename, limits or Limits())
+    columns = [{"name": c.name, "kind": c.kind, "dtype": c.dtype} for c in scan.columns]
+    return {"format": scan.format, "rows": scan.rows, "columns": columns}
 
 
 def ingest(
@@ -91,14 +61,31 @@ def ingest(
     path: Path,
     source: str = "upload",
     before_store: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
+    archive_limits: ArchiveLimits | None = None,
 ) -> Dataset:
-    """Check ``path``, store it and register it as a new dataset of ``project``.
+    """Check ``path`` (within ``limits``), store it and register it as a new dataset of
+    ``project``.
 
     ``before_store(size_bytes)`` may refuse (raise) after the checks, before any write.
+    A ``.zip``/``.tar.gz`` is a dataset archive (:func:`ingest_archive`).
     """
     safe_segment(name, field="name")
     safe_segment(filename, field="file")
-    info = inspect_table(path, filename)
+    if is_archive(filename):
+        return ingest_archive(
+            session,
+            store,
+            project,
+            name=name,
+            filename=filename,
+            path=path,
+            source=source,
+            before_store=before_store,
+            limits=limits,
+            archive_limits=archive_limits,
+        )
+    info = inspect_table(path, filename, limits)
     size = path.stat().st_size
     if before_store is not None:
         before_store(size)
@@ -135,6 +122,112 @@ def ingest(
     return row
 
 
+IMAGE_FOLDER_FORMAT = "images"  # an archive of one folder of images per class
+WITH_IMAGES = "+images"  # "<table format>+images": an archive of a table and its images
+
+
+def archive_root(dataset: Dataset) -> str | None:
+    """The artifact prefix an archive dataset's files lie under; None for a single table.
+
+    An image folder's ``artifact_key`` is that prefix; a table's is its table, at the top.
+    """
+    if dataset.format == IMAGE_FOLDER_FORMAT:
+        return dataset.artifact_key
+    if dataset.format.endswith(WITH_IMAGES):
+        return dataset.artifact_key.rsplit("/", 1)[0]
+    return None
+
+
+def ingest_archive(
+    session: Session,
+    store: ArtifactStore,
+    project: Project,
+    *,
+    name: str,
+    filename: str,
+    path: Path,
+    source: str = "upload",
+    before_store: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
+    archive_limits: ArchiveLimits | None = None,
+) -> Dataset:
+    """Unpack an archive within ``archive_limits`` (:mod:`kiln.store.archives`), check
+    what it holds and store its files under ``projects/<p>/datasets/<id>/files/``.
+
+    It holds either one table at its top (checked within ``limits``) beside the images
+    its image column names (format ``<table>+images``), or an image folder: one
+    sub-folder of images per class (format ``images``; columns ``image`` and
+    ``label``). A refused archive stores nothing.
+    """
+    from kiln.data.images import FOLDER_IMAGE_COLUMN, check_path_columns, folder_table
+    from kiln.data.scan import read_head
+
+    with tempfile.TemporaryDirectory(prefix="kiln-unpack-", dir=path.parent) as tmp:
+        unpacked = unpack(path, filename, Path(tmp) / "files", archive_limits or ArchiveLimits())
+        if unpacked.table is not None:
+            info = inspect_table(unpacked.table, unpacked.table.name, limits)
+            fmt, rows, columns = info["format"] + WITH_IMAGES, info["rows"], info["columns"]
+            # image paths of the first rows, checked now (a job checks every row it reads)
+            check_path_columns(read_head(unpacked.table, unpacked.table.name), unpacked.root)
+        else:
+            try:
+                frame = folder_table(unpacked.root)
+            except DataError:
+                raise DataError(
+                    f"{filename} holds neither a table at its top nor an image folder "
+                    "(one sub-folder of images per class)",
+                    field="file",
+                ) from None
+            fmt, rows = IMAGE_FOLDER_FORMAT, len(frame)
+            columns = [
+                {"name": FOLDER_IMAGE_COLUMN, "kind": "image", "dtype": "object"},
+                {"name": "label", "kind": "categorical", "dtype": "object"},
+            ]
+        if before_store is not None:
+            before_store(unpacked.size_bytes)
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        dataset_id = "ds_" + secrets.token_hex(8)
+        prefix = safe_key("projects", project.name, "datasets", dataset_id, "files")
+        try:
+            store.put_dir(prefix, unpacked.root)
+        except BaseException:
+            store.delete(prefix)
+            raise
+        key = prefix
+        if unpacked.table is not None:
+            key = f"{prefix}/{unpacked.table.relative_to(unpacked.root).as_posix()}"
+    row = Dataset(
+        id=dataset_id,
+        project_id=project.id,
+        name=name,
+        artifact_key=key,
+        source=source,
+        format=fmt,
+        fingerprint=digest.hexdigest(),
+        size_bytes=unpacked.size_bytes,
+        rows=rows,
+        columns=columns,
+    )
+    session.add(row)
+    session.add(
+        UsageEvent(
+            project_id=project.id,
+            kind="stored_bytes",
+            quantity=float(unpacked.size_bytes),
+            subject=dataset_id,
+        )
+    )
+    try:
+        session.flush()
+    except Exception:
+        store.delete(prefix)  # nothing stored for a dataset that was not registered
+        raise
+    return row
+
+
 def import_uri(
     session: Session,
     store: ArtifactStore,
@@ -145,14 +238,20 @@ def import_uri(
     data_roots: list[Path],
     s3_endpoint_url: str | None = None,
     before_store: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
+    scratch: Path | None = None,
+    max_bytes: int | None = None,
+    archive_limits: ArchiveLimits | None = None,
 ) -> Dataset:
-    """Copy a table from ``uri`` (s3://… or a path under one of ``data_roots``) and ingest it.
+    """Copy a table from ``uri`` (s3://… or a path under one of ``data_roots``) and ingest it
+    (within ``limits``; the copy lives in ``scratch``, default the system's temp folder).
+    A source over ``max_bytes`` (the upload limit) is a 413, found as it is copied.
 
     Local paths outside the configured roots are refused: a server must not read
     whatever file a caller names.
     """
     filename = uri.rstrip("/").rsplit("/", 1)[-1]
-    with tempfile.TemporaryDirectory(prefix="kiln-import-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kiln-import-", dir=scratch) as tmp:
         local = Path(tmp) / "data"
         if uri.startswith("s3://"):
             import fsspec
@@ -162,11 +261,13 @@ def import_uri(
             )
             try:
                 with fsspec.open(uri, "rb", **options) as src, local.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                    _bounded_copy(src, dst, max_bytes)
+            except TooLargeError:
+                raise
             except FileNotFoundError:
                 raise NotFoundError(f"{uri} not found", field="uri") from None
-            except OSError as exc:
-                raise DataError(f"cannot read {uri}: {exc}", field="uri") from None
+            except Exception as exc:  # botocore's errors are not OSErrors: classify them all
+                raise s3_error(uri, exc) from None
         else:
             path = Path(uri.removeprefix("file://")).resolve()
             if not any(path.is_relative_to(root.resolve()) for root in data_roots):
@@ -176,7 +277,8 @@ def import_uri(
                 )
             if not path.is_file():
                 raise NotFoundError(f"{uri} not found", field="uri")
-            shutil.copyfile(path, local)
+            with path.open("rb") as src, local.open("wb") as dst:
+                _bounded_copy(src, dst, max_bytes)
         return ingest(
             session,
             store,
@@ -186,7 +288,52 @@ def import_uri(
             path=local,
             source=uri,
             before_store=before_store,
+            limits=limits,
+            archive_limits=archive_limits,
         )
+
+
+def _bounded_copy(src: IO[bytes], dst: IO[bytes], max_bytes: int | None) -> None:
+    """Copy in 1 MiB chunks; past ``max_bytes`` stop with a 413 (nothing is kept)."""
+    copied = 0
+    while chunk := src.read(1 << 20):
+        copied += len(chunk)
+        if max_bytes is not None and copied > max_bytes:
+            raise TooLargeError(
+                f"the source is larger than KILN_MAX_UPLOAD_MB ({max_bytes / (1 << 20):g} MiB)",
+                field="uri",
+            )
+        dst.write(chunk)
+
+
+# botocore's exceptions by class name (botocore is imported only with s3fs)
+_S3_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}
+_S3_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken"}
+_S3_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}
+
+
+def s3_error(uri: str, exc: Exception) -> KilnError:
+    """The error a failed S3 read is to the caller, naming the URI (never a 500).
+
+    Missing or refused credentials and bad URIs are the request's to fix (422); an
+    unreachable or failing S3 service is a 502.
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if names & _S3_CREDENTIALS:
+        return DataError(f"cannot read {uri}: the server has no S3 credentials", field="uri")
+    if isinstance(exc, PermissionError) or code in _S3_DENIED:
+        return DataError(
+            f"cannot read {uri}: S3 refused the server's credentials ({code or 'access denied'})",
+            field="uri",
+        )
+    if isinstance(exc, ValueError):
+        return DataError(f"cannot read {uri}: not a valid S3 URI", field="uri")
+    if names & _S3_UNREACHABLE or isinstance(exc, ConnectionError | TimeoutError):
+        return ServiceError(f"cannot read {uri}: the S3 endpoint cannot be reached", field="uri")
+    if isinstance(exc, OSError):
+        return DataError(f"cannot read {uri}: {exc}", field="uri")
+    return ServiceError(f"cannot read {uri}: S3 failed ({type(exc).__name__})", field="uri")
 
 
 def get_dataset(session: Session, project: Project, dataset_id: str) -> Dataset:

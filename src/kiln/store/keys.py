@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kiln.errors import AuthError, ForbiddenError, NotFoundError, SpecError
+from kiln.errors import AuthError, ConflictError, ForbiddenError, NotFoundError, SpecError
 from kiln.store.tables import ApiKey, Project, utcnow
 
 SCOPES = ("admin", "read", "train", "deploy", "predict")
@@ -103,14 +103,49 @@ def authenticate(session: Session, token: str | None) -> Principal:
     )
 
 
-def revoke(session: Session, principal: Principal, key_id: str) -> ApiKey:
-    """Revoke a key; a project admin may only revoke keys of its own project."""
+def revoke(
+    session: Session, principal: Principal, key_id: str, *, confirm_self: bool = False
+) -> ApiKey:
+    """Revoke a key; a project admin may only revoke keys of its own project.
+
+    Two revocations that would lock people out are refused with 409: the key the request
+    is made with, unless ``confirm_self``; and the last active global admin key (nobody
+    could create projects or keys again but by editing the database). Revoking a key
+    that is already revoked changes nothing and is allowed.
+    """
     row = session.get(ApiKey, key_id)
     if row is None or (not principal.is_global_admin and row.project_id != principal.project_id):
         raise NotFoundError(f"API key {key_id} not found", field="key_id")
-    if row.revoked_at is None:
-        row.revoked_at = utcnow()
+    if row.revoked_at is not None:
+        return row
+    if row.id == principal.key_id and not confirm_self:
+        raise ConflictError(
+            f"key {key_id} is the key this request is made with; revoking it locks you out. "
+            f"To do it anyway, confirm: kiln keys revoke {key_id} --yes "
+            "(API: ?confirm_self=true)",
+            field="confirm_self",
+        )
+    if row.project_id is None and "admin" in row.scopes and not _other_global_admins(session, row):
+        raise ConflictError(
+            f"key {key_id} is the last active global admin key; without one nobody can "
+            "manage projects and keys. Create another first: kiln keys create --scope admin "
+            "(with no --project and KILN_PROJECT unset), then revoke this one",
+            field="key_id",
+        )
+    row.revoked_at = utcnow()
     return row
+
+
+def _other_global_admins(session: Session, row: ApiKey) -> int:
+    """Active global admin keys but ``row``, locked until the transaction ends (on
+    PostgreSQL; SQLite's BEGIN IMMEDIATE serialises writers already), so two concurrent
+    revocations cannot each count the other and leave none."""
+    query = (
+        select(ApiKey)
+        .where(ApiKey.project_id.is_(None), ApiKey.revoked_at.is_(None))
+        .with_for_update()
+    )
+    return sum(1 for key in session.scalars(query) if key.id != row.id and "admin" in key.scopes)
 
 
 def list_keys(session: Session, principal: Principal) -> list[ApiKey]:

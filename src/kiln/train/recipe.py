@@ -54,14 +54,17 @@ class Trained:
     context: dict[str, Any]  # JSON facts to rebuild the architecture (bundle model_context)
 
 
-def load_table(spec: Spec) -> Table:
+def load_table(spec: Spec, *, data_root: Path | None = None) -> Table:
     """Read ``spec.data.source`` and select its columns.
+
+    ``data_root`` (a server's copy of a dataset): image paths must name files inside
+    it (see :func:`kiln.data.images.resolve_paths`); None keeps local paths as given.
 
     Rows whose target is empty cannot be learned from and are dropped (counted); with
     ``missing: drop`` so are rows with an empty feature. The class label set comes from
     the whole column so every split agrees on it.
     """
-    frame, columns = _read_inputs(spec)
+    frame, columns = _read_inputs(spec, data_root)
     names = [c.name for c in columns]
     frame = frame[[*names, spec.data.target]]
     rows_read = len(frame)
@@ -87,11 +90,11 @@ def load_table(spec: Spec) -> Table:
     )
 
 
-def _read_inputs(spec: Spec) -> tuple[pd.DataFrame, list[Column]]:
+def _read_inputs(spec: Spec, data_root: Path | None) -> tuple[pd.DataFrame, list[Column]]:
     """The raw table and its input columns, for tabular, text or image data."""
     data = spec.data
     if data.is_image_folder:
-        frame = folder_table(data.source, data.target)
+        frame = folder_table(data.source, data.target, within=data_root)
         return frame, [Column(name=FOLDER_IMAGE_COLUMN, kind="image")]
     frame = read_table(data.source)
     if data.target not in frame.columns:
@@ -107,7 +110,7 @@ def _read_inputs(spec: Spec) -> tuple[pd.DataFrame, list[Column]]:
     if data.image is not None:
         if "://" in data.source:
             raise DataError("image paths need a local table", field="data.source")
-        frame = resolve_paths(frame, data.image, Path(data.source).parent)
+        frame = resolve_paths(frame, data.image, Path(data.source).parent, root=data_root)
         return frame, [Column(name=data.image, kind="image")]
     return frame, select_features(frame, data.target, data.features)
 

@@ -239,8 +239,7 @@ def _routes_from(form: dict[str, Any]) -> list[dict[str, Any]]:
                 f"routes.{i}.weight: a whole number from 0 to 1000", field=f"routes.{i}.weight"
             )
         if weight:
-            ref: int | str = int(version) if version.isdigit() else version
-            routes.append({"version": ref, "weight": weight})
+            routes.append({"version": _version_ref(version), "weight": weight})
     if not routes:
         raise SpecError("routes: give at least one version a weight above 0", field="routes")
     return routes
@@ -277,7 +276,13 @@ def _swap_patch(form: dict[str, Any]) -> dict[str, Any]:
     version = str(form.get("version") or "").strip()
     if not version:
         raise SpecError("version: pick a version", field="version")
-    return {"version": int(version) if version.isdigit() else version}
+    return {"version": _version_ref(version)}
+
+
+def _version_ref(text: str) -> int | str:
+    """A form's version: a number if it is one (ASCII digits; "²" is no number for int()),
+    else an alias or ``latest``; longer numbers stay text and are simply not found."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else text
 
 
 @router.post("/deployments/{name}/version", name="web.deployment_swap")

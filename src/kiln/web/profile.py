@@ -2,7 +2,9 @@
 
 Datasets are immutable, so a profile computed once stays right: it is cached per
 dataset id (the most recently used :data:`CACHE_SIZE` of them) for the life of the
-process. Tables larger than :data:`MAX_BYTES` are not profiled.
+process. Tables larger than :data:`MAX_BYTES` are not profiled, and a profile covers a
+table's first :data:`kiln.data.scan.SAMPLE_ROWS` rows (a 200 MB ``.csv.gz`` may hold
+gigabytes: the API process reads a bounded head of it, never the whole table).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class ProfileCache:
 
     def get(self, store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]] | None:
         """None when the table is too large to profile here."""
+        from kiln.errors import DataError
+        from kiln.store.datasets import IMAGE_FOLDER_FORMAT
+
+        if dataset.format == IMAGE_FOLDER_FORMAT:
+            raise DataError("an image folder has no table to profile", field="dataset_id")
         with self._lock:
             if dataset.id in self._entries:
                 self._entries.move_to_end(dataset.id)
@@ -77,10 +84,10 @@ class ProfileCache:
 
 
 def _read(store: ArtifactStore, dataset: Dataset) -> Any:
-    from kiln.data.sources import read_table
+    from kiln.data.scan import read_head
 
     filename = dataset.artifact_key.rsplit("/", 1)[-1]  # keeps the format's suffix
     with tempfile.TemporaryDirectory(prefix="kiln-profile-") as tmp:
         local = Path(tmp) / filename
         store.get_file(dataset.artifact_key, local)
-        return read_table(str(local))
+        return read_head(local, filename)

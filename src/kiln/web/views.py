@@ -15,6 +15,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from kiln.api.deps import MAX_OFFSET
 from kiln.api.routes.jobs import job_out
 from kiln.api.routes.models import model_out
 from kiln.errors import ForbiddenError, KilnError
@@ -31,7 +32,7 @@ api = APIRouter(include_in_schema=False)
 
 ViewerDep = Annotated[Viewer, Depends(viewer)]
 JsonViewerDep = Annotated[Viewer, Depends(json_viewer)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 PAGE = 50
 LOG_LINES = 1000
 

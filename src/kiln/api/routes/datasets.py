@@ -11,9 +11,12 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
 from kiln.api.schemas import DatasetImport, DatasetOut, Page, page_of
+from kiln.data.scan import Limits
 from kiln.errors import DataError
+from kiln.jobs.scratch import own_scratch
 from kiln.monitor import usage
 from kiln.store import datasets
+from kiln.store.archives import ArchiveLimits
 from kiln.store.artifacts import safe_segment
 from kiln.store.tables import Dataset
 
@@ -37,7 +40,13 @@ def dataset_out(row: Dataset) -> DatasetOut:
 
 @router.post("/datasets", status_code=201, name="datasets.upload")
 def upload(
-    file: Annotated[UploadFile, File(description="A .csv, .tsv, .jsonl or .parquet table.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A .csv, .tsv, .jsonl or .parquet table, or a .zip/.tar.gz/.tgz "
+            "archive of an image folder (one sub-folder per class) or of a table and its images."
+        ),
+    ],
     _who: Trainer,
     project: ProjectDep,
     s: SessionDep,
@@ -47,20 +56,33 @@ def upload(
 ) -> DatasetOut:
     """Check the table (readable, UTF-8, at least one row), store it, return its id.
 
-    A rejected file stores nothing. The body size limit is ``KILN_MAX_UPLOAD_MB``.
+    A rejected file stores nothing. The body size limit is ``KILN_MAX_UPLOAD_MB``; the
+    table's ``KILN_MAX_DATASET_ROWS``, ``KILN_MAX_DATASET_CELLS`` and (once
+    decompressed) ``KILN_MAX_DECOMPRESSED_MB`` (413 past one).
     """
     filename = safe_segment(file.filename or "", field="file")
     name = name if name is not None else filename.split(".", 1)[0]
     safe_segment(name, field="name")
     quota = usage.stored_bytes_check(s, project.id)
-    with tempfile.TemporaryDirectory(prefix="kiln-upload-") as tmp:
+    # under $KILN_HOME/scratch, not /tmp: removed on any error here, and by the next
+    # start if this process is killed meanwhile
+    scratch = own_scratch(svc.settings.home_dir / "scratch")
+    with tempfile.TemporaryDirectory(prefix="kiln-upload-", dir=scratch) as tmp:
         local = Path(tmp) / "upload"
         with local.open("wb") as dst:
             shutil.copyfileobj(file.file, dst, 1 << 20)
         if local.stat().st_size == 0:
             raise DataError(f"{filename} is empty", field="file")
         row = datasets.ingest(
-            s, svc.store, project, name=name, filename=filename, path=local, before_store=quota
+            s,
+            svc.store,
+            project,
+            name=name,
+            filename=filename,
+            path=local,
+            before_store=quota,
+            limits=Limits.of(svc.settings),
+            archive_limits=ArchiveLimits.of(svc.settings),
         )
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)
@@ -85,6 +107,10 @@ def import_(
         data_roots=svc.settings.data_roots,
         s3_endpoint_url=svc.settings.s3_endpoint_url,
         before_store=usage.stored_bytes_check(s, project.id),
+        limits=Limits.of(svc.settings),
+        scratch=own_scratch(svc.settings.home_dir / "scratch"),
+        max_bytes=int(svc.settings.max_upload_mb * (1 << 20)),
+        archive_limits=ArchiveLimits.of(svc.settings),
     )
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
+from kiln.api.deps import MAX_OFFSET, PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
 from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, page_of
 from kiln.errors import NotFoundError, SpecError
 from kiln.jobs import queue
 from kiln.monitor import usage
 from kiln.spec.load import load_spec
 from kiln.store.datasets import dataset_ref, get_dataset
+from kiln.store.model_refs import check_server_path, pinned_models
 from kiln.store.projects import check_name
 from kiln.store.registry import get_model, resolve_version
 from kiln.store.tables import Job, JobState, Model, ModelVersion, Project
@@ -51,16 +52,27 @@ def job_out(s: Session, row: Job) -> JobOut:
     )
 
 
-def _dataset(s: Session, project: Project, source: str, field: str) -> None:
+def _server_source(source: str, field: str) -> str | None:
+    """The dataset id of a source a server job may read, None for ``sklearn:<name>``.
+
+    Anything else is refused by its form alone, before the spec is validated: spec
+    checks look at the local filesystem (is it an image folder?), and their answers
+    must not tell a caller which paths exist on the server.
+    """
     dataset_id = dataset_ref(source)
-    if dataset_id is None:
-        if source.startswith("sklearn:"):
-            return
+    if dataset_id is None and not source.startswith("sklearn:"):
         raise SpecError(
             f"{field}: on the server, data comes from an uploaded dataset "
             "(dataset:<id>, see POST /api/v1/datasets) or sklearn:<name>",
             field=field,
         )
+    return dataset_id
+
+
+def _dataset(s: Session, project: Project, source: str, field: str) -> None:
+    dataset_id = _server_source(source, field)
+    if dataset_id is None:
+        return
     try:
         get_dataset(s, project, dataset_id)
     except NotFoundError:
@@ -87,6 +99,7 @@ def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dic
         checked = load_document(CompressSpec, spec)
     except SpecError as exc:
         raise _nested(exc) from None
+    _model_paths(s, project, checked.model_dump(mode="json"))  # a pretrained student's path
     if not checked.source.startswith(MODEL_PREFIX):
         raise SpecError(
             "spec.source: on the server, compress a registered version: model:<name>[@<version>]",
@@ -100,6 +113,14 @@ def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dic
     if checked.data is not None:
         _dataset(s, project, checked.data, "spec.data")
     return spec
+
+
+def _model_paths(s: Session, project: Project, spec: dict[str, Any]) -> None:
+    """Every pretrained model path of a validated spec names a catalog entry (base:<name>)
+    or a pretrained version of the project (model:<name>[@<version>]); nothing else may
+    name files on the server."""
+    for field, model in pinned_models(spec):
+        check_server_path(s, project, model["path"], field=field)
 
 
 def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
@@ -123,11 +144,15 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
         return ev.model_dump()
     if body.kind == "compress":
         return _checked_compress(s, project, body.spec)
+    data = body.spec.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), str):
+        _server_source(data["source"], "spec.data.source")
     try:
         spec = load_spec(body.spec)
     except SpecError as exc:
         raise _nested(exc) from None
     check_name(spec.name, field="spec.name", what="model name")
+    _model_paths(s, project, spec.model_dump(mode="json"))
     _dataset(s, project, spec.data.source, "spec.data.source")
     return body.spec
 
@@ -191,7 +216,7 @@ def logs(
     _who: Reader,
     project: ProjectDep,
     s: SessionDep,
-    after: int = Query(default=0, ge=0, description="Only lines with a larger id."),
+    after: int = Query(default=0, ge=0, le=MAX_OFFSET, description="Only lines with a larger id."),
 ) -> list[JobLogOut]:
     job = queue.get_job(s, project, job_id)
     return [

@@ -89,9 +89,14 @@ def bundle(
     row = registry.resolve_version(s, model, version)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bundle-"))
     folder = f"{model.name}-v{row.version}"
-    svc.store.get_dir(row.artifact_key, tmp / folder)
     archive = tmp / f"{folder}.tar.gz"
-    pack_bundle(tmp / folder, archive)
+    try:
+        svc.store.get_dir(row.artifact_key, tmp / folder)
+        pack_bundle(tmp / folder, archive)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # decrypted files never outlive a failure
+        raise
+    shutil.rmtree(tmp / folder, ignore_errors=True)  # only the archive is sent
 
     return FileResponse(
         archive,

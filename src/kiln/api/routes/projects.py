@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from kiln.api.deps import Admin, ServicesDep, SessionDep
 from kiln.api.schemas import KeyIn, KeyOut, NewKeyOut, ProjectIn, ProjectOut
@@ -69,9 +69,19 @@ def list_keys(who: Admin, s: SessionDep) -> list[KeyOut]:
 
 @router.delete("/keys/{key_id}", name="keys.revoke")
 def revoke_key(
-    key_id: str, who: Admin, s: SessionDep, svc: ServicesDep, request: Request
+    key_id: str,
+    who: Admin,
+    s: SessionDep,
+    svc: ServicesDep,
+    request: Request,
+    confirm_self: Annotated[
+        bool,
+        Query(description="Needed to revoke the key the request is made with (else 409)."),
+    ] = False,
 ) -> KeyOut:
+    """Revoke a key. 409 for the last active global admin key (create another first),
+    and for the caller's own key unless ``confirm_self=true``."""
     request.state.audit_target = f"key:{key_id}"
-    out = KeyOut(**_key_out(keys.revoke(s, who, key_id), s))
+    out = KeyOut(**_key_out(keys.revoke(s, who, key_id, confirm_self=confirm_self), s))
     svc.keys.clear()  # the revoked key stops working now, not when its cache entry expires
     return out

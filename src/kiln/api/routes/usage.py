@@ -1,5 +1,7 @@
 """Usage and quotas: what a project consumed (scope ``read``), and its limits (set by a
-global admin key only, since a project's admin must not lift its own)."""
+global admin key only, since a project's admin must not lift its own). Rate limits are
+quotas of kind ``requests_api`` / ``requests_inference`` per ``second`` or ``minute``
+(``kiln.api.ratelimit``); a change applies on this server at once."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from kiln.api.deps import Admin, ProjectDep, Reader, SessionDep
+from kiln.api.deps import Admin, ProjectDep, Reader, ServicesDep, SessionDep
 from kiln.errors import ForbiddenError, SpecError
 from kiln.monitor import usage
 from kiln.store.projects import project_for
@@ -29,7 +31,9 @@ class QuotaOut(BaseModel):
     kind: str
     period: str
     limit: float | None = Field(description="null once removed.")
-    used: float = Field(description="Metered in the quota's current period (UTC).")
+    used: float = Field(
+        description="Metered in the quota's current period (UTC); 0 for a rate limit."
+    )
 
 
 class UsageOut(BaseModel):
@@ -48,9 +52,19 @@ class QuotaIn(BaseModel):
     project: str | None = Field(
         default=None, description="Default: ?project=, else the default project."
     )
-    kind: str = Field(description=", ".join(usage.KINDS))
-    period: str = Field(default="day", description="day or month (UTC calendar), or total.")
-    limit: float | None = Field(ge=0, description="null removes the quota.")
+    kind: str = Field(
+        description=", ".join(usage.KINDS)
+        + "; rate limits: "
+        + ", ".join(usage.RATE_KINDS)
+        + " (requests made with the project's keys)."
+    )
+    period: str = Field(
+        default="day",
+        description="day or month (UTC calendar), or total; second or minute for a rate limit.",
+    )
+    limit: float | None = Field(
+        ge=0, description="null removes the quota; a rate limit is a whole number, 1 or more."
+    )
 
 
 @router.get("/usage", name="usage.summary")
@@ -92,16 +106,23 @@ def set_(
     body: QuotaIn,
     who: Admin,
     s: SessionDep,
+    svc: ServicesDep,
     request: Request,
     project: Annotated[str | None, Query(description="If the body names none.")] = None,
 ) -> QuotaOut:
-    """Set a project's quota on one kind per period (``limit: null`` removes it)."""
+    """Set a project's quota on one kind per period (``limit: null`` removes it), or its
+    rate limit (``requests_inference`` 20 per ``second``)."""
     if not who.is_global_admin:
         raise ForbiddenError("only a global admin key sets quotas", field="scopes")
     row = project_for(s, who, body.project or project)
     request.state.project_id = row.id
     request.state.audit_target = f"quota:{row.name}/{body.kind}/{body.period}"
     usage.set_quota(s, row.id, body.kind, body.period, body.limit)
+    if body.kind in usage.RATE_KINDS:
+        svc.rate.invalidate_on_commit(s)
+        return QuotaOut(
+            project=row.name, kind=body.kind, period=body.period, limit=body.limit, used=0.0
+        )
     since = usage.period_start(body.period)
     return QuotaOut(
         project=row.name,
