@@ -126,3 +126,43 @@ def test_compress_past_tolerance_fails_but_keeps_earlier_variants(platform: Any)
     assert len(kept) <= 1  # the int8 step may or may not have fitted within 0
     versions = client.get("/api/v1/models/iris/versions").json()
     assert versions["total"] == 1 + len(kept)
+
+
+def test_a_version_trained_on_a_host_file_is_not_reread_by_a_server_compress_job(
+    tmp_path: Path,
+) -> None:
+    """A bundle registered as it is (as `kiln serve` does) names the table it was trained
+    on, a path of that machine; a compress job without data must not read it."""
+    from kiln.serve.standalone import register
+
+    settings = Settings(home=tmp_path / "home", heartbeat_seconds=0.2)
+    services = build_services(settings)
+    key = bootstrap(services)
+    table = tmp_path / "host-secret.csv"
+    load_iris(as_frame=True).frame.to_csv(table, index=False)
+    spec = {
+        "name": "hosted",
+        "task": "classification",
+        "data": {"source": str(table), "target": "target"},
+        "model": {"type": "mlp", "hidden": [8]},
+        "train": {"epochs": 2, "device": "cpu"},
+    }
+    bundle = kiln.fit(spec)
+    bundle.save(tmp_path / "hosted")
+    register(services, tmp_path / "hosted", bundle.meta, "hosted")
+    client = TestClient(create_app(settings, services=services))
+    client.headers["Authorization"] = f"Bearer {key}"
+    worker = Worker(settings, db=services.db, store=services.store)
+    compress = {
+        "source": "model:hosted@1",
+        "steps": [{"quantize": {"method": "int8_dynamic", "backend": "onnxruntime"}}],
+    }
+    job = client.post("/api/v1/jobs", json={"kind": "compress", "spec": compress})
+    assert job.status_code == 201, job.text
+    table.unlink()  # had the worker read it, the error would say it is gone
+    worker.run(until_idle=True)
+    done = client.get(f"/api/v1/jobs/{job.json()['id']}").json()
+    assert done["state"] == "failed", done
+    assert done["error"]["field"] == "spec.data", done["error"]
+    assert "host-secret" not in str(done)
+    services.db.dispose()

@@ -216,3 +216,40 @@ def test_a_good_archive_unpacks_under_its_wrapper_folder(tmp_path: Path) -> None
         f"{c}/{i}.png" for c in "ab" for i in range(3)
     ]
     assert not (tmp_path / "out" / "__MACOSX").exists()
+
+
+def test_a_zip_of_many_entries_is_refused_before_zipfile_reads_its_directory(
+    tmp_path: Path,
+) -> None:
+    """The end record claims one entry; the directory holds 60,000. ``zipfile`` would
+    build ~500 bytes of objects per entry before the first is checked; the walk over
+    the directory refuses it while holding next to nothing."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(60_000):
+            zf.writestr(f"d/{i}", b"")
+    data = bytearray(buf.getvalue())
+    del buf
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, end + 8, 1, 1)  # entries on this disk, entries in all
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(bytes(data))
+    del data
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLargeError, match="KILN_MAX_ARCHIVE_FILES"):
+            unpack(archive, "many.zip", tmp_path / "out", ArchiveLimits(max_files=1000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / (1 << 20):.1f} MiB"
+
+
+def test_skipped_tar_members_count_against_the_size_limit(tmp_path: Path) -> None:
+    """A hidden member is not unpacked, but gzip must still inflate it to pass it."""
+    archive = tmp_path / "hidden.tar.gz"
+    archive.write_bytes(tar_of([("pics/.padding", bytes(8 << 20)), *folder_members().items()]))
+    with pytest.raises(TooLargeError, match="KILN_MAX_DECOMPRESSED_MB"):
+        unpack(archive, "hidden.tar.gz", tmp_path / "out", ArchiveLimits(max_bytes=1 << 20))

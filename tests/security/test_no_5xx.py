@@ -156,6 +156,17 @@ def test_nul_and_lone_surrogates_in_json_bodies_are_refused_naming_the_field(
     assert platform.post("/projects", key, {"name": "clean"}).status_code == 201
 
 
+def test_a_json_body_without_a_content_type_is_guarded_too(platform: Platform) -> None:
+    """FastAPI parses such a body as JSON, so it must not slip past the guard."""
+    headers = platform.auth(platform.admin)
+    for raw, field in [
+        (b'{"name": "x", "uri": "/a\\u0000b"}', "uri"),
+        (b'{"name": "x", "uri": "/a\\ud800b"}', "uri"),
+    ]:
+        r = platform.client.post(f"{API}/datasets/import", content=raw, headers=headers)
+        refused(r, field)
+
+
 def test_nul_in_form_fields_is_refused_naming_them(platform: Platform) -> None:
     r = platform.upload(platform.admin, b"x,y\n1,2\n", "t.csv", name="t\x00")
     assert r.status_code == 422 and r.json()["error"]["field"] == "name", r.text

@@ -93,3 +93,24 @@ def test_a_shared_model_stays_until_its_last_deployment_is_deleted(client: TestC
     assert r.status_code == 204, r.text
     assert _dead(model), "the deleted deployments' model is still referenced"
     assert not copy.exists()
+
+
+def test_a_version_that_fails_to_load_leaves_no_decrypted_copy(home_copy: Home) -> None:
+    """Its files decrypt one by one; a later one fails its tag: nothing stays on disk."""
+    from kiln.api.app import create_app
+
+    files = sorted(p for p in home_copy.artifact_dir(2).rglob("*") if p.is_file())
+    last = files[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # the last segment's tag no longer verifies
+    last.write_bytes(bytes(data))
+    with TestClient(create_app(home_copy.settings())) as c:
+        c.headers.update(bearer(home_copy.admin))
+        r = c.post(f"{API}/deployments", json={"name": "bad", "model": "iris", "version": 2})
+        assert r.status_code >= 400, r.text
+        manager = c.app.state.deployments  # type: ignore[attr-defined]
+        assert not manager.cache_dir.exists() or list(manager.cache_dir.iterdir()) == []
+        _deploy(c, "good", 1)
+        cache = manager.cache_dir
+        assert list(cache.iterdir())
+    assert not cache.exists()  # a clean shutdown removes every decrypted copy

@@ -92,7 +92,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         manager = DeploymentManager(
             svc.db,
             svc.store,
-            svc.settings.home_dir / "cache" / "deployments",
+            # in this process's scratch: the decrypted copies are this process's alone,
+            # and a killed process's are removed by the next one to start
+            scratch / "deployments",
             ServingMetrics(),
             settings=svc.settings,
         )

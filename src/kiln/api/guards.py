@@ -69,7 +69,8 @@ class TextGuard:
         if field is not None:
             await _refuse(scope, receive, send, field)
             return
-        kind = _content_type(scope)
+        # FastAPI parses a body without a Content-Type as JSON: scan it as JSON too
+        kind = _content_type(scope) or "application/json"
         scanned = kind.endswith("json") or kind == "application/x-www-form-urlencoded"
         if not scanned or scope["method"] in ("GET", "HEAD") or scope["path"].startswith("/v2/"):
             await self.app(scope, receive, send)

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from kiln.errors import ConflictError, KilnError, NotFoundError
+from kiln.errors import ConflictError, DataError, KilnError, NotFoundError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
 from kiln.jobs.resources import RELEASED, ResourceMeter, account
@@ -355,7 +355,15 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         lineage = Bundle.load(tmp / "source").meta.lineage
         data = lineage.get("data", {}).get("source")
         if data is not None and dataset_ref(data) is None:
-            data = None  # a path on the machine that trained it: let compress re-read it
+            if not data.startswith("sklearn:"):
+                # a path or URI of the machine that trained it (a bundle made by
+                # `kiln serve`, say): a server job reads only this project's datasets
+                raise DataError(
+                    "the source version was not trained on a dataset of this server: "
+                    "give the compress spec data: dataset:<id>",
+                    field="spec.data",
+                )
+            data = None  # compress loads the scikit-learn table again
     if data is not None:
         spec["data"], _ = _fetch_dataset(ctx, job, data, tmp)
     failure: ToleranceError | None = None

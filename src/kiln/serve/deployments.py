@@ -144,10 +144,9 @@ class DeploymentManager:
             for route in live.routes:
                 await route.batcher.close()
         self.live.clear()
-        for version_id, _backend in self._models:
-            # the decrypted copy of a bundle lives only while it is served
-            shutil.rmtree(self.cache_dir / version_id, ignore_errors=True)
         self._models.clear()
+        # the decrypted copies of bundles live only while they are served
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
         if self._ticker is not None:
             await self._ticker  # finishes a flush it may be in
         await self.flush()
@@ -452,12 +451,19 @@ class DeploymentManager:
             load_seconds.set(cached.load_seconds)
             return cached
         local = self.cache_dir / version_id
-        if not local.is_dir():
-            tmp = self.cache_dir / f".{version_id}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            await asyncio.to_thread(self.store.get_dir, key, tmp)
-            tmp.rename(local)
-        model = await asyncio.to_thread(ServedModel, local, backend)
+        try:
+            if not local.is_dir():
+                tmp = self.cache_dir / f".{version_id}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                await asyncio.to_thread(self.store.get_dir, key, tmp)
+                tmp.rename(local)
+            model = await asyncio.to_thread(ServedModel, local, backend)
+        except BaseException:
+            # no decrypted copy outlives a failed load (nor a half-fetched one)
+            shutil.rmtree(self.cache_dir / f".{version_id}.tmp", ignore_errors=True)
+            if not any(v == version_id for v, _ in self._models):  # another backend's
+                shutil.rmtree(local, ignore_errors=True)
+            raise
         load_seconds.set(model.load_seconds)
         self._models[(version_id, backend)] = model
         return model

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -201,10 +202,7 @@ def _write(src: IO[bytes], out: Path, budget: _Budget) -> None:
 
 
 def _unzip(archive: Path, dest: Path, budget: _Budget, seen: set[PurePosixPath]) -> None:
-    declared = _zip_declared_entries(archive)
-    if declared is not None and declared > budget.limits.max_files:
-        budget.members = declared - 1
-        budget.member()  # refused before the central directory is parsed
+    _check_central_directory(archive, budget.limits.max_files)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             budget.member()
@@ -233,16 +231,54 @@ def _unzip(archive: Path, dest: Path, budget: _Budget, seen: set[PurePosixPath])
             budget.files += 1
 
 
-def _zip_declared_entries(archive: Path) -> int | None:
-    """The entry count the end-of-central-directory record claims (cheap, read first)."""
-    size = archive.stat().st_size
+# A central-directory entry: 46 fixed bytes, then name, extra field and comment.
+_CD_ENTRY = struct.Struct("<4s24xHHH12x")
+_MAX_CD_BYTES = 64 << 20  # 100k entries with long names take ~15 MiB
+
+
+def _check_central_directory(archive: Path, max_files: int) -> None:
+    """Count the entries of the central directory before ``zipfile`` parses it.
+
+    ``zipfile`` reads the whole directory into memory and builds one object per entry
+    (~500 bytes each, from ~50 on disk), whatever the end record's entry count claims,
+    so a 200 MB upload of empty entries would cost the API process gigabytes. Here the
+    directory is walked header by header, where ``zipfile`` will look for it (its own
+    end-record reader, so both agree), and refused past ``max_files`` entries or
+    ``_MAX_CD_BYTES``. A directory that is not well formed is left to ``zipfile``,
+    which refuses it.
+    """
     with archive.open("rb") as fh:
-        fh.seek(max(0, size - (1 << 16) - 22))
-        tail = fh.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or at + 22 > len(tail):
-        return None
-    return int.from_bytes(tail[at + 10 : at + 12], "little")
+        end = zipfile._EndRecData(fh)  # type: ignore[attr-defined]  # stdlib, stable since 2.x
+        if not end:
+            return
+        size_cd, location = end[5], end[9]
+        start = location - size_cd
+        if end[0] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        if size_cd > _MAX_CD_BYTES:
+            raise TooLargeError(
+                f"the archive's directory is {size_cd / (1 << 20):.1f} MiB "
+                f"(at most {_MAX_CD_BYTES >> 20} MiB)",
+                field="file",
+            )
+        fh.seek(max(0, start))
+        count, seen = 0, 0
+        while seen + _CD_ENTRY.size <= size_cd:
+            head = fh.read(_CD_ENTRY.size)
+            if len(head) < _CD_ENTRY.size:
+                return
+            signature, name, extra, comment = _CD_ENTRY.unpack(head)
+            if signature != b"PK\x01\x02":
+                return
+            count += 1
+            if count > max_files:
+                raise TooLargeError(
+                    f"the archive holds more than {max_files} files or folders "
+                    "(KILN_MAX_ARCHIVE_FILES)",
+                    field="file",
+                )
+            fh.seek(name + extra + comment, 1)
+            seen += _CD_ENTRY.size + name + extra + comment
 
 
 # ---- tar -------------------------------------------------------------------------------
@@ -267,6 +303,10 @@ class _BoundedReader:
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        # refuse before gzip decompresses its way to a target past the budget
+        target = offset if whence == 0 else self.raw.tell() + offset if whence == 1 else None
+        if target is not None and target > self.limit:
+            self._refuse()
         pos: int = self.raw.seek(offset, whence)
         self._check()
         return pos
@@ -276,11 +316,14 @@ class _BoundedReader:
 
     def _check(self) -> None:
         if self.raw.tell() > self.limit:
-            raise TooLargeError(
-                f"the archive unpacks to more than {self.limit / (1 << 20):.6g} MiB "
-                "(KILN_MAX_DECOMPRESSED_MB)",
-                field="file",
-            )
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise TooLargeError(
+            f"the archive unpacks to more than {self.limit / (1 << 20):.6g} MiB "
+            "(KILN_MAX_DECOMPRESSED_MB)",
+            field="file",
+        )
 
 
 def _untar(archive: Path, dest: Path, budget: _Budget, seen: set[PurePosixPath]) -> None:
@@ -306,6 +349,7 @@ def _untar(archive: Path, dest: Path, budget: _Budget, seen: set[PurePosixPath])
                     )
                 path = _member_path(member.name)
                 if path is None:
+                    budget.add(member.size)  # skipped, but still decompressed to pass it
                     continue
                 if member.isdir():
                     _target(dest, path, seen, True).mkdir(parents=True, exist_ok=True)

@@ -269,7 +269,10 @@ def import_uri(
             except Exception as exc:  # botocore's errors are not OSErrors: classify them all
                 raise s3_error(uri, exc) from None
         else:
-            path = Path(uri.removeprefix("file://")).resolve()
+            try:
+                path = Path(uri.removeprefix("file://")).resolve()
+            except (ValueError, OSError):  # a NUL byte, a name the OS cannot take
+                raise DataError("not a path kiln can read", field="uri") from None
             if not any(path.is_relative_to(root.resolve()) for root in data_roots):
                 raise DataError(
                     "only s3:// URIs or paths under KILN_DATA_ROOTS can be registered",
