@@ -218,9 +218,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     alpha: iris dataset, model ``iris`` v1 and v2 (train jobs ``train1``, ``train2``),
     a 2-fold ``crossval`` job and an ``evaluate`` job of iris v1.
     beta: wine dataset, model ``wine`` v1 (job ``beta_train``) with alias ``production``.
-    Tests may add resources of their own but must not change these.
+    Tests may add resources of their own but must not change these. The per-key rate
+    limits are off: tests (and the probes of tests/security) send bursts with one key,
+    and a 429 would stand in for the answer under test; the limits have tests of their own.
     """
-    w = World(Settings(home=tmp_path_factory.mktemp("world") / "home"))
+    home = tmp_path_factory.mktemp("world") / "home"
+    w = World(Settings(home=home, rate_limit_api="off", rate_limit_inference="off"))
     w.create_project("alpha")
     w.create_project("beta")
     w.keys = {

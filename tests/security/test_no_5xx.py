@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.conftest import API, Platform
-from kiln.api.deps import MAX_OFFSET
+from kiln.store.db import MAX_OFFSET
 
 HUGE = 2**63  # one past SQLite's and PostgreSQL's INTEGER: an OverflowError before
 

@@ -21,7 +21,7 @@ from kiln.errors import AuthError
 from kiln.jobs.queue import Queue
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
-from kiln.store.db import Database
+from kiln.store.db import MAX_OFFSET, Database
 from kiln.store.keys import Principal, authenticate
 from kiln.store.projects import project_for
 from kiln.store.tables import Project
@@ -171,11 +171,6 @@ def project_alone(
 class Page:
     limit: int
     offset: int
-
-
-MAX_OFFSET = 2**31 - 1
-"""The largest offset (or id to list after) a query takes: an INTEGER on every engine,
-where 2**63 overflowed SQLite and PostgreSQL (a 500); no listing is that long."""
 
 
 def page(

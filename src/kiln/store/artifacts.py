@@ -156,28 +156,10 @@ class FsspecStore:
             _atomic_write(str(path), lambda f: _copy(src, f))
 
     def put_dir(self, prefix: str, directory: str | Path) -> list[str]:
-        """Upload every file below ``directory`` to ``prefix/<relative path>``.
-
-        All names are validated before anything is written. A symlink is uploaded as
-        its content only if it is a file inside ``directory``; otherwise it is refused.
-        """
-        _check_key(prefix)
-        top = Path(directory)
-        if not top.is_dir():
-            raise NotFoundError(f"no directory {str(directory)!r} to store", field="path")
-        files = sorted(_walk(top, top.resolve()))
-        keys = [_check_key(f"{prefix}/{rel}") for rel, _ in files]
-        for key, (_, path) in zip(keys, files, strict=True):
-            self.put_file(key, path)
-        return keys
+        return put_dir(self, prefix, directory)
 
     def get_dir(self, prefix: str, directory: str | Path) -> None:
-        keys = self.list(_check_key(prefix))
-        if not keys:
-            raise NotFoundError(f"no artifacts under {prefix!r} in {self.url}", field="key")
-        top = Path(directory)
-        for key in keys:
-            self.get_file(key, top.joinpath(*key[len(prefix) + 1 :].split("/")))
+        get_dir(self, prefix, directory)
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.isfile(self._path(key)))
@@ -203,6 +185,34 @@ class FsspecStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
         self.fs.invalidate_cache()
+
+
+def put_dir(store: ArtifactStore, prefix: str, directory: str | Path) -> list[str]:
+    """Upload every file below ``directory`` to ``prefix/<relative path>`` with
+    ``store.put_file``; the keys written.
+
+    All names are validated before anything is written. A symlink is uploaded as
+    its content only if it is a file inside ``directory``; otherwise it is refused.
+    """
+    _check_key(prefix)
+    top = Path(directory)
+    if not top.is_dir():
+        raise NotFoundError(f"no directory {str(directory)!r} to store", field="path")
+    files = sorted(_walk(top, top.resolve()))
+    keys = [_check_key(f"{prefix}/{rel}") for rel, _ in files]
+    for key, (_, path) in zip(keys, files, strict=True):
+        store.put_file(key, path)
+    return keys
+
+
+def get_dir(store: ArtifactStore, prefix: str, directory: str | Path) -> None:
+    """Download every key below ``prefix/`` into ``directory`` with ``store.get_file``."""
+    keys = store.list(_check_key(prefix))
+    if not keys:
+        raise NotFoundError(f"no artifacts under {prefix!r} in {store.url}", field="key")
+    top = Path(directory)
+    for key in keys:
+        store.get_file(key, top.joinpath(*key[len(prefix) + 1 :].split("/")))
 
 
 class LocalStore(FsspecStore):

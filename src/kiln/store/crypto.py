@@ -39,7 +39,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kiln.errors import EncryptionError, NotFoundError
 from kiln.settings import Settings
-from kiln.store.artifacts import ArtifactStore, _atomic_write, _check_key, _walk, open_store
+from kiln.store.artifacts import (
+    ArtifactStore,
+    _atomic_write,
+    _check_key,
+    get_dir,
+    open_store,
+    put_dir,
+)
 from kiln.store.db import Database
 from kiln.store.keyring import (
     Keyring,
@@ -254,24 +261,10 @@ class EncryptedStore:
                 _atomic_write(str(path), lambda dst: self._decrypt(key, src, dst))
 
     def put_dir(self, prefix: str, directory: str | Path) -> list[str]:
-        """As the inner store's: every name is checked, escaping symlinks refused, first."""
-        _check_key(prefix)
-        top = Path(directory)
-        if not top.is_dir():
-            raise NotFoundError(f"no directory {str(directory)!r} to store", field="path")
-        files = sorted(_walk(top, top.resolve()))
-        keys = [_check_key(f"{prefix}/{rel}") for rel, _ in files]
-        for key, (_, path) in zip(keys, files, strict=True):
-            self.put_file(key, path)
-        return keys
+        return put_dir(self, prefix, directory)  # file by file, each encrypted
 
     def get_dir(self, prefix: str, directory: str | Path) -> None:
-        keys = self.list(_check_key(prefix))
-        if not keys:
-            raise NotFoundError(f"no artifacts under {prefix!r} in {self.url}", field="key")
-        top = Path(directory)
-        for key in keys:
-            self.get_file(key, top.joinpath(*key[len(prefix) + 1 :].split("/")))
+        get_dir(self, prefix, directory)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)

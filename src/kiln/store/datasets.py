@@ -89,10 +89,6 @@ def ingest(
     size = path.stat().st_size
     if before_store is not None:
         before_store(size)
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     dataset_id = "ds_" + secrets.token_hex(8)
     key = safe_key("projects", project.name, "datasets", dataset_id, filename)
     store.put_file(key, path)
@@ -103,21 +99,38 @@ def ingest(
         artifact_key=key,
         source=source,
         format=info["format"],
-        fingerprint=digest.hexdigest(),
+        fingerprint=_sha256(path),
         size_bytes=size,
         rows=info["rows"],
         columns=info["columns"],
     )
+    return _register(session, store, row, stored=key)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _register(session: Session, store: ArtifactStore, row: Dataset, *, stored: str) -> Dataset:
+    """Add the dataset's row and its metered size; a failed insert removes what was
+    ``stored`` (a key or a prefix): nothing stays for a dataset that was not registered."""
     session.add(row)
     session.add(
         UsageEvent(
-            project_id=project.id, kind="stored_bytes", quantity=float(size), subject=dataset_id
+            project_id=row.project_id,
+            kind="stored_bytes",
+            quantity=float(row.size_bytes),
+            subject=row.id,
         )
     )
     try:
         session.flush()
     except Exception:
-        store.delete(key)  # nothing stored for a dataset that was not registered
+        store.delete(stored)
         raise
     return row
 
@@ -185,10 +198,6 @@ def ingest_archive(
             ]
         if before_store is not None:
             before_store(unpacked.size_bytes)
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
         dataset_id = "ds_" + secrets.token_hex(8)
         prefix = safe_key("projects", project.name, "datasets", dataset_id, "files")
         try:
@@ -206,26 +215,12 @@ def ingest_archive(
         artifact_key=key,
         source=source,
         format=fmt,
-        fingerprint=digest.hexdigest(),
+        fingerprint=_sha256(path),
         size_bytes=unpacked.size_bytes,
         rows=rows,
         columns=columns,
     )
-    session.add(row)
-    session.add(
-        UsageEvent(
-            project_id=project.id,
-            kind="stored_bytes",
-            quantity=float(unpacked.size_bytes),
-            subject=dataset_id,
-        )
-    )
-    try:
-        session.flush()
-    except Exception:
-        store.delete(prefix)  # nothing stored for a dataset that was not registered
-        raise
-    return row
+    return _register(session, store, row, stored=prefix)
 
 
 def import_uri(

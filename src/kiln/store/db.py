@@ -21,6 +21,11 @@ from kiln.errors import KilnError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
+MAX_OFFSET = 2**31 - 1
+"""The largest offset (or id to list after) a query takes: an INTEGER on every engine,
+where 2**63 overflowed SQLite and PostgreSQL (a 500); no listing is that long. The API
+and the dashboard bound their paging parameters with it."""
+
 
 class Database:
     """An engine and its session factory; ``session()`` is one transaction."""

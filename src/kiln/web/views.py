@@ -15,12 +15,12 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from kiln.api.deps import MAX_OFFSET
 from kiln.api.routes.jobs import job_out
 from kiln.api.routes.models import model_out
 from kiln.errors import ForbiddenError, KilnError
 from kiln.jobs import queue
 from kiln.store import datasets, registry
+from kiln.store.db import MAX_OFFSET
 from kiln.store.tables import FINISHED, AuditEvent, Dataset, Job, JobState, Model, ModelVersion
 from kiln.web import charts
 from kiln.web.auth import audit

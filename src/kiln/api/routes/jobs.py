@@ -8,13 +8,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from kiln.api.deps import MAX_OFFSET, PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
+from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
 from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, page_of
 from kiln.errors import NotFoundError, SpecError
 from kiln.jobs import queue
 from kiln.monitor import usage
 from kiln.spec.load import load_spec
 from kiln.store.datasets import dataset_ref, get_dataset
+from kiln.store.db import MAX_OFFSET
 from kiln.store.model_refs import check_server_path, pinned_models
 from kiln.store.projects import check_name
 from kiln.store.registry import get_model, resolve_version

@@ -1,27 +1,5 @@
-"""The Python SDK over kiln's REST API (``/api/v1``).
-
-::
-
-    import kiln
-
-    with kiln.Client("http://127.0.0.1:8080", api_key="kiln_...") as client:
-        job = client.jobs.submit("spec.yaml", data="wine.csv")  # uploads the table first
-        job = client.jobs.wait(job["id"])
-        bundle_dir = client.models.download("wine", dest="models")
-        kiln.load(str(bundle_dir)).predict(rows)
-        client.deployments.create("wine", model="wine")  # serve it
-        client.deployments.predict("wine", rows)  # {predictions, probabilities, version, ...}
-        client.usage(from_="2026-01-01", group_by="month")  # compute, bytes, predictions
-
-Every method returns the JSON the server sent (plain dicts and lists). Every error
-response becomes the kiln error class of its code (``AuthError`` for 401,
-``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
-an unreachable server or a response that is not kiln's JSON is a ``ServiceError``, and
-so is a deployment that is overloaded (503) or timed out (504), with the server's code
-(``overloaded``, ``timeout``) as the error's ``code``. Past a rate limit (429) the error
-is a ``RateLimitError`` whose ``retry_after`` is the server's ``Retry-After`` in seconds.
-Connection failures are retried (3 times) by httpx's transport.
-"""
+"""The SDK's resource groups (``client.jobs``, ``client.models``, ...): one class per
+family of REST routes, each a thin typed call through its :class:`~kiln.client.Client`."""
 
 from __future__ import annotations
 
@@ -29,171 +7,18 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from kiln.archive import extract_bundle
-from kiln.errors import (
-    ERRORS_BY_CODE,
-    ConflictError,
-    KilnError,
-    NotFoundError,
-    RateLimitError,
-    ServiceError,
-)
+from kiln.client.wire import API, DEPLOY_TIMEOUT, FINAL_STATES, JSON, Items, error_of, records
+from kiln.errors import ConflictError, NotFoundError, ServiceError
 
-JSON = dict[str, Any]
-Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-API = "/api/v1"
-SERVICE_CODES = frozenset({"overloaded", "timeout"})
-"""Error codes of a deployment under load (503, 504): retryable, raised as ``ServiceError``."""
-DEPLOY_TIMEOUT = 600.0
-"""Seconds to wait for a deployment to load and warm up (create, swap, canary)."""
-
-
-class Client:
-    """A connection to one kiln server, as one API key.
-
-    ``url``, ``api_key`` and ``project`` default to the settings (``KILN_URL``,
-    ``KILN_API_KEY``, ``KILN_PROJECT``). ``project`` is the project a global admin key
-    acts on (sent as ``?project=`` on datasets, jobs and models); a project key always
-    acts on its own project. ``transport`` replaces httpx's (tests, proxies); by
-    default connection failures are retried 3 times. Use as a context manager, or
-    call :meth:`close`.
-    """
-
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        *,
-        project: str | None = None,
-        timeout: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        if url is None or api_key is None or project is None:
-            from kiln.settings import Settings
-
-            settings = Settings()
-            url = url if url is not None else settings.url
-            api_key = api_key if api_key is not None else settings.api_key
-            project = project if project is not None else settings.project
-        self.url = url.rstrip("/")
-        self.project = project
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=timeout,
-            transport=transport or httpx.HTTPTransport(retries=3),
-        )
-        self.projects = Projects(self)
-        self.keys = Keys(self)
-        self.datasets = Datasets(self)
-        self.jobs = Jobs(self)
-        self.models = Models(self)
-        self.deployments = Deployments(self)
-        self.quotas = Quotas(self)
-        self.base_models = BaseModels(self)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def health(self) -> JSON:
-        """``GET /healthz`` (needs no key): ``{"status": "ok", "version": ...}``."""
-        result: JSON = self._send("GET", "/healthz").json()
-        return result
-
-    def usage(
-        self,
-        from_: str | date | datetime | None = None,
-        to: str | date | datetime | None = None,
-        group_by: str = "day",
-    ) -> JSON:
-        """The project's metered usage: ``{project, from, to, group_by, items: [{period,
-        kind, device, quantity}], totals: {kind: quantity}, quotas: [{kind, period, limit,
-        used}]}``.
-
-        ``from_`` and ``to`` (exclusive) are dates or datetimes (naive means UTC) or ISO
-        strings; ``group_by`` is ``day``, ``month`` or ``total``.
-        """
-        params: JSON = {"group_by": group_by}
-        if from_ is not None:
-            params["from"] = from_.isoformat() if isinstance(from_, date) else from_
-        if to is not None:
-            params["to"] = to.isoformat() if isinstance(to, date) else to
-        result: JSON = self._json("GET", "/usage", scoped=True, params=params)
-        return result
-
-    # --- plumbing -------------------------------------------------------------
-
-    def _send(
-        self, method: str, path: str, *, scoped: bool = False, **kwargs: Any
-    ) -> httpx.Response:
-        """One request; a non-2xx answer raises the matching KilnError."""
-        if scoped and self.project:
-            kwargs["params"] = {**(kwargs.get("params") or {}), "project": self.project}
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ServiceError(
-                f"kiln server at {self.url} did not answer in time ({exc})"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ServiceError(f"cannot reach the kiln server at {self.url}: {exc}") from None
-        if response.is_success:
-            return response
-        raise error_of(response, self.url)
-
-    def _json(self, method: str, path: str, *, scoped: bool = False, **kwargs: Any) -> Any:
-        response = self._send(method, API + path, scoped=scoped, **kwargs)
-        try:
-            return response.json()
-        except ValueError:
-            raise ServiceError(
-                f"kiln server at {self.url} answered {method} {path} with something not JSON"
-            ) from None
-
-    def _pages(self, path: str, page_size: int, params: JSON | None = None) -> Iterator[JSON]:
-        """Every item of a paginated list, following ``next_offset``."""
-        offset: int | None = 0
-        while offset is not None:
-            query = {**(params or {}), "limit": page_size, "offset": offset}
-            page = self._json("GET", path, scoped=True, params=query)
-            yield from page["items"]
-            offset = page["next_offset"]
-
-
-def error_of(response: httpx.Response, url: str) -> KilnError:
-    """The KilnError a non-2xx response stands for (``ServiceError`` if not kiln's JSON)."""
-    try:
-        body = response.json()
-        error = body["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        return ServiceError(
-            f"kiln server at {url} answered {response.status_code} "
-            f"{response.reason_phrase} to {response.request.method} {response.request.url.path}"
-        )
-    cls = ServiceError if code in SERVICE_CODES else ERRORS_BY_CODE.get(code, KilnError)
-    exc = cls(message, field=error.get("field"))
-    if isinstance(exc, RateLimitError):
-        retry = response.headers.get("Retry-After", "")
-        exc.retry_after = int(retry) if retry.isdigit() else 1
-    if cls is KilnError or code in SERVICE_CODES:
-        exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
-    return exc
+if TYPE_CHECKING:
+    from kiln.client.http import Client
 
 
 class _Group:
@@ -595,14 +420,3 @@ class Quotas(_Group):
         """The project's quotas: ``[{project, kind, period, limit, used}]``."""
         result: Items = self._c._json("GET", "/quotas", scoped=True)
         return result
-
-
-def records(rows: Any) -> list[JSON]:
-    """Rows as a list of plain dicts: a DataFrame's records (NaN as None), or the list given."""
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
-        frame = rows.astype(object).where(rows.notna(), None)
-        out: list[JSON] = frame.to_dict(orient="records")
-        return out
-    if isinstance(rows, Mapping):
-        raise TypeError("rows: a list of {column: value} rows or a DataFrame, not one row")
-    return list(rows)

@@ -1,0 +1,52 @@
+"""What crosses the wire between the SDK and the server: JSON shapes, job end states,
+and the mapping of an error response back to its kiln error class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from kiln.errors import ERRORS_BY_CODE, KilnError, RateLimitError, ServiceError
+
+JSON = dict[str, Any]
+Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+API = "/api/v1"
+SERVICE_CODES = frozenset({"overloaded", "timeout"})
+"""Error codes of a deployment under load (503, 504): retryable, raised as ``ServiceError``."""
+DEPLOY_TIMEOUT = 600.0
+"""Seconds to wait for a deployment to load and warm up (create, swap, canary)."""
+
+
+def error_of(response: httpx.Response, url: str) -> KilnError:
+    """The KilnError a non-2xx response stands for (``ServiceError`` if not kiln's JSON)."""
+    try:
+        body = response.json()
+        error = body["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(
+            f"kiln server at {url} answered {response.status_code} "
+            f"{response.reason_phrase} to {response.request.method} {response.request.url.path}"
+        )
+    cls = ServiceError if code in SERVICE_CODES else ERRORS_BY_CODE.get(code, KilnError)
+    exc = cls(message, field=error.get("field"))
+    if isinstance(exc, RateLimitError):
+        retry = response.headers.get("Retry-After", "")
+        exc.retry_after = int(retry) if retry.isdigit() else 1
+    if cls is KilnError or code in SERVICE_CODES:
+        exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
+    return exc
+
+
+def records(rows: Any) -> list[JSON]:
+    """Rows as a list of plain dicts: a DataFrame's records (NaN as None), or the list given."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
+        frame = rows.astype(object).where(rows.notna(), None)
+        out: list[JSON] = frame.to_dict(orient="records")
+        return out
+    if isinstance(rows, Mapping):
+        raise TypeError("rows: a list of {column: value} rows or a DataFrame, not one row")
+    return list(rows)
