@@ -31,9 +31,10 @@ from kiln.data.text import encode, load_tokenizer, train_tokenizer, trim_padding
 from kiln.errors import BundleError, DataError, SpecError
 from kiln.models import build
 from kiln.models.pretrained import resolve_model_path
+from kiln.runtime.placement import predict_outputs
 from kiln.spec import TrainSpec
 from kiln.spec.model import TransformerSpec
-from kiln.train.loop import TensorData, fit_model, predict_outputs
+from kiln.train.loop import TensorData, fit_model
 
 # ---- toy data and a tiny local Hugging Face model ----------------------------------------
 

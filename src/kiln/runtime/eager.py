@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.train.loop import predict_outputs
+from kiln.runtime.placement import predict_outputs
 
 
 @contextlib.contextmanager

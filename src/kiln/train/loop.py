@@ -9,7 +9,6 @@ checkpoint, so ``resume`` continues exactly where an interrupted run stopped.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -22,16 +21,13 @@ from torch import nn
 
 from kiln.data.text import is_tokens, trim_padding
 from kiln.errors import Interrupted, TrainingError
+from kiln.runtime.placement import Placement, predict_outputs
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
-
-# Rows per forward pass when evaluating, to bound memory on large splits.
-EVAL_CHUNK = 8192
-EVAL_CHUNK_LARGE = 128
 
 
 @dataclass
@@ -55,17 +51,6 @@ class FitResult:
     seconds: float
     device: str
     resumed_from: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            "train.device is cuda but no CUDA device is available", field="train.device"
-        )
-    return torch.device(name)
 
 
 def fit_model(
@@ -93,7 +78,8 @@ def fit_model(
     logged metrics. ``run_id`` (spec + data fingerprint) guards ``resume`` against a
     checkpoint from a different run.
     """
-    device = resolve_device(train.device)
+    placement = Placement.for_training(train.device, train.mixed_precision)
+    device = placement.device
     started = time.perf_counter()
     torch.manual_seed(train.seed)
     shuffle_gen = torch.Generator().manual_seed(train.seed)
@@ -121,7 +107,7 @@ def fit_model(
     scheduler, per_step = make_schedule(
         optimizer, train.lr_schedule, steps_per_epoch, train.epochs, metric_mode(plateau_metric)
     )
-    autocast = _autocast(device, train.mixed_precision)
+    autocast = placement.autocast()
 
     progress = _Progress()
     if resume:
@@ -330,33 +316,10 @@ class _Progress:
         )
 
 
-def _autocast(device: torch.device, mode: str) -> Any:
-    """bf16 autocast when asked for, or by default on CUDA; otherwise full precision."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-@torch.inference_mode()
-def predict_outputs(model: nn.Module, x: torch.Tensor, autocast: Any = None) -> torch.Tensor:
-    """Raw outputs (logits or scaled values) for ``x``, in eval mode, chunked; float32."""
-    model.eval()
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
-    tokens = is_tokens(x)
-    # Sequences and images cost far more memory per row than feature vectors.
-    chunk = EVAL_CHUNK if x.dim() == 2 else EVAL_CHUNK_LARGE
-    outs = []
-    for i in range(0, len(x), chunk):
-        xb = x[i : i + chunk]
-        with ctx:
-            outs.append(model(trim_padding(xb) if tokens else xb).float())
-    return torch.cat(outs) if outs else torch.zeros(0)
 
 
 def _validate(

@@ -26,12 +26,13 @@ from kiln.errors import DataError
 from kiln.evaluate.scoring import score
 from kiln.models.pretrained import local_model_dir, resolve_model_path
 from kiln.models.registry import build
+from kiln.runtime.placement import predict_outputs
 from kiln.spec.load import dump_spec
 from kiln.spec.model import PretrainedSpec, TransformerSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
-from kiln.train.loop import FitResult, TensorData, fit_model, predict_outputs
+from kiln.train.loop import FitResult, TensorData, fit_model
 
 
 @dataclass
