@@ -59,7 +59,7 @@ def test_bundle_directory_holds_exactly_the_contract_files(saved):
     assert {p.name for p in path.iterdir()} == BUNDLE_FILES
     meta = json.loads((path / "kiln.json").read_text())
     assert meta["format"] == "kiln.bundle"
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert set(meta["files"]) == {"weights.safetensors", "preprocess.json"}
     assert meta["labels"] == ["setosa", "versicolor", "virginica"]
     assert meta["lineage"]["spec"]["name"] == "iris-mlp"
@@ -100,6 +100,7 @@ print(json.dumps(bundle.predict(rows).to_dict()))
 """
 
 
+@pytest.mark.e2e
 def test_load_in_a_fresh_process_without_unpickling(saved, iris):
     bundle, path = saved
     rows = features(iris).iloc[::10].to_dict(orient="records")
@@ -151,8 +152,8 @@ def edit_meta(path: Path, **changes) -> None:
 
 
 def test_wrong_format_version_is_refused(copy_of):
-    edit_meta(copy_of, format_version=2)
-    with pytest.raises(BundleError, match="format version 2 is not supported"):
+    edit_meta(copy_of, format_version=3)
+    with pytest.raises(BundleError, match="format version 3 is not supported"):
         kiln.load(str(copy_of))
 
 
@@ -374,7 +375,7 @@ def test_cnn_bundle_round_trip(tmp_path):
     }
     bundle = kiln.fit(spec, out=tmp_path / "digits")
     loaded = kiln.load(str(tmp_path / "digits"))
-    assert loaded.meta.model["input_shape"] == [1, 8, 8]
+    assert loaded.meta.model.input_shape == [1, 8, 8]
     assert loaded.meta.labels == list(range(10))
     frame = read_table("sklearn:digits").iloc[::20]
     a, b = bundle.predict(features(frame)), loaded.predict(features(frame))

@@ -34,14 +34,14 @@ def test_fit_from_a_yaml_file(tmp_path):
     assert not checkpoint_dir(out).exists()  # the checkpoint goes once the bundle is saved
     assert set(bundle.metrics) == {"test", "val"}
     assert bundle.metrics["test"]["accuracy"] > 0.8
-    split = bundle.meta.lineage["split"]
+    split = bundle.meta.lineage.split.model_dump()
     assert split == {"train": 124, "val": 18, "test": 36}
-    assert sum(split.values()) == bundle.meta.lineage["data"]["rows_read"] == 178
+    assert sum(split.values()) == bundle.meta.lineage.data.rows_read == 178
     training = bundle.meta.training
-    assert training["epochs_run"] == 10
-    assert training["loss"] == "cross_entropy"
-    assert len(training["history"]) == 10
-    assert training["device"] == "cpu"
+    assert training.epochs_run == 10
+    assert training.loss == "cross_entropy"
+    assert len(training.history) == 10
+    assert training.device == "cpu"
 
 
 def test_checkpoint_dir_is_a_hidden_sibling(tmp_path):
@@ -59,7 +59,7 @@ def test_preprocessing_is_fitted_on_the_training_split_only(make_spec):
         assert feat.scale == pytest.approx(train[feat.name].std(ddof=0))
         # ...and measurably not the whole table's statistics.
         assert feat.center != pytest.approx(iris[feat.name].mean(), rel=1e-9, abs=0)
-    assert bundle.meta.lineage["split"]["train"] == len(train) == 75
+    assert bundle.meta.lineage.split.train == len(train) == 75
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
@@ -86,10 +86,10 @@ def test_missing_drop_drops_incomplete_rows_and_mean_imputes(make_spec, frame, w
     path = write_table(holes, "holes.csv")
     base = make_spec(name="holes", data={"source": path, "target": "label"})
     dropped = kiln.fit({**base, "data": {**base["data"], "preprocessing": {"missing": "drop"}}})
-    assert dropped.meta.lineage["data"]["rows_dropped"] == 4
-    assert sum(dropped.meta.lineage["split"].values()) == 56
+    assert dropped.meta.lineage.data.rows_dropped == 4
+    assert sum(dict(dropped.meta.lineage.split).values()) == 56
     imputed = kiln.fit(base)
-    assert imputed.meta.lineage["data"]["rows_dropped"] == 1  # the row without a label
+    assert imputed.meta.lineage.data.rows_dropped == 1  # the row without a label
     # The imputed model accepts missing values at prediction time; the drop model does not.
     row = {"x1": 0.3, "x2": None, "color": "red"}
     assert imputed.predict([row]).predictions[0] in ("no", "yes")
@@ -124,15 +124,15 @@ def test_early_stopping_in_a_spec_records_best_epoch(make_spec):
         )
     )
     training = bundle.meta.training
-    assert training["stopped_early"] is True
-    assert training["best_epoch"] == 1
-    assert training["epochs_run"] == 3
+    assert training.stopped_early is True
+    assert training.best_epoch == 1
+    assert training.epochs_run == 3
 
 
 def test_no_val_split_means_no_val_metrics(make_spec):
     bundle = kiln.fit(make_spec(data={"split": {"val": 0.0}}))
     assert set(bundle.metrics) == {"test"}
-    assert "val_loss" not in bundle.meta.training["history"][0]
+    assert "val_loss" not in bundle.meta.training.history[0]
 
 
 def test_bad_target_and_bad_spec(make_spec):

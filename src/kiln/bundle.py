@@ -28,59 +28,26 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 from torch import nn
 
 from kiln.data.preprocess import JSONScalar, Preprocessor
-from kiln.data.schema import Column
 from kiln.errors import BundleError, DataError, NotFoundError
+from kiln.manifest import FORMAT, BundleMeta, Runtime, parse_manifest
 from kiln.models.registry import build
-from kiln.spec.model import ModelSpec
+from kiln.runtime.placement import Placement, half_dtype
 
-FORMAT = "kiln.bundle"
-FORMAT_VERSION = 1
 META_FILE = "kiln.json"
 WEIGHTS_FILE = "weights.safetensors"
 PREPROCESS_FILE = "preprocess.json"
 TOKENIZER_DIR = "tokenizer"
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "compression.json"
-
-_MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
-
-
-class BundleMeta(BaseModel):
-    """The contents of ``kiln.json``."""
-
-    format: Literal["kiln.bundle"] = "kiln.bundle"
-    format_version: int = FORMAT_VERSION
-    name: str
-    task: Literal["classification", "regression"]
-    created_at: str
-    kiln_version: str
-    model: dict[str, Any]
-    input_schema: list[Column]
-    target: str
-    labels: list[JSONScalar] | None
-    n_inputs: int = Field(ge=1)
-    n_outputs: int = Field(ge=1)
-    model_context: dict[str, Any] = {}
-    # How the bundle runs: {"backend": "torch" | "onnxruntime", "quantization": None |
-    # "int8_dynamic" | "fp16" | "bf16", ...details of compression}.
-    runtime: dict[str, Any] = {"backend": "torch", "quantization": None}
-    parameters: int
-    metrics: dict[str, Any]
-    training: dict[str, Any]
-    lineage: dict[str, Any]
-    files: dict[str, str] = {}
-    # per input column, a summary of the training split (kiln.monitor.drift): what a
-    # deployment compares live inputs with
-    reference: dict[str, Any] = {}
 
 
 @dataclass
@@ -127,7 +94,7 @@ class Bundle:
     def backend(self) -> Any:
         """The inference backend ``runtime.backend`` names (created on first use)."""
         if self._backend is None:
-            if self.meta.runtime.get("backend") == "onnxruntime":
+            if self.meta.runtime.backend == "onnxruntime":
                 from kiln.runtime.onnx import OnnxBackend
 
                 if self.onnx is None:
@@ -137,9 +104,9 @@ class Bundle:
                 from kiln.runtime.eager import TorchBackend
 
                 model = _apply_runtime(self.model, self.meta.runtime)
-                int8 = self.meta.runtime.get("quantization") == "int8_dynamic"
+                int8 = self.meta.runtime.quantization == "int8_dynamic"
                 self._backend = TorchBackend(
-                    model, _half_dtype(self.meta.runtime), fastpath=not int8
+                    model, half_dtype(self.meta.runtime.quantization), fastpath=not int8
                 )
         return self._backend
 
@@ -266,7 +233,7 @@ class Bundle:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            half = _half_dtype(self.meta.runtime)
+            half = half_dtype(self.meta.runtime.quantization)
             state = {
                 k: (v.to(half) if half is not None and v.is_floating_point() else v)
                 .detach()
@@ -305,19 +272,8 @@ class Bundle:
         path = Path(directory)
         if not path.is_dir():
             raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
-        meta_raw = _read_json(path / META_FILE)
-        if not isinstance(meta_raw, dict) or meta_raw.get("format") != FORMAT:
-            raise BundleError(f"{path / META_FILE} is not a kiln bundle manifest")
-        if meta_raw.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"bundle format version {meta_raw.get('format_version')} is not supported "
-                f"(this kiln reads version {FORMAT_VERSION})"
-            )
-        try:
-            meta = BundleMeta.model_validate(meta_raw)
-            model_spec = _MODEL_SPEC.validate_python(meta.model)
-        except ValidationError as exc:
-            raise BundleError(f"{path / META_FILE} is invalid: {exc.errors()[0]['msg']}") from None
+        meta = parse_manifest(_read_json(path / META_FILE), str(path / META_FILE))
+        model_spec = meta.model
         for name in {WEIGHTS_FILE, PREPROCESS_FILE, *meta.files}:
             file = path / name
             if ".." in Path(name).parts or Path(name).is_absolute():
@@ -378,29 +334,22 @@ def _check_consistent(path: Path, meta: BundleMeta, pre: Preprocessor, model_spe
         raise BundleError(f"bundle {path}: a pretrained model's config is missing")
 
 
-def _half_dtype(runtime: dict[str, Any]) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.get("quantization") or "")
-
-
-def _apply_runtime(model: nn.Module, runtime: dict[str, Any]) -> nn.Module:
+def _apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
     """The model the torch backend runs: a compression recorded in the manifest applied
     to the (fp32) weights the bundle keeps.
 
     torch int8 dynamic quantization is deterministic given the fp32 weights, so bundles
     store those and quantize again here (safetensors cannot hold packed int8 modules).
     """
-    if runtime.get("backend") != "torch":
+    if runtime.backend != "torch":
         return model
-    quant = runtime.get("quantization")
-    if quant == "int8_dynamic":
+    if runtime.quantization == "int8_dynamic":
         from kiln.compress.quantize import torch_int8
 
         return torch_int8(model)
-    half = _half_dtype(runtime)
-    if half is not None:
-        if not torch.cuda.is_available():
-            raise BundleError(f"this bundle is a {quant} variant for GPUs; no CUDA device here")
-        return copy.deepcopy(model).to("cuda", dtype=half)
+    placement = Placement.for_variant(runtime.quantization)
+    if placement.weights is not None:
+        return placement.place(copy.deepcopy(model))
     return model
 
 

@@ -90,7 +90,7 @@ def test_data_override_scores_on_the_given_table(csv_source, run_compress, tmp_p
 
     # The validation rows are the override's, split the way the source's spec splits.
     source = kiln.load(str(bundle))
-    split = Spec.model_validate(source.meta.lineage["spec"]).data.split
+    split = Spec.model_validate(source.meta.lineage.spec).data.split
     rows = read_table(str(other))
     parts = holdout(rows["target"], split, True)
     expected = source.evaluate(rows.iloc[parts.val])["accuracy"]

@@ -86,7 +86,7 @@ def test_transformer_student_learns_from_a_pretrained_teacher(teacher: Path, tmp
         measure_runs=30,
     )
     distilled = result.variants[0].bundle
-    assert distilled.meta.model["type"] == "transformer"
+    assert distilled.meta.model.type == "transformer"
     assert distilled.meta.parameters < kiln.load(teacher).meta.parameters
     assert distilled.report["metric"]["test"] >= 0.9  # the toy task is easy to learn
     reloaded = kiln.load(tmp_path / "out" / "02-quantize")

@@ -52,5 +52,5 @@ def test_crossval_fold_count_errors(make_spec):
 
 def test_crossval_with_a_small_val_fraction_works_like_fit(make_spec):
     spec = make_spec(data={"split": {"val": 0.01}}, train={"epochs": 1})
-    assert kiln.fit(spec).meta.lineage["split"]["val"] == 3  # one row per class
+    assert kiln.fit(spec).meta.lineage.split.val == 3  # one row per class
     assert len(crossval(spec, folds=5).folds) == 5

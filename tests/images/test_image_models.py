@@ -303,7 +303,7 @@ def test_augmentation_runs_on_training_batches_only(count_augment, folder):
     bundle = kiln.fit(spec)
     assert len(count_augment) == 1
     rows = count_augment[0].rows
-    n_train = bundle.meta.lineage["split"]["train"]
+    n_train = bundle.meta.lineage.split.train
     assert len(rows) == 3 * math.ceil(n_train / 8)  # every training batch, nothing else
     assert sum(rows) == 3 * n_train  # (validation and test scoring did not call it)
     first = bundle.predict(bundle.read(str(folder)))
@@ -333,8 +333,8 @@ def test_every_augmentation_runs(folder, color):
     spec = image_spec(folder, color=color, augment=augment)
     spec["train"]["epochs"] = 1
     bundle = kiln.fit(spec)
-    assert bundle.meta.training["epochs_run"] == 1
-    assert math.isfinite(bundle.meta.training["history"][0]["train_loss"])
+    assert bundle.meta.training.epochs_run == 1
+    assert math.isfinite(bundle.meta.training.history[0]["train_loss"])
 
 
 def test_augmentation_works_in_pixel_space():

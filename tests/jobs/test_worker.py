@@ -3,7 +3,6 @@ worker, cancelling, draining on SIGTERM, and the same flow on PostgreSQL + S3.""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from kiln.store.datasets import ingest
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
 from kiln.store.tables import FINISHED, Job, JobState, ModelVersion
+from support import kiln_env, start_process, stop_process, wait_for
 
 CHECKPOINT = "projects/default/jobs/{}/checkpoint.pt"
 
@@ -101,15 +101,6 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
     made.db.dispose()
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, *, every: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def work_until_finished(worker: Worker, platform: Platform, job_id: str, timeout: float) -> Job:
     """Run ``worker`` (recovering stale jobs as it goes) until the job has ended."""
     deadline = time.monotonic() + timeout
@@ -150,18 +141,12 @@ def test_a_train_job_runs_end_to_end(platform: Platform) -> None:
 
 
 def start_worker(home: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    clean.update(KILN_HOME=str(home), KILN_HEARTBEAT_SECONDS="0.1", OMP_NUM_THREADS="1", **env)
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kiln.jobs.worker"], env=clean, stdout=out, stderr=out
-        )
+    clean = kiln_env(home, KILN_HEARTBEAT_SECONDS="0.1", OMP_NUM_THREADS="1", **env)
+    return start_process([sys.executable, "-m", "kiln.jobs.worker"], log, clean)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    stop_process(proc, signal.SIGKILL, timeout=10)
 
 
 def at_epoch(platform: Platform, job_id: str, epoch: int) -> Callable[[], bool]:
@@ -173,6 +158,7 @@ def at_epoch(platform: Platform, job_id: str, epoch: int) -> Callable[[], bool]:
     return check
 
 
+@pytest.mark.e2e
 def test_a_job_resumes_from_its_checkpoint_after_its_worker_is_killed(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -180,7 +166,7 @@ def test_a_job_resumes_from_its_checkpoint_after_its_worker_is_killed(
     job_id = platform.submit(epochs=epochs, batch_size=4)
     proc = start_worker(platform.settings.home, tmp_path / "worker.log")
     try:
-        wait_for("epoch 2", at_epoch(platform, job_id, 2), 60)
+        wait_for(at_epoch(platform, job_id, 2), timeout=60, interval=0.02, what="epoch 2")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -238,7 +224,7 @@ def test_cancelling_a_running_job_stops_it_within_a_batch_or_so(platform: Platfo
     thread = threading.Thread(target=worker.run_once, daemon=True)
     thread.start()
     try:
-        wait_for("epoch 1", at_epoch(platform, job_id, 1), 60)
+        wait_for(at_epoch(platform, job_id, 1), timeout=60, interval=0.02, what="epoch 1")
         with platform.db.session() as session:
             request_cancel(session, session.get(Job, job_id))  # type: ignore[arg-type]
         thread.join(10)  # the heartbeat sees the request within 0.1 s; the next batch stops
@@ -256,6 +242,7 @@ def test_cancelling_a_running_job_stops_it_within_a_batch_or_so(platform: Platfo
     assert not platform.store.exists(CHECKPOINT.format(job_id))
 
 
+@pytest.mark.e2e
 def test_sigterm_drains_the_worker_after_its_job_finishes(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -264,7 +251,7 @@ def test_sigterm_drains_the_worker_after_its_job_finishes(
     log = tmp_path / "worker.log"
     proc = start_worker(platform.settings.home, log)
     try:
-        wait_for("epoch 1", at_epoch(platform, job_id, 1), 60)
+        wait_for(at_epoch(platform, job_id, 1), timeout=60, interval=0.02, what="epoch 1")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
     finally:
@@ -275,6 +262,7 @@ def test_sigterm_drains_the_worker_after_its_job_finishes(
     assert "drained, exiting" in log.read_text()
 
 
+@pytest.mark.e2e
 def test_a_second_sigterm_puts_the_job_back_in_the_queue(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -283,11 +271,11 @@ def test_a_second_sigterm_puts_the_job_back_in_the_queue(
     log = tmp_path / "worker.log"
     proc = start_worker(platform.settings.home, log)
     try:
-        wait_for("epoch 1", at_epoch(platform, job_id, 1), 60)
+        wait_for(at_epoch(platform, job_id, 1), timeout=60, interval=0.02, what="epoch 1")
         proc.send_signal(signal.SIGTERM)
         # the first signal must be handled before the second is sent: the OS merges a
         # signal that arrives while the same one is still pending
-        wait_for("draining", lambda: "draining" in log.read_text(), 10)
+        wait_for(lambda: "draining" in log.read_text(), timeout=10, interval=0.02, what="draining")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:
@@ -336,7 +324,7 @@ def test_a_train_job_on_postgres_and_s3(postgres_url: str, s3_bucket: Any, tmp_p
 
         platform.store.get_dir(version.artifact_key, tmp_path / "bundle")
         bundle = kiln.load(tmp_path / "bundle")
-        assert bundle.meta.lineage["job"] == job_id
+        assert bundle.meta.lineage.job == job_id
         row = {k: v for k, v in _wine_rows(1)[0].items() if k != "target"}
         assert len(bundle.predict([row]).predictions) == 1
     finally:

@@ -86,4 +86,4 @@ def test_a_trained_bundle_carries_its_reference(make_spec) -> None:
     bundle = kiln.fit(make_spec())
     columns = bundle.meta.reference["columns"]
     assert set(columns) == {c.name for c in bundle.meta.input_schema}
-    assert bundle.meta.reference["rows"] == bundle.meta.lineage["split"]["train"]
+    assert bundle.meta.reference["rows"] == bundle.meta.lineage.split.train

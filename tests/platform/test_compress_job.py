@@ -81,9 +81,9 @@ def test_compress_registers_variants_with_parents(platform: Any, tmp_path: Path)
     with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
         tar.extractall(tmp_path / "out", filter="data")
     bundle = kiln.load(tmp_path / "out" / "iris-v3")
-    assert bundle.meta.lineage["parent"]["version"] == 2
-    assert bundle.meta.lineage["parent"]["model"] == "iris"
-    assert "path" not in bundle.meta.lineage["parent"]
+    assert bundle.meta.lineage.parent.version == 2
+    assert bundle.meta.lineage.parent.model == "iris"
+    assert bundle.meta.lineage.parent.path is None
     rows = load_iris(as_frame=True).frame.drop(columns="target").head(5)
     assert len(bundle.predict(rows).predictions) == 5
 

@@ -324,7 +324,7 @@ def test_tokenizer_is_learned_on_the_training_split_only(monkeypatch, reviews):
     spec = text_spec(reviews, SCRATCH, train={"epochs": 1})
     bundle = kiln.fit(spec)
     assert len(seen) == 1
-    assert len(seen[0]) == bundle.meta.lineage["split"]["train"] < len(pd.read_csv(reviews))
+    assert len(seen[0]) == bundle.meta.lineage.split.train < len(pd.read_csv(reviews))
 
 
 def test_the_same_texts_always_learn_the_same_vocabulary():
@@ -443,7 +443,7 @@ def test_trimming_keeps_the_tokens_of_a_left_padding_tokenizer(tiny_hf, tmp_path
 def test_pretrained_fine_tunes_on_the_toy_data(bundles):
     bundle = bundles["pretrained"]
     assert bundle.metrics["test"]["accuracy"] >= 0.8
-    assert bundle.meta.model["type"] == "pretrained"
+    assert bundle.meta.model.type == "pretrained"
     assert bundle.meta.model_context["hf_config"]["model_type"] == "bert"
     assert (bundle.path / "tokenizer" / "tokenizer.json").is_file()
     # The model's own tokenizer is used, not a learned one.
@@ -500,7 +500,7 @@ def test_freeze_embeddings_keeps_the_whole_embedding_layer(tiny_hf, reviews, tmp
 def test_lora_trains_and_the_bundle_holds_merged_weights(trained):
     bundle = trained.bundles["lora"]
     assert bundle.metrics["test"]["accuracy"] >= 0.8  # with a new, randomly initialised head
-    history = bundle.meta.training["history"]
+    history = bundle.meta.training.history
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     after = saved_weights(bundle.path)
     assert not [k for k in after if "lora_" in k or "base_layer" in k or "base_model" in k]
@@ -704,7 +704,7 @@ def test_real_minilm_fine_tunes_and_reloads_offline(tmp_path):
         train={"epochs": 2, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 5e-5}},
     )
     bundle = kiln.fit(spec, out=tmp_path / "minilm")
-    assert bundle.meta.training["epochs_run"] == 2
+    assert bundle.meta.training.epochs_run == 2
     assert bundle.meta.n_inputs == 30522
     assert (tmp_path / "minilm" / "tokenizer").is_dir()
     # Fine-tuned: the encoder moved away from the packaged weights.

@@ -165,9 +165,9 @@ def test_accumulation_through_kiln_fit(count_steps):
         },
     }
     bundle = kiln.fit(spec)
-    n_train = bundle.meta.lineage["split"]["train"]
+    n_train = bundle.meta.lineage.split.train
     assert len(count_steps) == 3 * math.ceil(math.ceil(n_train / 16) / 2)
-    assert bundle.meta.lineage["spec"]["train"]["gradient_accumulation"] == 2
+    assert bundle.meta.lineage.spec["train"]["gradient_accumulation"] == 2
 
 
 # ---- mixed precision ------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def identical(a, b) -> bool:
 def history(bundle) -> list[dict[str, Any]]:
     return [
         {k: v for k, v in epoch.items() if k != "seconds"}
-        for epoch in bundle.meta.training["history"]
+        for epoch in bundle.meta.training.history
     ]
 
 
@@ -85,13 +85,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(resume_spec, reference,
 
     resumed = kiln.fit(resume_spec, out=out, resume=True)
 
-    assert resumed.meta.training["resumed_from_epoch"] == 3
-    assert resumed.meta.training["epochs_run"] == EPOCHS
+    assert resumed.meta.training.resumed_from_epoch == 3
+    assert resumed.meta.training.epochs_run == EPOCHS
     assert history(resumed) == history(reference)
     assert [e["lr"] for e in history(resumed)] == [e["lr"] for e in history(reference)]
     assert identical(resumed, reference)
     assert resumed.metrics == reference.metrics
-    assert resumed.meta.training["best_epoch"] == reference.meta.training["best_epoch"]
+    assert resumed.meta.training.best_epoch == reference.meta.training.best_epoch
     # The saved bundle holds the resumed weights, and the checkpoint is gone.
     loaded = kiln.load(str(out))
     assert identical(loaded, reference)
@@ -150,7 +150,7 @@ def test_explicit_checkpoint_directory(resume_spec, reference, tmp_path):
         kiln.fit(resume_spec, checkpoints=ckpt, callbacks=[InterruptAt(4)])
     assert (ckpt / "last.pt").is_file()
     resumed = kiln.fit(resume_spec, checkpoints=ckpt, resume=True)
-    assert resumed.meta.training["resumed_from_epoch"] == 4
+    assert resumed.meta.training.resumed_from_epoch == 4
     assert identical(resumed, reference)
 
 
@@ -164,11 +164,11 @@ def test_resume_after_the_epoch_that_stopped_early(make_spec, tmp_path):
         }
     )
     reference = kiln.fit(spec)
-    assert reference.meta.training["epochs_run"] == 3
+    assert reference.meta.training.epochs_run == 3
     out = tmp_path / "model"
     interrupt(spec, out, k=3)  # Ctrl-C lands during the last epoch's callbacks
     resumed = kiln.fit(spec, out=out, resume=True)
-    assert resumed.meta.training["epochs_run"] == 3
+    assert resumed.meta.training.epochs_run == 3
     assert history(resumed) == history(reference)
 
 

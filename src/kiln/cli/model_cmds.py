@@ -107,6 +107,7 @@ def _encoded(bundle: Any) -> str:
 def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     """Summarise a bundle: layers, shapes, parameter counts, metrics, lineage."""
     from kiln.bundle import Bundle
+    from kiln.manifest import DataRecord
     from kiln.models.summary import summarize
 
     b = Bundle.load(bundle)
@@ -116,14 +117,13 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
         print_json(
             {
                 **meta.model_dump(mode="json", exclude={"training"}),
-                "training": {k: v for k, v in meta.training.items() if k != "history"},
+                "training": meta.training.model_dump(mode="json", exclude={"history"}),
                 "layers": [r.__dict__ for r in rows],
             }
         )
         return
-    lineage: dict[str, Any] = meta.lineage
     console.print(
-        f"[bold]{meta.name}[/]  {meta.task}, {meta.model['type']}, "
+        f"[bold]{meta.name}[/]  {meta.task}, {meta.model.type}, "
         f"{meta.parameters:,} parameters, created {meta.created_at} by kiln {meta.kiln_version}"
     )
     kinds: dict[str, int] = {}
@@ -150,14 +150,14 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     splits = {k: v for k, v in meta.metrics.items() if isinstance(v, dict)}
     if splits:
         console.print(metrics_table("metrics", splits))
-    data = lineage.get("data", {})
-    split = lineage.get("split", {})
+    data = meta.lineage.data or DataRecord()
+    split = meta.lineage.split
     t = meta.training
     console.print(
-        f"data: {data.get('source')} ({data.get('fingerprint', '')[:19]}…), "
-        f"split train/val/test = {split.get('train')}/{split.get('val')}/{split.get('test')}"
+        f"data: {data.source} ({(data.fingerprint or '')[:19]}…), split train/val/test = "
+        + (f"{split.train}/{split.val}/{split.test}" if split else "None/None/None")
     )
     console.print(
-        f"training: {t.get('epochs_run')} epochs, loss {t.get('loss')}, "
-        f"best epoch {t.get('best_epoch')}, {t.get('seconds')}s on {t.get('device')}"
+        f"training: {t.epochs_run} epochs, loss {t.loss}, "
+        f"best epoch {t.best_epoch}, {t.seconds}s on {t.device}"
     )

@@ -50,12 +50,10 @@ def train(
         print_json({"bundle": str(out), **bundle.metrics, "training": _training(bundle)})
         return
     training = bundle.meta.training
-    note = (
-        f", early stop (best epoch {training['best_epoch']})" if training["stopped_early"] else ""
-    )
+    note = f", early stop (best epoch {training.best_epoch})" if training.stopped_early else ""
     console.print(
-        f"trained [bold]{bundle.name}[/] in {training['seconds']:.1f}s, "
-        f"{training['epochs_run']} epochs{note}, on {training['device']}"
+        f"trained [bold]{bundle.name}[/] in {training.seconds or 0:.1f}s, "
+        f"{training.epochs_run} epochs{note}, on {training.device}"
     )
     splits = {k: v for k, v in bundle.metrics.items() if isinstance(v, dict)}
     if splits:
@@ -67,7 +65,8 @@ def train(
 
 
 def _training(bundle: Any) -> dict[str, Any]:
-    return {k: v for k, v in bundle.meta.training.items() if k != "history"}
+    training: dict[str, Any] = bundle.meta.training.model_dump(mode="json", exclude={"history"})
+    return training
 
 
 @reports_errors

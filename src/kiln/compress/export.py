@@ -15,7 +15,7 @@ def export_bundle(directory: str | Path, out: str | Path | None = None) -> tuple
     """Export to ``out``, or into the bundle as ``model.onnx`` (a new manifest, written
     atomically). Returns the path and the measured max relative difference to torch."""
     bundle = Bundle.load(directory)
-    if bundle.meta.runtime.get("quantization"):
+    if bundle.meta.runtime.quantization:
         raise ExportError("this variant is quantized; export its fp32 parent instead")
     example = bundle.example_input()
     onnx = export_onnx(bundle.model, example)

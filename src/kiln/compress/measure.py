@@ -57,7 +57,7 @@ def latency(
 
 
 def _pinned_backend(bundle: Bundle, threads: int) -> Any:
-    if bundle.meta.runtime.get("backend") == "onnxruntime":
+    if bundle.meta.runtime.backend == "onnxruntime":
         from kiln.runtime.onnx import OnnxBackend
 
         assert bundle.onnx is not None

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from kiln.bundle import Bundle, new_meta
 from kiln.compress import measure
@@ -33,6 +33,7 @@ from kiln.compress.quantize import ort_int8, sensitivity, torch_int8
 from kiln.data.split import holdout
 from kiln.errors import BundleError, DataError, SpecError, ToleranceError
 from kiln.evaluate.metrics import headline_metric
+from kiln.manifest import DataRecord
 from kiln.models.summary import count_parameters
 from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.spec.compress import CompressSpec, DistillStep, PruneStep, QuantizeStep
@@ -147,20 +148,21 @@ def _run_steps(
 
 def _splits(source: Bundle, override: str | None, data_root: Path | None = None) -> Splits:
     lineage = source.meta.lineage
-    if "spec" not in lineage:
+    if lineage.spec is None:
         raise DataError("the source bundle records no training spec; give data:", field="data")
     try:
-        spec = Spec.model_validate(lineage["spec"])
+        spec = Spec.model_validate(lineage.spec)
     except ValidationError:
         raise BundleError("the source bundle's lineage spec is invalid", field="source") from None
     # The lineage records where the data was, made absolute at training time.
-    data_source = override if override is not None else lineage.get("data", {}).get("source")
+    recorded = lineage.data or DataRecord()
+    data_source = override if override is not None else recorded.source
     if data_source:
         spec = spec.model_copy(
             update={"data": spec.data.model_copy(update={"source": data_source})}
         )
     table = load_table(spec, data_root=data_root)
-    if override is None and table.fingerprint != lineage.get("data", {}).get("fingerprint"):
+    if override is None and table.fingerprint != recorded.fingerprint:
         raise DataError(
             f"the source's training data {spec.data.source} changed since it was trained "
             "(fingerprint mismatch); give the labelled data to use as data:",
@@ -252,7 +254,7 @@ def _distill(step: DistillStep, parent: Bundle, splits: Splits) -> Bundle:
     check_student(
         settings,
         parent.preprocessor.kind,
-        parent.meta.model["type"],
+        parent.meta.model.type,
         text.max_length if text is not None else 0,
     )
     x, y = _encode(parent, splits.train)
@@ -277,7 +279,7 @@ def _distill(step: DistillStep, parent: Bundle, splits: Splits) -> Bundle:
     return _derive(
         parent,
         student,
-        settings.student.model_dump(mode="json"),
+        settings.student,
         context=context,
         step={"kind": "distill", "settings": step.distill.model_dump(mode="json")},
         training={"epochs_run": result.epochs_run, "history": result.history},
@@ -287,7 +289,7 @@ def _distill(step: DistillStep, parent: Bundle, splits: Splits) -> Bundle:
 def _prune(step: PruneStep, parent: Bundle, splits: Splits, amount: float) -> Bundle:
     settings = step.prune
     _require_fp32_torch(parent, "prune")
-    model_spec = TypeAdapter(ModelSpec).validate_python(parent.meta.model)
+    model_spec = parent.meta.model
     model = copy.deepcopy(parent.model).cpu()
     masked: list[Any] = []
     if settings.method == "structured":
@@ -306,7 +308,7 @@ def _prune(step: PruneStep, parent: Bundle, splits: Splits, amount: float) -> Bu
                 "device": splits.device,
             }
         )
-        loss = parent.meta.training.get("loss") or (
+        loss = parent.meta.training.loss or (
             "cross_entropy" if parent.meta.task == "classification" else "mse"
         )
         result = fit_model(
@@ -325,7 +327,7 @@ def _prune(step: PruneStep, parent: Bundle, splits: Splits, amount: float) -> Bu
     return _derive(
         parent,
         model,
-        model_spec.model_dump(mode="json"),
+        model_spec,
         context=parent.meta.model_context,
         step={
             "kind": "prune",
@@ -377,7 +379,7 @@ def _sensitive_layers(parent: Bundle, splits: Splits) -> list[str]:
 
 
 def _require_fp32_torch(parent: Bundle, what: str) -> None:
-    if parent.meta.runtime.get("quantization"):
+    if parent.meta.runtime.quantization:
         raise SpecError(
             f"cannot {what} an already quantized variant; put quantize last",
             field="steps",
@@ -387,7 +389,7 @@ def _require_fp32_torch(parent: Bundle, what: str) -> None:
 def _derive(
     parent: Bundle,
     model: torch.nn.Module,
-    model_spec: dict[str, Any],
+    model_spec: ModelSpec,
     *,
     context: dict[str, Any],
     step: dict[str, Any],
@@ -398,12 +400,12 @@ def _derive(
     """A variant bundle of ``parent``: same data, preprocessing and lineage, new model."""
     meta = parent.meta
     lineage = {
-        **meta.lineage,
+        **meta.lineage.model_dump(mode="json", exclude_none=True),
         "parent": {
             "name": meta.name,
             "path": str(parent.path) if parent.path else None,
             "weights_sha256": meta.files.get("weights.safetensors"),
-            "runtime": meta.runtime,
+            "runtime": meta.runtime.model_dump(mode="json"),
         },
         "step": step,
     }
@@ -420,7 +422,7 @@ def _derive(
         model_context=context,
         parameters=count_parameters(model),
         metrics={},
-        training={**{"loss": meta.training.get("loss")}, **(training or {})},
+        training={"loss": meta.training.loss, **(training or {})},
         lineage=lineage,
         runtime=runtime or {"backend": "torch", "quantization": None},
     )
@@ -460,7 +462,7 @@ def _report(
     variant.meta.metrics = {"test": test, "val": variant.evaluate(splits.val)}
     agreement = _agreement(variant, parent, splits.test)
     sample = variant.preprocessor.transform(splits.test.iloc[:32])
-    weights = variant.onnx if variant.meta.runtime.get("backend") == "onnxruntime" else None
+    weights = variant.onnx if variant.meta.runtime.backend == "onnxruntime" else None
     model_bytes = (
         len(weights)
         if weights is not None
@@ -468,10 +470,10 @@ def _report(
     )
     report: dict[str, Any] = {
         "name": variant.name,
-        "step": variant.meta.lineage.get("step"),
+        "step": step.model_dump(mode="json") if (step := variant.meta.lineage.step) else None,
         "attempts": info.get("attempts", []),
-        "backend": variant.meta.runtime.get("backend"),
-        "quantization": variant.meta.runtime.get("quantization"),
+        "backend": variant.meta.runtime.backend,
+        "quantization": variant.meta.runtime.quantization,
         "excluded_layers": info.get("excluded", []),
         "model_bytes": model_bytes,
         "disk_bytes": measure.disk_bytes(directory) if directory is not None else None,

@@ -27,6 +27,7 @@ from kiln.errors import ConflictError, DataError, KilnError, NotFoundError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
 from kiln.jobs.resources import RELEASED, ResourceMeter, account
+from kiln.manifest import JSONDocument, ParentRecord
 from kiln.store.artifacts import ArtifactStore, safe_key
 from kiln.store.datasets import archive_root, dataset_ref
 from kiln.store.db import Database
@@ -238,24 +239,33 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
         resume=checkpoints.exists(),
         data_root=_data_dir(tmp),
     )
-    ctx.meter.device = bundle.meta.training.get("device")
+    meta = bundle.meta
+    ctx.meter.device = meta.training.device
     # the lineage names the dataset, not the worker's temporary copy of it
-    bundle.meta.lineage["data"]["source"] = job.spec["data"]["source"]
-    bundle.meta.lineage["spec"]["data"]["source"] = job.spec["data"]["source"]
-    for part in (bundle.meta.lineage, bundle.meta.model, bundle.meta.model_context):
-        pins.restore(part)  # the base model's name, not the worker's copy of it
-    bundle.meta.lineage["job"] = job.id
-    bundle.meta.lineage["project"] = project.name
+    lineage = meta.lineage
+    if lineage.data is not None:
+        lineage.data.source = job.spec["data"]["source"]
+    if lineage.spec is not None:
+        lineage.spec["data"] = {
+            **_mapping(lineage.spec["data"]),
+            "source": job.spec["data"]["source"],
+        }
+    # the base model's name, not the worker's copy of it
+    meta.lineage = pins.restore_model(lineage)
+    meta.model = pins.restore_model(meta.model)
+    pins.restore(meta.model_context)
+    meta.lineage.job = job.id
+    meta.lineage.project = project.name
     out = bundle.save(tmp / "bundle")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     prefix = safe_key("projects", project.name, "models", bundle.meta.name, job.id)
     ctx.store.put_dir(prefix, out)
     summary = {
-        "model": bundle.meta.model.get("type"),
-        "parameters": bundle.meta.parameters,
-        "epochs_run": bundle.meta.training.get("epochs_run"),
-        "seconds": bundle.meta.training.get("seconds"),
-        "device": bundle.meta.training.get("device"),
+        "model": meta.model.type,
+        "parameters": meta.parameters,
+        "epochs_run": meta.training.epochs_run,
+        "seconds": meta.training.seconds,
+        "device": meta.training.device,
     }
 
     def register(session: Session) -> None:
@@ -352,8 +362,8 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
     data = spec.get("data")
     if data is None:
         # the source's own training data, when it came from a dataset of this project
-        lineage = Bundle.load(tmp / "source").meta.lineage
-        data = lineage.get("data", {}).get("source")
+        trained_on = Bundle.load(tmp / "source").meta.lineage.data
+        data = trained_on.source if trained_on is not None else None
         if data is not None and dataset_ref(data) is None:
             if not data.startswith("sklearn:"):
                 # a path or URI of the machine that trained it (a bundle made by
@@ -391,16 +401,14 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         registered: list[dict[str, Any]] = []
         for variant in variants:
             bundle = variant.bundle
-            pins.restore(bundle.meta.model)
-            pins.restore(bundle.meta.model_context)
+            meta = bundle.meta
+            meta.model = pins.restore_model(meta.model)
+            pins.restore(meta.model_context)
             # name the registered parent instead of a worker's temporary folder
-            bundle.meta.lineage["parent"] = {
-                **{k: v for k, v in bundle.meta.lineage.get("parent", {}).items() if k != "path"},
-                "model": name,
-                "version": parent.version,
-                "id": parent.id,
-            }
-            bundle.meta.lineage["job"] = job.id
+            meta.lineage.parent = (meta.lineage.parent or ParentRecord()).model_copy(
+                update={"path": None, "model": name, "version": parent.version, "id": parent.id}
+            )
+            meta.lineage.job = job.id
             out = bundle.save(tmp / "register" / variant.name)
             prefix = safe_key("projects", project.name, "models", name, job.id, variant.name)
             ctx.store.put_dir(prefix, out)
@@ -414,10 +422,10 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
                 task=bundle.meta.task,
                 metrics=bundle.meta.metrics,
                 summary={
-                    "model": bundle.meta.model.get("type"),
+                    "model": meta.model.type,
                     "parameters": bundle.meta.parameters,
                     "variant": variant.name,
-                    "runtime": bundle.meta.runtime,
+                    "runtime": meta.runtime.model_dump(mode="json"),
                     "report": variant.report,
                 },
                 size_bytes=size,
@@ -440,3 +448,10 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         for prefix in set(prefixes):  # registered nowhere: the bytes would only take space
             ctx.store.delete(prefix)
         raise
+
+
+def _mapping(value: object) -> JSONDocument:
+    """A JSON object from a recorded spec (a lineage written by kiln always has one)."""
+    if not isinstance(value, dict):
+        raise DataError("the bundle's lineage spec has no data section", field="data")
+    return value

@@ -75,7 +75,7 @@ class ServedModel:
         # run on cores the event loop needs (and slowing torch's softmax after each run
         # from microseconds to milliseconds on a 2-core machine): no spinning here.
         runtime = self.bundle.meta.runtime
-        if runtime.get("backend") == "onnxruntime":  # an int8 variant: ONNX is the model
+        if runtime.backend == "onnxruntime":  # an int8 variant: ONNX is the model
             if backend == "torch":
                 raise SpecError(
                     "this version is an onnxruntime variant; it has no torch backend",
@@ -84,7 +84,7 @@ class ServedModel:
             if self.bundle.onnx is not None:
                 self.bundle._backend = OnnxBackend(self.bundle.onnx, spinning=False)
             return "onnxruntime", None
-        if backend == "torch" or runtime.get("quantization") is not None:
+        if backend == "torch" or runtime.quantization is not None:
             return "torch", None
         if backend == "auto" and torch.cuda.is_available():
             return "torch", None

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from kiln.api.deps import Services
-    from kiln.bundle import Bundle, BundleMeta
+    from kiln.bundle import Bundle
+    from kiln.manifest import BundleMeta
     from kiln.serve.deployments import Live
     from kiln.store.tables import Project
 
@@ -214,11 +215,11 @@ def register(services: Services, bundle_dir: Path, meta: BundleMeta, name: str) 
             task=meta.task,
             metrics=meta.metrics,
             summary={
-                "model": meta.model.get("type"),
+                "model": meta.model.type,
                 "parameters": meta.parameters,
-                "epochs_run": meta.training.get("epochs_run"),
-                "seconds": meta.training.get("seconds"),
-                "device": meta.training.get("device"),
+                "epochs_run": meta.training.epochs_run,
+                "seconds": meta.training.seconds,
+                "device": meta.training.device,
                 "source": "kiln serve",
             },
             size_bytes=size,

@@ -13,8 +13,9 @@ what it stores (:meth:`Pins.restore`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from kiln.errors import NotFoundError, SpecError
@@ -23,6 +24,8 @@ from kiln.store.catalog import base_name, get_base_model, materialise
 from kiln.store.db import Database
 from kiln.store.registry import get_model, resolve_version
 from kiln.store.tables import ModelVersion, Project
+
+M = TypeVar("M", bound=BaseModel)
 
 MODEL_PREFIX = "model:"
 SERVER_PATH_RULE = (
@@ -109,6 +112,11 @@ class Pins:
 
     def __init__(self) -> None:
         self.refs: dict[str, str] = {}  # local path -> "base:<name>" | "model:<name>@<n>"
+
+    def restore_model(self, obj: M) -> M:
+        """A copy of the pydantic model ``obj`` with every pinned local path back to its
+        reference (a manifest's model spec, lineage)."""
+        return type(obj).model_validate(self.restore(obj.model_dump(mode="json")))
 
     def restore(self, obj: Any) -> Any:
         """``obj`` (JSON-like, changed in place where mutable) with every pinned local path

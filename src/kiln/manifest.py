@@ -1,0 +1,172 @@
+"""``kiln.json``: the bundle's manifest, typed.
+
+Version 2 (this kiln writes it) types every section a reader looks into: how the
+bundle runs (:class:`Runtime`), how it was trained (:class:`TrainingRecord`), where
+it came from (:class:`Lineage`) and its architecture (a ``ModelSpec``). Version 1
+manifests held the same keys as free-form JSON; :func:`parse_manifest` reads both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from kiln.data.preprocess import JSONScalar
+from kiln.data.schema import Column
+from kiln.errors import BundleError
+from kiln.spec.model import ModelSpec
+
+FORMAT = "kiln.bundle"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+JSONDocument = dict[str, JsonValue]
+"""Free-form JSON kept verbatim (a spec as written, a step's settings, a report)."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Runtime(_Record):
+    """How the bundle runs: the backend and the quantized execution, if any."""
+
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    # int8_dynamic: torch's or onnxruntime's dynamic int8; fp16/bf16: half weights on CUDA
+    quantization: Literal["int8_dynamic", "fp16", "bf16"] | None = None
+    # onnxruntime int8: layers left in fp32 because quantizing them cost accuracy
+    excluded: list[str] = []
+
+
+class TrainingRecord(_Record):
+    """How the weights were fitted (empty for a variant that was not trained)."""
+
+    epochs_run: int = 0
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+    seconds: float | None = None
+    device: str | None = None
+    loss: str | None = None
+    # one entry per epoch: epoch, train_loss, lr, val_* metrics, seconds
+    history: list[dict[str, int | float]] = []
+
+
+class DataRecord(_Record):
+    """The training table: where it was (absolute, or a dataset id) and its fingerprint."""
+
+    source: str | None = None
+    fingerprint: str | None = None
+    rows_read: int | None = None
+    rows_dropped: int | None = None
+
+
+class SplitRecord(_Record):
+    """Rows in each split of the training table."""
+
+    train: int
+    val: int
+    test: int
+
+
+class ParentRecord(_Record):
+    """The bundle a variant was derived from; ``model``/``version``/``id`` once the
+    parent is a registered version."""
+
+    name: str | None = None
+    path: str | None = None
+    weights_sha256: str | None = None
+    runtime: Runtime | None = None
+    model: str | None = None
+    version: int | None = None
+    id: int | str | None = None
+
+
+class StepRecord(_Record):
+    """The compression step that made a variant, with its settings as applied."""
+
+    kind: Literal["distill", "prune", "quantize"]
+    settings: JSONDocument = {}
+    # pruning: what is left of the weights
+    parameters: int | None = None
+    nonzeros: int | None = None
+    sparsity: float | None = None
+
+
+class Lineage(_Record):
+    """Where the bundle came from: the spec as written, the data, its parent."""
+
+    # the training spec as a document: validating it would look at the filesystem
+    # (image folders), and loading a bundle never does
+    spec: JSONDocument | None = None
+    data: DataRecord | None = None
+    split: SplitRecord | None = None
+    parent: ParentRecord | None = None
+    step: StepRecord | None = None
+    job: str | None = None
+    project: str | None = None
+
+
+class BundleMeta(BaseModel):
+    """The contents of ``kiln.json``."""
+
+    format: Literal["kiln.bundle"] = "kiln.bundle"
+    format_version: int = FORMAT_VERSION
+    name: str
+    task: Literal["classification", "regression"]
+    created_at: str
+    kiln_version: str
+    model: ModelSpec
+    input_schema: list[Column]
+    target: str
+    labels: list[JSONScalar] | None
+    n_inputs: int = Field(ge=1)
+    n_outputs: int = Field(ge=1)
+    # what the architecture was built with besides its spec (vocab size, HF config)
+    model_context: dict[str, Any] = {}
+    runtime: Runtime = Runtime()
+    parameters: int
+    # per split ("test", "val"): the metrics kiln.evaluate computed
+    metrics: dict[str, Any]
+    training: TrainingRecord = TrainingRecord()
+    lineage: Lineage = Lineage()
+    files: dict[str, str] = {}
+    # per input column, a summary of the training split (kiln.monitor.drift): what a
+    # deployment compares live inputs with
+    reference: dict[str, JsonValue] = {}
+
+
+def parse_manifest(raw: Any, where: str) -> BundleMeta:
+    """A manifest of any readable version as the current :class:`BundleMeta`.
+
+    Raises BundleError (naming ``where``) for anything else.
+    """
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{where} is not a kiln bundle manifest")
+    version = raw.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(
+            f"bundle format version {version} is not supported "
+            f"(this kiln reads versions {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if version == 1:
+        raw = _from_v1(raw)
+    try:
+        return BundleMeta.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        at = ".".join(str(p) for p in error["loc"])
+        raise BundleError(f"{where} is invalid: {at}: {error['msg']}") from None
+
+
+def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 wrote the same sections untyped; only absent parents and the
+    runtime's ``None``s need a shape."""
+    out = {**raw, "format_version": FORMAT_VERSION}
+    lineage = dict(out.get("lineage") or {})
+    if lineage.get("parent") is None:
+        lineage.pop("parent", None)
+    out["lineage"] = lineage
+    out["training"] = {k: v for k, v in (out.get("training") or {}).items() if v is not None}
+    return out
