@@ -357,6 +357,43 @@ def test_callbacks_see_every_epoch_in_order():
     assert snaps.events == ["start 3 0", "epoch 1", "epoch 2", "epoch 3", "end"]
 
 
+def test_batch_hook_runs_per_batch_and_raising_there_stops_mid_epoch(tmp_path):
+    class CancelAfter(Snapshots):
+        """A cancelled job: counts batches and raises on the ``limit``-th one."""
+
+        def __init__(self, model: nn.Module, limit: int) -> None:
+            super().__init__(model)
+            self.limit, self.batches = limit, 0
+
+        def on_batch_end(self) -> None:
+            self.batches += 1
+            if self.batches == self.limit:
+                raise RuntimeError("cancelled")
+
+    data = class_data()  # 96 rows, batch 32: 3 batches an epoch
+    model = model_for(data, "classification")
+    counter = CancelAfter(model, limit=10**6)
+    train(data=data, model=model, epochs=2, batch_size=32, callbacks=[counter])
+    assert counter.batches == 6
+
+    store = DirCheckpoints(tmp_path / "ckpt")
+    cancel, log = CancelAfter(model, limit=5), tmp_path / "log.jsonl"
+    with pytest.raises(RuntimeError, match="cancelled"):
+        fit_model(
+            model,
+            data,
+            TrainSpec(epochs=3, batch_size=32, device="cpu"),
+            "classification",
+            "cross_entropy",
+            callbacks=[cancel, JsonlLog(log)],
+            checkpoints=store,
+        )
+    assert cancel.events == ["start 3 0", "epoch 1", "end"]
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last == {"event": "end", "error": "cancelled", "epochs_run": 1}
+    assert store.load()["epoch"] == 1  # the cancelled epoch left no checkpoint
+
+
 def test_jsonl_log_writes_one_line_per_epoch(tmp_path):
     path = tmp_path / "log.jsonl"
     train(epochs=4, callbacks=[JsonlLog(path)])

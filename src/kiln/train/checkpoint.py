@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +33,44 @@ class CheckpointStore(Protocol):
     def load(self) -> dict[str, Any] | None: ...
 
     def clear(self) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last completed epoch: the part of a checkpoint
+    beside the weights, optimizer, schedule and RNG states (early stopping's count
+    and best weights, and the history so far)."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> Progress:
+        return cls(
+            epoch=state["epoch"],
+            history=list(state["history"]),
+            best_value=state["best_value"],
+            best_epoch=state["best_epoch"],
+            best_state=state["best_state"],
+            bad_epochs=state["bad_epochs"],
+            stopped_early=bool(state.get("stopped_early", False)),
+        )
 
 
 def encode_state(state: dict[str, Any]) -> bytes:

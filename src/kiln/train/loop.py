@@ -5,13 +5,18 @@ per-sample ``Dataset.__getitem__``), so the engine costs no more than a plain
 PyTorch loop. The run is deterministic for a seed: shuffling uses its own
 generator and the global RNG (dropout) is seeded, and both are saved in every
 checkpoint, so ``resume`` continues exactly where an interrupted run stopped.
+
+``fit_model`` builds one :class:`_Run` (everything the run holds), restores it from
+a checkpoint when resuming, then runs epochs: each is one pass of micro-batches
+(:func:`_train_epoch`), the epoch's logs (:func:`_epoch_logs`), early stopping
+(:func:`_track_best`) and a checkpoint (:func:`_checkpoint_state`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +30,7 @@ from kiln.runtime.placement import Placement, predict_outputs
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
 from kiln.train.callbacks import Callback
-from kiln.train.checkpoint import CheckpointStore
+from kiln.train.checkpoint import CheckpointStore, Progress
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
 
@@ -79,169 +84,193 @@ def fit_model(
     checkpoint from a different run.
     """
     placement = Placement.for_training(train.device, train.mixed_precision)
-    device = placement.device
     started = time.perf_counter()
-    torch.manual_seed(train.seed)
-    shuffle_gen = torch.Generator().manual_seed(train.seed)
-
-    model.to(device)
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    xv = data.x_val.to(device) if data.x_val is not None and len(data.x_val) else None
-    yv = data.y_val.to(device) if xv is not None and data.y_val is not None else None
-    n = len(x)
-    batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
-    accum = train.gradient_accumulation
-    n_batches = math.ceil(n / batch)
-    steps_per_epoch = math.ceil(n_batches / accum)
-    tokens = is_tokens(x)
-    if augment is not None:
-        augment.to(device)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-    loss_fn = criterion if criterion is not None else make_loss(loss)
-    penalised = penalised_parameters(model)
-    reg = train.regularization
-    optimizer = make_optimizer(model.parameters(), train.optimizer)
-    monitor = train.early_stopping.metric if train.early_stopping else None
-    plateau_metric = monitor or "val_loss"
-    scheduler, per_step = make_schedule(
-        optimizer, train.lr_schedule, steps_per_epoch, train.epochs, metric_mode(plateau_metric)
+    run = _Run.start(
+        model,
+        data,
+        train,
+        placement,
+        task=task,
+        loss_fn=criterion if criterion is not None else make_loss(loss),
+        target_scale=target_scale,
+        augment=augment,
+        callbacks=callbacks,
+        checkpoints=checkpoints,
+        run_id=run_id,
     )
-    autocast = placement.autocast()
-
-    progress = _Progress()
-    if resume:
-        state = checkpoints.load() if checkpoints is not None else None
-        if state is None:
-            raise TrainingError("nothing to resume: no checkpoint found", field="resume")
-        if state["run_id"] != run_id:
-            raise TrainingError(
-                "the checkpoint was made with a different spec or data; "
-                "train without --resume to start over",
-                field="resume",
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        progress = _Progress.from_checkpoint(state)
+    progress = _restore(run) if resume else Progress()
     start_epoch = progress.epoch
-
     for cb in callbacks:
         cb.on_train_start(train.epochs, start_epoch)
-    # only callbacks that override the per-batch hook are called per batch
-    batch_hooks = [
-        cb.on_batch_end for cb in callbacks if type(cb).on_batch_end is not Callback.on_batch_end
-    ]
+    _guarded_epochs(run, progress)
+    return _finish(run, progress, started, start_epoch)
 
+
+@dataclass(slots=True)
+class _Run:
+    """Everything one training run holds, built once by :meth:`start`.
+
+    The training and validation tensors are on ``device`` already; an epoch slices
+    ``x``/``y`` into ``n_batches`` micro-batches of ``batch`` rows and steps the
+    optimizer every ``accum`` of them. The fields after ``run_id`` follow from the
+    others (``__post_init__``).
+    """
+
+    model: nn.Module
+    train: TrainSpec
+    task: str
+    device: torch.device
+    autocast: Any  # the context every forward runs in (bf16 autocast or nothing)
+    x: torch.Tensor
+    y: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    augment: nn.Module | None
+    loss_fn: nn.Module
+    target_scale: float
+    callbacks: Sequence[Callback]
+    checkpoints: CheckpointStore | None
+    run_id: str
+    batch: int = field(init=False)
+    accum: int = field(init=False)
+    n_batches: int = field(init=False)
+    tokens: bool = field(init=False)  # (B, 2, L) token inputs, trimmed per batch
+    has_batchnorm: bool = field(init=False)  # BatchNorm cannot train on a 1-row batch
+    penalised: list[nn.Parameter] = field(init=False)  # what L1/L2 apply to
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: Any = field(init=False)
+    per_step: bool = field(init=False)  # scheduler steps per optimizer step, else per epoch
+    monitor: str | None = field(init=False)  # the early-stopping metric
+    plateau_metric: str = field(init=False)
+    shuffle_gen: torch.Generator = field(init=False)
+    batch_hooks: list[Callable[[], None]] = field(init=False)
+
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        data: TensorData,
+        train: TrainSpec,
+        placement: Placement,
+        *,
+        task: str,
+        loss_fn: nn.Module,
+        target_scale: float,
+        augment: nn.Module | None,
+        callbacks: Sequence[Callback],
+        checkpoints: CheckpointStore | None,
+        run_id: str,
+    ) -> _Run:
+        """Seed the run and move the model, the augmentation and the data to the device."""
+        device = placement.device
+        torch.manual_seed(train.seed)
+        model.to(device)
+        if augment is not None:
+            augment.to(device)
+        return cls(
+            model=model,
+            train=train,
+            task=task,
+            device=device,
+            autocast=placement.autocast(),
+            x=data.x_train.to(device),
+            y=data.y_train.to(device),
+            val=_validation_tensors(data, device),
+            augment=augment,
+            loss_fn=loss_fn,
+            target_scale=target_scale,
+            callbacks=callbacks,
+            checkpoints=checkpoints,
+            run_id=run_id,
+        )
+
+    def __post_init__(self) -> None:
+        train, n = self.train, len(self.x)
+        self.shuffle_gen = torch.Generator().manual_seed(train.seed)
+        self.batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
+        self.accum = train.gradient_accumulation
+        self.n_batches = math.ceil(n / self.batch)
+        self.tokens = is_tokens(self.x)
+        self.has_batchnorm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        )
+        self.penalised = penalised_parameters(self.model)
+        self.optimizer = make_optimizer(self.model.parameters(), train.optimizer)
+        self.monitor = train.early_stopping.metric if train.early_stopping else None
+        self.plateau_metric = self.monitor or "val_loss"
+        self.scheduler, self.per_step = make_schedule(
+            self.optimizer,
+            train.lr_schedule,
+            math.ceil(self.n_batches / self.accum),  # optimizer steps per epoch
+            train.epochs,
+            metric_mode(self.plateau_metric),
+        )
+        # only callbacks that override the per-batch hook are called per batch
+        self.batch_hooks = [
+            cb.on_batch_end
+            for cb in self.callbacks
+            if type(cb).on_batch_end is not Callback.on_batch_end
+        ]
+
+
+def _validation_tensors(
+    data: TensorData, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation split on ``device``; None when there is none (or it is empty)."""
+    if data.x_val is None or not len(data.x_val) or data.y_val is None:
+        return None
+    return data.x_val.to(device), data.y_val.to(device)
+
+
+def _checkpoint_state(run: _Run, progress: Progress) -> dict[str, Any]:
+    """All a resume needs: weights, optimizer, schedule, both RNGs, and the progress."""
+    cuda = run.device.type == "cuda"
+    return {
+        "run_id": run.run_id,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else {},
+        "shuffle_rng": run.shuffle_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [],
+        **progress.to_checkpoint(),
+    }
+
+
+def _restore(run: _Run) -> Progress:
+    """Load the checkpoint into ``run`` (the inverse of :func:`_checkpoint_state`).
+
+    A TrainingError on ``resume`` when there is no checkpoint or it is another run's.
+    """
+    state = run.checkpoints.load() if run.checkpoints is not None else None
+    if state is None:
+        raise TrainingError("nothing to resume: no checkpoint found", field="resume")
+    if state["run_id"] != run.run_id:
+        raise TrainingError(
+            "the checkpoint was made with a different spec or data; "
+            "train without --resume to start over",
+            field="resume",
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    run.shuffle_gen.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if run.device.type == "cuda" and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress.from_checkpoint(state)
+
+
+def _guarded_epochs(run: _Run, progress: Progress) -> None:
+    """Train the remaining epochs; callbacks hear the end on an interrupt or an error.
+
+    A KeyboardInterrupt becomes :class:`~kiln.errors.Interrupted` (the last completed
+    epoch's checkpoint is kept for ``--resume``).
+    """
     try:
-        # A run that had already stopped early resumes straight to the end.
-        for epoch in range(start_epoch, start_epoch if progress.stopped_early else train.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            perm = torch.randperm(n, generator=shuffle_gen).to(device)
-            total = torch.zeros((), device=device)
-            seen = 0
-            optimizer.zero_grad(set_to_none=True)
-            pending = False  # gradients accumulated since the last optimizer step
-            for b in range(n_batches):
-                idx = perm[b * batch : (b + 1) * batch]
-                # Rows in this optimizer step's micro-batches (the last group may be short):
-                # each micro-batch's mean loss is weighted by its share of them, so the
-                # accumulated gradient equals that of one batch of all those rows.
-                first = (b // accum) * accum
-                group_rows = min(n, (first + accum) * batch) - first * batch
-                if not (has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
-                    seen += len(idx)
-                    xb = x[idx]
-                    if tokens:
-                        xb = trim_padding(xb)
-                    if augment is not None:
-                        xb = augment(xb)
-                    with autocast:
-                        out = model(xb)
-                        step_loss = loss_fn(out.float(), y[idx])
-                    objective = step_loss
-                    penalty = weight_penalty(penalised, reg.l1, reg.l2)
-                    if penalty is not None:
-                        objective = objective + penalty
-                    share = len(idx) / group_rows
-                    (objective * share if share < 1 else objective).backward()
-                    total += step_loss.detach() * len(idx)
-                    pending = True
-                if pending and ((b + 1) % accum == 0 or b == n_batches - 1):
-                    pending = False
-                    if train.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if scheduler is not None and per_step:
-                        scheduler.step()
-                for hook in batch_hooks:
-                    hook()
-            train_loss = float(total) / max(seen, 1)
-            if not math.isfinite(train_loss):
-                raise TrainingError(
-                    f"training diverged at epoch {epoch + 1} (loss is {train_loss}); "
-                    "lower train.optimizer.lr or set train.grad_clip",
-                    field="train.optimizer.lr",
-                )
-            logs: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if xv is not None and yv is not None:
-                logs.update(
-                    _validate(model, xv, yv, loss_fn, task, target_scale, autocast, monitor)
-                )
-            logs["seconds"] = time.perf_counter() - t0
-
-            if scheduler is not None and not per_step:
-                scheduler.step(logs[plateau_metric])
-            if monitor is not None:
-                assert train.early_stopping is not None
-                value = float(logs[monitor])
-                if _improved(
-                    value,
-                    progress.best_value,
-                    metric_mode(monitor),
-                    train.early_stopping.min_delta,
-                ):
-                    progress.best_value, progress.best_epoch = value, epoch + 1
-                    progress.bad_epochs = 0
-                    progress.best_state = {
-                        k: v.detach().clone() for k, v in model.state_dict().items()
-                    }
-                else:
-                    progress.bad_epochs += 1
-                progress.stopped_early = progress.bad_epochs >= train.early_stopping.patience
-            progress.history.append(logs)
-            progress.epoch = epoch + 1
-
-            if checkpoints is not None:
-                checkpoints.save(
-                    {
-                        "run_id": run_id,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                        "shuffle_rng": shuffle_gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                        **progress.to_checkpoint(),
-                    }
-                )
-            for cb in callbacks:
-                cb.on_epoch_end(logs)
-            if progress.stopped_early:
-                break
+        _epochs(run, progress)
     except KeyboardInterrupt:
-        for cb in callbacks:
+        for cb in run.callbacks:
             cb.on_train_end({"interrupted": True, "epochs_run": len(progress.history)})
         raise Interrupted(
             f"training interrupted after epoch {len(progress.history)}; "
@@ -249,71 +278,130 @@ def fit_model(
         ) from None
     except BaseException as exc:
         # Callbacks still hear the end (closing files, stopping live displays).
-        for cb in callbacks:
+        for cb in run.callbacks:
             cb.on_train_end({"error": str(exc), "epochs_run": len(progress.history)})
         raise
 
-    best_state = progress.best_state
-    if train.early_stopping and train.early_stopping.restore_best and best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    history = progress.history
-    best_epoch = progress.best_epoch
-    stopped_early = progress.stopped_early
-    result = FitResult(
-        history=history,
-        epochs_run=len(history),
-        best_epoch=best_epoch,
-        stopped_early=stopped_early,
-        seconds=time.perf_counter() - started,
-        device=str(device),
-        resumed_from=start_epoch,
-    )
-    summary = {
-        "epochs_run": result.epochs_run,
-        "best_epoch": best_epoch,
-        "stopped_early": stopped_early,
-        "seconds": result.seconds,
-    }
-    for cb in callbacks:
-        cb.on_train_end(summary)
-    return result
+
+def _epochs(run: _Run, progress: Progress) -> None:
+    """Epochs from ``progress.epoch`` on, each logged, checkpointed and announced."""
+    start = progress.epoch
+    # A run that had already stopped early resumes straight to the end.
+    for epoch in range(start, start if progress.stopped_early else run.train.epochs):
+        t0 = time.perf_counter()
+        logs = _epoch_logs(run, epoch, _train_epoch(run))
+        logs["seconds"] = time.perf_counter() - t0
+        if run.scheduler is not None and not run.per_step:
+            run.scheduler.step(logs[run.plateau_metric])
+        _track_best(run, progress, logs)
+        progress.history.append(logs)
+        progress.epoch = epoch + 1
+        if run.checkpoints is not None:
+            run.checkpoints.save(_checkpoint_state(run, progress))
+        for cb in run.callbacks:
+            cb.on_epoch_end(logs)
+        if progress.stopped_early:
+            break
 
 
-@dataclass
-class _Progress:
-    """Where a run stands after its last completed epoch (what a checkpoint restores)."""
+def _train_epoch(run: _Run) -> float:
+    """One shuffled pass over the training rows; the mean training loss per row."""
+    run.model.train()
+    perm = torch.randperm(len(run.x), generator=run.shuffle_gen).to(run.device)
+    total = torch.zeros((), device=run.device)
+    seen = 0
+    run.optimizer.zero_grad(set_to_none=True)
+    pending = False  # gradients accumulated since the last optimizer step
+    for b in range(run.n_batches):
+        idx = perm[b * run.batch : (b + 1) * run.batch]
+        if not (run.has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
+            seen += len(idx)
+            total += _backward(run, idx, _group_rows(run, b))
+            pending = True
+        if pending and ((b + 1) % run.accum == 0 or b == run.n_batches - 1):
+            pending = False
+            _optimizer_step(run)
+        for hook in run.batch_hooks:
+            hook()
+    return float(total) / max(seen, 1)
 
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs: int = 0
-    stopped_early: bool = False
 
-    def to_checkpoint(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "history": self.history,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "best_state": self.best_state,
-            "bad_epochs": self.bad_epochs,
-            "stopped_early": self.stopped_early,
-        }
+def _group_rows(run: _Run, b: int) -> int:
+    """Rows in the optimizer step that micro-batch ``b`` belongs to.
 
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> _Progress:
-        return cls(
-            epoch=state["epoch"],
-            history=list(state["history"]),
-            best_value=state["best_value"],
-            best_epoch=state["best_epoch"],
-            best_state=state["best_state"],
-            bad_epochs=state["bad_epochs"],
-            stopped_early=bool(state.get("stopped_early", False)),
+    The last group of an epoch may be short. Each micro-batch's mean loss is weighted
+    by its share of these rows, so the accumulated gradient equals that of one batch
+    of all those rows.
+    """
+    first = (b // run.accum) * run.accum
+    return min(len(run.x), (first + run.accum) * run.batch) - first * run.batch
+
+
+def _backward(run: _Run, idx: torch.Tensor, group_rows: int) -> torch.Tensor:
+    """Forward and backward of the micro-batch ``idx``; its loss summed over rows (detached)."""
+    xb = run.x[idx]
+    if run.tokens:
+        xb = trim_padding(xb)
+    if run.augment is not None:
+        xb = run.augment(xb)
+    with run.autocast:
+        out = run.model(xb)
+        step_loss = run.loss_fn(out.float(), run.y[idx])
+    objective = step_loss
+    reg = run.train.regularization
+    penalty = weight_penalty(run.penalised, reg.l1, reg.l2)
+    if penalty is not None:
+        objective = objective + penalty
+    share = len(idx) / group_rows
+    (objective * share if share < 1 else objective).backward()
+    summed: torch.Tensor = step_loss.detach() * len(idx)
+    return summed
+
+
+def _optimizer_step(run: _Run) -> None:
+    """Clip, step and clear the accumulated gradients; per-step schedules advance."""
+    if run.train.grad_clip is not None:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.train.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scheduler is not None and run.per_step:
+        run.scheduler.step()
+
+
+def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> dict[str, Any]:
+    """The epoch's logs (``epoch``, ``train_loss``, ``lr``, ``val_*``).
+
+    A non-finite training loss is a TrainingError naming the learning rate.
+    """
+    if not math.isfinite(train_loss):
+        raise TrainingError(
+            f"training diverged at epoch {epoch + 1} (loss is {train_loss}); "
+            "lower train.optimizer.lr or set train.grad_clip",
+            field="train.optimizer.lr",
         )
+    logs: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
+    if run.val is not None:
+        logs.update(_validate(run, *run.val))
+    return logs
+
+
+def _track_best(run: _Run, progress: Progress, logs: dict[str, Any]) -> None:
+    """Early stopping: remember the best epoch (and its weights), count the others."""
+    stopping = run.train.early_stopping
+    if stopping is None or run.monitor is None:
+        return
+    value = float(logs[run.monitor])
+    if _improved(value, progress.best_value, metric_mode(run.monitor), stopping.min_delta):
+        progress.best_value, progress.best_epoch = value, logs["epoch"]
+        progress.bad_epochs = 0
+        progress.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    else:
+        progress.bad_epochs += 1
+    progress.stopped_early = progress.bad_epochs >= stopping.patience
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -322,36 +410,54 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def _validate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: nn.Module,
-    task: str,
-    target_scale: float,
-    autocast: Any,
-    monitor: str | None,
-) -> dict[str, float]:
+def _finish(run: _Run, progress: Progress, started: float, start_epoch: int) -> FitResult:
+    """Restore the best weights if asked, leave the model in eval mode, report the end."""
+    stopping = run.train.early_stopping
+    if stopping and stopping.restore_best and progress.best_state is not None:
+        run.model.load_state_dict(progress.best_state)
+    run.model.eval()
+    result = FitResult(
+        history=progress.history,
+        epochs_run=len(progress.history),
+        best_epoch=progress.best_epoch,
+        stopped_early=progress.stopped_early,
+        seconds=time.perf_counter() - started,
+        device=str(run.device),
+        resumed_from=start_epoch,
+    )
+    summary = {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "seconds": result.seconds,
+    }
+    for cb in run.callbacks:
+        cb.on_train_end(summary)
+    return result
+
+
+def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """val_loss and the headline metric every epoch; the full set only when monitored.
 
     Kept lean on purpose: this runs every epoch and is part of the engine's overhead.
     """
     from kiln.evaluate.metrics import classification_metrics, regression_metrics
 
-    out = predict_outputs(model, x, autocast)
-    logs = {"val_loss": float(loss_fn(out, y))}
-    if task == "classification":
+    out = predict_outputs(run.model, x, run.autocast)
+    logs = {"val_loss": float(run.loss_fn(out, y))}
+    if run.task == "classification":
         from sklearn.metrics import accuracy_score
 
         true = y.cpu().numpy()
         logs["val_accuracy"] = float(accuracy_score(true, out.argmax(dim=1).cpu().numpy()))
+        monitor = run.monitor
         if monitor is not None and monitor not in logs and monitor != "train_loss":
             proba = torch.softmax(out, dim=1).cpu().numpy()
             full = classification_metrics(true, proba, n_classes=out.shape[1])
             logs[monitor] = full[monitor.removeprefix("val_")]
     else:
-        pred = out.squeeze(-1).cpu().numpy().astype(np.float64) * target_scale
-        true = y.cpu().numpy().astype(np.float64) * target_scale
+        pred = out.squeeze(-1).cpu().numpy().astype(np.float64) * run.target_scale
+        true = y.cpu().numpy().astype(np.float64) * run.target_scale
         for key, value in regression_metrics(true, pred).items():
             logs[f"val_{key}"] = value
     return logs
