@@ -9,14 +9,17 @@ first, which is right when this command runs there (the usual case).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.remote_cmds import ApiKey, JsonOut, Url, connect, table, when
-from kiln.cli.render import console, print_json
+from kiln.cli.options import JsonOut, Remote, with_remote
+from kiln.cli.render import console, print_json, table, when
+
+if TYPE_CHECKING:
+    from kiln.client import JSON
 
 base_models_app = typer.Typer(
     help="Base models jobs on the server may fine-tune (model.path: base:<name>).",
@@ -38,7 +41,7 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB" if n >= 1 << 20 else f"{n:,} B"
 
 
-def _summary(row: dict[str, Any]) -> None:
+def _summary(row: JSON) -> None:
     console.print(
         f"[bold]{escape(row['ref'])}[/] ({row['kind']}, {len(row['files'])} files, "
         f"{_size(row['size_bytes'])})  sha256 {row['sha256']}"
@@ -49,6 +52,7 @@ def _summary(row: dict[str, Any]) -> None:
 
 @base_models_app.command("add")
 @reports_errors
+@with_remote(project=False)
 def add(
     name: Annotated[str, typer.Argument(help="a-z, 0-9, '.', '_' and '-'; specs use base:NAME.")],
     source: Annotated[
@@ -58,13 +62,13 @@ def add(
             "hub id (only if the server sets KILN_ALLOW_HUB=1)."
         ),
     ],
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Register a base model: its files are copied into the artifact store and pinned by
     SHA-256 (a global admin key)."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.base_models.add(name, _absolute(source))
     if json_out:
         print_json(row)
@@ -76,9 +80,10 @@ def add(
 
 @base_models_app.command("list")
 @reports_errors
-def list_(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+@with_remote(project=False)
+def list_(*, remote: Remote, json_out: JsonOut = False) -> None:
     """The catalog (any key with the read scope)."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         rows = client.base_models.list()
     if json_out:
         print_json(rows)
@@ -99,14 +104,15 @@ def list_(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) ->
 
 @base_models_app.command("show")
 @reports_errors
+@with_remote(project=False)
 def show(
     name: Annotated[str, typer.Argument(help="The catalog name.")],
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """One base model with every pinned file and its SHA-256."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.base_models.get(name)
     if json_out:
         print_json(row)
@@ -120,14 +126,15 @@ def show(
 
 @base_models_app.command("remove")
 @reports_errors
+@with_remote(project=False)
 def remove(
     name: Annotated[str, typer.Argument(help="The catalog name.")],
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Remove a base model and its files (a global admin key); jobs naming it then fail."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.base_models.remove(name)
     if json_out:
         print_json(row)

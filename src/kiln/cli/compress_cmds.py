@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kiln.cli.errors import reports_errors
+from kiln.cli.options import flag
 from kiln.cli.render import console, err_console, print_json
+
+if TYPE_CHECKING:
+    from kiln.compress.pipeline import CompressResult
 
 
 @reports_errors
 def compress(
     spec: Annotated[Path, typer.Argument(help="Compress spec (YAML or JSON).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the variants.")],
-    report: Annotated[
-        bool, typer.Option("--report", help="Print the full trade-off table.")
-    ] = False,
+    report: Annotated[bool, flag("--report", help="Print the full trade-off table.")] = False,
     runs: Annotated[int, typer.Option("--runs", min=30, help="Timed runs per latency.")] = 50,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, flag("--quiet", "-q", help="No progress lines.")] = False,
+    json_out: Annotated[bool, flag("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Distill, prune and quantize a bundle; each step is a new, measured bundle."""
     from kiln.compress.pipeline import compress as run
@@ -55,7 +57,7 @@ def compress(
     console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
 
 
-def _write_report(result: Any, out: Path) -> tuple[list[dict[str, Any]], Path]:
+def _write_report(result: CompressResult, out: Path) -> tuple[list[dict[str, Any]], Path]:
     """``out/report.json`` and ``out/pareto.png`` for the source and its variants."""
     from kiln.compress.report import plot, rows
 

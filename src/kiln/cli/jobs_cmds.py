@@ -15,22 +15,11 @@ import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.remote_cmds import (
-    ApiKey,
-    JsonOut,
-    Limit,
-    Offset,
-    ProjectOpt,
-    Url,
-    connect,
-    page_note,
-    table,
-    when,
-)
-from kiln.cli.render import console, err_console, metrics_table, print_json
+from kiln.cli.options import JsonOut, Limit, Offset, Remote, flag, with_remote
+from kiln.cli.render import console, err_console, metrics_table, page_note, print_json, table, when
 
 if TYPE_CHECKING:
-    from kiln.client import Client
+    from kiln.client import JSON, Client, Items
 
 # Seconds between polls of a followed job: fresh enough for a person, cheap for the server.
 POLL_SECONDS = 0.5
@@ -41,6 +30,7 @@ JobArg = Annotated[str, typer.Argument(help="The job's id (job_...).")]
 
 @jobs_app.command("submit")
 @reports_errors
+@with_remote()
 def jobs_submit(
     spec: Annotated[
         Path,
@@ -65,20 +55,23 @@ def jobs_submit(
         int | None, typer.Option("--max-attempts", min=1, help="Runs before it fails.")
     ] = None,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Show progress until the job ends.")
+        bool, flag("--follow", "-f", help="Show progress until the job ends.")
     ] = False,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Queue a job (the server checks the spec first); with --follow, watch it run."""
     from kiln.errors import SpecError
+    from kiln.lifecycle import JobKind
 
+    # compress jobs take a compress spec and a source model, not a training spec
+    kinds = [k.value for k in JobKind if k is not JobKind.compress]
     kind = kind.lower()
-    if kind not in ("train", "crossval", "evaluate"):
-        raise SpecError(f"--kind must be train, crossval or evaluate, not {kind!r}", field="kind")
-    with connect(url, api_key, project) as client:
+    if kind not in kinds:
+        named = f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+        raise SpecError(f"--kind must be {named}, not {kind!r}", field="kind")
+    with remote.client() as client:
         job = client.jobs.submit(spec, kind=kind, data=data, folds=folds, max_attempts=max_attempts)
         if not follow:
             if json_out:
@@ -95,21 +88,22 @@ def jobs_submit(
 
 @jobs_app.command("wait")
 @reports_errors
+@with_remote()
 def jobs_wait(
     job_id: JobArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Follow a job until it ends; the exit code tells how it ended."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         code = _follow(client, job_id, json_out=json_out)
     raise typer.Exit(code)
 
 
 @jobs_app.command("list")
 @reports_errors
+@with_remote()
 def jobs_list(
     state: Annotated[
         str | None,
@@ -119,13 +113,12 @@ def jobs_list(
     ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Jobs of the project, newest first."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         page = client.jobs.list(state, limit=limit, offset=offset)
     if json_out:
         print_json(page)
@@ -149,17 +142,17 @@ def jobs_list(
 
 @jobs_app.command("show")
 @reports_errors
+@with_remote()
 def jobs_show(
     job_id: JobArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """A job: state, progress, latest metrics, result or error."""
-    from kiln.client import FINAL_STATES
+    from kiln.lifecycle import FINAL_STATES
 
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         job = client.jobs.get(job_id)
     if json_out:
         print_json(job)
@@ -185,22 +178,22 @@ def jobs_show(
 
 @jobs_app.command("logs")
 @reports_errors
+@with_remote()
 def jobs_logs(
     job_id: JobArg,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")
+        bool, flag("--follow", "-f", help="Keep printing new lines until the job ends.")
     ] = False,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """The job's log lines (every attempt)."""
-    from kiln.client import FINAL_STATES
+    from kiln.lifecycle import FINAL_STATES
 
-    lines: list[dict[str, Any]] = []
+    lines: Items = []
     try:
-        with connect(url, api_key, project) as client:
+        with remote.client() as client:
             after = 0
             while True:
                 # the state first: lines written before it ended are fetched below
@@ -228,15 +221,15 @@ def jobs_logs(
 
 @jobs_app.command("metrics")
 @reports_errors
+@with_remote()
 def jobs_metrics(
     job_id: JobArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """The per-epoch series: losses, validation metrics, learning rate, time."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         doc = client.jobs.metrics(job_id)
     if json_out:
         print_json(doc)
@@ -253,15 +246,15 @@ def jobs_metrics(
 
 @jobs_app.command("cancel")
 @reports_errors
+@with_remote()
 def jobs_cancel(
     job_id: JobArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one at its next batch."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         job = client.jobs.cancel(job_id)
     if json_out:
         print_json(job)
@@ -298,7 +291,7 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
         with progress:
             task = progress.add_task(job_id, total=None, status="")
 
-            def update(job: dict[str, Any]) -> None:
+            def update(job: JSON) -> None:
                 done, total = _progress(job)
                 progress.update(task, completed=done, total=total, status=_status(job))
 
@@ -317,7 +310,7 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
     return exit_code(job)
 
 
-def resources_line(res: dict[str, Any]) -> str:
+def resources_line(res: JSON) -> str:
     """``resources: 12.3 s wall, 11.9 s CPU, peak memory 310.2 MiB on cpu (2 attempts)``."""
     from kiln.cli.usage_cmds import amount
 
@@ -333,7 +326,7 @@ def resources_line(res: dict[str, Any]) -> str:
     return f"resources: {', '.join(parts)} on {res.get('device', '?')}{tail}"
 
 
-def exit_code(job: dict[str, Any]) -> int:
+def exit_code(job: JSON) -> int:
     """0 for a succeeded job, its error's exit code if failed, 1 if cancelled."""
     from kiln.errors import ERRORS_BY_CODE, KilnError, TrainingError
 
@@ -346,7 +339,7 @@ def exit_code(job: dict[str, Any]) -> int:
     return TrainingError.exit_code if cls is KilnError else cls.exit_code
 
 
-def _print_outcome(job: dict[str, Any]) -> None:
+def _print_outcome(job: JSON) -> None:
     result = job["result"]
     if job["state"] == "failed":
         error = job["error"] or {}
@@ -386,7 +379,7 @@ def _print_outcome(job: dict[str, Any]) -> None:
         console.print(metrics_table("metrics", {"value": metrics}))
 
 
-def _progress(job: dict[str, Any]) -> tuple[int, int | None]:
+def _progress(job: JSON) -> tuple[int, int | None]:
     """(done, total): epochs of a training job, folds of a cross-validation."""
     p = job.get("progress") or {}
     if "folds" in p:
@@ -396,7 +389,7 @@ def _progress(job: dict[str, Any]) -> tuple[int, int | None]:
     return 0, None
 
 
-def _status(job: dict[str, Any]) -> str:
+def _status(job: JSON) -> str:
     """State, latest training loss and validation metric: ``running loss 0.41 val_accuracy 0.9``."""
     m = job.get("metrics") or {}
     parts = [job["state"]]
@@ -410,7 +403,7 @@ def _status(job: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _outcome(job: dict[str, Any]) -> str:
+def _outcome(job: JSON) -> str:
     if job.get("model_version"):
         return f"{job['model_version']['model']} v{job['model_version']['version']}"
     if job.get("error"):

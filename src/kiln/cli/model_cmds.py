@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from kiln.cli.errors import reports_errors
+from kiln.cli.options import JsonOut
 from kiln.cli.render import confusion_table, console, metrics_table, print_json
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 OutCsv = Annotated[
     Path | None,
     typer.Option(

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.remote_cmds import (
-    ApiKey,
-    JsonOut,
-    Limit,
-    Offset,
-    ProjectOpt,
-    Url,
-    connect,
-    page_note,
-    table,
-    when,
-)
-from kiln.cli.render import console, metrics_table, print_json
+from kiln.cli.options import JsonOut, Limit, Offset, Remote, with_remote
+from kiln.cli.render import console, metrics_table, page_note, print_json, table, when
+
+if TYPE_CHECKING:
+    from kiln.client import JSON
 
 models_app = typer.Typer(
     help="The model registry: versions, aliases, downloads.", no_args_is_help=True
@@ -34,16 +26,16 @@ VersionArg = Annotated[
 
 @models_app.command("list")
 @reports_errors
+@with_remote()
 def models_list(
     limit: Limit = 50,
     offset: Offset = 0,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Registered models with their latest version and aliases."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         page = client.models.list(limit=limit, offset=offset)
     if json_out:
         print_json(page)
@@ -58,7 +50,7 @@ def models_list(
     page_note(page)
 
 
-def _headline(metrics: dict[str, Any]) -> str:
+def _headline(metrics: JSON) -> str:
     test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
     for key in ("accuracy", "rmse"):
         if isinstance(test, dict) and key in test:
@@ -68,17 +60,17 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 @models_app.command("versions")
 @reports_errors
+@with_remote()
 def models_versions(
     name: NameArg,
     limit: Limit = 50,
     offset: Offset = 0,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """The versions of a model, newest first."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         page = client.models.versions(name, limit=limit, offset=offset)
     if json_out:
         print_json(page)
@@ -99,16 +91,16 @@ def models_versions(
 
 @models_app.command("show")
 @reports_errors
+@with_remote()
 def models_show(
     name: NameArg,
     version: VersionArg = "latest",
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """One version: its metrics, what it is and where it came from."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.models.version(name, version)
     if json_out:
         print_json(row)
@@ -131,17 +123,17 @@ def models_show(
 
 @models_app.command("alias")
 @reports_errors
+@with_remote()
 def models_alias(
     name: NameArg,
     alias: Annotated[str, typer.Argument(help="e.g. production, staging.")],
     version: Annotated[str, typer.Argument(help="A version number, 'latest' or another alias.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Point an alias at a version (needs the 'deploy' scope)."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.models.set_alias(name, alias, int(version) if version.isdigit() else version)
     if json_out:
         print_json(row)
@@ -151,16 +143,16 @@ def models_alias(
 
 @models_app.command("unalias")
 @reports_errors
+@with_remote()
 def models_unalias(
     name: NameArg,
     alias: Annotated[str, typer.Argument(help="The alias to remove.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Remove an alias (the version stays)."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.models.delete_alias(name, alias)
     if json_out:
         print_json(row)
@@ -170,19 +162,19 @@ def models_unalias(
 
 @models_app.command("download")
 @reports_errors
+@with_remote()
 def models_download(
     name: NameArg,
     version: VersionArg = "latest",
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder to put the bundle directory in.")
     ] = Path("."),
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Download a version's bundle to OUT/<name>-v<n> (what kiln predict and kiln.load read)."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         path = client.models.download(name, version, dest=out)
     if json_out:
         print_json({"model": name, "bundle": str(path)})

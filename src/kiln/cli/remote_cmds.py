@@ -1,98 +1,23 @@
-"""``kiln projects|keys|datasets``, and what every command that talks to a server shares.
+"""``kiln projects|keys|datasets``: the tenants, their API keys and their tables.
 
-The server, key and project come from ``--url/--api-key/--project``, else from
-``KILN_URL``, ``KILN_API_KEY``, ``KILN_PROJECT``; with no key anywhere, the admin key
-``kiln up`` wrote to ``$KILN_HOME/admin.key`` is used (and that is said on stderr).
-Each command makes one client call and renders it: a Rich table, or ``--json``.
+Each command makes one client call and renders it: a Rich table, or ``--json``. The
+server, key and project come from the options in :mod:`kiln.cli.options`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.render import console, err_console, print_json
+from kiln.cli.options import JsonOut, Limit, Offset, Remote, flag, with_remote
+from kiln.cli.render import console, err_console, page_note, print_json, table, when
 
 if TYPE_CHECKING:
-    from kiln.client import Client
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        help="The kiln server \\[default: KILN_URL or http://127.0.0.1:8080].",
-        show_default=False,
-    ),
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        help="API key \\[default: KILN_API_KEY, else $KILN_HOME/admin.key].",
-        show_default=False,
-    ),
-]
-ProjectOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--project",
-        help="Project a global admin key acts on \\[default: KILN_PROJECT, else 'default'].",
-        show_default=False,
-    ),
-]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-Limit = Annotated[int, typer.Option("--limit", min=1, max=500, help="Rows per page.")]
-Offset = Annotated[int, typer.Option("--offset", min=0, help="Rows to skip.")]
-
-
-def connect(url: str | None, api_key: str | None, project: str | None) -> Client:
-    """A client from the options, else the settings, else the local admin key file."""
-    from kiln.client import Client
-    from kiln.errors import AuthError
-    from kiln.settings import Settings
-
-    settings = Settings()
-    key = api_key or settings.api_key
-    if not key:
-        path = settings.admin_key_file
-        if path.is_file():
-            key = path.read_text(encoding="utf-8").strip()
-            err_console.print(
-                f"[dim]using the admin key in {escape(str(path))}[/]", highlight=False
-            )
-        else:
-            raise AuthError(
-                "no API key: pass --api-key or set KILN_API_KEY "
-                f"(kiln up writes its admin key to {path})",
-                field="api_key",
-            )
-    return Client(url or settings.url, key, project=project or settings.project)
-
-
-def when(stamp: str | None) -> str:
-    """An API timestamp (ISO 8601, UTC) for a table cell."""
-    return stamp[:19].replace("T", " ") if stamp else "-"
-
-
-def table(title: str, *columns: str) -> Table:
-    """A table whose first column and ids (values to copy) never wrap."""
-    out = Table(title=title, title_justify="left")
-    for i, column in enumerate(columns):
-        out.add_column(column, no_wrap=i == 0 or column in ("id", "job"))
-    return out
-
-
-def page_note(page: dict[str, Any]) -> None:
-    shown = len(page["items"])
-    if page["next_offset"] is not None:
-        console.print(
-            f"{shown} of {page['total']} shown; next page: --offset {page['next_offset']}"
-        )
+    from kiln.client import JSON
 
 
 # --- projects ---------------------------------------------------------------------
@@ -104,14 +29,15 @@ projects_app = typer.Typer(
 
 @projects_app.command("create")
 @reports_errors
+@with_remote(project=False)
 def projects_create(
     name: Annotated[str, typer.Argument(help="a-z, 0-9, '-' and '_'.", show_default=False)],
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Create a project."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.projects.create(name)
     if json_out:
         print_json(row)
@@ -121,9 +47,10 @@ def projects_create(
 
 @projects_app.command("list")
 @reports_errors
-def projects_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+@with_remote(project=False)
+def projects_list(*, remote: Remote, json_out: JsonOut = False) -> None:
     """The projects this key may act on."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         rows = client.projects.list()
     if json_out:
         print_json(rows)
@@ -141,6 +68,7 @@ keys_app = typer.Typer(help="API keys (an admin key).", no_args_is_help=True)
 
 @keys_app.command("create")
 @reports_errors
+@with_remote(project=False)
 def keys_create(
     scope: Annotated[
         list[str],
@@ -158,12 +86,12 @@ def keys_create(
         ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Issue an API key. Its secret is printed this once; only a hash is stored."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.keys.create(scope, project=project or client.project, name=name)
     if json_out:
         print_json(row)
@@ -176,9 +104,10 @@ def keys_create(
 
 @keys_app.command("list")
 @reports_errors
-def keys_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+@with_remote(project=False)
+def keys_list(*, remote: Remote, json_out: JsonOut = False) -> None:
     """Keys this admin key manages (never their secrets)."""
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         rows = client.keys.list()
     if json_out:
         print_json(rows)
@@ -199,14 +128,14 @@ def keys_list(url: Url = None, api_key: ApiKey = None, json_out: JsonOut = False
 
 @keys_app.command("revoke")
 @reports_errors
+@with_remote(project=False)
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
     yes: Annotated[
-        bool,
-        typer.Option("--yes", "-y", help="Confirm revoking the key this command runs with."),
+        bool, flag("--yes", "-y", help="Confirm revoking the key this command runs with.")
     ] = False,
-    url: Url = None,
-    api_key: ApiKey = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Revoke a key; requests made with it fail from now on.
@@ -214,7 +143,7 @@ def keys_revoke(
     The key this command runs with needs --yes; the last global admin key cannot be
     revoked (create another first: kiln keys create --scope admin).
     """
-    with connect(url, api_key, None) as client:
+    with remote.client() as client:
         row = client.keys.revoke(key_id, confirm_self=yes)
     if json_out:
         print_json(row)
@@ -227,7 +156,7 @@ def keys_revoke(
 datasets_app = typer.Typer(help="Tables stored on the server, for jobs.", no_args_is_help=True)
 
 
-def _dataset_summary(row: dict[str, Any]) -> None:
+def _dataset_summary(row: JSON) -> None:
     console.print(
         f"dataset [bold]{row['id']}[/] ({escape(row['name'])}, {row['format']}): "
         f"{row['rows']:,} rows, {len(row['columns'])} columns, {row['size_bytes']:,} bytes"
@@ -237,6 +166,7 @@ def _dataset_summary(row: dict[str, Any]) -> None:
 
 @datasets_app.command("upload")
 @reports_errors
+@with_remote()
 def datasets_upload(
     file: Annotated[
         Path,
@@ -245,13 +175,12 @@ def datasets_upload(
     name: Annotated[
         str | None, typer.Option("--name", help="Default: the file name.", show_default=False)
     ] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Upload a local table; the server checks it can be read before storing it."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.datasets.upload(file, name=name)
     if json_out:
         print_json(row)
@@ -261,18 +190,18 @@ def datasets_upload(
 
 @datasets_app.command("import")
 @reports_errors
+@with_remote()
 def datasets_import(
     uri: Annotated[
         str, typer.Argument(help="s3://bucket/key, or a path under the server's KILN_DATA_ROOTS.")
     ],
     name: Annotated[str, typer.Option("--name", help="The dataset's name.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Have the server copy a table it can reach and register it."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.datasets.import_uri(uri, name=name)
     if json_out:
         print_json(row)
@@ -282,16 +211,16 @@ def datasets_import(
 
 @datasets_app.command("list")
 @reports_errors
+@with_remote()
 def datasets_list(
     limit: Limit = 50,
     offset: Offset = 0,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Datasets of the project, newest first."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         page = client.datasets.list(limit=limit, offset=offset)
     if json_out:
         print_json(page)
@@ -313,15 +242,15 @@ def datasets_list(
 
 @datasets_app.command("show")
 @reports_errors
+@with_remote()
 def datasets_show(
     dataset_id: Annotated[str, typer.Argument(help="ds_... (or dataset:ds_...).")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """A dataset and its columns."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.datasets.get(dataset_id.removeprefix("dataset:"))
     if json_out:
         print_json(row)

@@ -1,15 +1,42 @@
-"""Rich rendering of results: metric tables, predictions, model summaries."""
+"""Rich rendering of results: metric tables, predictions, model summaries, and the
+list tables of the commands that talk to a server."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from kiln.client import JSON
+
 console = Console()
 err_console = Console(stderr=True)
+
+
+def when(stamp: str | None) -> str:
+    """An API timestamp (ISO 8601, UTC) for a table cell."""
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
+def table(title: str, *columns: str) -> Table:
+    """A table whose first column and ids (values to copy) never wrap."""
+    out = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        out.add_column(column, no_wrap=i == 0 or column in ("id", "job"))
+    return out
+
+
+def page_note(page: JSON) -> None:
+    """Under a page of a list: how many rows of how many, and the next page's offset."""
+    shown = len(page["items"])
+    if page["next_offset"] is not None:
+        console.print(
+            f"{shown} of {page['total']} shown; next page: --offset {page['next_offset']}"
+        )
 
 
 def print_json(data: Any) -> None:
@@ -23,7 +50,7 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def metrics_table(title: str, columns: dict[str, dict[str, Any]]) -> Table:
+def metrics_table(title: str, columns: Mapping[str, Mapping[str, object]]) -> Table:
     """Scalar metrics as rows, one column per split (e.g. test / val)."""
     table = Table(title=title, title_justify="left")
     table.add_column("metric")

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
 from kiln.cli.model_cmds import OutCsv
-from kiln.cli.remote_cmds import ApiKey, JsonOut, ProjectOpt, Url, connect, table
-from kiln.cli.render import console, print_json
+from kiln.cli.options import JsonOut, Remote, with_remote
+from kiln.cli.render import console, print_json, table
+
+if TYPE_CHECKING:
+    from kiln.client import JSON, Items
 
 Backend = Literal["auto", "torch", "onnx"]
 BackendOpt = Annotated[
@@ -119,8 +122,8 @@ def serve(
     removed when it stops. Requests need the one API key, which may predict and read
     only. Ctrl-C stops the server.
     """
-    from kiln.serve.standalone import ServeOptions
-    from kiln.serve.standalone import serve as run_serve
+    from kiln.standalone import ServeOptions
+    from kiln.standalone import serve as run_serve
 
     options = ServeOptions(
         host=host,
@@ -146,20 +149,20 @@ def _version(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def _routes(row: dict[str, Any]) -> str:
+def _routes(row: JSON) -> str:
     return ", ".join(
         f"v{r['version']} {r['weight']}%" if len(row["routes"]) > 1 else f"v{r['version']}"
         for r in _weights(row["routes"])
     )
 
 
-def _weights(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _weights(routes: Items) -> Items:
     """Routes with their weights as percentages of the total."""
     total = sum(r["weight"] for r in routes) or 1
     return [{**r, "weight": round(100 * r["weight"] / total)} for r in routes]
 
 
-def _summary(row: dict[str, Any]) -> None:
+def _summary(row: JSON) -> None:
     backends = sorted({r["backend"] for r in row["routes"]})
     console.print(
         f"deployment [bold]{escape(row['name'])}[/]: model {escape(row['model'])} "
@@ -170,6 +173,7 @@ def _summary(row: dict[str, Any]) -> None:
 
 @deployments_app.command("create")
 @reports_errors
+@with_remote()
 def deployments_create(
     name: NameArg,
     model: Annotated[str, typer.Option("--model", "-m", help="The registered model's name.")],
@@ -181,9 +185,8 @@ def deployments_create(
     max_delay_ms: Delay = None,
     max_queue: Queue = None,
     timeout_ms: Timeout = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Deploy a version (needs 'deploy'); returns once it is loaded and warm."""
@@ -194,7 +197,7 @@ def deployments_create(
         "max_queue": max_queue,
         "timeout_ms": timeout_ms,
     }
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.deployments.create(
             name, model, _version(version), **{k: v for k, v in settings.items() if v is not None}
         )
@@ -207,11 +210,10 @@ def deployments_create(
 
 @deployments_app.command("list")
 @reports_errors
-def deployments_list(
-    url: Url = None, api_key: ApiKey = None, project: ProjectOpt = None, json_out: JsonOut = False
-) -> None:
+@with_remote()
+def deployments_list(*, remote: Remote, json_out: JsonOut = False) -> None:
     """Deployments of the project."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         rows = client.deployments.list()
     if json_out:
         print_json(rows)
@@ -231,15 +233,15 @@ def deployments_list(
 
 @deployments_app.command("show")
 @reports_errors
+@with_remote()
 def deployments_show(
     name: NameArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """A deployment: its routes (version, traffic share, backend, queue) and batching."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.deployments.get(name)
     if json_out:
         print_json(row)
@@ -247,7 +249,7 @@ def deployments_show(
     _render(row)
 
 
-def _render(row: dict[str, Any]) -> None:
+def _render(row: JSON) -> None:
     _summary(row)
     console.print(
         f"batching: up to {row['max_batch_size']} rows or {row['max_delay_ms']:g} ms; "
@@ -267,16 +269,16 @@ def _render(row: dict[str, Any]) -> None:
 
 @deployments_app.command("swap")
 @reports_errors
+@with_remote()
 def deployments_swap(
     name: NameArg,
     version: Annotated[str, typer.Argument(help="A version number, 'latest' or an alias.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Hot swap: load VERSION beside the current one, then send all traffic to it."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.deployments.update(name, version=_version(version))
     if json_out:
         print_json(row)
@@ -284,7 +286,7 @@ def deployments_swap(
     _render(row)
 
 
-def _parse_route(text: str) -> dict[str, Any]:
+def _parse_route(text: str) -> dict[str, int | str]:
     from kiln.errors import SpecError
 
     version, sep, weight = text.partition("=")
@@ -295,6 +297,7 @@ def _parse_route(text: str) -> dict[str, Any]:
 
 @deployments_app.command("canary")
 @reports_errors
+@with_remote()
 def deployments_canary(
     name: NameArg,
     route: Annotated[
@@ -305,14 +308,13 @@ def deployments_canary(
             help="VERSION=WEIGHT, e.g. --route 3=90 --route 4=10 (weights are relative).",
         ),
     ],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Split traffic between versions (canary, or a rollback with one route)."""
     routes = [_parse_route(r) for r in route]
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         row = client.deployments.update(name, routes=routes)
     if json_out:
         print_json(row)
@@ -322,15 +324,15 @@ def deployments_canary(
 
 @deployments_app.command("delete")
 @reports_errors
+@with_remote()
 def deployments_delete(
     name: NameArg,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Stop serving a deployment (queued requests are answered first)."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         client.deployments.delete(name)
     if json_out:
         print_json({"name": name, "deleted": True})
@@ -340,12 +342,12 @@ def deployments_delete(
 
 @deployments_app.command("predict")
 @reports_errors
+@with_remote()
 def deployments_predict(
     name: NameArg,
     file: Annotated[str, typer.Argument(help="Rows to predict (.csv, .tsv, .jsonl or .parquet).")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
     csv_out: OutCsv = None,
 ) -> None:
@@ -356,7 +358,7 @@ def deployments_predict(
     if csv_out is not None:
         separator(csv_out)  # a wrong suffix fails before the request
     frame = read_table(file)
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         result = client.deployments.predict(name, frame)
     if csv_out is not None:
         rows = predictions_table(frame, result["predictions"], result.get("probabilities"))

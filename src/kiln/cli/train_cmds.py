@@ -8,11 +8,11 @@ from typing import Annotated, Any
 import typer
 
 from kiln.cli.errors import reports_errors
+from kiln.cli.options import JsonOut, flag
 from kiln.cli.render import console, err_console, metrics_table, print_json
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (YAML or JSON).", show_default=False)]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress bar.")]
 
 
 @reports_errors
@@ -20,7 +20,7 @@ def train(
     spec: SpecArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last epoch checkpoint.")
+        bool, flag("--resume", help="Continue from the last epoch checkpoint.")
     ] = False,
     quiet: Quiet = False,
     log_jsonl: Annotated[
@@ -47,7 +47,8 @@ def train(
         err_console.print(f"checkpoints: {checkpoint_dir(out)} (continue with --resume)")
     bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks)
     if json_out:
-        print_json({"bundle": str(out), **bundle.metrics, "training": _training(bundle)})
+        record = bundle.meta.training.model_dump(mode="json", exclude={"history"})
+        print_json({"bundle": str(out), **bundle.metrics, "training": record})
         return
     training = bundle.meta.training
     note = f", early stop (best epoch {training.best_epoch})" if training.stopped_early else ""
@@ -64,11 +65,6 @@ def train(
     console.print(f"saved bundle: [bold]{out}[/]")
 
 
-def _training(bundle: Any) -> dict[str, Any]:
-    training: dict[str, Any] = bundle.meta.training.model_dump(mode="json", exclude={"history"})
-    return training
-
-
 @reports_errors
 def crossval(
     spec: SpecArg,
@@ -79,7 +75,7 @@ def crossval(
     """k-fold cross-validation: mean and std of each metric over folds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from kiln.evaluate.crossval import crossval as run_crossval
+    from kiln.train.crossval import crossval as run_crossval
     from kiln.evaluate.metrics import headline_metric
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec

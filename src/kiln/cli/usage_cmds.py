@@ -11,14 +11,17 @@ unit: ``2h``, ``90min``, ``500MB``, ``1.5GiB``. Rate limits are quotas of the ki
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.remote_cmds import ApiKey, JsonOut, ProjectOpt, Url, connect, table
-from kiln.cli.render import console, print_json
+from kiln.cli.options import JsonOut, Remote, with_remote
+from kiln.cli.render import console, print_json, table
+
+if TYPE_CHECKING:
+    from kiln.client import JSON
 
 KINDS_HELP = (
     "compute_seconds, stored_bytes, prediction_requests or prediction_rows; for a rate "
@@ -97,7 +100,7 @@ def _kind(text: str) -> str:
     return RATE_ALIASES.get(text.lower(), text)
 
 
-def _quota_line(quota: dict[str, Any]) -> str:
+def _quota_line(quota: JSON) -> str:
     kind, limit, used = quota["kind"], quota["limit"], quota["used"]
     if kind in RATE_KINDS:
         return f"rate limit {kind}: {amount(kind, limit)} requests per {quota['period']}"
@@ -110,6 +113,7 @@ def _quota_line(quota: dict[str, Any]) -> str:
 
 
 @reports_errors
+@with_remote()
 def usage(
     from_: Annotated[
         str | None,
@@ -122,13 +126,12 @@ def usage(
     group_by: Annotated[
         str, typer.Option("--group-by", help="day, month or total.", case_sensitive=False)
     ] = "day",
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """What the project used: compute seconds by device, bytes stored, predictions."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         doc = client.usage(from_=from_, to=to, group_by=group_by.lower())
     if json_out:
         print_json(doc)
@@ -159,6 +162,7 @@ quotas_app = typer.Typer(
 
 @quotas_app.command("set")
 @reports_errors
+@with_remote()
 def quotas_set(
     kind: Annotated[str, typer.Argument(help=KINDS_HELP + ".", show_default=False)],
     limit: Annotated[
@@ -178,9 +182,8 @@ def quotas_set(
         int | None,
         typer.Option("--rpm", min=1, help="Rate limit (KIND inference or api): per minute."),
     ] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Cap a project's usage of KIND per period; past it, the server answers 429.
@@ -204,8 +207,8 @@ def quotas_set(
         )
     else:
         wanted = [(parse_amount(limit), period.lower())]
-    with connect(url, api_key, project) as client:
-        rows = [client.quotas.set(kind, v, period=per, project=project) for v, per in wanted]
+    with remote.client() as client:
+        rows = [client.quotas.set(kind, v, period=per, project=remote.project) for v, per in wanted]
     if json_out:
         print_json(rows[0] if len(rows) == 1 else rows)
         return
@@ -220,19 +223,19 @@ def quotas_set(
 
 @quotas_app.command("remove")
 @reports_errors
+@with_remote()
 def quotas_remove(
     kind: Annotated[str, typer.Argument(help=KINDS_HELP + ".", show_default=False)],
     period: Period = "day",
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """Remove a project's quota on KIND for a period (a rate limit: --period second or
     minute)."""
     kind = _kind(kind)
-    with connect(url, api_key, project) as client:
-        row = client.quotas.remove(kind, period=period.lower(), project=project)
+    with remote.client() as client:
+        row = client.quotas.remove(kind, period=period.lower(), project=remote.project)
     if json_out:
         print_json(row)
         return
@@ -243,14 +246,14 @@ def quotas_remove(
 
 @quotas_app.command("list")
 @reports_errors
+@with_remote()
 def quotas_list(
-    url: Url = None,
-    api_key: ApiKey = None,
-    project: ProjectOpt = None,
+    *,
+    remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
     """The project's quotas and what is used of each in its current period."""
-    with connect(url, api_key, project) as client:
+    with remote.client() as client:
         rows = client.quotas.list()
     if json_out:
         print_json(rows)
