@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kiln.monitor.drift import OTHER, DriftWindow, psi, reference_stats
+from kiln.monitor.drift import (
+    OTHER,
+    CategoricalReference,
+    DriftWindow,
+    Reference,
+    psi,
+    reference_stats,
+)
 
 
 def _frame(n: int, shift: float = 0.0, seed: int = 0) -> pd.DataFrame:
@@ -36,7 +43,7 @@ def test_reference_bins_hold_tenths_of_the_training_rows() -> None:
 
 
 def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift() -> None:
-    ref = reference_stats(_frame(5000), COLUMNS)["columns"]
+    ref = Reference.model_validate(reference_stats(_frame(5000), COLUMNS)).columns
     same = _frame(2000, seed=1)
     moved = _frame(2000, shift=1.0, seed=2)
     assert psi(ref["x"], same["x"]) < 0.02
@@ -46,23 +53,32 @@ def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift() -> N
 
 
 def test_psi_matches_the_formula_on_a_hand_example() -> None:
-    ref = {"kind": "categorical", "shares": {"a": 0.5, "b": 0.5}}
+    ref = CategoricalReference(shares={"a": 0.5, "b": 0.5})
     live = pd.Series(["a"] * 80 + ["b"] * 20)
     expected = (0.8 - 0.5) * math.log(0.8 / 0.5) + (0.2 - 0.5) * math.log(0.2 / 0.5)
     assert psi(ref, live) == pytest.approx(expected)
 
 
 def test_unseen_categories_count_as_other() -> None:
-    ref = reference_stats(_frame(1000), COLUMNS)["columns"]["colour"]
-    assert OTHER not in ref["shares"]  # all three seen in training
+    ref = Reference.model_validate(reference_stats(_frame(1000), COLUMNS)).columns["colour"]
+    assert isinstance(ref, CategoricalReference)
+    assert OTHER not in ref.shares  # all three seen in training
     live = pd.Series(["purple"] * 100)
     assert psi(ref, live) > 1.0
 
 
 def test_empty_or_non_numeric_windows_give_no_value() -> None:
-    ref = reference_stats(_frame(100), COLUMNS)["columns"]
+    ref = Reference.model_validate(reference_stats(_frame(100), COLUMNS)).columns
     assert psi(ref["x"], pd.Series([], dtype=float)) is None
     assert psi(ref["colour"], pd.Series([None, None])) is None
+
+
+def test_the_reference_document_reads_back_as_its_typed_model() -> None:
+    document = reference_stats(_frame(500), COLUMNS)
+    reference = Reference.model_validate(document)
+    assert reference.rows == 500
+    assert reference.columns["x"].kind == "numeric"
+    assert reference.model_dump() == document  # the JSON in kiln.json is unchanged
 
 
 def test_window_flags_only_the_drifted_column_and_forgets_old_rows() -> None:

@@ -15,11 +15,12 @@ empty bins finite). Rules of thumb: below 0.1 no shift, 0.1-0.25 a moderate one,
 from __future__ import annotations
 
 import math
-from collections import deque
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, Field, JsonValue
 
 BINS = 10
 TOP_CATEGORIES = 50
@@ -27,9 +28,36 @@ OTHER = "__other__"
 FLOOR = 1e-4  # the share an empty bin counts as, so ln() stays finite
 
 
-def reference_stats(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> dict[str, Any]:
-    """Per-column summaries of training inputs: ``{"columns": {name: {...}}, "rows": n}``."""
-    out: dict[str, Any] = {}
+class NumericReference(BaseModel):
+    """A numeric column: the shares of the training rows in the bins ``edges`` cut."""
+
+    kind: Literal["numeric"] = "numeric"
+    edges: list[float]  # inner edges (ascending): len(edges) + 1 bins
+    shares: list[float]
+
+
+class CategoricalReference(BaseModel):
+    """A categorical column: the share of each top category (the rest: :data:`OTHER`)."""
+
+    kind: Literal["categorical"] = "categorical"
+    shares: dict[str, float]
+
+
+ColumnReference = Annotated[NumericReference | CategoricalReference, Field(discriminator="kind")]
+
+
+class Reference(BaseModel):
+    """The reference statistics of a model's training inputs, as its bundle keeps them
+    (the manifest's ``reference``, a JSON document: ``{"columns": {...}, "rows": n}``)."""
+
+    columns: dict[str, ColumnReference] = {}
+    rows: int = 0
+
+
+def reference_stats(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> dict[str, JsonValue]:
+    """Per-column summaries of training inputs, as the manifest's JSON document
+    (:class:`Reference`: ``{"columns": {name: {...}}, "rows": n}``)."""
+    out: dict[str, NumericReference | CategoricalReference] = {}
     for name, kind in columns:
         if name not in frame.columns:
             continue
@@ -40,23 +68,20 @@ def reference_stats(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> dict
                 continue
             # inner edges at the deciles; duplicates merge (a column with few values)
             edges = np.unique(np.quantile(numbers, np.linspace(0, 1, BINS + 1)[1:-1]))
-            out[name] = {
-                "kind": "numeric",
-                "edges": edges.tolist(),
-                "shares": _shares_numeric(numbers, edges).tolist(),
-            }
+            shares = _shares_numeric(numbers, edges)
+            out[name] = NumericReference(edges=edges.tolist(), shares=shares.tolist())
         elif kind == "categorical":
             text = values.dropna().astype(str)
             if text.empty:
                 continue
             counts = text.value_counts()
             top = counts.iloc[:TOP_CATEGORIES]
-            shares = {str(k): float(v) / len(text) for k, v in top.items()}
-            rest = 1.0 - sum(shares.values())
+            categories = {str(k): float(v) / len(text) for k, v in top.items()}
+            rest = 1.0 - sum(categories.values())
             if rest > 0:
-                shares[OTHER] = rest
-            out[name] = {"kind": "categorical", "shares": shares}
-    return {"columns": out, "rows": len(frame)}
+                categories[OTHER] = rest
+            out[name] = CategoricalReference(shares=categories)
+    return Reference(columns=out, rows=len(frame)).model_dump()
 
 
 def _shares_numeric(numbers: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -65,19 +90,19 @@ def _shares_numeric(numbers: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts / max(1, len(numbers))
 
 
-def psi(reference: dict[str, Any], values: pd.Series) -> float | None:
+def psi(reference: NumericReference | CategoricalReference, values: pd.Series) -> float | None:
     """The PSI of ``values`` against one column's reference; None without data."""
-    if reference["kind"] == "numeric":
+    if isinstance(reference, NumericReference):
         numbers = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
         if numbers.size == 0:
             return None
-        expected = np.asarray(reference["shares"], dtype=float)
-        actual = _shares_numeric(numbers, np.asarray(reference["edges"], dtype=float))
+        expected = np.asarray(reference.shares, dtype=float)
+        actual = _shares_numeric(numbers, np.asarray(reference.edges, dtype=float))
     else:
         text = values.dropna().astype(str)
         if text.empty:
             return None
-        known = reference["shares"]
+        known = reference.shares
         counts = text.map(lambda v: v if v in known else OTHER).value_counts()
         keys = sorted(set(known) | set(counts.index))
         expected = np.array([known.get(k, 0.0) for k in keys])
@@ -88,30 +113,41 @@ def psi(reference: dict[str, Any], values: pd.Series) -> float | None:
 
 
 class DriftWindow:
-    """The last ``size`` rows a deployment served, and their drift from a reference."""
+    """The last ``size`` rows a deployment served, and their drift from a reference
+    (a :class:`Reference`, or the manifest's JSON document of one)."""
 
-    def __init__(self, reference: dict[str, Any], size: int = 1000) -> None:
-        self.reference = reference.get("columns", {})
-        self.rows: deque[dict[str, Any]] = deque(maxlen=size)
+    def __init__(self, reference: Reference | Mapping[str, Any], size: int = 1000) -> None:
+        if not isinstance(reference, Reference):
+            reference = Reference.model_validate(reference)
+        self.reference = reference.columns
+        self.size = size
+        self.rows = pd.DataFrame(columns=list(self.reference))  # the newest ``size`` rows
 
     def add(self, frame: pd.DataFrame) -> None:
         names = [c for c in self.reference if c in frame.columns]
-        records: list[dict[str, Any]] = frame[names].to_dict("records")  # type: ignore[assignment]
-        self.rows.extend(records)
+        parts = [self.rows, frame[names]] if len(self.rows) else [frame[names]]
+        self.rows = pd.concat(parts, ignore_index=True).tail(self.size)
 
     def report(self, threshold: float) -> dict[str, Any]:
         """``{rows, threshold, columns: {name: {psi, drifted}}, drifted: [names]}``."""
-        frame = pd.DataFrame(list(self.rows))
-        columns: dict[str, Any] = {}
+        frame = self.rows
+        columns: dict[str, ColumnDrift] = {}
         for name, ref in self.reference.items():
             value = psi(ref, frame[name]) if name in frame.columns else None
-            columns[name] = {
-                "psi": None if value is None or math.isnan(value) else round(value, 6),
-                "drifted": value is not None and value > threshold,
-            }
+            columns[name] = ColumnDrift(
+                psi=None if value is None or math.isnan(value) else round(value, 6),
+                drifted=value is not None and value > threshold,
+            )
         return {
             "rows": len(frame),
             "threshold": threshold,
-            "columns": columns,
-            "drifted": sorted(n for n, c in columns.items() if c["drifted"]),
+            "columns": {name: c.model_dump() for name, c in columns.items()},
+            "drifted": sorted(n for n, c in columns.items() if c.drifted),
         }
+
+
+class ColumnDrift(BaseModel):
+    """One column's drift: its PSI (None: no data) and whether it is past the threshold."""
+
+    psi: float | None
+    drifted: bool

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+from pydantic import JsonValue
 
 from kiln.store.artifacts import ArtifactStore, safe_key
 
@@ -46,11 +47,15 @@ class Output(Protocol):
     labels: list[Any] | None
 
 
+Inputs = list[dict[str, Any]] | pd.DataFrame
+"""A request's rows as it came (``{column: value}`` each), or its checked frame."""
+
+
 @dataclass(eq=False)
 class _Entry:
     time: float  # epoch seconds
     version: int
-    inputs: list[dict[str, Any]] | pd.DataFrame  # the request's rows, or its checked frame
+    inputs: Inputs
     output: Output
 
 
@@ -65,6 +70,16 @@ class _DeploymentLog:
     written: int | None = None  # bytes under ``prefix`` (None: not read from the store yet)
     full: bool = False
     dropped: int = 0
+
+
+@dataclass(frozen=True)
+class LogStatus:
+    """A deployment's prediction log: its sampling, cap and bytes written so far."""
+
+    sample: float  # the share of requests kept
+    max_bytes: int
+    written_bytes: int | None  # None: nothing read from the store or written yet
+    full: bool  # the cap is reached: no more records are written
 
 
 def prefix_of(project: str, deployment: str) -> str:
@@ -106,7 +121,7 @@ class PredictionLog:
         project: str,
         deployment: str,
         version: int,
-        inputs: list[dict[str, Any]] | pd.DataFrame,
+        inputs: Inputs,
         output: Output,
     ) -> None:
         """Keep this answered request with probability ``sample`` (serving path)."""
@@ -179,14 +194,14 @@ class PredictionLog:
         self.store.put_bytes(key, b"".join(lines))
         dlog.written += size
 
-    def read(self, project: str, deployment: str, limit: int) -> list[dict[str, Any]]:
+    def read(self, project: str, deployment: str, limit: int) -> list[dict[str, JsonValue]]:
         """The newest ``limit`` records, newest first: those still in memory, then the
         newest files' (blocking: run in a thread)."""
         with self._writing:
             return self._read(project, deployment, limit)
 
-    def _read(self, project: str, deployment: str, limit: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def _read(self, project: str, deployment: str, limit: int) -> list[dict[str, JsonValue]]:
+        out: list[dict[str, JsonValue]] = []
         dlog = self._logs.get((project, deployment))
         if dlog is not None:
             in_memory = [e for batch in list(dlog.writing) for e in batch] + list(dlog.entries)
@@ -206,14 +221,14 @@ class PredictionLog:
                     out.append(json.loads(line))
         return out
 
-    def status(self, project: str, deployment: str) -> dict[str, Any]:
+    def status(self, project: str, deployment: str) -> LogStatus:
         dlog = self._logs.get((project, deployment))
-        return {
-            "sample": self.sample,
-            "max_bytes": self.max_bytes,
-            "written_bytes": dlog.written if dlog is not None else None,
-            "full": bool(dlog and dlog.full),
-        }
+        return LogStatus(
+            sample=self.sample,
+            max_bytes=self.max_bytes,
+            written_bytes=dlog.written if dlog is not None else None,
+            full=bool(dlog and dlog.full),
+        )
 
 
 def _record(entry: _Entry) -> dict[str, Any]:

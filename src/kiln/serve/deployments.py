@@ -9,12 +9,11 @@ what they already queued: no request fails because of a swap. A loaded model is 
 for as long as some deployment routes to it (two deployments of one version share it);
 once a swap or a delete leaves it unused, nothing keeps it, in memory or on local disk.
 
-Every prediction is also monitored here: each deployment keeps a window of its recent
-requests and batches (:meth:`DeploymentManager.window`) and a drift feed against the
-reference statistics of its main version (:meth:`DeploymentManager.drift`); the
-manager meters predictions per project (with quotas) and samples them into the
-prediction log, both written by a background task every ``KILN_MONITOR_FLUSH_SECONDS``
-and on close.
+Every prediction is monitored by one :class:`~kiln.monitor.serving.DeploymentMonitor`,
+which the manager asks to admit each request (quotas) and tells once how it ended:
+each deployment's window of recent requests and batches (:meth:`DeploymentManager.window`),
+its drift against the reference statistics of its main version
+(:meth:`DeploymentManager.drift`), metering per project and the prediction log.
 """
 
 from __future__ import annotations
@@ -25,35 +24,82 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from kiln.errors import ConflictError, KilnError, NotFoundError
-from kiln.monitor.live import DriftFeed, RequestWindow, no_drift
-from kiln.monitor.metering import PredictionMeter
+from kiln.lifecycle import DeploymentState
 from kiln.monitor.metrics import ServingMetrics
-from kiln.monitor.predlog import PredictionLog
-from kiln.serve.batcher import Batcher, BatchStats, Closed, DeadlineExceeded, QueueFull
+from kiln.monitor.serving import Answer, DeploymentMonitor, DeploymentWatch, Served
+from kiln.serve.batcher import Batcher, Closed
 from kiln.serve.model import Output, ServedModel
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.db import Database
 from kiln.store.deployments import (
+    CONFIG_FIELDS,
+    Backend,
+    DeploymentConfig,
+    ResolvedRoute,
+    RouteSpec,
     all_deployments,
     config_of,
-    pick_config,
     remove_deployment,
     resolve_routes,
+    routes_of,
     save_deployment,
 )
 from kiln.store.projects import check_name
-from kiln.store.tables import DeploymentState, Project
+from kiln.store.tables import Project
 
 log = logging.getLogger("kiln.serve")
 T = TypeVar("T")
+
+
+class NewDeployment(BaseModel):
+    """A deployment to create: its name, a model's version, and how to serve it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    model: str
+    version: int | str = "latest"  # a number, ``latest`` or an alias
+    config: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> NewDeployment:
+        """From the API's flat body (name, model, version and the config's fields)."""
+        config = {k: body[k] for k in CONFIG_FIELDS if body.get(k) is not None}
+        rest = {k: v for k, v in body.items() if k not in CONFIG_FIELDS}
+        return cls.model_validate({**rest, "config": config})
+
+
+class DeploymentChange(BaseModel):
+    """What an update changes; what is None stays.
+
+    ``routes`` (canary, rollback) or ``version`` (hot swap: every request to it) set
+    the routes; the other fields, the :class:`DeploymentConfig`'s, its settings.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int | str | None = None
+    routes: list[RouteSpec] | None = None
+    backend: Backend | None = None
+    max_batch_size: int | None = None
+    max_delay_ms: float | None = None
+    max_queue: int | None = None
+    timeout_ms: float | None = None
+
+    def applied_to(self, config: DeploymentConfig) -> DeploymentConfig:
+        """``config`` with the settings this change gives."""
+        changes = self.model_dump(include=set(CONFIG_FIELDS), exclude_none=True)
+        return config.model_copy(update=changes)
 
 
 @dataclass
@@ -73,10 +119,15 @@ class Live:
     routes: list[Route] = field(default_factory=list)
     state: DeploymentState = DeploymentState.loading
     error: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
+    config: DeploymentConfig = field(default_factory=DeploymentConfig)
     project: str = ""  # the project's name (artifact keys)
-    window: RequestWindow = field(default_factory=RequestWindow)
-    drift: DriftFeed | None = None  # against the reference of the heaviest route's version
+    watch: DeploymentWatch = field(init=False)  # what the monitor keeps of it
+    shared_watch: InitVar[DeploymentWatch | None] = None  # a staged change keeps the watch
+
+    def __post_init__(self, shared_watch: DeploymentWatch | None) -> None:
+        self.watch = (
+            shared_watch if shared_watch is not None else DeploymentWatch(self.project, self.name)
+        )
 
     def pick(self) -> Route:
         if not self.routes:
@@ -106,29 +157,31 @@ class DeploymentManager:
         self.live: dict[tuple[int, str], Live] = {}
         self._models: dict[tuple[str, str], ServedModel] = {}  # (version id, backend)
         self._lock = asyncio.Lock()
-        self.meter = PredictionMeter(db)
-        self.predlog = PredictionLog(
+        self.monitor = DeploymentMonitor(
+            db,
             store,
-            sample=self.settings.prediction_log_sample,
-            max_bytes=int(self.settings.prediction_log_max_mb * (1 << 20)),
+            metrics,
+            self.settings,
+            watches=lambda: [live.watch for live in list(self.live.values())],
         )
-        metrics.watch_drift(self._drift_reports)
-        self._ticker: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------
 
     async def restore(self) -> None:
         """Bring back every persisted deployment (a failure marks that one failed)."""
-        self._start_ticker()
+        self.monitor.start()
         rows = await self._in_session(all_deployments)
         for row, project in rows:
-            live = Live(row.project_id, row.name, row.model, config=config_of(row), project=project)
+            live = Live(row.project_id, row.name, row.model, project=project)
             self.live[(row.project_id, row.name)] = live
             try:
-                live.routes = await self._build_routes(live, row.routes)
+                live.config = config_of(row)
+                resolved = await self._in_session(
+                    resolve_routes, row.project_id, row.model, routes_of(row)
+                )
+                live.routes = await self._build_routes(live, resolved)
                 live.state = DeploymentState.ready
-                self._watch_drift(live)
+                self._follow_drift(live)
             except Exception as exc:
                 live.state, live.error = DeploymentState.failed, str(exc)
                 log.error("deployment %s could not be restored: %s", row.name, exc)
@@ -139,7 +192,6 @@ class DeploymentManager:
     async def close(self) -> None:
         """Close every batcher (they answer what they queued), then write the last
         metered usage and prediction log records."""
-        self._stop.set()
         for live in self.live.values():
             for route in live.routes:
                 await route.batcher.close()
@@ -147,29 +199,11 @@ class DeploymentManager:
         self._models.clear()
         # the decrypted copies of bundles live only while they are served
         shutil.rmtree(self.cache_dir, ignore_errors=True)
-        if self._ticker is not None:
-            await self._ticker  # finishes a flush it may be in
-        await self.flush()
-
-    def _start_ticker(self) -> None:
-        if self._ticker is None and not self._stop.is_set():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        while not self._stop.is_set():
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.monitor_flush_seconds)
-            if self._stop.is_set():
-                return  # close() flushes once more itself
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("monitoring flush failed")
+        await self.monitor.close()
 
     async def flush(self) -> None:
         """Write the metered usage and the prediction log's buffers now."""
-        await self.meter.flush()
-        await self.predlog.flush()
+        await self.monitor.flush()
 
     # ---- API --------------------------------------------------------------------
 
@@ -184,17 +218,20 @@ class DeploymentManager:
             (d for (p, _), d in self.live.items() if p == project_id), key=lambda d: d.name
         )
 
-    async def create(self, project: Project, body: dict[str, Any]) -> Live:
-        name = check_name(body["name"], what="deployment name")
+    async def create(self, project: Project, spec: NewDeployment | Mapping[str, Any]) -> Live:
+        """Load ``spec``'s version, warm it up and serve it (one route, weight 100).
+
+        A mapping is read as the API's flat body (``kiln serve`` still passes one).
+        """
+        if not isinstance(spec, NewDeployment):
+            spec = NewDeployment.from_body(spec)
+        name = check_name(spec.name, what="deployment name")
         async with self._lock:
             if (project.id, name) in self.live:
                 raise ConflictError(f"deployment {name!r} already exists", field="name")
-            routes = [{"version": body["version"], "weight": 100}]
-            live = Live(
-                project.id, name, body["model"], config=pick_config(body), project=project.name
-            )
+            live = Live(project.id, name, spec.model, config=spec.config, project=project.name)
             resolved = await self._in_session(
-                resolve_routes, project.id, live.model, routes, "version"
+                resolve_routes, project.id, live.model, [RouteSpec(spec.version, 100)], "version"
             )
             try:
                 live.routes = await self._build_routes(live, resolved)
@@ -202,26 +239,32 @@ class DeploymentManager:
                 self._evict_unused()  # what loaded before the failure
                 raise
             live.state = DeploymentState.ready
-            self._watch_drift(live)
+            self._follow_drift(live)
             await self._in_session(
                 save_deployment, project.id, name, live.model, resolved, live.config
             )
             self.live[(project.id, name)] = live
         return live
 
-    async def update(self, project: Project, name: str, patch: dict[str, Any]) -> Live:
-        """Swap the version, set canary routes, or change batching; atomically."""
+    async def update(
+        self, project: Project, name: str, change: DeploymentChange | Mapping[str, Any]
+    ) -> Live:
+        """Swap the version, set canary routes, or change batching; atomically.
+
+        A mapping is read as a :class:`DeploymentChange` (the web forms pass one).
+        """
+        change = DeploymentChange.model_validate(change)
         async with self._lock:
             live = self.get(project.id, name)
-            config = {**live.config, **pick_config(patch)}
+            config = change.applied_to(live.config)
             version_field = None  # an unknown version is named as the caller wrote it
-            if patch.get("routes") is not None:
-                routes = patch["routes"]
-            elif patch.get("version") is not None:
-                routes = [{"version": patch["version"], "weight": 100}]
+            if change.routes is not None:
+                routes = change.routes
+            elif change.version is not None:
+                routes = [RouteSpec(change.version, 100)]
                 version_field = "version"
             else:
-                routes = [{"version": r.version, "weight": r.weight} for r in live.routes]
+                routes = [RouteSpec(r.version, r.weight) for r in live.routes]
             resolved = await self._in_session(
                 resolve_routes, project.id, live.model, routes, version_field
             )
@@ -231,7 +274,7 @@ class DeploymentManager:
                 live.model,
                 config=config,
                 project=live.project,
-                window=live.window,
+                shared_watch=live.watch,
             )
             try:
                 new_routes = await self._build_routes(staged, resolved)  # loaded and warm
@@ -241,7 +284,7 @@ class DeploymentManager:
             old = live.routes
             live.routes, live.config = new_routes, config  # the switch
             live.state, live.error = DeploymentState.ready, None
-            self._watch_drift(live)
+            self._follow_drift(live)
             await self._in_session(save_deployment, project.id, name, live.model, resolved, config)
         await self._retire(live, old, kept={r.version for r in new_routes})
         return live
@@ -254,62 +297,44 @@ class DeploymentManager:
         await self._retire(live, live.routes, kept=set())
 
     async def predict(
-        self, project_id: int, name: str, rows: Any, *, matrix: Any = None
+        self, project_id: int, name: str, rows: Any, *, matrix: np.ndarray | None = None
     ) -> tuple[Output, int]:
         """Check ``rows`` (or an (N, F) ``matrix``) and predict; returns (output, version).
 
         The project's prediction quotas are checked first (QuotaError, 429). Every call
-        on an existing deployment is recorded in its window with its HTTP-equivalent
-        status; an answered one is metered, fed to drift and offered to the prediction
-        log.
+        on an existing deployment is told to the monitor once, with its HTTP-equivalent
+        status (see :meth:`DeploymentMonitor.observe`).
         """
         live = self.get(project_id, name)
         started = time.perf_counter()
         n = len(matrix) if matrix is not None else len(rows) if isinstance(rows, list) else 0
-        status, version, reserved = 500, None, False
-        meter = self.meter
+        status, version, admitted, answer = 500, None, False, None
         try:
-            if self._ticker is None:
-                self._start_ticker()
-            if meter.needs_load(project_id):
-                await meter.prepare(project_id)
-            meter.reserve(project_id, n)
-            reserved = True
+            await self.monitor.admit(project_id, n)
+            admitted = True
             for _ in range(3):  # a route closed by a swap between pick and submit: pick again
                 route = live.pick()
                 version = route.version
                 model = route.batcher.model
                 frame = model.check_rows(rows) if matrix is None else model.check_matrix(matrix)
                 try:
-                    output = await route.batcher.predict(frame, live.config["timeout_ms"] / 1000)
+                    output = await route.batcher.predict(frame, live.config.timeout_ms / 1000)
                 except Closed:
                     continue
                 status = 200
-                self.metrics.rows.labels(live.project, name, str(version)).inc(len(frame))
-                meter.commit(project_id, name, n)
-                if live.drift is not None:
-                    live.drift.add(frame)
-                self.predlog.offer(
-                    live.project, name, version, rows if matrix is None else frame, output
-                )
+                answer = Answer(version, frame, rows if matrix is None else frame, output)
                 return output, version
             raise ConflictError(f"deployment {name} is changing; try again", field="name")
-        except KilnError as exc:
+        except KilnError as exc:  # QueueFull (503) and DeadlineExceeded (504) among them
             status = exc.http_status
-            raise
-        except QueueFull:
-            status = 503
-            raise
-        except DeadlineExceeded:
-            status = 504
             raise
         except asyncio.CancelledError:
             status = 499  # the caller went away
             raise
         finally:
-            if reserved and status != 200:
-                meter.release(project_id, n)
-            live.window.record(time.perf_counter() - started, status, n, version)
+            seconds = time.perf_counter() - started
+            served = Served(project_id, n, seconds, status, version, admitted, answer)
+            self.monitor.observe(live.watch, served)
 
     # ---- monitoring -----------------------------------------------------------------
 
@@ -320,7 +345,7 @@ class DeploymentManager:
         live = self.get(project_id, name)
         depth = sum(route.batcher.depth for route in live.routes)
         out = {"deployment": live.name, "model": live.model, "state": live.state.value}
-        out.update(live.window.summary(seconds, queue_depth=depth))
+        out.update(live.watch.window.summary(seconds, queue_depth=depth))
         return out
 
     def drift(self, project_id: int, name: str) -> dict[str, Any]:
@@ -328,47 +353,28 @@ class DeploymentManager:
         the training data of its heaviest route's version); computes, may take
         milliseconds: call it off the event loop."""
         live = self.get(project_id, name)
-        if live.drift is None:  # failed to load
-            message = f"deployment {live.name} is {live.state.value}"
-            report = no_drift(self.settings.drift_threshold, None, message)
-        else:
-            report = live.drift.report()
+        report = self.monitor.drift(live.watch, f"deployment {live.name} is {live.state.value}")
         return {"deployment": live.name, "model": live.model, **report}
 
-    def _drift_reports(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """Every drift report, for a scrape (another thread: one failure skips one)."""
-        for live in list(self.live.values()):
-            if live.drift is None:
-                continue
-            try:
-                yield live.project, live.name, live.drift.report()
-            except Exception:
-                log.exception("drift report of %s failed", live.name)
-
-    def _watch_drift(self, live: Live) -> None:
-        """(Re)start drift against the heaviest route's version, if that changed."""
+    def _follow_drift(self, live: Live) -> None:
+        """Watch drift against the heaviest route's version."""
         if not live.routes:
-            live.drift = None
+            self.monitor.follow(live.watch, None, {})
             return
         top = max(live.routes, key=lambda r: r.weight)
-        if live.drift is not None and live.drift.version == top.version:
-            return
-        live.drift = DriftFeed(
-            top.batcher.model.meta.reference or {},
-            size=self.settings.drift_window,
-            threshold=self.settings.drift_threshold,
-            version=top.version,
-        )
+        reference = top.batcher.model.meta.reference or {}
+        self.monitor.follow(live.watch, top.version, reference)
 
     def predictions(self, project_id: int, name: str, limit: int = 100) -> dict[str, Any]:
         """The newest ``limit`` records of the prediction log (blocking: a thread)."""
         live = self.get(project_id, name)
-        items = self.predlog.read(live.project, live.name, limit)
+        predlog = self.monitor.predlog
+        items = predlog.read(live.project, live.name, limit)
         return {
             "deployment": live.name,
             "items": items,
             "limit": limit,
-            **self.predlog.status(live.project, live.name),
+            **asdict(predlog.status(live.project, live.name)),
         }
 
     # ---- internals ----------------------------------------------------------------
@@ -420,32 +426,26 @@ class DeploymentManager:
         gc.collect()
         gc.freeze()
 
-    async def _build_routes(self, live: Live, resolved: list[dict[str, Any]]) -> list[Route]:
+    async def _build_routes(self, live: Live, resolved: list[ResolvedRoute]) -> list[Route]:
         routes = []
         for r in resolved:
-            model = await self._load(r.get("id"), r.get("key"), live, r["version"])
+            model = await self._load(r, live)
             batcher = Batcher(
                 model,
-                max_batch_size=live.config["max_batch_size"],
-                max_delay_ms=live.config["max_delay_ms"],
-                max_queue=live.config["max_queue"],
-                on_batch=self._recorder(live, r["version"]),
+                max_batch_size=live.config.max_batch_size,
+                max_delay_ms=live.config.max_delay_ms,
+                max_queue=live.config.max_queue,
+                on_batch=self.monitor.batches(live.watch, r.version),
             )
-            labels = (live.project, live.name, str(r["version"]))
+            labels = (live.project, live.name, str(r.version))
             self.metrics.queue_depth.labels(*labels).set_function(_depth_of(batcher))
-            routes.append(Route(r["version"], r["weight"], batcher))
+            routes.append(Route(r.version, r.weight, batcher))
         return routes
 
-    async def _load(
-        self, version_id: str | None, key: str | None, live: Live, number: int
-    ) -> ServedModel:
-        if version_id is None or key is None:  # a restored row: resolve it again
-            resolved = await self._in_session(
-                resolve_routes, live.project_id, live.model, [{"version": number, "weight": 1}]
-            )
-            version_id, key = resolved[0]["id"], resolved[0]["key"]
-        backend = live.config["backend"]
-        load_seconds = self.metrics.load_seconds.labels(live.project, live.name, str(number))
+    async def _load(self, route: ResolvedRoute, live: Live) -> ServedModel:
+        version_id, backend = route.version_id, live.config.backend
+        labels = (live.project, live.name, str(route.version))
+        load_seconds = self.metrics.load_seconds.labels(*labels)
         cached = self._models.get((version_id, backend))
         if cached is not None:  # loaded for another deployment: its load time is this one's
             load_seconds.set(cached.load_seconds)
@@ -455,7 +455,7 @@ class DeploymentManager:
             if not local.is_dir():
                 tmp = self.cache_dir / f".{version_id}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                await asyncio.to_thread(self.store.get_dir, key, tmp)
+                await asyncio.to_thread(self.store.get_dir, route.key, tmp)
                 tmp.rename(local)
             model = await asyncio.to_thread(ServedModel, local, backend)
         except BaseException:
@@ -468,20 +468,6 @@ class DeploymentManager:
         self._models[(version_id, backend)] = model
         return model
 
-    def _recorder(self, live: Live, version: int) -> Any:
-        labels = (live.project, live.name, str(version))
-        window = live.window
 
-        def record(stats: BatchStats) -> None:
-            window.record_batch(stats.rows)
-            self.metrics.batch_size.labels(*labels).observe(stats.rows)
-            self.metrics.model_time.labels(*labels).observe(stats.model_seconds)
-            wait = self.metrics.queue_wait.labels(*labels)
-            for seconds in stats.waits:
-                wait.observe(seconds)
-
-        return record
-
-
-def _depth_of(batcher: Batcher) -> Any:
+def _depth_of(batcher: Batcher) -> Callable[[], float]:
     return lambda: float(batcher.depth)

@@ -21,7 +21,7 @@ import numpy as np
 from kiln.errors import DataError
 from kiln.serve.model import Output, ServedModel
 
-DTYPES: dict[str, Any] = {
+DTYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_,
     "INT8": np.int8,
     "INT16": np.int16,
@@ -80,13 +80,13 @@ def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
                 raise DataError(
                     f"inputs[{i}]: binary data is shorter than announced", field=f"inputs[{i}]"
                 )
-            tensor["data"] = _decode_binary(chunk, tensor, i)
+            tensor["data"] = _decode_binary(chunk, _datatype(tensor.get("datatype"), i), i)
             offset += size
     return request
 
 
-def _decode_binary(chunk: bytes, tensor: dict[str, Any], i: int) -> list[Any]:
-    datatype = _datatype(tensor, i)
+def _decode_binary(chunk: bytes, datatype: str, i: int) -> list[Any]:
+    """The elements of input ``i``'s binary ``chunk``, of a checked ``datatype``."""
     if datatype == "BYTES":  # each element: a 4-byte little-endian length, then the bytes
         out: list[Any] = []
         pos = 0
@@ -115,9 +115,8 @@ def _decode_binary(chunk: bytes, tensor: dict[str, Any], i: int) -> list[Any]:
     return np.frombuffer(chunk, dtype=DTYPES[datatype]).tolist()  # type: ignore[no-any-return]
 
 
-def _datatype(tensor: dict[str, Any], i: int) -> str:
-    """The tensor's datatype: BYTES or one of :data:`DTYPES`; else a DataError."""
-    datatype = tensor.get("datatype")
+def _datatype(datatype: object, i: int) -> str:
+    """Input ``i``'s ``datatype``: BYTES or one of :data:`DTYPES`; else a DataError."""
     if datatype != "BYTES" and datatype not in DTYPES:
         shown = repr(datatype)[:40]
         raise DataError(
@@ -137,12 +136,12 @@ def to_rows_or_matrix(
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise DataError(f"inputs[{i}] must be an object", field=f"inputs[{i}]")
-        _datatype(tensor, i)
+        _datatype(tensor.get("datatype"), i)
     kinds = dict(model.columns)
     if len(inputs) == 1 and inputs[0].get("name") == "input" and "input" not in kinds:
         tensor = inputs[0]
-        shape = _shape(tensor, 0)
-        values = _numbers(_flat(tensor, 0))
+        shape = _shape(tensor.get("shape"), 0)
+        values = _numbers(_flat(tensor.get("data"), 0))
         if len(shape) != 2 or values.size != shape[0] * shape[1]:
             raise DataError(f"input: shape {shape} does not match its data", field="input")
         return None, values.reshape(shape)
@@ -150,8 +149,8 @@ def to_rows_or_matrix(
     n = None
     for i, tensor in enumerate(inputs):
         name = tensor.get("name")
-        shape = _shape(tensor, i)
-        data = _flat(tensor, i)
+        shape = _shape(tensor.get("shape"), i)
+        data = _flat(tensor.get("data"), i)
         if kinds.get(str(name)) != "image":  # text and categories: bytes are UTF-8
             data = [_text(v, i, j) for j, v in enumerate(data)]
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or len(data) != shape[0]:
@@ -197,15 +196,15 @@ def _text(value: Any, i: int, j: int) -> Any:
     return value
 
 
-def _shape(tensor: dict[str, Any], i: int) -> list[int]:
-    shape = tensor.get("shape")
+def _shape(shape: object, i: int) -> list[int]:
+    """Input ``i``'s ``shape``: a list of sizes; else a DataError."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise DataError(f"inputs[{i}].shape must be a list of sizes", field=f"inputs[{i}].shape")
     return shape
 
 
-def _flat(tensor: dict[str, Any], i: int) -> list[Any]:
-    data = tensor.get("data")
+def _flat(data: object, i: int) -> list[Any]:
+    """Input ``i``'s ``data``, nested lists flattened in row-major order."""
     if not isinstance(data, list):
         raise DataError(f"inputs[{i}].data must be a list", field=f"inputs[{i}].data")
     flat: list[Any] = []

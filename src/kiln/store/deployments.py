@@ -1,15 +1,17 @@
 """Deployment rows: what a server needs to restore its deployments after a restart.
 
-A row holds the deployment's routes as ``{version, weight}`` (aliases already resolved
-to numbers) and its batching settings (:data:`CONFIG_KEYS`); the serving side
-(:mod:`kiln.serve.deployments`) holds the loaded models. Functions take the caller's
-session, as the other store modules do.
+A row holds the deployment's routes as JSON ``[{version, weight}, ...]`` (aliases
+already resolved to numbers) and its :class:`DeploymentConfig` as columns; the serving
+side (:mod:`kiln.serve.deployments`) holds the loaded models. Functions take the
+caller's session, as the other store modules do.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,16 +19,53 @@ from kiln.errors import NotFoundError, SpecError
 from kiln.store.registry import get_model, resolve_version
 from kiln.store.tables import Deployment, Project, utcnow
 
-CONFIG_KEYS = ("backend", "max_batch_size", "max_delay_ms", "max_queue", "timeout_ms")
+Backend = Literal["auto", "torch", "onnx"]
 
 
-def pick_config(body: dict[str, Any]) -> dict[str, Any]:
-    """The batching settings given in a request ``body`` (absent ones left out)."""
-    return {k: body[k] for k in CONFIG_KEYS if body.get(k) is not None}
+class DeploymentConfig(BaseModel):
+    """How a deployment serves: its backend and batching (the row's columns).
+
+    The API validates the ranges (:class:`kiln.api.schemas.DeploymentIn`); the
+    defaults here are the API's.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Backend = "auto"
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0  # the longest a request waits for its batch to fill
+    max_queue: int = 256  # requests waiting beyond it are refused (503)
+    timeout_ms: float = 10_000.0  # a request not answered by then is a 504
 
 
-def config_of(row: Deployment) -> dict[str, Any]:
-    return {k: getattr(row, k) for k in CONFIG_KEYS}
+CONFIG_FIELDS = tuple(DeploymentConfig.model_fields)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """A route as asked for: a version (number, alias or ``latest``) and its weight."""
+
+    version: int | str
+    weight: int
+
+
+@dataclass(frozen=True)
+class ResolvedRoute:
+    """A route with its version resolved to a number, and that version's bundle."""
+
+    version: int
+    weight: int
+    version_id: str  # the model version's id (the local cache's name)
+    key: str  # the bundle's artifact key
+
+
+def config_of(row: Deployment) -> DeploymentConfig:
+    return DeploymentConfig.model_validate({k: getattr(row, k) for k in CONFIG_FIELDS})
+
+
+def routes_of(row: Deployment) -> list[RouteSpec]:
+    """The row's stored routes (version numbers)."""
+    return [RouteSpec(int(r["version"]), int(r["weight"])) for r in row.routes]
 
 
 def all_deployments(s: Session) -> list[tuple[Deployment, str]]:
@@ -43,9 +82,9 @@ def resolve_routes(
     s: Session,
     project_id: int,
     model_name: str,
-    routes: list[dict[str, Any]],
+    routes: list[RouteSpec],
     version_field: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ResolvedRoute]:
     """Routes with version numbers (aliases resolved now) and their bundles' ids and keys.
 
     An unknown model or version is a 422 naming the request's field
@@ -53,7 +92,7 @@ def resolve_routes(
     """
     if not routes:
         raise SpecError("routes: at least one route", field="routes")
-    if sum(int(r["weight"]) for r in routes) <= 0:
+    if sum(r.weight for r in routes) <= 0:
         raise SpecError("routes: the weights must add up to more than 0", field="routes")
     project = s.get(Project, project_id)
     assert project is not None
@@ -64,24 +103,17 @@ def resolve_routes(
     out = []
     for i, route in enumerate(routes):
         try:
-            version = resolve_version(s, model, route["version"])
+            version = resolve_version(s, model, route.version)
         except NotFoundError as exc:
             raise SpecError(exc.message, field=version_field or f"routes.{i}.version") from None
-        out.append(
-            {
-                "version": version.version,
-                "weight": int(route["weight"]),
-                "id": version.id,
-                "key": version.artifact_key,
-            }
-        )
-    if len({r["version"] for r in out}) != len(out):
+        out.append(ResolvedRoute(version.version, route.weight, version.id, version.artifact_key))
+    if len({r.version for r in out}) != len(out):
         raise SpecError("routes: each version once", field="routes")
     return out
 
 
-def _stored(resolved: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"version": r["version"], "weight": r["weight"]} for r in resolved]
+def _stored(resolved: list[ResolvedRoute]) -> list[dict[str, int]]:
+    return [{"version": r.version, "weight": r.weight} for r in resolved]
 
 
 def _row(s: Session, project_id: int, name: str) -> Deployment | None:
@@ -95,20 +127,21 @@ def save_deployment(
     project_id: int,
     name: str,
     model: str,
-    resolved: list[dict[str, Any]],
-    config: dict[str, Any],
+    resolved: list[ResolvedRoute],
+    config: DeploymentConfig,
 ) -> None:
     """Insert the deployment, or update its routes and settings."""
     row = _row(s, project_id, name)
+    columns = config.model_dump()
     if row is None:
         s.add(
             Deployment(
-                project_id=project_id, name=name, model=model, routes=_stored(resolved), **config
+                project_id=project_id, name=name, model=model, routes=_stored(resolved), **columns
             )
         )
         return
     row.routes = _stored(resolved)
-    for key, value in config.items():
+    for key, value in columns.items():
         setattr(row, key, value)
     row.updated_at = utcnow()
 

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from kiln.api.deps import Deployer, ProjectAlone, Reader, Services, principal
+from kiln.api.deps import Deployer, ProjectAlone, Reader, principal
 from kiln.api.schemas import DeploymentIn, DeploymentOut, DeploymentPatch, PredictIn, PredictOut
-from kiln.serve.deployments import DeploymentManager, Live
+from kiln.serve.deployments import DeploymentChange, DeploymentManager, Live, NewDeployment
+from kiln.services import Services
+from kiln.store.deployments import DeploymentConfig, RouteSpec
 from kiln.store.keys import Principal
 from kiln.store.projects import project_for
 
@@ -40,7 +42,7 @@ def deployment_out(live: Live) -> DeploymentOut:
             }
             for r in live.routes
         ],
-        **live.config,
+        **live.config.model_dump(),
     )
 
 
@@ -54,7 +56,13 @@ async def create(
 ) -> DeploymentOut:
     """Load the version, warm it up and answer once it is ready."""
     request.state.audit_target = f"deployment:{body.name}"
-    return deployment_out(await deployments.create(project, body.model_dump()))
+    spec = NewDeployment(
+        name=body.name,
+        model=body.model,
+        version=body.version,
+        config=DeploymentConfig.model_validate(body, from_attributes=True),
+    )
+    return deployment_out(await deployments.create(project, spec))
 
 
 @router.get("/deployments", name="deployments.list")
@@ -81,10 +89,18 @@ async def update(
     New versions load beside the old ones; traffic switches once they are warm.
     """
     request.state.audit_target = f"deployment:{name}"
-    patch = body.model_dump(exclude_none=True)
-    if body.routes is not None:
-        patch["routes"] = [r.model_dump() for r in body.routes]
-    return deployment_out(await deployments.update(project, name, patch))
+    change = DeploymentChange(
+        version=body.version,
+        routes=None
+        if body.routes is None
+        else [RouteSpec(r.version, r.weight) for r in body.routes],
+        backend=body.backend,
+        max_batch_size=body.max_batch_size,
+        max_delay_ms=body.max_delay_ms,
+        max_queue=body.max_queue,
+        timeout_ms=body.timeout_ms,
+    )
+    return deployment_out(await deployments.update(project, name, change))
 
 
 @router.delete("/deployments/{name}", status_code=204, name="deployments.delete")

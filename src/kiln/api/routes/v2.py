@@ -35,7 +35,9 @@ def metadata(name: str, project_id: InferenceProject, deployments: Manager) -> d
 
 
 @router.get("/models/{name}/ready", name="v2.model_ready")
-def model_ready(name: str, project_id: InferenceProject, deployments: Manager) -> dict[str, Any]:
+def model_ready(
+    name: str, project_id: InferenceProject, deployments: Manager
+) -> dict[str, str | bool]:
     live = deployments.get(project_id, name)
     return {"name": name, "ready": live.state.value == "ready"}
 
