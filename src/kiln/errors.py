@@ -15,6 +15,9 @@ class KilnError(Exception):
     code = "kiln_error"
     http_status = 500
     exit_code = 1
+    retry_after: int | None = None
+    """Whole seconds after which the same request may succeed (the HTTP ``Retry-After``
+    header); None for an error that waiting does not cure."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -83,7 +86,11 @@ class ExportError(KilnError):
 
 
 class ToleranceError(KilnError):
-    """No variant of a compression step stayed within the accuracy tolerance."""
+    """No variant of a compression step stayed within the accuracy tolerance.
+
+    ``kiln.compress`` raises its subclass ``CompressToleranceError``, which carries
+    the variants that fitted (``partial``) and the failing step's attempts.
+    """
 
     code = "tolerance_not_met"
     http_status = 422
@@ -140,6 +147,7 @@ class RateLimitError(KilnError):
     code = "rate_limited"
     http_status = 429
     exit_code = 16
+    retry_after: int
 
     def __init__(self, message: str, *, field: str | None = None, retry_after: int = 1) -> None:
         super().__init__(message, field=field)
@@ -152,6 +160,43 @@ class ServiceError(KilnError):
     code = "service_error"
     http_status = 502
     exit_code = 14
+
+
+class QueueFull(ServiceError):  # noqa: N818 - reads as the deployment's condition
+    """A deployment's queue holds ``max_queue`` requests already: the request was refused
+    before it was queued, so nothing was computed, and a retry shortly may succeed."""
+
+    code = "overloaded"
+    http_status = 503
+    exit_code = 18
+    retry_after: int
+
+    def __init__(
+        self,
+        message: str = "the deployment's queue is full; retry shortly",
+        *,
+        field: str | None = None,
+        retry_after: int = 1,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(ServiceError):  # noqa: N818 - reads as the request's condition
+    """A request waited in a deployment's queue past its ``timeout_ms``; it was dropped
+    uncomputed."""
+
+    code = "timeout"
+    http_status = 504
+    exit_code = 19
+
+    def __init__(
+        self,
+        message: str = "the request waited past the deployment's timeout_ms",
+        *,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message, field=field)
 
 
 class EncryptionError(KilnError):
@@ -181,6 +226,8 @@ ERRORS_BY_CODE: dict[str, type[KilnError]] = {
         QuotaError,
         RateLimitError,
         ServiceError,
+        QueueFull,
+        DeadlineExceeded,
         EncryptionError,
     )
 }

@@ -11,12 +11,19 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
 from kiln.compress.distill import DistillLoss, check_student
-from kiln.compress.prune import prunable_layers, sparsity, structured, unstructured_masks
+from kiln.compress.prune import (
+    Sparsity,
+    prunable_layers,
+    sparsity,
+    structured,
+    unstructured_masks,
+)
 from kiln.compress.quantize import ort_int8, quantizable_nodes, sensitivity, torch_int8
+from kiln.compress.steps import STEP_CLASSES, Attempt, Distill, Prune, Quantize, step_for
 from kiln.errors import SpecError
 from kiln.models.registry import build
 from kiln.runtime.onnx import OnnxBackend, export_onnx
-from kiln.spec.compress import DistillSettings
+from kiln.spec.compress import CompressSpec, DistillSettings
 from kiln.spec.model import LinearSpec, MLPSpec, TransformerSpec
 
 # ---- distillation loss ---------------------------------------------------------------
@@ -156,7 +163,7 @@ def test_sparsity_counts_parameters_and_nonzeros():
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.fill_(1.0)
-    assert sparsity(layer) == {"parameters": 10, "nonzeros": 2, "sparsity": pytest.approx(0.8)}
+    assert sparsity(layer) == Sparsity(parameters=10, nonzeros=2, sparsity=pytest.approx(0.8))
 
 
 def test_structured_pruning_removes_neurons_and_reports_the_smaller_spec():
@@ -257,3 +264,24 @@ def test_torch_int8_swaps_linears_for_dynamic_quantized_ones():
     assert isinstance(model[0], nn.Linear)  # the fp32 model is left as it was
     x = torch.randn(16, 6)
     torch.testing.assert_close(quantized(x), model(x), atol=0.1, rtol=0.05)
+
+
+# ---- the step classes ------------------------------------------------------------------
+
+
+def test_each_spec_step_gets_the_step_class_of_its_kind_and_starts_as_written():
+    spec = CompressSpec.model_validate(
+        {
+            "source": "unused",
+            "steps": [
+                {"distill": {"student": {"type": "mlp", "hidden": [4]}}},
+                {"prune": {"amount": 0.3}},
+                {"quantize": {"backend": "onnxruntime"}},
+            ],
+        }
+    )
+    steps = [step_for(s) for s in spec.steps]
+    assert [type(s) for s in steps] == [Distill, Prune, Quantize]
+    assert [s.kind for s in steps] == ["distill", "prune", "quantize"]
+    assert [s.first() for s in steps] == [Attempt(), Attempt(amount=0.3), Attempt()]
+    assert set(STEP_CLASSES) == {type(s) for s in spec.steps}

@@ -10,6 +10,7 @@ saved model is smaller and faster. The output layer is never pruned.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,8 +82,17 @@ def _spec_of(model: nn.Module, spec: MLPSpec | CNNSpec) -> MLPSpec | CNNSpec:
     return spec.model_copy(update={"channels": [m.out_channels for m in convs], "hidden": hidden})
 
 
-def sparsity(model: nn.Module) -> dict[str, int | float]:
+@dataclass(frozen=True)
+class Sparsity:
+    """What is left of a model's weights."""
+
+    parameters: int
+    nonzeros: int
+    sparsity: float  # the fraction of parameters that are zero
+
+
+def sparsity(model: nn.Module) -> Sparsity:
     """Parameter count, non-zeros, and the fraction of zeros."""
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    return {"parameters": params, "nonzeros": nonzero, "sparsity": 1 - nonzero / max(params, 1)}
+    return Sparsity(params, nonzero, 1 - nonzero / max(params, 1))

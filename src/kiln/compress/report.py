@@ -9,7 +9,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from kiln.manifest import JSONDocument, StepRecord
 from kiln.spec.spec import metric_mode
+
+
+class MetricReport(BaseModel):
+    """The tolerance metric of a variant against the source's (drop: positive = worse)."""
+
+    name: str
+    test: float
+    source_test: float
+    val: float
+    source_val: float
+    drop: float
+    relative_drop: float | None  # drop / |source_val|; None when source_val is 0
+
+
+class VariantReport(BaseModel):
+    """``compression.json``: one variant (or the source) measured on this machine."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    step: StepRecord | None
+    # one per try of the step: attempt, val_<metric>, drop, and amount / excluded
+    attempts: list[JSONDocument]
+    backend: str
+    quantization: str | None
+    excluded_layers: list[str]
+    model_bytes: int  # the weights (or the ONNX graph) in memory
+    disk_bytes: int | None
+    parameters: int
+    nonzeros: int
+    sparsity: float
+    latency: JSONDocument  # kiln.compress.measure.latency
+    peak_memory_bytes: int | None
+    metric: MetricReport
+    agreement_with_parent: float
+    machine: JSONDocument  # kiln.compress.measure.machine
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[bool]:

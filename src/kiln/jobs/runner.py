@@ -17,28 +17,77 @@ import copy
 import tempfile
 import threading
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
 from kiln.errors import ConflictError, DataError, KilnError, NotFoundError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
-from kiln.jobs.queue import Lease, LeaseLost, Queue, epoch_series
+from kiln.jobs.queue import EpochLogs, ErrorRecord, Lease, LeaseLost, Queue, epoch_series
 from kiln.jobs.resources import RELEASED, ResourceMeter, account
-from kiln.manifest import JSONDocument, ParentRecord
+from kiln.lifecycle import JobState
+from kiln.manifest import BundleMeta, JSONDocument, ParentRecord
 from kiln.store.artifacts import ArtifactStore, safe_key
 from kiln.store.datasets import archive_root, dataset_ref
 from kiln.store.db import Database
-from kiln.store.model_refs import pin_spec
+from kiln.store.model_refs import Pins, pin_spec
 from kiln.store.registry import get_model, register_version, registering, resolve_version
-from kiln.store.tables import Dataset, Job, JobState, Project
+from kiln.store.tables import Dataset, Job, Project
 from kiln.train.callbacks import Callback
 
 
 class JobStopped(Exception):  # noqa: N818 - a request, not a failure
     """Raised inside training when the job must stop (cancelled, lease lost, shutdown)."""
+
+
+JobResult = Mapping[str, object]
+"""A job's JSON outcome as ``Job.result`` stores it (the API returns it as is)."""
+
+
+class VersionResult(TypedDict):
+    """A train or evaluate job's result: the version it registered or scored."""
+
+    model: str
+    version: int
+    metrics: JSONDocument  # per split: what kiln.evaluate measured
+
+
+class VariantResult(TypedDict):
+    """One registered variant in a compress job's result."""
+
+    variant: str
+    version: int
+
+
+class CompressJobResult(TypedDict):
+    """A compress job's result: its source version and the variants registered from it."""
+
+    model: str
+    source_version: int
+    variants: list[VariantResult]
+
+
+class TrainSummary(TypedDict):
+    """``ModelVersion.summary`` of a trained version (shown by the API, CLI and dashboard)."""
+
+    model: str  # the architecture's type
+    parameters: int
+    epochs_run: int
+    seconds: float | None
+    device: str | None
+
+
+class VariantSummary(TypedDict):
+    """``ModelVersion.summary`` of a compressed variant."""
+
+    model: str
+    parameters: int
+    variant: str
+    runtime: JSONDocument  # kiln.manifest.Runtime as JSON
+    report: JSONDocument  # the step's accuracy/size/latency report
 
 
 @dataclass
@@ -65,7 +114,7 @@ class _JobCheckpoints(ArtifactCheckpoints):
 
     def __init__(self, store: ArtifactStore, key: str) -> None:
         super().__init__(store, key)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[EpochLogs] = []
 
     def load(self) -> dict[str, Any] | None:
         state = super().load()
@@ -101,7 +150,7 @@ class _Reporter(Callback):
             if self.record and self.checkpoints is not None:
                 self._record_missed(self.checkpoints.history)
 
-    def _record_missed(self, history: list[dict[str, Any]]) -> None:
+    def _record_missed(self, history: Sequence[EpochLogs]) -> None:
         """Record the checkpointed epochs the series lacks: a worker that died after
         writing an epoch's checkpoint but before recording the epoch left it out."""
         with self.ctx.db.session() as session:
@@ -114,7 +163,7 @@ class _Reporter(Callback):
         if self.ctx.stop.is_set():
             raise JobStopped(self.ctx.reason)
 
-    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, logs: EpochLogs) -> None:
         if not self.record:
             self.on_batch_end()
             return
@@ -170,17 +219,40 @@ def checkpoint_key(project: str, job_id: str) -> str:
     return safe_key("projects", project, "jobs", job_id, "checkpoint.pt")
 
 
-def _close(ctx: JobContext, session: Session, state: JobState, **kwargs: Any) -> None:
+def _close(
+    ctx: JobContext,
+    session: Session,
+    state: JobState,
+    *,
+    result: JobResult | None = None,
+    error: ErrorRecord | None = None,
+    model_version_id: str | None = None,
+) -> None:
     """End the attempt in the caller's transaction: its resources, its metered compute
     and the job's new state commit together. Raises LeaseLost."""
     account(session, ctx.lease, ctx.meter.snapshot(), state.value)
-    ctx.queue.finish(session, ctx.lease, state, **kwargs)
+    ctx.queue.finish(
+        session,
+        ctx.lease,
+        state,
+        result=dict(result) if result is not None else None,
+        error=error,
+        model_version_id=model_version_id,
+    )
 
 
-def _finish(ctx: JobContext, state: JobState, **kwargs: Any) -> None:
+def _finish(
+    ctx: JobContext,
+    state: JobState,
+    *,
+    result: JobResult | None = None,
+    error: ErrorRecord | None = None,
+) -> None:
+    """Close the attempt in a transaction of its own; a failed or cancelled job's
+    checkpoint goes with it."""
     try:
         with ctx.db.session() as session:
-            _close(ctx, session, state, **kwargs)
+            _close(ctx, session, state, result=result, error=error)
             job = session.get(Job, ctx.lease.job_id)
             project = session.get(Project, job.project_id) if job is not None else None
         if state != JobState.succeeded and project is not None:
@@ -239,73 +311,98 @@ def _train(ctx: JobContext, job: Job, tmp: Path) -> None:
         resume=checkpoints.exists(),
         data_root=_data_dir(tmp),
     )
-    meta = bundle.meta
-    ctx.meter.device = meta.training.device
-    # the lineage names the dataset, not the worker's temporary copy of it
-    lineage = meta.lineage
-    if lineage.data is not None:
-        lineage.data.source = job.spec["data"]["source"]
-    if lineage.spec is not None:
-        lineage.spec["data"] = {
-            **_mapping(lineage.spec["data"]),
-            "source": job.spec["data"]["source"],
-        }
-    # the base model's name, not the worker's copy of it
-    meta.lineage = pins.restore_model(lineage)
-    meta.model = pins.restore_model(meta.model)
-    pins.restore(meta.model_context)
-    meta.lineage.job = job.id
-    meta.lineage.project = project.name
+    ctx.meter.device = bundle.meta.training.device
+    _name_sources(bundle.meta, job, project, pins)
     out = bundle.save(tmp / "bundle")
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     prefix = safe_key("projects", project.name, "models", bundle.meta.name, job.id)
     ctx.store.put_dir(prefix, out)
-    summary = {
-        "model": meta.model.type,
-        "parameters": meta.parameters,
-        "epochs_run": meta.training.epochs_run,
-        "seconds": meta.training.seconds,
-        "device": meta.training.device,
-    }
-
-    def register(session: Session) -> None:
-        version = register_version(
-            session,
-            project,
-            bundle.meta.name,
-            artifact_key=prefix,
-            task=bundle.meta.task,
-            metrics=bundle.meta.metrics,
-            summary=summary,
-            size_bytes=size,
-            job_id=job.id,
-            dataset_id=dataset.id if dataset else None,
-        )
-        result = {
-            "model": bundle.meta.name,
-            "version": version.version,
-            "metrics": bundle.meta.metrics,
-        }
-        # the version and the job's end commit together: no succeeded job without its version
-        _close(ctx, session, JobState.succeeded, result=result, model_version_id=version.id)
-
+    stored = _StoredBundle(bundle.meta, prefix, _size(out))
+    dataset_id = dataset.id if dataset else None
     try:
-        registering(ctx.db, bundle.meta.name, register)
+        registering(
+            ctx.db,
+            bundle.meta.name,
+            lambda session: _register_trained(ctx, session, job, project, stored, dataset_id),
+        )
     except ConflictError:
         ctx.store.delete(prefix)  # registered nowhere: the bundle's bytes would only take space
         raise
     checkpoints.clear()
 
 
-def _crossval(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
-    from kiln.evaluate.crossval import crossval
+def _name_sources(meta: BundleMeta, job: Job, project: Project, pins: Pins) -> None:
+    """Point the trained bundle's manifest at what the job named: the dataset and the
+    base model, not the worker's temporary copies of them; and at the job."""
+    source = job.spec["data"]["source"]
+    lineage = meta.lineage
+    if lineage.data is not None:
+        lineage.data.source = source
+    if lineage.spec is not None:
+        lineage.spec["data"] = {**_mapping(lineage.spec["data"]), "source": source}
+    meta.lineage = pins.restore_model(lineage)
+    meta.model = pins.restore_model(meta.model)
+    pins.restore(meta.model_context)
+    meta.lineage.job = job.id
+    meta.lineage.project = project.name
+
+
+@dataclass(frozen=True)
+class _StoredBundle:
+    """A bundle put in the artifact store under ``prefix``, not registered yet."""
+
+    meta: BundleMeta
+    prefix: str
+    size_bytes: int
+
+
+def _size(folder: Path) -> int:
+    """The bytes of a saved bundle's files."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _register_trained(
+    ctx: JobContext,
+    session: Session,
+    job: Job,
+    project: Project,
+    stored: _StoredBundle,
+    dataset_id: str | None,
+) -> None:
+    """Register the trained version and succeed the job, in one transaction: no
+    succeeded job without its version."""
+    meta = stored.meta
+    summary = TrainSummary(
+        model=meta.model.type,
+        parameters=meta.parameters,
+        epochs_run=meta.training.epochs_run,
+        seconds=meta.training.seconds,
+        device=meta.training.device,
+    )
+    version = register_version(
+        session,
+        project,
+        meta.name,
+        artifact_key=stored.prefix,
+        task=meta.task,
+        metrics=meta.metrics,
+        summary=dict(summary),
+        size_bytes=stored.size_bytes,
+        job_id=job.id,
+        dataset_id=dataset_id,
+    )
+    result = VersionResult(model=meta.name, version=version.version, metrics=meta.metrics)
+    _close(ctx, session, JobState.succeeded, result=result, model_version_id=version.id)
+
+
+def _crossval(ctx: JobContext, job: Job, tmp: Path) -> JobResult:
+    from kiln.train.crossval import crossval
 
     spec = copy.deepcopy(job.spec)
     pin_spec(ctx.db, ctx.store, spec, tmp, project_id=job.project_id)
     spec["data"]["source"], _ = _fetch_dataset(ctx, job, spec["data"]["source"], tmp)
     folds = int(job.options.get("folds", 5))
 
-    def on_fold(i: int, metrics: dict[str, Any]) -> None:
+    def on_fold(i: int, metrics: Mapping[str, object]) -> None:
         ctx.queue.log(ctx.lease, "info", f"fold {i + 1}/{folds}: {metrics}")
         ctx.queue.set_progress(ctx.lease, {"fold": i + 1, "folds": folds})
 
@@ -319,7 +416,7 @@ def _crossval(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
     return result.to_dict()
 
 
-def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
+def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> VersionResult:
     from kiln.bundle import Bundle
 
     project = _project(ctx, job)
@@ -330,7 +427,7 @@ def _evaluate(ctx: JobContext, job: Job, tmp: Path) -> dict[str, Any]:
     local, _ = _fetch_dataset(ctx, job, source, tmp)
     ctx.store.get_dir(version.artifact_key, tmp / "bundle")
     metrics = Bundle.load(tmp / "bundle").evaluate(local, data_root=_data_dir(tmp))
-    return {"model": name, "version": version.version, "metrics": metrics}
+    return VersionResult(model=name, version=version.version, metrics=metrics)
 
 
 MODEL_PREFIX = "model:"
@@ -347,7 +444,7 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
     """Compress a registered version; every variant becomes a new version of the same
     model whose parent is the version it was made from (step by step)."""
     from kiln.bundle import Bundle
-    from kiln.compress.pipeline import compress
+    from kiln.compress.pipeline import CompressToleranceError, compress
     from kiln.errors import ToleranceError
 
     project = _project(ctx, job)
@@ -387,7 +484,7 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         variants = result.variants
     except ToleranceError as exc:
         failure = exc
-        partial = getattr(exc, "partial", None)
+        partial = exc.partial if isinstance(exc, CompressToleranceError) else None
         variants = partial.variants if partial is not None else []
     if ctx.stop.is_set():
         raise JobStopped(ctx.reason)
