@@ -96,7 +96,7 @@ SPECS: dict[str, dict[str, Any]] = {
 
 def prepare(home: Path, models: list[str]) -> dict[str, Any]:
     """Train and register what ``home`` lacks; returns {key, bundles: {model: dir}}."""
-    from kiln.api.app import build_services
+    from kiln.app import build_services
     from kiln.server import bootstrap
     from kiln.settings import Settings
     from kiln.store.keys import create_key

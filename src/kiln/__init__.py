@@ -56,14 +56,14 @@ _LAZY = {
     "Spec": ("kiln.spec", "Spec"),
     "load_spec": ("kiln.spec", "load_spec"),
     "fit": ("kiln.workflow", "fit"),
-    "crossval": ("kiln.evaluate.crossval", "crossval"),
+    "crossval": ("kiln.train.crossval", "crossval"),
 }
 
 if TYPE_CHECKING:
     from kiln.bundle import Bundle, Predictions
     from kiln.client import Client
-    from kiln.evaluate.crossval import crossval
     from kiln.spec import Spec, load_spec
+    from kiln.train.crossval import crossval
     from kiln.workflow import fit
 
 

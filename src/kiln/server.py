@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from kiln.api.deps import Services
+from kiln.services import Services
 from kiln.settings import Settings
 from kiln.store.keys import create_key
 from kiln.store.projects import DEFAULT_PROJECT, ensure_project
@@ -135,7 +135,7 @@ def up(settings: Settings, *, host: str, port: int, workers: int) -> None:
     """Run the API server in this process and ``workers`` worker processes beside it."""
     import uvicorn
 
-    from kiln.api.app import build_services, create_app
+    from kiln.app import build_services, create_app
     from kiln.store.keyring import master_key_file
 
     master = master_key_file(settings)

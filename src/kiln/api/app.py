@@ -1,13 +1,13 @@
-"""The FastAPI application: routes under ``/api/v1``, one error shape, audit, size limits.
+"""The HTTP API: routes under ``/api/v1`` and ``/v2``, health, one error shape, audit,
+size limits.
 
-``create_app(settings)`` opens the database (migrating it to the head) and the
-artifact store on start-up; tests pass their own ``Services``.
+:func:`create_api` builds the API alone; the application a server runs (the API, the
+dashboard, and the deployments' lifespan) is assembled by :func:`kiln.app.create_app`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -17,10 +17,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from kiln import __version__
-from kiln.api.deps import Services, principal
+from kiln.api.deps import principal
 from kiln.api.guards import TextGuard
 from kiln.api.openapi import install as install_openapi
 from kiln.api.routes import (
@@ -35,14 +35,10 @@ from kiln.api.routes import (
     v2,
 )
 from kiln.errors import KilnError, RateLimitError, TooLargeError
-from kiln.jobs.queue import Queue
-from kiln.jobs.scratch import release, worker_scratch
 from kiln.monitor.audit import record
+from kiln.services import Services
 from kiln.settings import Settings
-from kiln.store.crypto import open_artifacts
-from kiln.store.db import Database, migrate
 from kiln.store.keys import Principal
-from kiln.web import mount as mount_dashboard
 
 API = "/api/v1"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -54,58 +50,19 @@ INFERENCE = {"deployments.predict", "v2.infer"}
 """Routes that are metered as requests (Prometheus), not audited: they change nothing."""
 
 
-def build_services(settings: Settings) -> Services:
-    """Open (and migrate) the database and the artifact store named by the settings."""
-    url = settings.resolved_database_url
-    migrate(url)
-    db = Database(url)
-    store = open_artifacts(settings, db)  # encrypted; a wrong master key fails here
-    return Services(
-        settings=settings,
-        db=db,
-        store=store,
-        queue=Queue(db, heartbeat_timeout=settings.heartbeat_timeout),
-    )
-
-
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message, "field": field}}, status_code=status
     )
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
-    settings = settings or (services.settings if services else Settings())
+def create_api(settings: Settings, *, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
+    """The API's routes, error handlers and middleware, without the dashboard.
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from kiln.monitor.metrics import ServingMetrics
-        from kiln.serve.deployments import DeploymentManager
-
-        own = services is None
-        svc = (
-            services if services is not None else await run_in_threadpool(build_services, settings)
-        )
-        app.state.services = svc
-        # uploads a killed API process (or worker) left in scratch go now
-        scratch = await run_in_threadpool(worker_scratch, svc.settings.home_dir / "scratch")
-        manager = DeploymentManager(
-            svc.db,
-            svc.store,
-            # in this process's scratch: the decrypted copies are this process's alone,
-            # and a killed process's are removed by the next one to start
-            scratch / "deployments",
-            ServingMetrics(),
-            settings=svc.settings,
-        )
-        app.state.deployments = manager
-        await manager.restore()  # deployments come back by themselves after a restart
-        yield
-        await manager.close()
-        release(scratch)  # an API process that exits cleanly leaves no scratch folder
-        if own:
-            svc.db.dispose()
-
+    Routes read ``app.state.services`` (a :class:`~kiln.services.Services`) and
+    ``app.state.deployments`` (a ``DeploymentManager``): whoever assembles the
+    application sets them, in ``lifespan`` or before it runs.
+    """
     # /docs and /redoc with their assets from the fastapi-offline package: no CDN
     app = FastAPIOffline(
         title="kiln",
@@ -114,8 +71,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         "`Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
-    if services is not None:
-        app.state.services = services
     _errors(app)
     install_openapi(app)
     # innermost: it reads bodies the size limit around it has already bounded
@@ -135,7 +90,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for module in ROUTERS:
         app.include_router(module.router, prefix=API)
     app.include_router(v2.router)
-    mount_dashboard(app)  # the web dashboard at /
+    _health(app)
+    return app
+
+
+def _health(app: FastAPI) -> None:
+    """``/healthz``, ``/readyz`` (no key) and ``/metrics`` (any key)."""
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:
@@ -169,12 +129,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             request.app.state.deployments.metrics.render(only), media_type=CONTENT_TYPE_LATEST
         )
 
-    return app
-
 
 def _errors(app: FastAPI) -> None:
-    from kiln.serve.batcher import DeadlineExceeded, QueueFull
-
     def respond(
         request: Request, status: int, code: str, message: str, field: str | None
     ) -> JSONResponse:
@@ -186,25 +142,13 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
         response = respond(request, exc.http_status, exc.code, exc.message, exc.field)
+        if exc.retry_after is not None:  # a full queue (503), a spent rate limit (429)
+            response.headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, RateLimitError):
             from kiln.api.ratelimit import refused
 
-            refused(request, response, exc)  # Retry-After, and the metric
+            refused(request, response, exc)  # the refusal counted in the metrics
         return response
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        response = respond(
-            request, 503, "overloaded", "the deployment's queue is full; retry shortly", None
-        )
-        response.headers["Retry-After"] = "1"
-        return response
-
-    @app.exception_handler(DeadlineExceeded)
-    async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
-        return respond(
-            request, 504, "timeout", "the request waited past the deployment's timeout_ms", None
-        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,81 +1,27 @@
 """What routes receive through ``Depends``: the services, the caller, the project, a page.
 
-Tests override :func:`services` to point the app at their own database and store.
+The :class:`~kiln.services.Services` come from ``app.state.services``, which the
+application's assembly (:func:`kiln.app.create_app`) sets; tests pass their own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from kiln.api.ratelimit import RateLimits, lane_of
+from kiln.api.ratelimit import lane_of
 from kiln.errors import AuthError
-from kiln.jobs.queue import Queue
-from kiln.settings import Settings
-from kiln.store.artifacts import ArtifactStore
-from kiln.store.db import MAX_OFFSET, Database
+from kiln.services import STATIC_PRINCIPAL, Services
+from kiln.store.db import MAX_OFFSET
 from kiln.store.keys import Principal, authenticate
 from kiln.store.projects import project_for
 from kiln.store.tables import Project
-
-
-@dataclass
-class Services:
-    """Everything a request may use; built once per app."""
-
-    settings: Settings
-    db: Database
-    store: ArtifactStore
-    queue: Queue
-    keys: KeyCache = field(default_factory=lambda: KeyCache())
-    static_key: str | None = None  # ``kiln serve --api-key``: a predict/read key for one bundle
-    rate: RateLimits = field(init=False)  # from the settings' KILN_RATE_LIMIT_*
-
-    def __post_init__(self) -> None:
-        self.rate = RateLimits(
-            self.db,
-            api=self.settings.rate_limit_api,
-            inference=self.settings.rate_limit_inference,
-        )
-
-
-class KeyCache:
-    """Principals of recently seen keys, for a few seconds.
-
-    Inference requests would otherwise read (and on SQLite, lock) the database once
-    each. Revoking a key clears the cache of this server at once; other servers
-    sharing the database see it within ``ttl`` seconds.
-    """
-
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._entries: dict[str, tuple[Principal, float]] = {}
-
-    def get(self, token: str) -> Principal | None:
-        entry = self._entries.get(_digest(token))
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, token: str, who: Principal) -> None:
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[_digest(token)] = (who, time.monotonic() + self.ttl)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 async def services(request: Request) -> Services:
@@ -116,12 +62,6 @@ async def principal(request: Request, svc: Annotated[Services, Depends(services)
 def _authenticate(svc: Services, token: str) -> Principal:
     with svc.db.session() as s:
         return authenticate(s, token)
-
-
-STATIC_PRINCIPAL = Principal(
-    key_id="static", project_id=1, project="default", scopes=frozenset({"predict", "read"})
-)
-"""The principal of ``kiln serve``'s single key: predict and read in the default project."""
 
 
 class Scope:

@@ -6,9 +6,13 @@ from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
+from kiln.lifecycle import JobKind
+from kiln.store import registry
 from kiln.store.keys import SCOPES
 from kiln.store.projects import NAME
+from kiln.store.tables import Job, Model, ModelVersion
 
 T = TypeVar("T")
 
@@ -132,7 +136,7 @@ class DatasetImport(Strict):
 
 
 class JobIn(Strict):
-    kind: Literal["train", "crossval", "evaluate", "compress"]
+    kind: JobKind
     spec: dict[str, Any] = Field(
         description="train/crossval: a kiln spec; evaluate: {model, version, data}; "
         "compress: a compress spec whose source is model:<name>[@<version>]."
@@ -177,6 +181,36 @@ class JobOut(BaseModel):
     )
 
 
+def job_out(s: Session, row: Job) -> JobOut:
+    """The API's (and the dashboard's) view of a job row, with its version named."""
+    version = None
+    if row.model_version_id:
+        mv = s.get(ModelVersion, row.model_version_id)
+        model = s.get(Model, mv.model_id) if mv else None
+        if mv is not None and model is not None:
+            version = {"model": model.name, "version": mv.version}
+    return JobOut(
+        id=row.id,
+        kind=row.kind,
+        state=row.state,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        progress=row.progress or {},
+        metrics=row.metrics or {},
+        result=row.result or {},
+        error=row.error,
+        model_version=version,
+        cancel_requested=row.cancel_requested,
+        worker=row.worker_id,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        spec=row.spec,
+        options=row.options or {},
+        resources=row.resources or {},
+    )
+
+
 class JobLogOut(BaseModel):
     id: int
     attempt: int
@@ -205,6 +239,16 @@ class ModelOut(BaseModel):
     latest_version: int | None
     aliases: dict[str, int]
     created_at: datetime
+
+
+def model_out(s: Session, model: Model) -> ModelOut:
+    """A registered model: its latest version and its aliases."""
+    return ModelOut(
+        name=model.name,
+        latest_version=registry.latest_version(s, model),
+        aliases=registry.aliases_of(s, model),
+        created_at=model.created_at,
+    )
 
 
 class AliasIn(Strict):

@@ -1,1 +1,1 @@
-"""Evaluation: metrics (via scikit-learn) and k-fold cross-validation."""
+"""Evaluation: metrics (via scikit-learn) and scoring a fitted model on a table."""

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from kiln.api.deps import Services
 from kiln.errors import AuthError, NotFoundError
 from kiln.monitor.audit import record
+from kiln.services import Services
 from kiln.store.keys import Principal
 from kiln.store.projects import project_for
 from kiln.web.pages import PageRoute, Viewer, current_viewer, render, viewer, web_state

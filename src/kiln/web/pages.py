@@ -27,8 +27,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.api.deps import Services
 from kiln.errors import AuthError, KilnError, NotFoundError
+from kiln.services import Services
 from kiln.store.keys import Principal
 from kiln.store.projects import project_for
 from kiln.store.tables import Project

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from fastapi import Request, Response
 
-from kiln.api.deps import STATIC_PRINCIPAL, Services
 from kiln.errors import AuthError, ForbiddenError
+from kiln.services import STATIC_PRINCIPAL, Services
 from kiln.store.keys import Principal, authenticate
 
 COOKIE = "kiln_session"

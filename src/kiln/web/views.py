@@ -15,13 +15,13 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from kiln.api.routes.jobs import job_out
-from kiln.api.routes.models import model_out
+from kiln.api.schemas import job_out, model_out
 from kiln.errors import ForbiddenError, KilnError
 from kiln.jobs import queue
+from kiln.lifecycle import FINAL_STATES, JobState
 from kiln.store import datasets, registry
 from kiln.store.db import MAX_OFFSET
-from kiln.store.tables import FINISHED, AuditEvent, Dataset, Job, JobState, Model, ModelVersion
+from kiln.store.tables import AuditEvent, Dataset, Job, Model, ModelVersion
 from kiln.web import charts
 from kiln.web.auth import audit
 from kiln.web.pages import PageRoute, Viewer, json_viewer, render, viewer, web_state
@@ -103,7 +103,7 @@ def job_state(s: Session, who: Viewer, job_id: str, after: int) -> dict[str, Any
     return {
         "id": job.id,
         "state": job.state,
-        "finished": job.state in FINISHED,
+        "finished": job.state in FINAL_STATES,
         "cancel_requested": job.cancel_requested,
         "progress": job.progress or {},
         "error": (job.error or {}).get("message"),

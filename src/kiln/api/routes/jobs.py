@@ -9,9 +9,10 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
-from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, page_of
+from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, job_out, page_of
 from kiln.errors import NotFoundError, SpecError
 from kiln.jobs import queue
+from kiln.lifecycle import JobState
 from kiln.monitor import usage
 from kiln.spec.load import load_spec
 from kiln.store.datasets import dataset_ref, get_dataset
@@ -19,38 +20,9 @@ from kiln.store.db import MAX_OFFSET
 from kiln.store.model_refs import check_server_path, pinned_models
 from kiln.store.projects import check_name
 from kiln.store.registry import get_model, resolve_version
-from kiln.store.tables import Job, JobState, Model, ModelVersion, Project
+from kiln.store.tables import Project
 
 router = APIRouter(tags=["jobs"])
-
-
-def job_out(s: Session, row: Job) -> JobOut:
-    version = None
-    if row.model_version_id:
-        mv = s.get(ModelVersion, row.model_version_id)
-        model = s.get(Model, mv.model_id) if mv else None
-        if mv is not None and model is not None:
-            version = {"model": model.name, "version": mv.version}
-    return JobOut(
-        id=row.id,
-        kind=row.kind,
-        state=row.state,
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        progress=row.progress or {},
-        metrics=row.metrics or {},
-        result=row.result or {},
-        error=row.error,
-        model_version=version,
-        cancel_requested=row.cancel_requested,
-        worker=row.worker_id,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        spec=row.spec,
-        options=row.options or {},
-        resources=row.resources or {},
-    )
 
 
 def _server_source(source: str, field: str) -> str | None:

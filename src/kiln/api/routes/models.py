@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from kiln.api.deps import Deployer, PageDep, ProjectDep, Reader, ServicesDep, SessionDep
-from kiln.api.schemas import AliasIn, ModelOut, Page, VersionOut, page_of
+from kiln.api.schemas import AliasIn, ModelOut, Page, VersionOut, model_out, page_of
 from kiln.archive import pack_bundle
 from kiln.store import registry
 from kiln.store.tables import Alias, Model, ModelVersion
@@ -37,15 +37,6 @@ def version_out(s: Session, model: Model, row: ModelVersion) -> VersionOut:
         size_bytes=row.size_bytes,
         aliases=list(aliases),
         created_at=row.created_at,
-    )
-
-
-def model_out(s: Session, model: Model) -> ModelOut:
-    return ModelOut(
-        name=model.name,
-        latest_version=registry.latest_version(s, model),
-        aliases=registry.aliases_of(s, model),
-        created_at=model.created_at,
     )
 
 

@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from sqlalchemy.orm import Session
 
-    from kiln.api.deps import Services
     from kiln.bundle import Bundle
     from kiln.manifest import BundleMeta
     from kiln.serve.deployments import Live
+    from kiln.services import Services
     from kiln.store.tables import Project
 
 MIN_KEY_LENGTH = 16
@@ -155,7 +155,7 @@ def _run(
 ) -> None:
     import uvicorn
 
-    from kiln.api.app import build_services, create_app
+    from kiln.app import build_services, create_app
 
     settings = base.model_copy(
         update={"home": home, "database_url": None, "artifacts": None, "data_roots": []}
@@ -196,7 +196,7 @@ def _run(
 
 def register(services: Services, bundle_dir: Path, meta: BundleMeta, name: str) -> Project:
     """Store the bundle and register it as version 1 of ``name`` in the default project."""
-    from kiln.api.deps import STATIC_PRINCIPAL
+    from kiln.services import STATIC_PRINCIPAL
     from kiln.store.artifacts import safe_key
     from kiln.store.projects import DEFAULT_PROJECT, ensure_project
     from kiln.store.registry import register_version, registering

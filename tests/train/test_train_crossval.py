@@ -8,7 +8,7 @@ import pytest
 
 import kiln
 from kiln.errors import DataError
-from kiln.evaluate.crossval import crossval
+from kiln.train.crossval import crossval
 
 
 def test_crossval_returns_k_folds_with_mean_and_std(make_spec):
