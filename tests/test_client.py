@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,8 @@ from kiln.errors import (
     ServiceError,
     SpecError,
 )
+from kiln.lifecycle import FINAL_STATES, JobKind, JobState
+from support import free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +151,7 @@ def test_a_response_that_is_not_kiln_json_is_a_service_error() -> None:
 
 
 def test_an_unreachable_server_is_a_service_error_naming_the_url() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     client = Client(f"http://127.0.0.1:{port}", "k")
     with (
         client,
@@ -158,6 +159,27 @@ def test_an_unreachable_server_is_a_service_error_naming_the_url() -> None:
     ):
         client.health()
     assert exc.value.exit_code == 14
+
+
+CLIENT_PROBE = """
+import json, sys
+import kiln.client
+print(json.dumps({
+    "final": sorted(kiln.client.FINAL_STATES),
+    "sqlalchemy": "sqlalchemy" in sys.modules,
+}))
+"""
+
+
+def test_the_client_shares_the_job_lifecycle_without_the_store() -> None:
+    # the SDK's end states are the store's, and importing it pulls in no SQLAlchemy
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT_PROBE], capture_output=True, text=True, check=True
+    )
+    probe = json.loads(out.stdout)
+    assert probe == {"final": ["cancelled", "failed", "succeeded"], "sqlalchemy": False}
+    assert kiln.client.FINAL_STATES is FINAL_STATES
+    assert set(JobState) - FINAL_STATES == {JobState.queued, JobState.running}
 
 
 def test_settings_supply_url_key_and_project(
@@ -245,7 +267,7 @@ def test_submit_with_data_trains_registers_and_downloads(
 
 
 def test_crossval_and_evaluate_jobs(admin: Client, iris_csv: Path) -> None:
-    cv = admin.jobs.submit(iris_spec("iris-cv", epochs=2), kind="crossval", folds=2)
+    cv = admin.jobs.submit(iris_spec("iris-cv", epochs=2), kind=JobKind.crossval, folds=2)
     cv = admin.jobs.wait(cv["id"], timeout=120, poll=0.1)
     assert cv["state"] == "succeeded", cv["error"]
     assert cv["result"]["k"] == 2 and "accuracy" in cv["result"]["mean"]
@@ -271,14 +293,14 @@ def test_a_failed_job_is_returned_not_raised(admin: Client, iris_csv: Path) -> N
 
 
 def test_cancel_and_wait_timeout(admin: Client) -> None:
-    import time
-
     running = admin.jobs.submit(iris_spec("iris-long", epochs=2000, batch_size=4))
     with pytest.raises(TimeoutError, match="still"):
         admin.jobs.wait(running["id"], timeout=0.0)
-    deadline = time.monotonic() + 60
-    while admin.jobs.get(running["id"])["state"] == "queued" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(
+        lambda: admin.jobs.get(running["id"])["state"] != "queued",
+        timeout=60,
+        what="the job to start",
+    )
     # the one worker is busy, so this one stays queued and is cancelled at once
     queued = admin.jobs.submit(iris_spec("iris-queued"))
     assert admin.jobs.cancel(queued["id"])["state"] == "cancelled"

@@ -17,8 +17,10 @@ from kiln.client import Client, records
 from kiln.errors import (
     ConflictError,
     DataError,
+    DeadlineExceeded,
     ForbiddenError,
     NotFoundError,
+    QueueFull,
     ServiceError,
     SpecError,
 )
@@ -62,6 +64,7 @@ def rows() -> list[dict[str, Any]]:
     return frame.iloc[::10].to_dict(orient="records")  # 15 rows, every class
 
 
+@pytest.mark.e2e
 def test_deploy_predict_swap_canary_delete(
     admin: Client, trained: str, rows: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -107,6 +110,7 @@ def test_deploy_predict_swap_canary_delete(
         admin.deployments.predict("iris", rows)
 
 
+@pytest.mark.e2e
 def test_deployment_errors_map_to_kiln_errors(
     platform: Platform, admin: Client, trained: str, rows: list[dict[str, Any]]
 ) -> None:
@@ -130,11 +134,12 @@ def test_deployment_errors_map_to_kiln_errors(
             admin.deployments.predict("iris-e", missing)
         assert data_error.value.field == "inputs[0].petal width (cm)"
 
-        # a request that waits past timeout_ms is a ServiceError with the server's code
+        # a request that waits past timeout_ms is a DeadlineExceeded, a ServiceError
         admin.deployments.update("iris-e", timeout_ms=1, max_delay_ms=1000, max_batch_size=4096)
-        with pytest.raises(ServiceError) as timeout:
+        with pytest.raises(DeadlineExceeded) as timeout:
             admin.deployments.predict("iris-e", rows[:1])
-        assert timeout.value.code == "timeout" and timeout.value.exit_code == 14
+        assert isinstance(timeout.value, ServiceError)
+        assert timeout.value.code == "timeout" and timeout.value.exit_code == 19
 
         # a key with the predict scope only predicts
         issued = admin.keys.create(["predict"], project="default", name="predictor")
@@ -152,12 +157,14 @@ def test_deployment_errors_map_to_kiln_errors(
 def test_overloaded_is_a_service_error_with_the_servers_message() -> None:
     def overloaded(request: httpx.Request) -> httpx.Response:
         body = {"error": {"code": "overloaded", "message": "the queue is full", "field": None}}
-        return httpx.Response(503, json=body, headers={"Retry-After": "1"})
+        return httpx.Response(503, json=body, headers={"Retry-After": "3"})
 
     client = Client("http://kiln.test", "k", transport=httpx.MockTransport(overloaded))
     with client, pytest.raises(ServiceError, match="the queue is full") as exc:
         client.deployments.predict("iris", [{"x": 1.0}])
-    assert exc.value.code == "overloaded"
+    assert isinstance(exc.value, QueueFull)
+    assert exc.value.code == "overloaded" and exc.value.exit_code == 18
+    assert exc.value.retry_after == 3  # the server's Retry-After
     assert exc.value.to_dict() == {
         "code": "overloaded",
         "message": "the queue is full",

@@ -24,9 +24,10 @@ from kiln.jobs.queue import (
     new_job,
     request_cancel,
 )
+from kiln.lifecycle import FINAL_STATES, JobKind, JobState
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
-from kiln.store.tables import Base, Job, JobState, utcnow
+from kiln.store.tables import Base, Job, utcnow
 
 TIMEOUT = 10.0  # the queue's heartbeat timeout in these tests; recovery is driven by `now`
 SPEC: dict[str, Any] = {"name": "m", "data": {"source": "sklearn:iris", "target": "target"}}
@@ -58,7 +59,8 @@ def submit(db: Database, n: int = 1, *, max_attempts: int = 3) -> list[str]:
     with db.session() as session:
         project = ensure_project(session, "default")
         return [
-            new_job(session, project, "train", SPEC, max_attempts=max_attempts).id for _ in range(n)
+            new_job(session, project, JobKind.train, SPEC, max_attempts=max_attempts).id
+            for _ in range(n)
         ]
 
 
@@ -145,6 +147,7 @@ def _claim_in_process(url: str, worker_id: str, start: Any, out: Any) -> None:
         db.dispose()
 
 
+@pytest.mark.e2e
 def test_racing_processes_claim_each_job_exactly_once(db_url: str, db: Database) -> None:
     job_ids = submit(db, 40)
     claimers = 3
@@ -323,7 +326,7 @@ def test_cancel_a_running_job_is_seen_by_its_heartbeat(queue: Queue, db: Databas
     assert load(db, job_id).state == JobState.cancelled
 
 
-@pytest.mark.parametrize("end", [JobState.succeeded, JobState.failed, JobState.cancelled])
+@pytest.mark.parametrize("end", sorted(FINAL_STATES))
 def test_cancel_a_finished_job_is_a_conflict(queue: Queue, db: Database, end: JobState) -> None:
     (job_id,) = submit(db)
     got = queue.claim("w")
@@ -334,6 +337,15 @@ def test_cancel_a_finished_job_is_a_conflict(queue: Queue, db: Database, end: Jo
         request_cancel(session, session.get(Job, job_id))  # type: ignore[arg-type]
     job = load(db, job_id)
     assert (job.state, job.cancel_requested) == (end, False)
+
+
+def test_a_job_kind_is_stored_as_its_value_and_an_unknown_one_is_refused(db: Database) -> None:
+    with db.session() as session:
+        project = ensure_project(session, "default")
+        job_id = new_job(session, project, "crossval", SPEC, max_attempts=1).id
+        with pytest.raises(ValueError, match="'deploy'"):
+            new_job(session, project, "deploy", SPEC, max_attempts=1)
+    assert load(db, job_id).kind == JobKind.crossval == "crossval"
 
 
 # --- the per-epoch series -------------------------------------------------------------

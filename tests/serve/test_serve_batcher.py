@@ -19,8 +19,10 @@ import pandas as pd
 import pytest
 from serve_support import iris
 
-from kiln.serve.batcher import Batcher, Closed, DeadlineExceeded, QueueFull
+from kiln.errors import DeadlineExceeded, QueueFull
+from kiln.serve.batcher import Batcher, Closed
 from kiln.serve.model import Output, ServedModel
+from support import async_wait_for
 
 
 class Recording(ServedModel):
@@ -124,8 +126,7 @@ def test_requests_queued_behind_a_busy_model_run_as_one_batch(
         first = asyncio.ensure_future(batcher.predict(frame(0, 1), timeout=10))
         await model.wait_entered()  # the first batch is computing, alone
         later = [asyncio.ensure_future(batcher.predict(frame(s, 2), timeout=10)) for s in (50, 3)]
-        await asyncio.sleep(0.05)
-        assert batcher.depth == 2
+        await async_wait_for(lambda: batcher.depth == 2, timeout=10, what="2 requests queued")
         model.release.set()
         assert_matches(await first, frame(0, 1), reference)
         for task, s in zip(later, (50, 3), strict=True):
@@ -191,8 +192,13 @@ def test_a_full_queue_refuses_at_once(model: Recording, reference: Any) -> None:
         queued = [asyncio.ensure_future(batcher.predict(frame(i, 1), timeout=10)) for i in (1, 2)]
         await asyncio.sleep(0)
         assert batcher.depth == 2
-        with pytest.raises(QueueFull):
+        with pytest.raises(QueueFull) as full:
             await batcher.predict(frame(3, 1), timeout=10)
+        assert (full.value.http_status, full.value.code, full.value.retry_after) == (
+            503,
+            "overloaded",
+            1,
+        )
         model.release.set()
         assert_matches(await first, frame(0, 1), reference)
         for task, i in zip(queued, (1, 2), strict=True):
@@ -216,8 +222,9 @@ def test_a_request_past_its_deadline_is_refused_and_never_computed(
         first = asyncio.ensure_future(batcher.predict(frame(0, 1), timeout=10))
         await model.wait_entered()  # the model is busy…
         started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):  # …past this request's deadline
+        with pytest.raises(DeadlineExceeded) as late:  # …past this request's deadline
             await batcher.predict(late_rows, timeout=0.05)
+        assert (late.value.http_status, late.value.code) == (504, "timeout")
         assert time.monotonic() - started < 5
         model.release.set()
         assert_matches(await first, frame(0, 1), reference)

@@ -17,9 +17,11 @@ Every method returns the JSON the server sent (plain dicts and lists). Every err
 response becomes the kiln error class of its code (``AuthError`` for 401,
 ``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
 an unreachable server or a response that is not kiln's JSON is a ``ServiceError``, and
-so is a deployment that is overloaded (503) or timed out (504), with the server's code
-(``overloaded``, ``timeout``) as the error's ``code``. Past a rate limit (429) the error
-is a ``RateLimitError`` whose ``retry_after`` is the server's ``Retry-After`` in seconds.
+so is a deployment that is overloaded (503, ``QueueFull``) or timed out (504,
+``DeadlineExceeded``), with the server's code (``overloaded``, ``timeout``) as the
+error's ``code``. Past a rate limit (429) the error is a ``RateLimitError``; it and
+``QueueFull`` carry the server's ``Retry-After`` in seconds as ``retry_after``.
+``FINAL_STATES`` is :data:`kiln.lifecycle.FINAL_STATES`, the job states nothing leaves.
 Connection failures are retried (3 times) by httpx's transport.
 """
 
@@ -34,7 +36,8 @@ from kiln.client.groups import (
     Quotas,
 )
 from kiln.client.http import Client
-from kiln.client.wire import FINAL_STATES, JSON, Items, error_of, records
+from kiln.client.wire import JSON, Items, error_of, records
+from kiln.lifecycle import FINAL_STATES
 
 __all__ = [
     "FINAL_STATES",

@@ -14,8 +14,9 @@ from urllib.parse import quote
 import httpx
 
 from kiln.archive import extract_bundle
-from kiln.client.wire import API, DEPLOY_TIMEOUT, FINAL_STATES, JSON, Items, error_of, records
+from kiln.client.wire import API, DEPLOY_TIMEOUT, JSON, Items, error_of, records
 from kiln.errors import ConflictError, NotFoundError, ServiceError
+from kiln.lifecycle import FINAL_STATES, JobKind
 
 if TYPE_CHECKING:
     from kiln.client.http import Client
@@ -142,12 +143,13 @@ class Jobs(_Group):
         self,
         spec: JSON | str | Path,
         *,
-        kind: str = "train",
+        kind: JobKind | str = JobKind.train,
         data: str | Path | None = None,
         folds: int | None = None,
         max_attempts: int | None = None,
     ) -> JSON:
-        """Queue a job; returns it (state ``queued``).
+        """Queue a job of ``kind`` (a :class:`~kiln.lifecycle.JobKind` or its value);
+        returns it (state ``queued``).
 
         ``spec`` is a mapping or a YAML/JSON file. With ``data`` (a local table) the
         file is uploaded first and the spec's data source set to it. The server checks
@@ -164,12 +166,12 @@ class Jobs(_Group):
             doc = parse_document(path.read_text(encoding="utf-8"), str(path))
         if data is not None:
             ref = self._c.datasets.upload(data)["ref"]
-            if kind == "evaluate":
+            if kind == JobKind.evaluate:
                 doc["data"] = ref
             else:
                 section = doc.get("data")
                 doc["data"] = {**(section if isinstance(section, dict) else {}), "source": ref}
-        body: JSON = {"kind": kind, "spec": doc}
+        body: JSON = {"kind": str(kind), "spec": doc}
         if folds is not None:
             body["folds"] = folds
         if max_attempts is not None:

@@ -1,5 +1,6 @@
-"""What crosses the wire between the SDK and the server: JSON shapes, job end states,
-and the mapping of an error response back to its kiln error class."""
+"""What crosses the wire between the SDK and the server: JSON shapes and the mapping
+of an error response back to its kiln error class (a deployment's ``overloaded`` 503
+and ``timeout`` 504 are ``QueueFull`` and ``DeadlineExceeded``, both ``ServiceError``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,11 @@ from typing import Any
 
 import httpx
 
-from kiln.errors import ERRORS_BY_CODE, KilnError, RateLimitError, ServiceError
+from kiln.errors import ERRORS_BY_CODE, KilnError, ServiceError
 
 JSON = dict[str, Any]
 Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 API = "/api/v1"
-SERVICE_CODES = frozenset({"overloaded", "timeout"})
-"""Error codes of a deployment under load (503, 504): retryable, raised as ``ServiceError``."""
 DEPLOY_TIMEOUT = 600.0
 """Seconds to wait for a deployment to load and warm up (create, swap, canary)."""
 
@@ -31,12 +29,12 @@ def error_of(response: httpx.Response, url: str) -> KilnError:
             f"kiln server at {url} answered {response.status_code} "
             f"{response.reason_phrase} to {response.request.method} {response.request.url.path}"
         )
-    cls = ServiceError if code in SERVICE_CODES else ERRORS_BY_CODE.get(code, KilnError)
+    cls = ERRORS_BY_CODE.get(code, KilnError)
     exc = cls(message, field=error.get("field"))
-    if isinstance(exc, RateLimitError):
+    if exc.retry_after is not None:  # a spent rate limit (429), a full queue (503)
         retry = response.headers.get("Retry-After", "")
         exc.retry_after = int(retry) if retry.isdigit() else 1
-    if cls is KilnError or code in SERVICE_CODES:
+    if cls is KilnError:
         exc.code = code  # keep the server's code (e.g. "invalid_request") for to_dict()
     return exc
 

@@ -11,18 +11,36 @@ worker that was presumed dead and comes back cannot overwrite a newer attempt.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from kiln.errors import ConflictError, NotFoundError
+from kiln.lifecycle import FINAL_STATES, JobKind, JobState
 from kiln.store.db import Database
-from kiln.store.tables import FINISHED, Job, JobLog, JobMetric, JobState, Project, utcnow
+from kiln.store.tables import Job, JobLog, JobMetric, Project, utcnow
 
-JOB_KINDS = ("train", "crossval", "evaluate", "compress")
+EpochLogs = Mapping[str, float]
+"""One epoch's figures as training reports them: ``epoch``, ``train_loss``, ``val_*``,
+``lr``, ``seconds``."""
+EpochRecord = dict[str, float]
+"""One entry of a job's epoch series: its :data:`EpochLogs` and the ``attempt`` that ran it."""
+ErrorRecord = Mapping[str, str | None]
+"""Why a job failed, as stored: ``{code, message, field}`` (:meth:`KilnError.to_dict`)."""
+
+
+class Progress(TypedDict, total=False):
+    """Where a running job is: ``epoch`` of ``epochs`` (training), ``fold`` of ``folds``
+    (cross-validation)."""
+
+    epoch: int
+    epochs: int
+    fold: int
+    folds: int
 
 
 class LeaseLost(Exception):  # noqa: N818 - a condition, not a failure of ours
@@ -41,17 +59,18 @@ class Lease:
 def new_job(
     session: Session,
     project: Project,
-    kind: str,
+    kind: JobKind | str,
     spec: dict[str, Any],
     *,
     max_attempts: int,
     created_by: str | None = None,
 ) -> Job:
-    """Queue a job (the spec was validated by the caller)."""
+    """Queue a job (the spec was validated by the caller). ``kind`` is a
+    :class:`~kiln.lifecycle.JobKind` or its value; ``spec`` is the document as stored."""
     row = Job(
         id="job_" + secrets.token_hex(8),
         project_id=project.id,
-        kind=kind,
+        kind=JobKind(kind),
         spec=spec,
         state=JobState.queued,
         max_attempts=max_attempts,
@@ -92,7 +111,7 @@ def list_jobs(
 def request_cancel(session: Session, job: Job) -> Job:
     """Cancel a queued job now; ask a running one to stop (its worker sees it within a
     heartbeat). Cancelling a finished job is a conflict."""
-    if job.state in FINISHED:
+    if job.state in FINAL_STATES:
         raise ConflictError(f"job {job.id} already {job.state}", field="state")
     if job.state == JobState.queued:
         job.state = JobState.cancelled
@@ -108,12 +127,12 @@ def add_log(session: Session, job_id: str, attempt: int, level: str, message: st
     session.add(JobLog(job_id=job_id, attempt=attempt, level=level, message=message))
 
 
-def epoch_series(session: Session, job_id: str) -> list[dict[str, Any]]:
+def epoch_series(session: Session, job_id: str) -> list[EpochRecord]:
     """The per-epoch metrics; where a resumed attempt re-ran an epoch, its values win."""
     rows = session.scalars(
         select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.attempt)
     )
-    by_epoch: dict[int, dict[str, Any]] = {}
+    by_epoch: dict[int, EpochRecord] = {}
     for row in rows:
         by_epoch[row.epoch] = {**row.data, "epoch": row.epoch, "attempt": row.attempt}
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -196,15 +215,18 @@ class Queue:
                 raise LeaseLost(lease.job_id)
             return bool(session.scalar(select(Job.cancel_requested).where(Job.id == lease.job_id)))
 
-    def record_epoch(self, lease: Lease, logs: dict[str, Any], total_epochs: int) -> None:
+    def record_epoch(self, lease: Lease, logs: EpochLogs, total_epochs: int) -> None:
+        """Record one epoch: the job's progress and latest metrics, and the series entry.
+        Raises LeaseLost."""
         values = {k: v for k, v in logs.items() if k != "epoch"}
+        progress: Progress = {"epoch": int(logs["epoch"]), "epochs": total_epochs}
         with self.db.session() as session:
             changed = session.execute(
                 update(Job)
                 .where(self._held(lease))
                 .values(
                     heartbeat_at=utcnow(),
-                    progress={"epoch": logs["epoch"], "epochs": total_epochs},
+                    progress=progress,
                     metrics=values,
                 )
             )
@@ -219,7 +241,8 @@ class Queue:
                 )
             )
 
-    def set_progress(self, lease: Lease, progress: dict[str, Any]) -> None:
+    def set_progress(self, lease: Lease, progress: Progress) -> None:
+        """Replace the job's progress (and renew its lease). Raises LeaseLost."""
         with self.db.session() as session:
             changed = session.execute(
                 update(Job)
@@ -240,12 +263,13 @@ class Queue:
         state: JobState,
         *,
         result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
+        error: ErrorRecord | None = None,
         model_version_id: str | None = None,
     ) -> None:
         """Close the attempt inside the caller's transaction (so registering a version
-        and succeeding commit together). Raises LeaseLost."""
-        values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "error": error}
+        and succeeding commit together); ``result`` is the kind's JSON outcome, stored as
+        given. Raises LeaseLost."""
+        values: dict[str, object] = {"state": state, "finished_at": utcnow(), "error": error}
         if result is not None:
             values["result"] = result
         if model_version_id is not None:

@@ -32,7 +32,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kiln.errors import QuotaError, SpecError
-from kiln.store.tables import Job, JobState, Quota, UsageEvent, utcnow
+from kiln.lifecycle import JobState
+from kiln.store.tables import Job, Quota, UsageEvent, utcnow
 
 KINDS = ("compute_seconds", "prediction_requests", "prediction_rows", "stored_bytes")
 PERIODS = ("day", "month", "total")

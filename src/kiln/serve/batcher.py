@@ -3,8 +3,9 @@
 A batch closes at ``max_batch_size`` rows or ``max_delay_ms`` after its first request,
 whichever comes first; requests are never split (one larger than the batch size runs
 alone). The forward pass runs on a thread of its own, off the event loop. The queue
-is bounded (:class:`QueueFull` → 503), and a request whose deadline passes before its
-batch starts is dropped uncomputed (:class:`DeadlineExceeded` → 504).
+is bounded (:class:`~kiln.errors.QueueFull`, a 503), and a request whose deadline passes
+before its batch starts is dropped uncomputed (:class:`~kiln.errors.DeadlineExceeded`, a
+504): both are kiln errors, so every edge maps them like any other.
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from kiln.errors import DeadlineExceeded, QueueFull
 from kiln.serve.model import Output, ServedModel
-
-
-class QueueFull(Exception):  # noqa: N818 - mapped to 503
-    """The model's queue is at ``max_queue`` requests."""
-
-
-class DeadlineExceeded(Exception):  # noqa: N818 - mapped to 504
-    """The request waited past its timeout; it was not computed."""
 
 
 class Closed(Exception):  # noqa: N818 - the caller picks another route

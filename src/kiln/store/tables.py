@@ -7,7 +7,6 @@ back timezone-aware, on SQLite as on PostgreSQL.
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -27,6 +26,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The lifecycles live in kiln.lifecycle; the names stay importable from here for the
+# tests that still do (code imports kiln.lifecycle).
+from kiln.lifecycle import FINAL_STATES
+from kiln.lifecycle import DeploymentState as DeploymentState
+from kiln.lifecycle import JobState as JobState
+
+FINISHED = FINAL_STATES
 
 
 def utcnow() -> datetime:
@@ -50,19 +57,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class JobState(enum.StrEnum):
-    """A job's lifecycle."""
-
-    queued = "queued"  # waiting for a worker (new, or re-queued after its worker died)
-    running = "running"  # claimed by a worker that heartbeats while it works
-    succeeded = "succeeded"  # finished; a train job has registered a model version
-    failed = "failed"  # an error, or out of attempts after lost workers
-    cancelled = "cancelled"  # stopped on request; never resumed
-
-
-FINISHED = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
 class Base(DeclarativeBase):
@@ -211,14 +205,6 @@ class Alias(Base):
     name: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-class DeploymentState(enum.StrEnum):
-    """A deployment's lifecycle (in the server that holds it)."""
-
-    loading = "loading"  # versions being fetched, exported and warmed up
-    ready = "ready"  # every route answers
-    failed = "failed"  # a version could not be loaded; see ``error``
 
 
 class Deployment(Base):
