@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from kiln.bundle import Bundle
     from kiln.manifest import BundleMeta
-    from kiln.serve.deployments import Live
+    from kiln.serve.deployments import Live, NewDeployment
     from kiln.services import Services
     from kiln.store.tables import Project
 
@@ -156,6 +156,8 @@ def _run(
     import uvicorn
 
     from kiln.app import build_services, create_app
+    from kiln.serve.deployments import NewDeployment
+    from kiln.store.deployments import DeploymentConfig
 
     settings = base.model_copy(
         update={"home": home, "database_url": None, "artifacts": None, "data_roots": []}
@@ -167,23 +169,25 @@ def _run(
         app = create_app(settings, services=services)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         startup = _Startup()
-        body = {
-            "name": name,
-            "model": name,
-            "version": 1,
-            "backend": options.backend,
-            "max_batch_size": options.max_batch_size,
-            "max_delay_ms": options.max_delay_ms,
-            "max_queue": 256,
-            "timeout_ms": 10_000.0,
-        }
+        spec = NewDeployment(
+            name=name,
+            model=name,
+            version=1,
+            config=DeploymentConfig(
+                backend=options.backend,
+                max_batch_size=options.max_batch_size,
+                max_delay_ms=options.max_delay_ms,
+                max_queue=256,
+                timeout_ms=10_000.0,
+            ),
+        )
 
         def ready(live: Live) -> None:
             if not server.should_exit:
                 for line in banner(options, name, bundle, live, key if generated else None):
                     out(line)
 
-        _deploy_on_startup(app, project, body, server, startup, ready)
+        _deploy_on_startup(app, project, spec, server, startup, ready)
         # the Ctrl-C (or SIGTERM) that stopped the server is raised again by uvicorn
         with suppress(KeyboardInterrupt):
             server.run(sockets=[sock])
@@ -236,7 +240,7 @@ def register(services: Services, bundle_dir: Path, meta: BundleMeta, name: str) 
 def _deploy_on_startup(
     app: FastAPI,
     project: Project,
-    body: dict[str, Any],
+    spec: NewDeployment,
     server: Any,
     startup: _Startup,
     ready: Callable[[Live], None],
@@ -252,7 +256,7 @@ def _deploy_on_startup(
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
         async with inner(app_) as state:
             try:
-                live = await app_.state.deployments.create(project, body)
+                live = await app_.state.deployments.create(project, spec)
             except Exception as exc:
                 startup.error = exc
                 server.should_exit = True

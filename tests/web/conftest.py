@@ -183,13 +183,14 @@ def _populate(site: Site) -> None:
         site.ids |= {"running_job": running.id, "failed_job": failed.id, "beta_job": other.id}
 
     from kiln.serve.deployments import Live
+    from kiln.store.deployments import DeploymentConfig
     from kiln.store.tables import DeploymentState
 
     # deployment entries without loaded models: enough for pages, forms and tenancy
     manager = site.app.state.deployments
     for project, name, model in (("alpha", "alpha-dep", "iris"), ("beta", "beta-secret-dep", "x")):
         live = Live(site.ids[project], name, model, state=DeploymentState.ready)
-        live.config = {"backend": "torch", "max_batch_size": 8}
+        live.config = DeploymentConfig(backend="torch", max_batch_size=8)
         manager.live[(site.ids[project], name)] = live
 
 
@@ -198,7 +199,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """A server with projects alpha and beta populated as ``web_support`` describes."""
     from fastapi.testclient import TestClient
 
-    from kiln.api.app import build_services, create_app
+    from kiln.app import build_services, create_app
     from kiln.server import bootstrap
     from kiln.settings import Settings
 

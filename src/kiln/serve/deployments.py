@@ -24,7 +24,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,13 +70,6 @@ class NewDeployment(BaseModel):
     model: str
     version: int | str = "latest"  # a number, ``latest`` or an alias
     config: DeploymentConfig = Field(default_factory=DeploymentConfig)
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> NewDeployment:
-        """From the API's flat body (name, model, version and the config's fields)."""
-        config = {k: body[k] for k in CONFIG_FIELDS if body.get(k) is not None}
-        rest = {k: v for k, v in body.items() if k not in CONFIG_FIELDS}
-        return cls.model_validate({**rest, "config": config})
 
 
 class DeploymentChange(BaseModel):
@@ -218,13 +211,8 @@ class DeploymentManager:
             (d for (p, _), d in self.live.items() if p == project_id), key=lambda d: d.name
         )
 
-    async def create(self, project: Project, spec: NewDeployment | Mapping[str, Any]) -> Live:
-        """Load ``spec``'s version, warm it up and serve it (one route, weight 100).
-
-        A mapping is read as the API's flat body (``kiln serve`` still passes one).
-        """
-        if not isinstance(spec, NewDeployment):
-            spec = NewDeployment.from_body(spec)
+    async def create(self, project: Project, spec: NewDeployment) -> Live:
+        """Load ``spec``'s version, warm it up and serve it (one route, weight 100)."""
         name = check_name(spec.name, what="deployment name")
         async with self._lock:
             if (project.id, name) in self.live:
@@ -246,14 +234,8 @@ class DeploymentManager:
             self.live[(project.id, name)] = live
         return live
 
-    async def update(
-        self, project: Project, name: str, change: DeploymentChange | Mapping[str, Any]
-    ) -> Live:
-        """Swap the version, set canary routes, or change batching; atomically.
-
-        A mapping is read as a :class:`DeploymentChange` (the web forms pass one).
-        """
-        change = DeploymentChange.model_validate(change)
+    async def update(self, project: Project, name: str, change: DeploymentChange) -> Live:
+        """Swap the version, set canary routes, or change batching; atomically."""
         async with self._lock:
             live = self.get(project.id, name)
             config = change.applied_to(live.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +19,9 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import ForbiddenError, KilnError, SpecError
+from kiln.serve.deployments import DeploymentChange
 from kiln.store import registry
+from kiln.store.deployments import RouteSpec
 from kiln.store.tables import ModelVersion
 from kiln.web import charts
 from kiln.web.auth import audit
@@ -220,7 +222,7 @@ def deployment_live(
     return live_panel(manager, manager.get(who.project.id, name))
 
 
-def _routes_from(form: dict[str, Any]) -> list[dict[str, Any]]:
+def _routes_from(form: dict[str, Any]) -> list[RouteSpec]:
     """``version_<i>``/``weight_<i>`` rows; a blank version or a weight of 0 drops the row."""
     routes = []
     for i in range(MAX_ROUTES):
@@ -239,14 +241,18 @@ def _routes_from(form: dict[str, Any]) -> list[dict[str, Any]]:
                 f"routes.{i}.weight: a whole number from 0 to 1000", field=f"routes.{i}.weight"
             )
         if weight:
-            routes.append({"version": _version_ref(version), "weight": weight})
+            routes.append(RouteSpec(_version_ref(version), weight))
     if not routes:
         raise SpecError("routes: give at least one version a weight above 0", field="routes")
     return routes
 
 
 async def _update(
-    request: Request, who: Viewer, name: str, patch_of: Any, form: dict[str, Any]
+    request: Request,
+    who: Viewer,
+    name: str,
+    patch_of: Callable[[dict[str, Any]], DeploymentChange],
+    form: dict[str, Any],
 ) -> Response:
     svc = who.services
     action = "web.deployments.update"
@@ -272,11 +278,11 @@ async def _update(
     return RedirectResponse(f"/deployments/{name}", status_code=303)
 
 
-def _swap_patch(form: dict[str, Any]) -> dict[str, Any]:
+def _swap_patch(form: dict[str, Any]) -> DeploymentChange:
     version = str(form.get("version") or "").strip()
     if not version:
         raise SpecError("version: pick a version", field="version")
-    return {"version": _version_ref(version)}
+    return DeploymentChange(version=_version_ref(version))
 
 
 def _version_ref(text: str) -> int | str:
@@ -294,4 +300,6 @@ async def swap_version(request: Request, name: str, who: ViewerDep, form: FormDe
 @router.post("/deployments/{name}/routes", name="web.deployment_routes")
 async def set_routes(request: Request, name: str, who: ViewerDep, form: FormDep) -> Response:
     """Canary or rollback: the traffic weights of each version."""
-    return await _update(request, who, name, lambda f: {"routes": _routes_from(f)}, form)
+    return await _update(
+        request, who, name, lambda f: DeploymentChange(routes=_routes_from(f)), form
+    )
