@@ -21,11 +21,12 @@ import pytest
 from sqlalchemy import event, select
 from test_worker import Platform, make_platform
 
+from kiln.lifecycle import JobState
 from kiln.settings import Settings
 from kiln.store.db import Database
 from kiln.store.projects import ensure_project
 from kiln.store.registry import REGISTER_ATTEMPTS, get_model, register_version
-from kiln.store.tables import Job, JobState, ModelVersion
+from kiln.store.tables import Job, ModelVersion
 
 CHECKPOINT = "projects/default/jobs/{}/checkpoint.pt"
 

@@ -18,13 +18,14 @@ from sqlalchemy import select
 
 from kiln.jobs.queue import epoch_series, job_logs, new_job, request_cancel
 from kiln.jobs.worker import Worker
+from kiln.lifecycle import FINAL_STATES, JobState
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.crypto import open_artifacts
 from kiln.store.datasets import ingest
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
-from kiln.store.tables import FINISHED, Job, JobState, ModelVersion
+from kiln.store.tables import Job, ModelVersion
 from support import kiln_env, start_process, stop_process, wait_for
 
 CHECKPOINT = "projects/default/jobs/{}/checkpoint.pt"
@@ -107,7 +108,7 @@ def work_until_finished(worker: Worker, platform: Platform, job_id: str, timeout
     while time.monotonic() < deadline:
         if not worker.run_once():
             time.sleep(worker.settings.poll_seconds)
-        if (job := platform.job(job_id)).state in FINISHED:
+        if (job := platform.job(job_id)).state in FINAL_STATES:
             return job
     raise AssertionError(f"job {job_id} still {platform.job(job_id).state} after {timeout:g} s")
 
@@ -152,7 +153,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def at_epoch(platform: Platform, job_id: str, epoch: int) -> Callable[[], bool]:
     def check() -> bool:
         job = platform.job(job_id)
-        assert job.state not in FINISHED, f"job ended early: {job.state} {job.error}"
+        assert job.state not in FINAL_STATES, f"job ended early: {job.state} {job.error}"
         return int(job.progress.get("epoch", 0)) >= epoch
 
     return check

@@ -12,8 +12,7 @@ import json
 import logging
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+
+from support import wait_for
 
 API = "/api/v1"
 SPEC: dict[str, Any] = {
@@ -54,7 +55,7 @@ class Template:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     import kiln
-    from kiln.api.app import build_services
+    from kiln.app import build_services
     from kiln.server import bootstrap
     from kiln.settings import Settings
     from kiln.store.artifacts import safe_key
@@ -127,7 +128,7 @@ class Home:
     def client(self, deploy: bool = True, **settings: Any) -> Iterator[TestClient]:
         """The app on this home (its own services, as ``kiln up``), iris v1 deployed as
         ``iris`` unless ``deploy`` is False (a restart: it comes back by itself)."""
-        from kiln.api.app import create_app
+        from kiln.app import create_app
 
         with TestClient(create_app(self.settings(**settings))) as c:
             c.headers["Authorization"] = f"Bearer {self.admin}"
@@ -158,20 +159,13 @@ def project_id(c: TestClient) -> int:
     return pid
 
 
-def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 # ---- the live window -------------------------------------------------------------
 
 
 def test_window_counts_answered_and_failed_requests(
     home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kiln.serve.batcher import DeadlineExceeded, QueueFull
+    from kiln.errors import DeadlineExceeded, QueueFull
 
     with home.client() as c:
         for i in range(5):
@@ -376,7 +370,8 @@ def test_prediction_log_keeps_every_request_at_sample_one(home: Home) -> None:
         assert r.status_code == 200, r.text
         items = r.json()["items"]
         assert [len(i["inputs"]) for i in items] == [3, 2]  # newest first
-        wait_for(lambda: len(_log_lines(home)) == 3)  # written by the background flush
+        # written by the background flush
+        wait_for(lambda: len(_log_lines(home)) == 3, timeout=10, what="3 prediction log lines")
     with home.client(deploy=False) as c:  # restarted: the deployment is restored
         body = c.get(f"{API}/deployments/iris/predictions").json()
     assert body["sample"] == 0.1 and body["full"] is False
@@ -429,7 +424,7 @@ def test_predictions_are_metered(home: Home) -> None:
         for n in (1, 2, 3, 4):
             assert predict(c, ROWS[:n]).status_code == 200
         assert predict(c, [{"nope": 1}]).status_code == 422  # refused: not metered
-        wait_for(lambda: _usage(home).get("prediction_requests") == 4)
+        wait_for(lambda: _usage(home).get("prediction_requests") == 4, timeout=10, what="4 metered")
         assert _usage(home)["prediction_rows"] == 10
     assert _usage(home) == {"prediction_requests": 4, "prediction_rows": 10}
     from kiln.store.tables import UsageEvent

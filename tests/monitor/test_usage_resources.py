@@ -18,12 +18,13 @@ from kiln.errors import QuotaError
 from kiln.jobs.queue import Queue, new_job
 from kiln.jobs.resources import RUNNING, ResourceMeter, account, settle_lost
 from kiln.jobs.runner import JobContext, run
+from kiln.lifecycle import JobState
 from kiln.monitor import usage
 from kiln.settings import Settings
 from kiln.store.artifacts import open_store
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
-from kiln.store.tables import Job, JobState, UsageEvent, utcnow
+from kiln.store.tables import Job, UsageEvent, utcnow
 
 
 @pytest.fixture

@@ -95,8 +95,9 @@ def _populate(site: Site) -> None:
     from sqlalchemy import select
 
     from kiln.jobs import queue
+    from kiln.lifecycle import JobState
     from kiln.store.registry import register_version
-    from kiln.store.tables import JobLog, JobMetric, JobState, Project
+    from kiln.store.tables import JobLog, JobMetric, Project
 
     for name in ("alpha", "beta"):
         r = site.api("POST", "/projects", json={"name": name})
@@ -182,9 +183,9 @@ def _populate(site: Site) -> None:
         )
         site.ids |= {"running_job": running.id, "failed_job": failed.id, "beta_job": other.id}
 
+    from kiln.lifecycle import DeploymentState
     from kiln.serve.deployments import Live
     from kiln.store.deployments import DeploymentConfig
-    from kiln.store.tables import DeploymentState
 
     # deployment entries without loaded models: enough for pages, forms and tenancy
     manager = site.app.state.deployments

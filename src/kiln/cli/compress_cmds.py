@@ -28,8 +28,8 @@ def compress(
     json_out: Annotated[bool, flag("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Distill, prune and quantize a bundle; each step is a new, measured bundle."""
+    from kiln.compress.pipeline import CompressToleranceError
     from kiln.compress.pipeline import compress as run
-    from kiln.errors import ToleranceError
     from kiln.settings import apply_threads, get_settings
 
     apply_threads(get_settings())
@@ -41,10 +41,8 @@ def compress(
 
     try:
         result = run(spec, out, on_event=event, measure_runs=runs)
-    except ToleranceError as exc:
-        partial = getattr(exc, "partial", None)
-        if partial is not None:  # the variants that fitted still get their report
-            _write_report(partial, out)
+    except CompressToleranceError as exc:
+        _write_report(exc.partial, out)  # the variants that fitted still get their report
         raise
     table, chart = _write_report(result, out)
     if json_out:

@@ -75,10 +75,10 @@ def crossval(
     """k-fold cross-validation: mean and std of each metric over folds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from kiln.train.crossval import crossval as run_crossval
     from kiln.evaluate.metrics import headline_metric
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
+    from kiln.train.crossval import crossval as run_crossval
 
     parsed = load_spec(spec)
     apply_threads(get_settings())

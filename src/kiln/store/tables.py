@@ -27,13 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# The lifecycles live in kiln.lifecycle; the names stay importable from here for the
-# tests that still do (code imports kiln.lifecycle).
-from kiln.lifecycle import FINAL_STATES
-from kiln.lifecycle import DeploymentState as DeploymentState
-from kiln.lifecycle import JobState as JobState
-
-FINISHED = FINAL_STATES
+from kiln.lifecycle import JobState
 
 
 def utcnow() -> datetime:
