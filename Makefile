@@ -1,4 +1,6 @@
 # The two commands a new user types: `make quickstart` and `make test`.
+# Tests come in tiers: `make test` is the fast default (no e2e, slow, gpu or distributed
+# tests); `make test-all` runs every tier this machine can (what .ci/run runs).
 # Each creates .venv if missing and installs the pinned dependencies first.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -30,12 +32,14 @@ quickstart: $(STAMP)
 	@echo "      kiln up                                          (the platform: jobs, registry, keys)"
 	@echo "      (run them as .venv/bin/kiln, or 'source .venv/bin/activate' first)"
 
+# The fast tier: pyproject's addopts deselect e2e, slow, gpu and distributed.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Opt-in markers included.
+# Every tier but those needing hardware this machine lacks (a CUDA device, a cluster):
+# the fast tier plus e2e (real kiln up / kiln serve / worker / browser processes) and slow.
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "not gpu and not distributed"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -57,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/job_queue.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/predict_latency.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

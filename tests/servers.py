@@ -21,7 +21,6 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -32,12 +31,7 @@ from typing import Any
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from support import free_port
 
 # --- S3 ---------------------------------------------------------------------------
 
@@ -141,7 +135,7 @@ def postgres_server() -> Iterator[str]:
     if as_user:
         for path in (base, sockets):
             os.chown(path, pg_user.pw_uid, pg_user.pw_gid)
-    data, log, port = base / "data", base / "server.log", _free_port()
+    data, log, port = base / "data", base / "server.log", free_port()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -19,10 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from kiln.api.app import build_services, create_app
-from kiln.api.deps import Services
+from kiln.app import build_services, create_app
 from kiln.jobs.worker import Worker
 from kiln.server import bootstrap
+from kiln.services import Services
 from kiln.settings import Settings
 
 API = "/api/v1"

@@ -8,7 +8,7 @@ import tarfile
 
 from fastapi.testclient import TestClient
 
-from kiln.api.app import build_services, create_app
+from kiln.app import build_services, create_app
 from kiln.server import bootstrap
 from kiln.settings import Settings
 

@@ -12,11 +12,8 @@ waited out through the Retry-After the server sent. Every test uses keys of its 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +35,7 @@ from kiln.jobs.worker import Worker
 from kiln.settings import Settings
 from kiln.store.keys import create_key
 from kiln.store.projects import ensure_project
+from support import free_port, kiln_env, start_process, stop_process, wait_for_http
 
 API_LIMIT = 12  # per key per minute, on the management API
 INFERENCE_LIMIT = 8  # per key per minute, on predict and v2 infer
@@ -258,36 +256,23 @@ def test_bad_limits_are_refused(live: Platform, tmp_path: Path) -> None:
     assert code != 0 and "inference or api" in out, out
 
 
+@pytest.mark.e2e
 def test_kiln_serve_applies_the_inference_limit_to_its_key(tmp_path: Path) -> None:
     """``kiln serve BUNDLE`` (a real process) limits its one static key too."""
     bundle = fit(train_spec("sklearn:iris", name="iris-rl", epochs=1)).save(tmp_path / "b")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     key = "k" * 32
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    env |= {"TMPDIR": str(tmp_path), "KILN_RATE_LIMIT_INFERENCE": "2/minute"}
+    env = kiln_env(TMPDIR=str(tmp_path), KILN_RATE_LIMIT_INFERENCE="2/minute")
     log = tmp_path / "serve.log"
     args = ["serve", str(bundle), "--port", str(port), "--api-key", key, "--backend", "torch"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli.main", *args], env=env, stdout=out, stderr=out
-        )
+    proc = start_process([sys.executable, "-m", "kiln.cli.main", *args], log, env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # a guard against hanging, not a measurement
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        # a guard against hanging, not a measurement
+        wait_for_http(f"{url}/readyz", proc=proc, log=log, timeout=120)
         path = f"{url}/api/v1/deployments/iris-rl/predict"
         answers = [httpx.post(path, headers=auth(key), json={"inputs": [ROW]}) for _ in range(3)]
         assert [r.status_code for r in answers[:2]] == [200, 200], answers[0].text
         refused(answers[2], "rate_limit.key", "KILN_RATE_LIMIT_INFERENCE")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        stop_process(proc, signal.SIGINT)

@@ -9,14 +9,14 @@ tests; everything stops (and the database closes) when the context exits.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from support import serve_app
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,13 @@ class Platform:
     url: str
     admin_key: str
     home: Path
-    services: Any  # kiln.api.deps.Services
+    services: Any  # kiln.services.Services
 
 
 @contextmanager
 def running_platform(home: Path, *, worker: bool = True, **settings: Any) -> Iterator[Platform]:
     """The platform; ``worker=False`` leaves jobs queued (for a worker process of the test's)."""
-    import uvicorn
-
-    from kiln.api.app import build_services, create_app
+    from kiln.app import build_services, create_app
     from kiln.jobs.worker import Worker
     from kiln.server import bootstrap
     from kiln.settings import Settings
@@ -41,29 +39,18 @@ def running_platform(home: Path, *, worker: bool = True, **settings: Any) -> Ite
     services = build_services(config)
     key = bootstrap(services)
     assert key is not None
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(config, services=services)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    serving.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert serving.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
     runner = Worker(config, db=services.db, store=services.store, worker_id="test-worker")
     working = threading.Thread(target=runner.run, daemon=True)
-    if worker:
-        working.start()
     try:
-        yield Platform(url=f"http://127.0.0.1:{port}", admin_key=key, home=home, services=services)
+        with serve_app(create_app(config, services=services), timeout=30) as url:
+            if worker:
+                working.start()
+            try:
+                yield Platform(url=url, admin_key=key, home=home, services=services)
+            finally:
+                runner.draining.set()  # a running job finishes first
+                if worker:
+                    working.join(120)
     finally:
-        runner.draining.set()  # a running job finishes first
-        if worker:
-            working.join(120)
-        server.should_exit = True
-        serving.join(30)
-        sock.close()
         services.db.dispose()
-        assert not working.is_alive() and not serving.is_alive()
+    assert not working.is_alive()

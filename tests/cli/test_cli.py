@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kiln.cli.main import app
+from support import wait_for
 
 runner = CliRunner()
 
@@ -215,6 +216,7 @@ def test_help_is_cheap_and_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.e2e
 def test_console_script_runs_in_a_real_process(trained: Path) -> None:
     exe = Path(sys.executable).parent / "kiln"
     out = subprocess.run(
@@ -227,9 +229,9 @@ def test_console_script_runs_in_a_real_process(trained: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.e2e
 def test_ctrl_c_keeps_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     import signal
-    import time
 
     spec = _spec(
         tmp_path, train={"epochs": 100, "batch_size": 2, "optimizer": {"name": "sgd", "lr": 0.01}}
@@ -246,10 +248,12 @@ def test_ctrl_c_keeps_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
         # give the child the default, as a terminal's foreground process has it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 60
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert ckpt.exists(), "no checkpoint was written"
+
+    def written() -> bool:
+        assert proc.poll() is None, "kiln train exited before it wrote a checkpoint"
+        return ckpt.exists()
+
+    wait_for(written, timeout=60, what="a checkpoint")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

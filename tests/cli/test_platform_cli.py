@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+import pytest
 from typer.testing import CliRunner
 
 from kiln.cli.main import app
 from kiln.client import Client
+from support import free_port, kiln_env, start_process, stop_process, wait_for_http
 
 runner = CliRunner()
 KILN = str(Path(sys.executable).parent / "kiln")
@@ -26,17 +24,6 @@ SPEC = {
     "model": {"type": "linear"},
     "train": {"epochs": 2, "device": "cpu"},
 }
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    return {**env, "KILN_HOME": str(home)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_up_and_worker_help() -> None:
@@ -68,48 +55,31 @@ def test_help_of_the_platform_commands_imports_no_server_or_ml_module() -> None:
     assert json.loads(out.stdout) == []
 
 
-def _start(args: list[str], home: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("w") as out:
-        return subprocess.Popen([KILN, *args], env=_env(home), stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    return proc.wait(60)
-
-
+@pytest.mark.e2e
 def test_kiln_up_and_kiln_worker_processes_run_a_job_and_stop_cleanly(tmp_path: Path) -> None:
     """``kiln up --workers 0`` serves; a separate ``kiln worker`` takes the job."""
     home = tmp_path / "home"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     up_log, worker_log = tmp_path / "up.log", tmp_path / "worker.log"
-    up = _start(["up", "--port", str(port), "--workers", "0"], home, up_log)
+    up_args = [KILN, "up", "--port", str(port), "--workers", "0"]
+    up = start_process(up_args, up_log, kiln_env(home))
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert up.poll() is None, up_log.read_text()
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "kiln up did not start"
-                time.sleep(0.1)
+        wait_for_http(f"{url}/healthz", proc=up, log=up_log, timeout=60)
         key_file = home / "admin.key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = key_file.read_text().strip()
         with Client(url, key) as client:
             queued = client.jobs.submit(SPEC)
-            worker = _start(["worker"], home, worker_log)
+            worker = start_process([KILN, "worker"], worker_log, kiln_env(home))
             job = client.jobs.wait(queued["id"], timeout=120, poll=0.1)
         assert job["state"] == "succeeded", worker_log.read_text()
         assert job["model_version"] == {"model": "iris-proc", "version": 1}
         assert job["worker"].split(":")[1] == str(worker.pid)
     finally:
-        worker_code = _stop(worker, signal.SIGTERM) if worker is not None else None
-        up_code = _stop(up, signal.SIGINT)
+        worker_code = stop_process(worker, signal.SIGTERM) if worker is not None else None
+        up_code = stop_process(up, signal.SIGINT)
     assert worker_code == 0, worker_log.read_text()
     assert "drained, exiting" in worker_log.read_text()
     assert up_code == 0, up_log.read_text()

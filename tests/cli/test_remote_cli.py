@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 import kiln
 from cli.live_server import Platform
 from kiln.cli.main import app
+from support import free_port
 
 runner = CliRunner()
 
@@ -290,9 +290,7 @@ def test_the_local_admin_key_file_is_the_fallback(
 
 
 def test_an_unreachable_server_exits_14(env: dict[str, str | None]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = kiln_cli(env, "jobs", "list", "--url", f"http://127.0.0.1:{port}")
     assert result.exit_code == 14
     assert f"127.0.0.1:{port}" in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import kiln
 from cli.live_server import Platform
 from kiln.cli.main import app
 from kiln.client import Client
+from support import free_port, kiln_env, start_process, stop_process, wait_for_http
 
 runner = CliRunner()
 KEY = "k" * 32
@@ -50,12 +50,6 @@ def rows() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return kiln.fit(iris_spec("iris-serve")).save(tmp_path_factory.mktemp("bundle") / "iris")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- kiln serve -------------------------------------------------------------------
@@ -114,7 +108,7 @@ def test_a_deployment_that_fails_at_startup_exits_cleanly(
 
 def test_banner_shows_a_generated_key_once_and_working_examples(bundle_dir: Path) -> None:
     from kiln.bundle import Bundle
-    from kiln.serve.standalone import ServeOptions, banner, example_row, v2_example
+    from kiln.standalone import ServeOptions, banner, example_row, v2_example
 
     bundle = Bundle.load(bundle_dir)
     model = SimpleNamespace(backend_name="onnxruntime", parity=1e-7)
@@ -133,37 +127,22 @@ def test_banner_shows_a_generated_key_once_and_working_examples(bundle_dir: Path
 
 
 def _serve(bundle_dir: Path, port: int, temp: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    env["TMPDIR"] = str(temp)
     args = ["serve", str(bundle_dir), "--port", str(port), "--api-key", KEY]
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli.main", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    command = [sys.executable, "-m", "kiln.cli.main", *args]
+    return start_process(command, log, kiln_env(TMPDIR=str(temp)))
 
 
+@pytest.mark.e2e
 def test_kiln_serve_process_serves_one_bundle_with_one_key(
     bundle_dir: Path, rows: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     temp, log = tmp_path / "tmp", tmp_path / "serve.log"
     temp.mkdir()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _serve(bundle_dir, port, temp, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "kiln serve did not become ready"
-            time.sleep(0.1)
+        wait_for_http(f"{url}/readyz", proc=proc, log=log, timeout=120)
         homes = [p.name for p in temp.iterdir() if p.name.startswith("kiln-serve-")]
         assert len(homes) == 1
 
@@ -207,10 +186,8 @@ def test_kiln_serve_process_serves_one_bundle_with_one_key(
             assert metrics.status_code == 200 and "kiln_requests_total" in metrics.text
             assert http.get("/healthz").json()["status"] == "ok"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
         stopping = time.monotonic()
-        code = proc.wait(60)
+        code = stop_process(proc, signal.SIGINT)
     printed = log.read_text()
     assert code == 0, printed
     assert time.monotonic() - stopping < 30
@@ -256,6 +233,7 @@ def kiln_cli(env: dict[str, str | None], *args: str) -> Any:
     return runner.invoke(app, list(args), env=env)
 
 
+@pytest.mark.e2e
 def test_deployments_commands(
     env: dict[str, str | None], model: str, tables: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -9,33 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from support import free_port, kiln_env, start_process, wait_for
+
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def workers_of(server_pid: int) -> list[int]:
@@ -63,20 +50,16 @@ class Server:
     def __init__(self, home: Path, port: int) -> None:
         self.home = home
         self.out = home.parent / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-        env.update(
-            KILN_HOME=str(home),
+        env = kiln_env(
+            home,
             KILN_HEARTBEAT_SECONDS="0.5",
             KILN_HEARTBEAT_TIMEOUT="3",
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        command = "from kiln.cli.main import main; main()"
+        command = "from kiln.cli.main import main; main()"  # our own interpreter and module
         args = ["up", "--port", str(port), "--workers", "1"]
-        with self.out.open("wb") as out:
-            self.proc = subprocess.Popen(  # our own interpreter and module
-                [sys.executable, "-c", command, *args], env=env, stdout=out, stderr=out
-            )
+        self.proc = start_process([sys.executable, "-c", command, *args], self.out, env)
         self.url = f"http://127.0.0.1:{port}"
 
     def output(self) -> str:
@@ -107,7 +90,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def wine_csv() -> bytes:
     from sklearn.datasets import load_wine
 
-    return load_wine(as_frame=True).frame.to_csv(index=False).encode()
+    data: bytes = load_wine(as_frame=True).frame.to_csv(index=False).encode()
+    return data
 
 
 def test_a_killed_worker_is_replaced_and_its_job_resumes(server: Server) -> None:
@@ -127,7 +111,7 @@ def run_scenario(server: Server) -> None:
         except httpx.TransportError:
             return False
 
-    wait_for("kiln up to answer /healthz", healthy, 60, every=0.1)
+    wait_for(healthy, timeout=60, interval=0.1, what="kiln up to answer /healthz")
     key = key_file.read_text().strip()
     api = httpx.Client(
         base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30
@@ -158,7 +142,7 @@ def run_scenario(server: Server) -> None:
         assert body["state"] in ("queued", "running"), body
         return body if body["progress"].get("epoch", 0) >= 2 else None
 
-    running = wait_for("epoch 2", at_epoch_2, 90)
+    running = wait_for(at_epoch_2, timeout=90, what="epoch 2")
     first = int(running["worker"].rsplit(":", 2)[1])
     assert first in workers_of(server.proc.pid), running["worker"]
     scratch = server.home / "scratch"
@@ -175,7 +159,7 @@ def run_scenario(server: Server) -> None:
         body = job()
         return body if body["state"] not in ("queued", "running") else None
 
-    done = wait_for("the job to end", finished, 120, every=0.2)
+    done = wait_for(finished, timeout=120, interval=0.2, what="the job to end")
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2, done
     assert int(done["worker"].rsplit(":", 2)[1]) != first
@@ -202,5 +186,5 @@ def run_scenario(server: Server) -> None:
     except subprocess.TimeoutExpired:
         raise AssertionError("kiln up did not exit within 30 s of SIGINT") from None
     assert server.proc.returncode == 0, server.proc.returncode
-    assert wait_for("no worker left", lambda: not workers_of(server.proc.pid), 5)
+    assert wait_for(lambda: not workers_of(server.proc.pid), timeout=5, what="no worker left")
     assert list(scratch.iterdir()) == []  # workers that exit cleanly leave nothing

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from kiln.api.app import build_services, create_app
+from kiln.app import build_services, create_app
 from kiln.jobs.worker import Worker
 from kiln.monitor import usage
 from kiln.server import bootstrap

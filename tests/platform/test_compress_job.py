@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sklearn.datasets import load_iris
 
 import kiln
-from kiln.api.app import build_services, create_app
+from kiln.app import build_services, create_app
 from kiln.jobs.worker import Worker
 from kiln.server import bootstrap
 from kiln.settings import Settings
@@ -133,7 +133,7 @@ def test_a_version_trained_on_a_host_file_is_not_reread_by_a_server_compress_job
 ) -> None:
     """A bundle registered as it is (as `kiln serve` does) names the table it was trained
     on, a path of that machine; a compress job without data must not read it."""
-    from kiln.serve.standalone import register
+    from kiln.standalone import register
 
     settings = Settings(home=tmp_path / "home", heartbeat_seconds=0.2)
     services = build_services(settings)

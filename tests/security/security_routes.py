@@ -68,8 +68,9 @@ def route_table() -> tuple[RouteSpec, ...]:
 
     from fastapi.routing import APIRoute
 
-    from kiln.api.app import API, ROUTERS, create_app
+    from kiln.api.app import API, ROUTERS
     from kiln.api.routes import v2
+    from kiln.app import create_app
     from kiln.settings import Settings
 
     routers = [(API, module.router) for module in ROUTERS] + [("", v2.router)]

@@ -13,11 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,9 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.conftest import API, Platform
-from kiln.api.app import build_services, create_app
+from kiln.app import build_services, create_app
 from kiln.errors import EncryptionError
+from support import free_port, kiln_env, wait_for
 
 MARKER = "ZEBRA-MARKER-c0ffee"
 
@@ -90,14 +89,6 @@ def weight_windows(bundle: Path) -> list[bytes]:
     return out
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_the_artifact_folder_holds_only_ciphertext(
     make_platform: Callable[..., Platform], tmp_path: Path
 ) -> None:
@@ -110,7 +101,7 @@ def test_the_artifact_folder_holds_only_ciphertext(
         assert r.status_code == 201, r.text
         r = p.post("/deployments/enc/predict", p.admin, {"inputs": [row, row]})
         assert r.status_code == 200, r.text
-        wait_for(lambda: bool(p.svc.store.list(log_prefix)), "the prediction log")
+        wait_for(lambda: bool(p.svc.store.list(log_prefix)), what="the prediction log")
     bundle = download(p.client, p.admin, tmp_path)
     files = raw_files(p.settings)
     kinds = {"/datasets/", "/models/", "/deployments/"}
@@ -131,8 +122,7 @@ def test_the_artifact_folder_holds_only_ciphertext(
 
 
 def _kiln(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    environ.update(KILN_HOME=str(home), **env)
+    environ = kiln_env(home, **env)
     return subprocess.run(
         [sys.executable, "-m", "kiln.cli.main", *args],
         env=environ,
@@ -143,6 +133,7 @@ def _kiln(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.e2e
 def test_restart_wrong_key_tampering_and_rotate_master(
     make_platform: Callable[..., Platform], tmp_path: Path
 ) -> None:
@@ -173,9 +164,7 @@ def test_restart_wrong_key_tampering_and_rotate_master(
     other = base64.b64encode(os.urandom(32)).decode()
     with pytest.raises(EncryptionError, match="KILN_MASTER_KEY"):
         build_services(settings.model_copy(update={"master_key": SecretStr(other)}))
-    with socket.socket() as sock:  # a free port, should the server (wrongly) start
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())  # should the server (wrongly) start
     up = _kiln(settings.home_dir, "up", "--port", port, "--workers", "0", KILN_MASTER_KEY=other)
     assert up.returncode == EncryptionError.exit_code, up.stdout + up.stderr
     assert "KILN_MASTER_KEY" in up.stderr and "Traceback" not in up.stderr

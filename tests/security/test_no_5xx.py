@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from api.conftest import API, Platform
 from kiln.store.db import MAX_OFFSET
+from support import free_port
 
 HUGE = 2**63  # one past SQLite's and PostgreSQL's INTEGER: an OverflowError before
 
@@ -251,9 +251,7 @@ def test_s3_import_from_an_unreachable_endpoint_is_a_502_naming_the_uri(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()

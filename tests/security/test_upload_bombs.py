@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,31 +29,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
 
+from support import free_port, kiln_env, start_process, stop_process, wait_for, wait_for_http
+
+pytestmark = pytest.mark.e2e  # `kiln up` processes
+
 API = "/api/v1"
 GIB = 1 << 30
 BOMB_ROWS = 250_000_000
 SMALL = b"x1,x2,label\n1.0,2.0,a\n3.0,4.0,b\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 class Server:
@@ -61,34 +50,18 @@ class Server:
     def __init__(self, home: Path, **env: str) -> None:
         self.home = home
         self.log = home.parent / f"{home.name}.log"
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-        clean.update(KILN_HOME=str(home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(  # our own interpreter and module
-                [
-                    sys.executable,
-                    "-c",
-                    "from kiln.cli.main import main; main()",
-                    *("up", "--port", str(port), "--workers", "0"),
-                ],
-                env=clean,
-                stdout=out,
-                stderr=out,
-            )
-        _wait_for("the server to answer", self._healthy)
+        clean = kiln_env(home, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+        command = "from kiln.cli.main import main; main()"  # our own interpreter and module
+        args = [sys.executable, "-c", command, "up", "--port", str(port), "--workers", "0"]
+        self.proc = start_process(args, self.log, clean)
+        wait_for_http(f"{self.url}/healthz", proc=self.proc, log=self.log, timeout=120)
         self.key = (home / "admin.key").read_text().strip()
         self.client = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=300
         )
         self.process = psutil.Process(self.proc.pid)
-
-    def _healthy(self) -> bool:
-        assert self.proc.poll() is None, self.log.read_text()
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        return False
 
     def upload(self, data: bytes, filename: str) -> httpx.Response:
         return self.client.post(
@@ -136,12 +109,7 @@ class Server:
 
     def stop(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout=30)
 
 
 def _warm(server: Server) -> None:
@@ -352,9 +320,9 @@ def test_an_interrupted_upload_leaves_nothing(default_server: Server) -> None:
         for _ in range((total // 2) // len(chunk)):
             sock.sendall(chunk)
         # the server holds the part so far in a spooled temporary file ...
-        _wait_for("the server to spool the body", spooled)
+        wait_for(spooled, timeout=120, what="the server to spool the body")
     # ... which is gone once it sees the client go, and nothing is in scratch either
-    _wait_for("the spool to close", lambda: not spooled())
+    wait_for(lambda: not spooled(), timeout=120, what="the spool to close")
     assert default_server.uploads_in_scratch() == []
     assert default_server.upload(SMALL, "after.csv").status_code == 201
 

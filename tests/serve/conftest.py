@@ -25,7 +25,7 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
-    from kiln.api.app import build_services, create_app
+    from kiln.app import build_services, create_app
     from kiln.jobs.worker import Worker
     from kiln.server import bootstrap
     from kiln.settings import Settings

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from serve_support import Home, bearer, copy_home, iris, rows, serve
 
+from support import async_wait_for
+
 API = "/api/v1"
 FEATURES = list(iris().columns.drop("target"))
 
@@ -179,11 +181,13 @@ def test_a_body_over_8_mib_is_refused_with_413(live: Live) -> None:
     assert r.status_code == 413, r.text
 
 
+Answer = tuple[float, int, Any, int]  # sent (monotonic), status, body, first row
+
+
 async def _load(
-    live: Live, name: str, stop: asyncio.Event, tasks: int = 8
-) -> list[tuple[float, int, Any, int]]:
-    """Predictions from ``tasks`` concurrent callers until ``stop``: (sent, status, body, start)."""
-    results: list[tuple[float, int, Any, int]] = []
+    live: Live, name: str, stop: asyncio.Event, results: list[Answer], tasks: int = 8
+) -> None:
+    """Predictions from ``tasks`` concurrent callers until ``stop``, appended to ``results``."""
 
     async def caller(client: httpx.AsyncClient, k: int) -> None:
         i = 0
@@ -201,16 +205,24 @@ async def _load(
         base_url=live.url, headers=bearer(live.home.keys["predict"]), timeout=60, limits=limits
     ) as client:
         await asyncio.gather(*(caller(client, k) for k in range(tasks)))
-    return results
 
 
 def test_hot_swap_under_load_drops_no_request(live: Live) -> None:
     live.deploy("swap", 1)
 
-    async def main() -> tuple[list[tuple[float, int, Any, int]], float]:
+    async def main() -> tuple[list[Answer], float]:
         stop = asyncio.Event()
-        load = asyncio.ensure_future(_load(live, "swap", stop))
-        await asyncio.sleep(0.4)
+        results: list[Answer] = []
+        load = asyncio.ensure_future(_load(live, "swap", stop, results))
+
+        def answered_since(since: float) -> bool:
+            if load.done():  # a caller failed: its exception, not a timeout
+                load.result()
+                raise AssertionError("the load stopped before it was told to")
+            return sum(1 for sent, *_ in results if sent > since) >= 8
+
+        before = "8 answers before the swap"
+        await async_wait_for(lambda: answered_since(-math.inf), timeout=60, what=before)
         async with httpx.AsyncClient(
             base_url=live.url, headers=bearer(live.home.admin), timeout=60
         ) as admin:
@@ -218,9 +230,11 @@ def test_hot_swap_under_load_drops_no_request(live: Live) -> None:
         swapped = time.monotonic()
         assert r.status_code == 200, r.text
         assert [(x["version"], x["weight"]) for x in r.json()["routes"]] == [(2, 100)]
-        await asyncio.sleep(0.4)
+        after = "8 answers to requests sent after the swap"
+        await async_wait_for(lambda: answered_since(swapped), timeout=60, what=after)
         stop.set()
-        return await load, swapped
+        await load
+        return results, swapped
 
     results, swapped = asyncio.run(main())
     failures = [(status, body) for _, status, body, _ in results if status != 200]

@@ -24,7 +24,7 @@ API = "/api/v1"
 
 @pytest.fixture
 def client(home_copy: Home) -> Iterator[TestClient]:
-    from kiln.api.app import create_app
+    from kiln.app import create_app
 
     with TestClient(create_app(home_copy.settings())) as c:
         c.headers.update(bearer(home_copy.admin))
@@ -97,7 +97,7 @@ def test_a_shared_model_stays_until_its_last_deployment_is_deleted(client: TestC
 
 def test_a_version_that_fails_to_load_leaves_no_decrypted_copy(home_copy: Home) -> None:
     """Its files decrypt one by one; a later one fails its tag: nothing stays on disk."""
-    from kiln.api.app import create_app
+    from kiln.app import create_app
 
     files = sorted(p for p in home_copy.artifact_dir(2).rglob("*") if p.is_file())
     last = files[-1]

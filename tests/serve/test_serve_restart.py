@@ -10,7 +10,9 @@ import shutil
 from typing import Any
 
 import httpx
-from serve_support import Home, bearer, rows, serve, wait_for
+from serve_support import Home, bearer, rows, serve
+
+from support import wait_for_http
 
 API = "/api/v1"
 
@@ -50,7 +52,7 @@ def test_a_restarted_server_restores_deployments_routes_and_settings(home_copy: 
         client(url, home_copy.admin) as admin,
         client(url, home_copy.keys["predict"]) as predictor,
     ):
-        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+        wait_for_http(f"{url}/readyz", timeout=10)
         assert httpx.get(f"{url}/readyz").json() == {"ready": True}
         listed = {d["name"]: d for d in admin.get(f"{API}/deployments").json()}
         assert sorted(listed) == ["kept", "single"]

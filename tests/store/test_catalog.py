@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln.api.app import build_services
-from kiln.api.deps import Services
+from kiln.app import build_services
 from kiln.errors import ConflictError, DataError, NotFoundError, SpecError
+from kiln.services import Services
 from kiln.settings import Settings
 from kiln.store import catalog, model_refs
 from kiln.store.tables import CatalogModel

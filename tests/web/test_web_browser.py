@@ -10,8 +10,7 @@ Playwright's ``wait_for_function`` evaluates strings, which the CSP forbids.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,23 +18,15 @@ import pytest
 from web_support import require_chromium
 
 from cli.live_server import Platform, running_platform
+from support import wait_for
+
+pytestmark = pytest.mark.e2e  # Chromium and a live server
 
 
 @pytest.fixture(scope="module", autouse=True)
 def chromium() -> None:
     """Before the server starts: skip (or fail in CI) without Chromium."""
     require_chromium()
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll ``check`` until it returns something truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Server:
@@ -94,7 +85,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         jobs.append(s.rest.post("/jobs", json={"kind": "train", "spec": train_spec(s.dataset, 2)}))
         for job in jobs:
             assert job.status_code == 201, job.text
-            wait_for(lambda j=job: s.job_state(j.json()["id"]) == "succeeded", "training", 120)
+            wait_for(
+                lambda j=job: s.job_state(j.json()["id"]) == "succeeded",
+                what="training",
+                timeout=120,
+            )
         deploy = {"name": "iris", "model": "iris", "version": 1, "backend": "torch"}
         r = s.rest.post("/deployments", json=deploy)
         assert r.status_code == 201, r.text
@@ -148,15 +143,15 @@ def test_the_loss_curve_grows_while_the_job_trains(page: Any, server: Server) ->
     job = server.rest.post("/jobs", json={"kind": "train", "spec": spec}).json()["id"]
     try:
         sign_in(page, server)
-        wait_for(lambda: server.job_state(job) == "running", "the job to start")
+        wait_for(lambda: server.job_state(job) == "running", what="the job to start")
         page.goto(f"{server.url}/jobs/{job}")
-        first = wait_for(lambda: plotted(page, "loss-chart"), "a first point")
+        first = wait_for(lambda: plotted(page, "loss-chart"), what="a first point")
 
         def grown() -> int | None:
             now = plotted(page, "loss-chart")
             return now if now > first else None
 
-        assert wait_for(grown, "more points, drawn by the page's polling") > first
+        assert wait_for(grown, what="more points, drawn by the page's polling") > first
         assert plotted(page, "validation-chart") > 0
         page.click("#cancel-form button")
         page.locator("#job-state .badge", has_text="cancelled").wait_for(timeout=20_000)
@@ -210,7 +205,7 @@ def test_the_compression_chart_draws(page: Any, server: Server) -> None:
         )
     sign_in(page, server)
     page.goto(server.url + "/models/iris")
-    assert wait_for(lambda: plotted(page, "pareto-chart"), "the Pareto chart") == 1
+    assert wait_for(lambda: plotted(page, "pareto-chart"), what="the Pareto chart") == 1
     assert page.locator("#pareto-chart svg.main-svg").count() > 0
 
 
@@ -245,10 +240,10 @@ def test_usage_counts_the_predictions_just_made(page: Any, server: Server) -> No
         totals = usage_totals(page, server)  # the page, reloaded
         return totals if totals.get("prediction_requests", 0) >= wanted else None
 
-    after = wait_for(counted, "the usage page to count the predictions", timeout=15)
+    after = wait_for(counted, what="the usage page to count the predictions", timeout=15)
     assert after["prediction_requests"] == wanted
     assert after["prediction_rows"] == before.get("prediction_rows", 0) + 14
-    assert wait_for(lambda: plotted(page, "usage-chart-1"), "a usage chart")
+    assert wait_for(lambda: plotted(page, "usage-chart-1"), what="a usage chart")
 
 
 def usage_totals(page: Any, server: Server) -> dict[str, float]:

@@ -1,0 +1,176 @@
+"""Helpers many tests share: waiting on a condition, free ports, real processes and servers.
+
+Import it as ``from support import ...`` (``tests/`` is on ``sys.path``, as for
+``servers``). Only the standard library loads at module level; httpx and uvicorn load
+inside the functions that use them, so collecting tests stays cheap.
+
+- :func:`wait_for` polls a condition until it holds, or fails naming what it waited for;
+  :func:`async_wait_for` does the same inside an event loop.
+- :func:`free_port` is a TCP port on 127.0.0.1 that nothing listens on.
+- :func:`kiln_env`, :func:`start_process`, :func:`stop_process` and :func:`wait_for_http`
+  run a child process (``kiln up``, ``kiln serve``, a worker) and talk to it.
+- :func:`serve_app` runs an ASGI app under uvicorn in a thread of the test process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from time import monotonic, sleep
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "the condition",
+) -> T:
+    """Call ``condition`` every ``interval`` s until it returns something truthy; that value.
+
+    It is called at least once, the last time after the deadline. After ``timeout`` s an
+    :class:`AssertionError` says what was awaited; an exception from ``condition``
+    (an assertion that the awaited thing can no longer happen) ends the wait at once.
+    """
+    deadline = monotonic() + timeout
+    while True:
+        if value := condition():
+            return value
+        if monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        sleep(interval)
+
+
+async def async_wait_for(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    what: str = "the condition",
+) -> T:
+    """:func:`wait_for` inside an event loop: the loop runs other tasks between calls."""
+    deadline = monotonic() + timeout
+    while True:
+        if value := condition():
+            return value
+        if monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just handed out and nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- child processes ------------------------------------------------------------------
+
+
+def kiln_env(home: Path | None = None, **env: str) -> dict[str, str]:
+    """This process's environment without any ``KILN_*`` setting, plus ``KILN_HOME`` and ``env``.
+
+    The developer's own kiln settings never leak into a child the test starts.
+    """
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    if home is not None:
+        clean["KILN_HOME"] = str(home)
+    return {**clean, **env}
+
+
+def start_process(
+    args: Sequence[str], log: Path, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """``args`` as a child process with ``env``; its stdout and stderr both go to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(list(args), env=dict(env), stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60.0
+) -> int:
+    """Send ``sig`` unless ``proc`` has exited, and wait for it; its exit code.
+
+    A process still running ``timeout`` s later is killed (so no test leaves one behind)
+    and the test fails saying so.
+    """
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        name = signal.Signals(sig).name
+        raise AssertionError(
+            f"pid {proc.pid} did not exit within {timeout:g} s of {name}"
+        ) from None
+
+
+def wait_for_http(
+    url: str,
+    *,
+    proc: subprocess.Popen[Any] | None = None,
+    log: Path | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Wait until ``GET url`` answers 200 (a server's ``/healthz`` or ``/readyz``).
+
+    With ``proc``, its exit fails the wait at once, showing ``log`` (its output).
+    """
+    import httpx
+
+    def answered() -> bool:
+        if proc is not None and proc.poll() is not None:
+            output = log.read_text(errors="replace") if log is not None and log.exists() else ""
+            raise AssertionError(f"pid {proc.pid} exited with {proc.returncode}:\n{output}")
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answered, timeout=timeout, interval=0.1, what=f"{url} to answer 200")
+
+
+# --- servers in this process ------------------------------------------------------------
+
+
+@contextmanager
+def serve_app(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
+    """``app`` under uvicorn (lifespan on) in a thread, on a port the OS picks; its base URL.
+
+    The socket is bound before the thread starts, so the port cannot be taken in between.
+    On exit the server stops and the test fails if it does not within 30 s.
+    """
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited while starting"
+        return bool(server.started)
+
+    try:
+        wait_for(started, timeout=timeout, interval=0.01, what="uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
