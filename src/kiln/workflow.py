@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kiln.bundle import Bundle, check_destination, new_meta
-from kiln.data.split import holdout
+from kiln.data.split import Holdout, holdout
+from kiln.manifest import BundleMeta, DataRecord, JSONDocument, Lineage, SplitRecord, TrainingRecord
 from kiln.models.summary import count_parameters
 from kiln.monitor.drift import reference_stats
 from kiln.spec.load import load_spec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore, DirCheckpoints
-from kiln.train.recipe import load_table, score_frame, train_frames
+from kiln.train.recipe import Table, Trained, load_table, score_frame, train_frames
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+Metrics = dict[str, dict[str, object]]
+"""Per held-out split (``test``, ``val``): what :func:`kiln.evaluate` measured."""
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -25,7 +34,7 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 
 def fit(
-    spec: Spec | dict[str, Any] | str | Path,
+    spec: Spec | JSONDocument | str | Path,
     *,
     out: str | Path | None = None,
     resume: bool = False,
@@ -47,77 +56,124 @@ def fit(
         check_destination(Path(out))  # fail before training, not after
     started = time.perf_counter()
     table = load_table(spec, data_root=data_root)
-    target = spec.data.target
-    stratify = spec.task == "classification" and spec.data.split.stratify
-    parts = holdout(table.frame[target], spec.data.split, stratify)
-    train_df = table.frame.iloc[parts.train]
-    val_df = table.frame.iloc[parts.val] if len(parts.val) else None
-    test_df = table.frame.iloc[parts.test] if len(parts.test) else None
-
-    store: CheckpointStore | None = None
-    if isinstance(checkpoints, str | Path):
-        store = DirCheckpoints(checkpoints)
-    elif checkpoints is not None:
-        store = checkpoints  # e.g. the job queue's checkpoints in the artifact store
-    elif out is not None:
-        store = DirCheckpoints(checkpoint_dir(out))
+    frames = _Frames.split(spec, table)
+    store = _checkpoint_store(checkpoints, out)
     trained = train_frames(
-        spec, table, train_df, val_df, callbacks=callbacks, checkpoints=store, resume=resume
+        spec, table, frames.train, frames.val, callbacks=callbacks, checkpoints=store, resume=resume
     )
-    model, pre, result = trained.model, trained.preprocessor, trained.result
-
-    metrics: dict[str, Any] = {}
-    if test_df is not None:
-        metrics["test"] = score_frame(model, pre, test_df, target)
-    if val_df is not None:
-        metrics["val"] = score_frame(model, pre, val_df, target)
-
-    model.cpu()
-    meta = new_meta(
-        name=spec.name,
-        task=spec.task,
-        model=spec.model.model_dump(mode="json"),
-        input_schema=table.columns,
-        reference=reference_stats(train_df, [(c.name, c.kind) for c in table.columns]),
-        target=target,
-        labels=table.labels,
-        n_inputs=pre.n_outputs,
-        model_context=trained.context,
-        n_outputs=len(table.labels) if table.labels is not None else 1,
-        parameters=count_parameters(model),
-        metrics=metrics,
-        training={
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early,
-            "resumed_from_epoch": result.resumed_from,
-            "seconds": round(time.perf_counter() - started, 3),
-            "device": result.device,
-            "loss": spec.resolved_loss,
-            "history": result.history,
-        },
-        lineage={
-            "spec": spec.model_dump(mode="json"),
-            "data": {
-                "source": _absolute(spec.data.source),
-                "fingerprint": table.fingerprint,
-                "rows_read": table.rows_read,
-                "rows_dropped": table.rows_dropped,
-            },
-            "split": {
-                "train": len(parts.train),
-                "val": len(parts.val),
-                "test": len(parts.test),
-            },
-            "parent": None,
-        },
-    )
-    bundle = Bundle(meta, model, pre)
+    metrics = _score(trained, frames, spec.data.target)
+    trained.model.cpu()
+    training = _training_record(spec, trained, seconds=time.perf_counter() - started)
+    meta = _manifest(spec, table, frames, trained, metrics, training)
+    bundle = Bundle(meta, trained.model, trained.preprocessor)
     if out is not None:
         bundle.save(out)
         if store is not None:
             store.clear()
     return bundle
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """The table's holdout split: the row positions and their frames (val and test
+    are None when empty)."""
+
+    parts: Holdout
+    train: pd.DataFrame
+    val: pd.DataFrame | None
+    test: pd.DataFrame | None
+
+    @classmethod
+    def split(cls, spec: Spec, table: Table) -> _Frames:
+        stratify = spec.task == "classification" and spec.data.split.stratify
+        parts = holdout(table.frame[spec.data.target], spec.data.split, stratify)
+        frame = table.frame
+        return cls(
+            parts=parts,
+            train=frame.iloc[parts.train],
+            val=frame.iloc[parts.val] if len(parts.val) else None,
+            test=frame.iloc[parts.test] if len(parts.test) else None,
+        )
+
+
+def _checkpoint_store(
+    checkpoints: str | Path | CheckpointStore | None, out: str | Path | None
+) -> CheckpointStore | None:
+    """A directory becomes a store; without one, a saved bundle checkpoints beside ``out``."""
+    if isinstance(checkpoints, str | Path):
+        return DirCheckpoints(checkpoints)
+    if checkpoints is not None:
+        return checkpoints  # e.g. the job queue's checkpoints in the artifact store
+    if out is not None:
+        return DirCheckpoints(checkpoint_dir(out))
+    return None
+
+
+def _score(trained: Trained, frames: _Frames, target: str) -> Metrics:
+    """Metrics per held-out split present, ``test`` first."""
+    metrics: Metrics = {}
+    model, pre = trained.model, trained.preprocessor
+    if frames.test is not None:
+        metrics["test"] = score_frame(model, pre, frames.test, target)
+    if frames.val is not None:
+        metrics["val"] = score_frame(model, pre, frames.val, target)
+    return metrics
+
+
+def _training_record(spec: Spec, trained: Trained, *, seconds: float) -> TrainingRecord:
+    result = trained.result
+    return TrainingRecord(
+        epochs_run=result.epochs_run,
+        best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early,
+        resumed_from_epoch=result.resumed_from,
+        seconds=round(seconds, 3),
+        device=result.device,
+        loss=spec.resolved_loss,
+        history=result.history,
+    )
+
+
+def _lineage(spec: Spec, table: Table, parts: Holdout) -> Lineage:
+    return Lineage(
+        spec=spec.model_dump(mode="json"),
+        data=DataRecord(
+            source=_absolute(spec.data.source),
+            fingerprint=table.fingerprint,
+            rows_read=table.rows_read,
+            rows_dropped=table.rows_dropped,
+        ),
+        split=SplitRecord(train=len(parts.train), val=len(parts.val), test=len(parts.test)),
+        parent=None,
+    )
+
+
+def _manifest(
+    spec: Spec,
+    table: Table,
+    frames: _Frames,
+    trained: Trained,
+    metrics: Metrics,
+    training: TrainingRecord,
+) -> BundleMeta:
+    """The trained bundle's manifest: its schema, metrics, training record and lineage."""
+    columns = table.columns
+    return new_meta(
+        name=spec.name,
+        task=spec.task,
+        model=spec.model.model_dump(mode="json"),
+        input_schema=columns,
+        reference=reference_stats(frames.train, [(c.name, c.kind) for c in columns]),
+        target=spec.data.target,
+        labels=table.labels,
+        n_inputs=trained.preprocessor.n_outputs,
+        model_context=trained.context,
+        n_outputs=len(table.labels) if table.labels is not None else 1,
+        parameters=count_parameters(trained.model),
+        metrics=metrics,
+        training=training,
+        lineage=_lineage(spec, table, frames.parts),
+    )
 
 
 def _absolute(source: str) -> str:

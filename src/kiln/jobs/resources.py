@@ -31,19 +31,49 @@ import contextlib
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kiln.jobs.queue import Lease
+from kiln.lifecycle import JobState
 from kiln.monitor import usage
-from kiln.store.tables import Job, JobState
+from kiln.store.tables import Job
 
 RUNNING = "running"
 LOST = "lost"
 RELEASED = "released"
 STATUS = "/proc/self/status"
+
+
+class Figures(TypedDict):
+    """What :meth:`ResourceMeter.snapshot` measured of one attempt so far."""
+
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_bytes: int
+    gpu_peak_bytes: NotRequired[int]  # only once the attempt used CUDA
+    device: str  # "cpu", "cuda", "mps"
+
+
+class Attempt(Figures):
+    """One entry of ``Job.resources["attempts"]``: the attempt's number and its state
+    (``running`` or how it ended) before its figures."""
+
+    attempt: int
+    state: str
+
+
+class Resources(TypedDict, total=False):
+    """``Job.resources``: the attempts' totals, and every attempt (module docstring)."""
+
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_bytes: int
+    gpu_peak_bytes: int
+    device: str
+    attempts: list[Attempt]
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -121,37 +151,49 @@ class ResourceMeter:
         with self._lock:
             self._peak_rss = max(self._peak_rss, rss or 0)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Figures:
         """The figures so far: wall/CPU seconds, peak RSS, GPU peak (if CUDA ran), device."""
         self.sample()
         with self._lock:
             peak = self._peak_rss
         if not peak:  # no /proc: the lifetime peak is the best there is
             peak = _max_rss_bytes()
-        out: dict[str, Any] = {
-            "wall_seconds": round(time.perf_counter() - self._wall0, 3),
-            "cpu_seconds": round(time.process_time() - self._cpu0, 3),
-            "peak_rss_bytes": int(peak),
-        }
-        cuda = _cuda()
-        gpu = 0
-        if cuda is not None:
-            try:
-                gpu = int(cuda.max_memory_allocated())
-            except Exception:
-                gpu = 0
+        wall = round(time.perf_counter() - self._wall0, 3)
+        cpu = round(time.process_time() - self._cpu0, 3)
+        gpu = _gpu_peak()
         device = device_type(self.device) or ("cuda" if gpu else "cpu")
-        if device == "cuda" or gpu:
-            out["gpu_peak_bytes"] = gpu
-        out["device"] = device
-        return out
+        if device == "cuda" or gpu:  # the GPU figure only where a GPU was used
+            return {
+                "wall_seconds": wall,
+                "cpu_seconds": cpu,
+                "peak_rss_bytes": int(peak),
+                "gpu_peak_bytes": gpu,
+                "device": device,
+            }
+        return {
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "peak_rss_bytes": int(peak),
+            "device": device,
+        }
+
+
+def _gpu_peak() -> int:
+    """torch's peak CUDA allocation since the attempt started; 0 without CUDA."""
+    cuda = _cuda()
+    if cuda is None:
+        return 0
+    try:
+        return int(cuda.max_memory_allocated())
+    except Exception:
+        return 0
 
 
 # --- Job.resources --------------------------------------------------------------------
 
 
-def _totals(attempts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def _totals(attempts: list[Attempt]) -> Resources:
+    out: Resources = {
         "wall_seconds": round(sum(a.get("wall_seconds", 0.0) for a in attempts), 3),
         "cpu_seconds": round(sum(a.get("cpu_seconds", 0.0) for a in attempts), 3),
         "peak_rss_bytes": max((a.get("peak_rss_bytes", 0) for a in attempts), default=0),
@@ -164,7 +206,13 @@ def _totals(attempts: list[dict[str, Any]]) -> dict[str, Any]:
     return {**out, "attempts": attempts}
 
 
-def _meter(session: Session, job: Job, entry: dict[str, Any]) -> None:
+def _stored_attempts(job: Job) -> list[Attempt]:
+    """Copies of the job's recorded attempts (the caller changes them)."""
+    stored: list[Attempt] = (job.resources or {}).get("attempts", [])
+    return [a.copy() for a in stored]
+
+
+def _meter(session: Session, job: Job, entry: Attempt) -> None:
     usage.record(
         session,
         job.project_id,
@@ -175,7 +223,7 @@ def _meter(session: Session, job: Job, entry: dict[str, Any]) -> None:
     )
 
 
-def _settle(session: Session, job: Job, attempts: list[dict[str, Any]]) -> bool:
+def _settle(session: Session, job: Job, attempts: list[Attempt]) -> bool:
     """Mark (and meter) the ``running`` entries of attempts that are not running any more."""
     live = job.attempts if job.state == JobState.running else None
     changed = False
@@ -192,7 +240,7 @@ def _locked(session: Session, *where: Any) -> Job | None:
     return session.scalar(select(Job).where(*where).with_for_update())
 
 
-def account(session: Session, lease: Lease, figures: dict[str, Any], state: str) -> bool:
+def account(session: Session, lease: Lease, figures: Figures, state: str) -> bool:
     """Write this attempt's figures into ``Job.resources``, in the caller's transaction.
 
     ``state`` is ``running`` (a heartbeat: nothing is metered) or how the attempt ended
@@ -207,14 +255,14 @@ def account(session: Session, lease: Lease, figures: dict[str, Any], state: str)
     )
     if job is None:
         return False
-    attempts = [dict(a) for a in (job.resources or {}).get("attempts", [])]
+    attempts = _stored_attempts(job)
     _settle(session, job, attempts)
-    entry = {"attempt": lease.attempt, "state": state, **figures}
+    entry: Attempt = {"attempt": lease.attempt, "state": state, **figures}
     attempts = [a for a in attempts if a.get("attempt") != lease.attempt] + [entry]
     attempts.sort(key=lambda a: int(a.get("attempt", 0)))
     if state != RUNNING:
         _meter(session, job, entry)
-    job.resources = _totals(attempts)
+    job.resources = dict(_totals(attempts))
     return True
 
 
@@ -223,6 +271,6 @@ def settle_lost(session: Session, job_id: str) -> None:
     job = _locked(session, Job.id == job_id)
     if job is None:
         return
-    attempts = [dict(a) for a in (job.resources or {}).get("attempts", [])]
+    attempts = _stored_attempts(job)
     if _settle(session, job, attempts):
-        job.resources = _totals(attempts)
+        job.resources = dict(_totals(attempts))

@@ -20,14 +20,22 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from kiln.errors import ConflictError, DataError, KilnError, NotFoundError
+from kiln.errors import ConflictError, DataError, KilnError, NotFoundError, ToleranceError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.queue import EpochLogs, ErrorRecord, Lease, LeaseLost, Queue, epoch_series
 from kiln.jobs.resources import RELEASED, ResourceMeter, account
+from kiln.jobs.results import (
+    CompressJobResult,
+    JobResult,
+    TrainSummary,
+    VariantResult,
+    VariantSummary,
+    VersionResult,
+)
 from kiln.lifecycle import JobState
 from kiln.manifest import BundleMeta, JSONDocument, ParentRecord
 from kiln.store.artifacts import ArtifactStore, safe_key
@@ -38,56 +46,13 @@ from kiln.store.registry import get_model, register_version, registering, resolv
 from kiln.store.tables import Dataset, Job, Project
 from kiln.train.callbacks import Callback
 
+if TYPE_CHECKING:
+    from kiln.compress.pipeline import Variant
+    from kiln.store.tables import ModelVersion
+
 
 class JobStopped(Exception):  # noqa: N818 - a request, not a failure
     """Raised inside training when the job must stop (cancelled, lease lost, shutdown)."""
-
-
-JobResult = Mapping[str, object]
-"""A job's JSON outcome as ``Job.result`` stores it (the API returns it as is)."""
-
-
-class VersionResult(TypedDict):
-    """A train or evaluate job's result: the version it registered or scored."""
-
-    model: str
-    version: int
-    metrics: JSONDocument  # per split: what kiln.evaluate measured
-
-
-class VariantResult(TypedDict):
-    """One registered variant in a compress job's result."""
-
-    variant: str
-    version: int
-
-
-class CompressJobResult(TypedDict):
-    """A compress job's result: its source version and the variants registered from it."""
-
-    model: str
-    source_version: int
-    variants: list[VariantResult]
-
-
-class TrainSummary(TypedDict):
-    """``ModelVersion.summary`` of a trained version (shown by the API, CLI and dashboard)."""
-
-    model: str  # the architecture's type
-    parameters: int
-    epochs_run: int
-    seconds: float | None
-    device: str | None
-
-
-class VariantSummary(TypedDict):
-    """``ModelVersion.summary`` of a compressed variant."""
-
-    model: str
-    parameters: int
-    variant: str
-    runtime: JSONDocument  # kiln.manifest.Runtime as JSON
-    report: JSONDocument  # the step's accuracy/size/latency report
 
 
 @dataclass
@@ -443,10 +408,6 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
     """Compress a registered version; every variant becomes a new version of the same
     model whose parent is the version it was made from (step by step)."""
-    from kiln.bundle import Bundle
-    from kiln.compress.pipeline import CompressToleranceError, compress
-    from kiln.errors import ToleranceError
-
     project = _project(ctx, job)
     spec = copy.deepcopy(job.spec)
     # a pretrained student's base model (or earlier version)
@@ -456,23 +417,54 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         source = resolve_version(session, get_model(session, project, name), ref)
     ctx.store.get_dir(source.artifact_key, tmp / "source")
     spec["source"] = str(tmp / "source")
-    data = spec.get("data")
-    if data is None:
-        # the source's own training data, when it came from a dataset of this project
-        trained_on = Bundle.load(tmp / "source").meta.lineage.data
-        data = trained_on.source if trained_on is not None else None
-        if data is not None and dataset_ref(data) is None:
-            if not data.startswith("sklearn:"):
-                # a path or URI of the machine that trained it (a bundle made by
-                # `kiln serve`, say): a server job reads only this project's datasets
-                raise DataError(
-                    "the source version was not trained on a dataset of this server: "
-                    "give the compress spec data: dataset:<id>",
-                    field="spec.data",
-                )
-            data = None  # compress loads the scikit-learn table again
+    data = _compress_data(spec.get("data"), tmp / "source")
     if data is not None:
         spec["data"], _ = _fetch_dataset(ctx, job, data, tmp)
+    variants, failure = _run_compress(ctx, spec, tmp)
+    if ctx.stop.is_set():
+        raise JobStopped(ctx.reason)
+    registration = _VariantRegistration(
+        ctx, job, project, name, source, pins, tmp / "register", variants, failure
+    )
+    try:
+        return registering(ctx.db, name, registration)
+    except ConflictError:
+        # registered nowhere: the bundles' bytes would only take space
+        for prefix in set(registration.prefixes):
+            ctx.store.delete(prefix)
+        raise
+
+
+def _compress_data(data: str | None, source: Path) -> str | None:
+    """The data source a compress job measures on: the spec's, else the ``source``
+    bundle's own training data when it came from a dataset of this project; None for
+    scikit-learn's tables (compress loads them again) and for none at all."""
+    from kiln.bundle import Bundle
+
+    if data is not None:
+        return data
+    trained_on = Bundle.load(source).meta.lineage.data
+    data = trained_on.source if trained_on is not None else None
+    if data is None or dataset_ref(data) is not None:
+        return data
+    if not data.startswith("sklearn:"):
+        # a path or URI of the machine that trained it (a bundle made by
+        # `kiln serve`, say): a server job reads only this project's datasets
+        raise DataError(
+            "the source version was not trained on a dataset of this server: "
+            "give the compress spec data: dataset:<id>",
+            field="spec.data",
+        )
+    return None  # compress loads the scikit-learn table again
+
+
+def _run_compress(
+    ctx: JobContext, spec: JSONDocument, tmp: Path
+) -> tuple[list[Variant], ToleranceError | None]:
+    """Run the compress spec: its variants, and the tolerance error that stopped it
+    early (the variants are then those that fitted before it)."""
+    from kiln.compress.pipeline import CompressToleranceError, compress
+
     failure: ToleranceError | None = None
     try:
         result = compress(
@@ -486,65 +478,80 @@ def _compress(ctx: JobContext, job: Job, tmp: Path) -> JobState:
         failure = exc
         partial = exc.partial if isinstance(exc, CompressToleranceError) else None
         variants = partial.variants if partial is not None else []
-    if ctx.stop.is_set():
-        raise JobStopped(ctx.reason)
-    prefixes: list[str] = []
+    return variants, failure
 
-    def register(session: Session) -> JobState:
-        # run again on a lost race: each variant's lineage names its parent's version
-        # number, known only inside this transaction, so the bundles are saved here
-        parent = session.get(type(source), source.id)
+
+@dataclass
+class _VariantRegistration:
+    """Registers a compress job's variants, each a new version whose parent is the one
+    before it, and ends the job, in one transaction. Run again on a lost race: each
+    variant's lineage names its parent's version number, known only inside this
+    transaction, so the bundles are saved here."""
+
+    ctx: JobContext
+    job: Job
+    project: Project
+    name: str  # the model: the source's, and every variant's
+    source: ModelVersion
+    pins: Pins
+    folder: Path  # where the bundles are saved before they are stored
+    variants: list[Variant]
+    failure: ToleranceError | None
+    prefixes: list[str] = field(default_factory=list)  # stored: deleted if registering fails
+
+    def __call__(self, session: Session) -> JobState:
+        parent = session.get(type(self.source), self.source.id)
         assert parent is not None
-        registered: list[dict[str, Any]] = []
-        for variant in variants:
-            bundle = variant.bundle
-            meta = bundle.meta
-            meta.model = pins.restore_model(meta.model)
-            pins.restore(meta.model_context)
-            # name the registered parent instead of a worker's temporary folder
-            meta.lineage.parent = (meta.lineage.parent or ParentRecord()).model_copy(
-                update={"path": None, "model": name, "version": parent.version, "id": parent.id}
-            )
-            meta.lineage.job = job.id
-            out = bundle.save(tmp / "register" / variant.name)
-            prefix = safe_key("projects", project.name, "models", name, job.id, variant.name)
-            ctx.store.put_dir(prefix, out)
-            prefixes.append(prefix)
-            size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-            version = register_version(
-                session,
-                project,
-                name,
-                artifact_key=prefix,
-                task=bundle.meta.task,
-                metrics=bundle.meta.metrics,
-                summary={
-                    "model": meta.model.type,
-                    "parameters": bundle.meta.parameters,
-                    "variant": variant.name,
-                    "runtime": meta.runtime.model_dump(mode="json"),
-                    "report": variant.report,
-                },
-                size_bytes=size,
-                job_id=job.id,
-                dataset_id=parent.dataset_id,
-                parent_id=parent.id,
-            )
-            registered.append({"variant": variant.name, "version": version.version})
+        registered: list[VariantResult] = []
+        for variant in self.variants:
+            version = self._register(session, variant, parent)
+            registered.append(VariantResult(variant=variant.name, version=version.version))
             parent = version
-        outcome = {"model": name, "source_version": source.version, "variants": registered}
-        if failure is None:
-            _close(ctx, session, JobState.succeeded, result=outcome)
+        outcome = CompressJobResult(
+            model=self.name, source_version=self.source.version, variants=registered
+        )
+        if self.failure is None:
+            _close(self.ctx, session, JobState.succeeded, result=outcome)
             return JobState.succeeded
-        _close(ctx, session, JobState.failed, result=outcome, error=failure.to_dict())
+        _close(self.ctx, session, JobState.failed, result=outcome, error=self.failure.to_dict())
         return JobState.failed
 
-    try:
-        return registering(ctx.db, name, register)
-    except ConflictError:
-        for prefix in set(prefixes):  # registered nowhere: the bytes would only take space
-            ctx.store.delete(prefix)
-        raise
+    def _register(self, session: Session, variant: Variant, parent: ModelVersion) -> ModelVersion:
+        """Save ``variant`` as a child of ``parent``, store it and register it."""
+        meta = variant.bundle.meta
+        meta.model = self.pins.restore_model(meta.model)
+        self.pins.restore(meta.model_context)
+        # name the registered parent instead of a worker's temporary folder
+        meta.lineage.parent = (meta.lineage.parent or ParentRecord()).model_copy(
+            update={"path": None, "model": self.name, "version": parent.version, "id": parent.id}
+        )
+        meta.lineage.job = self.job.id
+        out = variant.bundle.save(self.folder / variant.name)
+        prefix = safe_key(
+            "projects", self.project.name, "models", self.name, self.job.id, variant.name
+        )
+        self.ctx.store.put_dir(prefix, out)
+        self.prefixes.append(prefix)
+        summary = VariantSummary(
+            model=meta.model.type,
+            parameters=meta.parameters,
+            variant=variant.name,
+            runtime=meta.runtime.model_dump(mode="json"),
+            report=variant.report,
+        )
+        return register_version(
+            session,
+            self.project,
+            self.name,
+            artifact_key=prefix,
+            task=meta.task,
+            metrics=meta.metrics,
+            summary=dict(summary),
+            size_bytes=_size(out),
+            job_id=self.job.id,
+            dataset_id=parent.dataset_id,
+            parent_id=parent.id,
+        )
 
 
 def _mapping(value: object) -> JSONDocument:

@@ -62,14 +62,7 @@ class Worker:
         now = time.monotonic()
         if now - self._last_recover >= self.settings.heartbeat_seconds:
             self._last_recover = now
-            requeued, ended = self.queue.recover()
-            for job_id in requeued:
-                log.warning("%s: re-queued %s (its worker went silent)", self.id, job_id)
-            for job_id in ended:
-                log.warning("%s: %s ended (its worker went silent)", self.id, job_id)
-            for job_id in requeued + ended:
-                with self.db.session() as session:
-                    settle_lost(session, job_id)
+            self._recover()
         claimed = self.queue.claim(self.id)
         if claimed is None:
             return False
@@ -93,6 +86,17 @@ class Worker:
         outcome = state.value if state is not None else f"stopped ({ctx.reason})"
         log.info("%s: %s %s in %.1f s", self.id, job.id, outcome, time.perf_counter() - started)
         return True
+
+    def _recover(self) -> None:
+        """Re-queue (or end) the jobs of silent workers and bill their lost attempts."""
+        requeued, ended = self.queue.recover()
+        for job_id in requeued:
+            log.warning("%s: re-queued %s (its worker went silent)", self.id, job_id)
+        for job_id in ended:
+            log.warning("%s: %s ended (its worker went silent)", self.id, job_id)
+        for job_id in requeued + ended:
+            with self.db.session() as session:
+                settle_lost(session, job_id)
 
     def run(self, *, until_idle: bool = False, parent: int | None = None) -> None:
         """Work until drained (or, with ``until_idle``, until the queue is empty).

@@ -14,14 +14,15 @@ import hashlib
 import secrets
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, TypedDict
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kiln.errors import DataError, KilnError, NotFoundError, ServiceError, TooLargeError
-from kiln.store.archives import ArchiveLimits, is_archive, unpack
+from kiln.store.archives import ArchiveLimits, Unpacked, is_archive, unpack
 from kiln.store.artifacts import ArtifactStore, safe_key, safe_segment
 from kiln.store.tables import Dataset, Project, UsageEvent
 
@@ -36,7 +37,48 @@ def dataset_ref(source: str) -> str | None:
     return source.removeprefix(PREFIX) if source.startswith(PREFIX) else None
 
 
-def inspect_table(path: Path, filename: str, limits: Limits | None = None) -> dict[str, Any]:
+class StoredColumn(TypedDict):
+    """One column as a dataset row stores it (``Dataset.columns``, shown by the API)."""
+
+    name: str
+    kind: str  # a kiln.data.schema.ColumnKind
+    dtype: str  # the pandas dtype
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What a stored dataset holds: its format, row count and columns."""
+
+    format: str
+    rows: int
+    columns: list[StoredColumn]
+
+
+@dataclass(frozen=True)
+class Intake:
+    """Where a new dataset goes and what it must pass on the way: the caller's
+    transaction, the artifact store, the owning project, a ``before_store(size_bytes)``
+    check (a quota) and the table's and archive's limits (None: the defaults)."""
+
+    session: Session
+    store: ArtifactStore
+    project: Project
+    before_store: Callable[[int], None] | None = None
+    limits: Limits | None = None
+    archive_limits: ArchiveLimits | None = None
+
+    def admit(self, size_bytes: int) -> str:
+        """Run ``before_store`` (which may refuse by raising), then a new dataset id."""
+        if self.before_store is not None:
+            self.before_store(size_bytes)
+        return "ds_" + secrets.token_hex(8)
+
+    def key(self, dataset_id: str, name: str) -> str:
+        """The artifact key of ``name`` in the dataset's folder."""
+        return safe_key("projects", self.project.name, "datasets", dataset_id, name)
+
+
+def inspect_table(path: Path, filename: str, limits: Limits | None = None) -> TableInfo:
     """Read a candidate file as kiln would and describe it: format, rows, columns.
 
     The file is streamed in bounded chunks (:func:`kiln.data.scan.scan_table`): past
@@ -47,8 +89,8 @@ def inspect_table(path: Path, filename: str, limits: Limits | None = None) -> di
     from kiln.data.scan import Limits, scan_table
 
     scan = scan_table(path, filename, limits or Limits())
-    columns = [{"name": c.name, "kind": c.kind, "dtype": c.dtype} for c in scan.columns]
-    return {"format": scan.format, "rows": scan.rows, "columns": columns}
+    columns = [StoredColumn(name=c.name, kind=c.kind, dtype=c.dtype) for c in scan.columns]
+    return TableInfo(format=scan.format, rows=scan.rows, columns=columns)
 
 
 def ingest(
@@ -72,39 +114,27 @@ def ingest(
     """
     safe_segment(name, field="name")
     safe_segment(filename, field="file")
+    intake = Intake(session, store, project, before_store, limits, archive_limits)
     if is_archive(filename):
-        return ingest_archive(
-            session,
-            store,
-            project,
-            name=name,
-            filename=filename,
-            path=path,
-            source=source,
-            before_store=before_store,
-            limits=limits,
-            archive_limits=archive_limits,
-        )
+        return ingest_archive(intake, name=name, filename=filename, path=path, source=source)
     info = inspect_table(path, filename, limits)
     size = path.stat().st_size
-    if before_store is not None:
-        before_store(size)
-    dataset_id = "ds_" + secrets.token_hex(8)
-    key = safe_key("projects", project.name, "datasets", dataset_id, filename)
+    dataset_id = intake.admit(size)
+    key = intake.key(dataset_id, filename)
     store.put_file(key, path)
-    row = Dataset(
-        id=dataset_id,
-        project_id=project.id,
-        name=name,
-        artifact_key=key,
-        source=source,
-        format=info["format"],
-        fingerprint=_sha256(path),
-        size_bytes=size,
-        rows=info["rows"],
-        columns=info["columns"],
-    )
-    return _register(session, store, row, stored=key)
+    stored = _Stored(dataset_id, key, written=key, size_bytes=size, fingerprint=_sha256(path))
+    return _register(intake, stored, name=name, source=source, info=info)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What was put in the artifact store for a dataset not registered yet."""
+
+    dataset_id: str
+    artifact_key: str  # the table, or an image folder's prefix
+    written: str  # the key or prefix to delete if registering fails
+    size_bytes: int
+    fingerprint: str  # SHA-256 of the file as received
 
 
 def _sha256(path: Path) -> str:
@@ -115,9 +145,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _register(session: Session, store: ArtifactStore, row: Dataset, *, stored: str) -> Dataset:
+def _register(
+    intake: Intake, stored: _Stored, *, name: str, source: str, info: TableInfo
+) -> Dataset:
     """Add the dataset's row and its metered size; a failed insert removes what was
-    ``stored`` (a key or a prefix): nothing stays for a dataset that was not registered."""
+    stored (a key or a prefix): nothing stays for a dataset that was not registered."""
+    row = Dataset(
+        id=stored.dataset_id,
+        project_id=intake.project.id,
+        name=name,
+        artifact_key=stored.artifact_key,
+        source=source,
+        format=info.format,
+        fingerprint=stored.fingerprint,
+        size_bytes=stored.size_bytes,
+        rows=info.rows,
+        columns=info.columns,
+    )
+    session = intake.session
     session.add(row)
     session.add(
         UsageEvent(
@@ -130,7 +175,7 @@ def _register(session: Session, store: ArtifactStore, row: Dataset, *, stored: s
     try:
         session.flush()
     except Exception:
-        store.delete(stored)
+        intake.store.delete(stored.written)
         raise
     return row
 
@@ -152,75 +197,60 @@ def archive_root(dataset: Dataset) -> str | None:
 
 
 def ingest_archive(
-    session: Session,
-    store: ArtifactStore,
-    project: Project,
-    *,
-    name: str,
-    filename: str,
-    path: Path,
-    source: str = "upload",
-    before_store: Callable[[int], None] | None = None,
-    limits: Limits | None = None,
-    archive_limits: ArchiveLimits | None = None,
+    intake: Intake, *, name: str, filename: str, path: Path, source: str = "upload"
 ) -> Dataset:
-    """Unpack an archive within ``archive_limits`` (:mod:`kiln.store.archives`), check
-    what it holds and store its files under ``projects/<p>/datasets/<id>/files/``.
+    """Unpack an archive within ``intake.archive_limits`` (:mod:`kiln.store.archives`),
+    check what it holds and store its files under ``projects/<p>/datasets/<id>/files/``.
 
-    It holds either one table at its top (checked within ``limits``) beside the images
-    its image column names (format ``<table>+images``), or an image folder: one
+    It holds either one table at its top (checked within ``intake.limits``) beside the
+    images its image column names (format ``<table>+images``), or an image folder: one
     sub-folder of images per class (format ``images``; columns ``image`` and
     ``label``). A refused archive stores nothing.
     """
-    from kiln.data.images import FOLDER_IMAGE_COLUMN, check_path_columns, folder_table
-    from kiln.data.scan import read_head
-
     with tempfile.TemporaryDirectory(prefix="kiln-unpack-", dir=path.parent) as tmp:
-        unpacked = unpack(path, filename, Path(tmp) / "files", archive_limits or ArchiveLimits())
-        if unpacked.table is not None:
-            info = inspect_table(unpacked.table, unpacked.table.name, limits)
-            fmt, rows, columns = info["format"] + WITH_IMAGES, info["rows"], info["columns"]
-            # image paths of the first rows, checked now (a job checks every row it reads)
-            check_path_columns(read_head(unpacked.table, unpacked.table.name), unpacked.root)
-        else:
-            try:
-                frame = folder_table(unpacked.root)
-            except DataError:
-                raise DataError(
-                    f"{filename} holds neither a table at its top nor an image folder "
-                    "(one sub-folder of images per class)",
-                    field="file",
-                ) from None
-            fmt, rows = IMAGE_FOLDER_FORMAT, len(frame)
-            columns = [
-                {"name": FOLDER_IMAGE_COLUMN, "kind": "image", "dtype": "object"},
-                {"name": "label", "kind": "categorical", "dtype": "object"},
-            ]
-        if before_store is not None:
-            before_store(unpacked.size_bytes)
-        dataset_id = "ds_" + secrets.token_hex(8)
-        prefix = safe_key("projects", project.name, "datasets", dataset_id, "files")
+        limits = intake.archive_limits or ArchiveLimits()
+        unpacked = unpack(path, filename, Path(tmp) / "files", limits)
+        info = _describe_archive(unpacked, filename, intake.limits)
+        dataset_id = intake.admit(unpacked.size_bytes)
+        prefix = intake.key(dataset_id, "files")
         try:
-            store.put_dir(prefix, unpacked.root)
+            intake.store.put_dir(prefix, unpacked.root)
         except BaseException:
-            store.delete(prefix)
+            intake.store.delete(prefix)
             raise
         key = prefix
         if unpacked.table is not None:
             key = f"{prefix}/{unpacked.table.relative_to(unpacked.root).as_posix()}"
-    row = Dataset(
-        id=dataset_id,
-        project_id=project.id,
-        name=name,
-        artifact_key=key,
-        source=source,
-        format=fmt,
-        fingerprint=_sha256(path),
-        size_bytes=unpacked.size_bytes,
-        rows=rows,
-        columns=columns,
+    stored = _Stored(
+        dataset_id, key, written=prefix, size_bytes=unpacked.size_bytes, fingerprint=_sha256(path)
     )
-    return _register(session, store, row, stored=prefix)
+    return _register(intake, stored, name=name, source=source, info=info)
+
+
+def _describe_archive(unpacked: Unpacked, filename: str, limits: Limits | None) -> TableInfo:
+    """The unpacked archive's table (its first rows' image paths checked), or its image
+    folder as a table of ``image`` and ``label``; a DataError naming ``file`` if neither."""
+    from kiln.data.images import FOLDER_IMAGE_COLUMN, check_path_columns, folder_table
+    from kiln.data.scan import read_head
+
+    if unpacked.table is not None:
+        info = inspect_table(unpacked.table, unpacked.table.name, limits)
+        # image paths of the first rows, checked now (a job checks every row it reads)
+        check_path_columns(read_head(unpacked.table, unpacked.table.name), unpacked.root)
+        return TableInfo(info.format + WITH_IMAGES, info.rows, info.columns)
+    try:
+        frame = folder_table(unpacked.root)
+    except DataError:
+        raise DataError(
+            f"{filename} holds neither a table at its top nor an image folder "
+            "(one sub-folder of images per class)",
+            field="file",
+        ) from None
+    columns = [
+        StoredColumn(name=FOLDER_IMAGE_COLUMN, kind="image", dtype="object"),
+        StoredColumn(name="label", kind="categorical", dtype="object"),
+    ]
+    return TableInfo(IMAGE_FOLDER_FORMAT, len(frame), columns)
 
 
 def import_uri(
@@ -248,35 +278,11 @@ def import_uri(
     filename = uri.rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="kiln-import-", dir=scratch) as tmp:
         local = Path(tmp) / "data"
-        if uri.startswith("s3://"):
-            import fsspec
-
-            options = (
-                {"client_kwargs": {"endpoint_url": s3_endpoint_url}} if s3_endpoint_url else {}
-            )
-            try:
-                with fsspec.open(uri, "rb", **options) as src, local.open("wb") as dst:
-                    _bounded_copy(src, dst, max_bytes)
-            except TooLargeError:
-                raise
-            except FileNotFoundError:
-                raise NotFoundError(f"{uri} not found", field="uri") from None
-            except Exception as exc:  # botocore's errors are not OSErrors: classify them all
-                raise s3_error(uri, exc) from None
-        else:
-            try:
-                path = Path(uri.removeprefix("file://")).resolve()
-            except (ValueError, OSError):  # a NUL byte, a name the OS cannot take
-                raise DataError("not a path kiln can read", field="uri") from None
-            if not any(path.is_relative_to(root.resolve()) for root in data_roots):
-                raise DataError(
-                    "only s3:// URIs or paths under KILN_DATA_ROOTS can be registered",
-                    field="uri",
-                )
-            if not path.is_file():
-                raise NotFoundError(f"{uri} not found", field="uri")
-            with path.open("rb") as src, local.open("wb") as dst:
-                _bounded_copy(src, dst, max_bytes)
+        with local.open("wb") as dst:
+            if uri.startswith("s3://"):
+                _copy_s3(uri, dst, s3_endpoint_url, max_bytes)
+            else:
+                _copy_local(uri, dst, data_roots, max_bytes)
         return ingest(
             session,
             store,
@@ -289,6 +295,39 @@ def import_uri(
             limits=limits,
             archive_limits=archive_limits,
         )
+
+
+def _copy_s3(uri: str, dst: IO[bytes], endpoint_url: str | None, max_bytes: int | None) -> None:
+    """Copy an S3 object; its failures become errors naming ``uri`` (:func:`s3_error`)."""
+    import fsspec
+
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+    try:
+        with fsspec.open(uri, "rb", **options) as src:
+            _bounded_copy(src, dst, max_bytes)
+    except TooLargeError:
+        raise
+    except FileNotFoundError:
+        raise NotFoundError(f"{uri} not found", field="uri") from None
+    except Exception as exc:  # botocore's errors are not OSErrors: classify them all
+        raise s3_error(uri, exc) from None
+
+
+def _copy_local(uri: str, dst: IO[bytes], data_roots: list[Path], max_bytes: int | None) -> None:
+    """Copy a server file, only from under one of ``data_roots``."""
+    try:
+        path = Path(uri.removeprefix("file://")).resolve()
+    except (ValueError, OSError):  # a NUL byte, a name the OS cannot take
+        raise DataError("not a path kiln can read", field="uri") from None
+    if not any(path.is_relative_to(root.resolve()) for root in data_roots):
+        raise DataError(
+            "only s3:// URIs or paths under KILN_DATA_ROOTS can be registered",
+            field="uri",
+        )
+    if not path.is_file():
+        raise NotFoundError(f"{uri} not found", field="uri")
+    with path.open("rb") as src:
+        _bounded_copy(src, dst, max_bytes)
 
 
 def _bounded_copy(src: IO[bytes], dst: IO[bytes], max_bytes: int | None) -> None:
