@@ -261,6 +261,28 @@ def test_predict_accepts_frames_records_and_arrays(saved, iris):
     assert set(out) == {"predictions", "probabilities", "labels"}
 
 
+def test_plain_numbers_skip_the_table_and_predict_exactly_as_it_does(saved, iris):
+    bundle, _ = saved
+    rows = features(iris).iloc[:7]
+    as_objects = rows.astype(object)  # an object table goes column by column
+    want = bundle.predict(as_objects)
+    for given in (rows.to_dict(orient="records"), rows.to_numpy(), rows.to_numpy().tolist()):
+        got = bundle.predict(given)
+        assert got.predictions == want.predictions
+        assert got.probabilities == want.probabilities  # bit for bit
+    assert bundle.predict(torch.tensor(rows.to_numpy())).predictions == want.predictions
+
+
+def test_predict_fills_missing_values_in_rows_as_in_a_table(saved, iris):
+    bundle, _ = saved
+    rows = features(iris).iloc[:3].to_dict(orient="records")
+    rows[0]["petal length (cm)"] = float("nan")
+    del rows[1]["sepal width (cm)"]
+    frame = pd.DataFrame.from_records(rows)
+    assert frame.isna().sum().sum() == 2  # both are filled with the training means
+    assert bundle.predict(rows).probabilities == bundle.predict(frame).probabilities
+
+
 def test_trained_bundle_is_accurate(saved, iris):
     bundle, _ = saved
     predictions = bundle.predict(features(iris)).predictions

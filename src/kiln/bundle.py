@@ -19,7 +19,6 @@ only: it never unpickles or executes anything from the directory.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -36,11 +35,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kiln.data.preprocess import JSONScalar, Preprocessor
+from kiln.data.preprocess import JSONScalar, Preprocessor, numeric_rows
 from kiln.errors import BundleError, DataError, NotFoundError
-from kiln.manifest import FORMAT, BundleMeta, Runtime, parse_manifest
+from kiln.manifest import FORMAT, BundleMeta, parse_manifest
 from kiln.models.registry import build
-from kiln.runtime.placement import Placement, half_dtype
+from kiln.runtime import Backend
+from kiln.runtime.placement import half_dtype
+from kiln.runtime.select import recorded_backend
 
 META_FILE = "kiln.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -88,26 +89,14 @@ class Bundle:
         self.onnx = onnx
         self.report = report
         self.path: Path | None = None
-        self._backend: Any = None
+        self._backend: Backend | None = None
 
     @property
-    def backend(self) -> Any:
-        """The inference backend ``runtime.backend`` names (created on first use)."""
+    def backend(self) -> Backend:
+        """The inference backend the manifest's ``runtime`` names (created on first use;
+        see ``kiln.runtime.select``)."""
         if self._backend is None:
-            if self.meta.runtime.backend == "onnxruntime":
-                from kiln.runtime.onnx import OnnxBackend
-
-                if self.onnx is None:
-                    raise BundleError("runtime.backend is onnxruntime but there is no model.onnx")
-                self._backend = OnnxBackend(self.onnx)
-            else:
-                from kiln.runtime.eager import TorchBackend
-
-                model = _apply_runtime(self.model, self.meta.runtime)
-                int8 = self.meta.runtime.quantization == "int8_dynamic"
-                self._backend = TorchBackend(
-                    model, half_dtype(self.meta.runtime.quantization), fastpath=not int8
-                )
+            self._backend = recorded_backend(self.model, self.meta.runtime, self.onnx)
         return self._backend
 
     # ---- use -------------------------------------------------------------------
@@ -126,16 +115,14 @@ class Bundle:
         Columns are matched by name (extra columns, e.g. the target, are ignored);
         bad values raise a DataError naming the column and the row.
         """
-        from kiln.evaluate.scoring import decode_outputs
+        from kiln.evaluate.scoring import decode
 
-        frame = self._frame(rows)
-        outputs = self._forward(frame)
-        decoded = decode_outputs(self.preprocessor, outputs)
-        proba = decoded["probabilities"]
+        decoded = decode(self.preprocessor, self.backend.forward(self._encode(rows)))
+        proba = decoded.probabilities
         return Predictions(
-            predictions=decoded["predictions"],
+            predictions=decoded.predictions,
             probabilities=proba.tolist() if proba is not None else None,
-            labels=decoded["labels"],
+            labels=decoded.labels,
         )
 
     def evaluate(
@@ -194,6 +181,16 @@ class Bundle:
         if image is not None and "://" not in source:
             frame = resolve_paths(frame, image.column, Path(source).parent, root=data_root)
         return frame
+
+    def _encode(self, rows: Any) -> np.ndarray:
+        """The model's input for ``rows``: plain numbers for an all-numeric model go
+        straight to the preprocessor's batch encoding (no DataFrame); anything else, or
+        anything it doubts, through the table."""
+        names = self.preprocessor.numeric_columns
+        matrix = _numeric_matrix(rows, names) if names is not None else None
+        if matrix is not None:
+            return self.preprocessor.transform_matrix(matrix)
+        return self.preprocessor.transform(self._frame(rows))
 
     def _frame(self, rows: Any) -> pd.DataFrame:
         names = self.preprocessor.feature_names
@@ -334,23 +331,23 @@ def _check_consistent(path: Path, meta: BundleMeta, pre: Preprocessor, model_spe
         raise BundleError(f"bundle {path}: a pretrained model's config is missing")
 
 
-def _apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """The model the torch backend runs: a compression recorded in the manifest applied
-    to the (fp32) weights the bundle keeps.
-
-    torch int8 dynamic quantization is deterministic given the fp32 weights, so bundles
-    store those and quantize again here (safetensors cannot hold packed int8 modules).
-    """
-    if runtime.backend != "torch":
-        return model
-    if runtime.quantization == "int8_dynamic":
-        from kiln.compress.quantize import torch_int8
-
-        return torch_int8(model)
-    placement = Placement.for_variant(runtime.quantization)
-    if placement.weights is not None:
-        return placement.place(copy.deepcopy(model))
-    return model
+def _numeric_matrix(rows: Any, names: list[str]) -> np.ndarray | None:
+    """``rows`` (a dict, a list of dicts, a 2-D array or list of lists) as a float64
+    (N, len(names)) array when they hold plain numbers for every column; else None."""
+    if isinstance(rows, dict):
+        rows = [rows]
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    if isinstance(rows, np.ndarray):
+        plain = rows.ndim == 2 and rows.shape[1] == len(names) and rows.dtype.kind in "iuf"
+        return rows.astype(np.float64) if plain else None
+    if not isinstance(rows, list) or not rows:
+        return None
+    if isinstance(rows[0], dict):
+        return numeric_rows(rows, names)
+    if all(isinstance(r, list | tuple) and len(r) == len(names) for r in rows):
+        return numeric_rows(rows, range(len(names)))
+    return None
 
 
 def check_destination(out: Path) -> None:

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from kiln.bundle import Bundle
+from kiln.runtime import Backend
+from kiln.runtime.placement import gpu_name
+from kiln.runtime.select import recorded_backend
 
 WARMUP = 10
 
@@ -56,12 +59,11 @@ def latency(
     return out
 
 
-def _pinned_backend(bundle: Bundle, threads: int) -> Any:
+def _pinned_backend(bundle: Bundle, threads: int) -> Backend:
+    """The bundle's backend with onnxruntime's pool pinned to ``threads`` (torch's is
+    pinned around the timed calls)."""
     if bundle.meta.runtime.backend == "onnxruntime":
-        from kiln.runtime.onnx import OnnxBackend
-
-        assert bundle.onnx is not None
-        return OnnxBackend(bundle.onnx, threads=threads)
+        return recorded_backend(bundle.model, bundle.meta.runtime, bundle.onnx, threads=threads)
     return bundle.backend
 
 
@@ -118,7 +120,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "versions": versions,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": gpu_name(),
     }
 
 

@@ -1,4 +1,5 @@
-"""int8 dynamic quantization: onnxruntime's quantizer on the ONNX graph, or torch's own.
+"""int8 dynamic quantization: onnxruntime's quantizer on the ONNX graph, or torch's own
+(``torch_int8``, which lives with the runtime: bundles apply it again at load).
 
 Dynamic quantization stores weights as int8 and quantizes activations on the fly, so it
 needs no calibration data. Layers can be left in fp32 (``exclude``) when quantizing them
@@ -16,22 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from torch import nn
+
+from kiln.runtime.quantized import torch_int8 as torch_int8  # re-exported for compress steps
 
 # Graph ops onnxruntime's dynamic quantizer turns into int8 kernels.
 QUANTIZABLE_OPS = ("MatMul", "Gemm")
-
-
-def torch_int8(model: nn.Module) -> nn.Module:
-    """torch's dynamic int8 quantization of every nn.Linear (CPU)."""
-    import torch
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao; it still works here.
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-any-return]
-            model.cpu().eval(), {nn.Linear}, dtype=torch.qint8
-        )
 
 
 def quantizable_nodes(onnx_model: bytes) -> list[str]:

@@ -33,6 +33,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_name() -> str | None:
+    """The CUDA device's name, for reports; None without one."""
+    return torch.cuda.get_device_name(0) if cuda_available() else None
+
+
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
     if name == "auto":
@@ -113,9 +118,11 @@ def predict_outputs(model: nn.Module, x: torch.Tensor, autocast: Any = None) -> 
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     tokens = is_tokens(x)
     chunk = EVAL_CHUNK if x.dim() == 2 else EVAL_CHUNK_LARGE
-    outs = []
+    outs: list[torch.Tensor] = []
     for i in range(0, len(x), chunk):
         xb = x[i : i + chunk]
         with ctx:
             outs.append(model(trim_padding(xb) if tokens else xb).float())
+    if len(outs) == 1:  # one chunk: no copy
+        return outs[0]
     return torch.cat(outs) if outs else torch.zeros(0)

@@ -2,7 +2,9 @@
 
 Inputs are checked against the bundle's schema per request (so one bad request never
 fails a batch it would have shared); the forward pass then runs on whole batches:
-preprocessing is vectorised over the batch's DataFrame, not per row.
+preprocessing is vectorised over the batch's DataFrame, not per row (all-numeric
+inputs in one array operation: the library's ``Bundle.predict`` path). The backend is
+the runtime's choice (``kiln.runtime.select.select_backend``).
 
 An image model's image column takes the image itself, never a path: base64 text in
 JSON, or raw bytes (a KServe v2 binary ``BYTES`` tensor). Each one is decoded once
@@ -17,14 +19,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kiln.errors import DataError, ExportError, SpecError
+from kiln.data.preprocess import numeric_rows
+from kiln.errors import DataError
+from kiln.runtime import Backend, ServingChoice
 
-BackendChoice = Literal["auto", "torch", "onnx"]
+BackendChoice = ServingChoice
 MAX_ROWS = 10_000
 """The most rows one request may carry (422 past it)."""
 
@@ -41,17 +45,27 @@ class ServedModel:
 
     def __init__(self, path: str | Path, backend: BackendChoice = "auto") -> None:
         from kiln.bundle import Bundle
+        from kiln.runtime.select import select_backend
 
         started = time.perf_counter()
         self.bundle = Bundle.load(path)
-        self.backend_name, self.parity = self._choose(backend)
+        selection = select_backend(
+            self.bundle.model,
+            self.bundle.meta.runtime,
+            backend,
+            onnx=self.bundle.onnx,
+            example=self.bundle.example_input(),
+            samples=self._samples(),
+        )
+        self.backend: Backend = selection.backend
+        self.backend_name: str = selection.backend.name
+        self.parity = selection.parity
         self.columns = [(c.name, c.kind) for c in self.bundle.meta.input_schema]
         self.feature_order = [name for name, _ in self.columns]
         # built once: a DataFrame given an Index builds in microseconds, given a list in
         # a tenth of a millisecond
         self._column_index = pd.Index(self.feature_order)
         self._numeric_only = all(kind == "numeric" for _, kind in self.columns)
-        self._scaling = self._numeric_scaling()
         self.warm_up()
         # A served model lives as long as its server. Everything alive now (the model,
         # torch, pandas and the rest imported to load it: ~500k objects) moves out of
@@ -64,39 +78,6 @@ class ServedModel:
     @property
     def meta(self) -> Any:
         return self.bundle.meta
-
-    def _choose(self, backend: BackendChoice) -> tuple[str, float | None]:
-        """``auto``: onnxruntime on the CPU when the export agrees with torch, else torch."""
-        import torch
-
-        from kiln.runtime.onnx import OnnxBackend, check_parity, export_onnx
-
-        # Between batches onnxruntime's threads would spin, busy-waiting for the next
-        # run on cores the event loop needs (and slowing torch's softmax after each run
-        # from microseconds to milliseconds on a 2-core machine): no spinning here.
-        runtime = self.bundle.meta.runtime
-        if runtime.backend == "onnxruntime":  # an int8 variant: ONNX is the model
-            if backend == "torch":
-                raise SpecError(
-                    "this version is an onnxruntime variant; it has no torch backend",
-                    field="backend",
-                )
-            if self.bundle.onnx is not None:
-                self.bundle._backend = OnnxBackend(self.bundle.onnx, spinning=False)
-            return "onnxruntime", None
-        if backend == "torch" or runtime.quantization is not None:
-            return "torch", None
-        if backend == "auto" and torch.cuda.is_available():
-            return "torch", None
-        try:
-            onnx = export_onnx(self.bundle.model, self.bundle.example_input())
-            diff = check_parity(self.bundle.model, onnx, self._samples())
-        except ExportError as exc:
-            if backend == "onnx":
-                raise SpecError(f"backend onnx: {exc.message}", field="backend") from None
-            return "torch", None
-        self.bundle._backend = OnnxBackend(onnx, threads=torch.get_num_threads(), spinning=False)
-        return "onnxruntime", diff
 
     def _samples(self) -> np.ndarray:
         """Random inputs shaped like real ones, several rows, for the parity check."""
@@ -113,32 +94,7 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """One forward pass, so the first request does not pay for lazy initialisation."""
-        self.bundle.backend.forward(self.bundle.example_input().numpy())
-
-    def _numeric_scaling(self) -> tuple[pd.Index, np.ndarray, np.ndarray] | None:
-        """For a model whose inputs are all numeric features: their names, centres and
-        scales, to encode a checked batch as one array operation instead of the
-        preprocessor's column-by-column pass (about 0.15 ms a column, whatever the rows).
-
-        Used only if it encodes a sample exactly as the preprocessor does.
-        """
-        from kiln.data.preprocess import NumericFeature
-
-        pre = self.bundle.preprocessor
-        features = [f for f in pre.state.features if isinstance(f, NumericFeature)]
-        if pre.kind != "tabular" or not features or len(features) != len(pre.state.features):
-            return None
-        names = pd.Index([f.name for f in features])
-        center = np.array([f.center for f in features], dtype=np.float64)
-        scale = np.array([f.scale for f in features], dtype=np.float64)
-        scaling = (names, center, scale)
-        sample = np.random.default_rng(0).normal(size=(7, len(features))) * 10
-        for values in (sample, sample.astype(np.float32), sample.round().astype(np.int64)):
-            frame = pd.DataFrame(values, columns=names)
-            fast = _scale(frame, *scaling)
-            if fast is None or not np.array_equal(fast, pre.transform(frame)):
-                return None
-        return scaling
+        self.backend.forward(self.bundle.example_input().numpy())
 
     # ---- requests --------------------------------------------------------------
 
@@ -211,28 +167,17 @@ class ServedModel:
         return pd.DataFrame(values, columns=self._column_index)
 
     def predict_frame(self, frame: pd.DataFrame) -> Output:
-        """Predictions for a batch (rows already checked).
+        """Predictions for a batch (rows already checked), decoded as the library's
+        ``Bundle.predict`` decodes them."""
+        from kiln.evaluate.scoring import decode
 
-        Decoded as ``kiln.evaluate.scoring.decode_outputs`` does, in numpy: a torch
-        softmax wakes torch's thread pool, whose threads then spin on the cores the
-        server needs (twice the CPU of the call itself, on every batch).
-        """
         pre = self.bundle.preprocessor
-        encoded = _scale(frame, *self._scaling) if self._scaling is not None else None
-        if encoded is None:
-            encoded = pre.transform(frame)
-        outputs = np.asarray(self.bundle.backend.forward(encoded), dtype=np.float32)
-        labels = pre.labels
-        if labels is None:  # regression: (N, 1) in the target's units
-            values = pre.inverse_target(outputs.squeeze(-1).astype(np.float64))
-            return Output(predictions=values.tolist(), probabilities=None, labels=None)
-        shifted = outputs - outputs.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        proba = exp / exp.sum(axis=1, keepdims=True)
+        decoded = decode(pre, self.backend.forward(pre.transform(frame)))
+        proba = decoded.probabilities
         return Output(
-            predictions=[labels[i] for i in proba.argmax(axis=1)],
-            probabilities=proba.tolist(),
-            labels=labels,
+            predictions=decoded.predictions,
+            probabilities=proba.tolist() if proba is not None else None,
+            labels=decoded.labels,
         )
 
 
@@ -252,42 +197,9 @@ def _plain_numbers(rows: list[Any], names: list[str]) -> np.ndarray | None:
     """Rows of plain finite ints and floats (what JSON gives) as an (N, F) float64
     array in ``names`` order; None if any row is anything else (a missing column, a
     string, a bool, NaN...), to be checked value by value."""
-    try:
-        values = [[row[name] for name in names] for row in rows]
-    except (KeyError, TypeError):  # a missing column, a row that is no dict
-        return None
-    for row_values in values:
-        for value in row_values:
-            kind = type(value)
-            if kind is not float and kind is not int:  # bool is neither
-                return None
-    try:
-        matrix = np.array(values, dtype=np.float64)
-    except OverflowError:
-        return None
+    matrix = numeric_rows(rows, names)
     # one sum instead of an isfinite pass: NaN or infinity anywhere (or an overflow
     # of the sum, rare and harmless) sends the rows to the exact check
-    if not math.isfinite(matrix.sum()):
+    if matrix is None or not math.isfinite(matrix.sum()):
         return None
     return matrix
-
-
-def _scale(
-    frame: pd.DataFrame, names: pd.Index, center: np.ndarray, scale: np.ndarray
-) -> np.ndarray | None:
-    """The preprocessor's standardisation of all-numeric features, over the whole batch,
-    in float64 as the preprocessor computes it.
-
-    None when the frame is not a plain matrix of finite numbers in ``names`` order:
-    the preprocessor then handles (fills, or refuses) it.
-    """
-    if not frame.columns.equals(names):
-        return None
-    values = frame.to_numpy()
-    if values.dtype.kind not in "iuf":  # objects, bools
-        return None
-    values = values.astype(np.float64, copy=False)
-    if not np.isfinite(values).all():  # missing values are filled or refused there
-        return None
-    scaled: np.ndarray = ((values - center) / scale).astype(np.float32)
-    return scaled
