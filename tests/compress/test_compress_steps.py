@@ -18,11 +18,12 @@ from kiln.compress.prune import (
     structured,
     unstructured_masks,
 )
-from kiln.compress.quantize import ort_int8, quantizable_nodes, sensitivity, torch_int8
+from kiln.compress.quantize import ort_int8, quantizable_nodes, sensitivity
 from kiln.compress.steps import STEP_CLASSES, Attempt, Distill, Prune, Quantize, step_for
 from kiln.errors import SpecError
 from kiln.models.registry import build
 from kiln.runtime.onnx import OnnxBackend, export_onnx
+from kiln.runtime.quantized import torch_int8
 from kiln.spec.compress import CompressSpec, DistillSettings
 from kiln.spec.model import LinearSpec, MLPSpec, TransformerSpec
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.runtime.quantized import torch_int8 as torch_int8  # re-exported for compress steps
-
 # Graph ops onnxruntime's dynamic quantizer turns into int8 kernels.
 QUANTIZABLE_OPS = ("MatMul", "Gemm")
 

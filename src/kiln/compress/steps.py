@@ -23,12 +23,13 @@ import torch
 from kiln.bundle import Bundle, new_meta
 from kiln.compress.distill import check_student, distill
 from kiln.compress.prune import sparsity, structured, unstructured_masks
-from kiln.compress.quantize import ort_int8, sensitivity, torch_int8
+from kiln.compress.quantize import ort_int8, sensitivity
 from kiln.errors import SpecError
 from kiln.manifest import ParentRecord, Runtime, StepRecord, TrainingRecord
 from kiln.models.summary import count_parameters
 from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.runtime.placement import require_cuda_for
+from kiln.runtime.quantized import torch_int8
 from kiln.spec.compress import DistillStep, PruneStep, QuantizeStep
 from kiln.spec.model import ModelSpec
 from kiln.spec.train import TrainSpec
