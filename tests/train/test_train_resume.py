@@ -53,8 +53,7 @@ def identical(a, b) -> bool:
 
 def history(bundle) -> list[dict[str, Any]]:
     return [
-        {k: v for k, v in epoch.items() if k != "seconds"}
-        for epoch in bundle.meta.training.history
+        {k: v for k, v in epoch.items() if k != "seconds"} for epoch in bundle.meta.training.history
     ]
 
 
