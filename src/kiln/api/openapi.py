@@ -16,10 +16,11 @@ The fuzzer in CI (``make fuzz``) holds the server to this document.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Container
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import JsonValue
 
 from kiln.api.schemas import NAME_PATTERN, SEGMENT_PATTERN, ErrorOut, V2ErrorOut
 from kiln.monitor.usage import PERIODS
@@ -70,8 +71,31 @@ _EXTRA: dict[tuple[str, str], set[int]] = {
 _MUTATING = {"post", "put", "patch", "delete"}
 
 
-def statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
-    """The error statuses one operation can answer."""
+Node = dict[str, JsonValue]
+"""An object of the document (FastAPI's JSON: read and amended in place)."""
+
+
+def _at(node: Node, *keys: str) -> Node:
+    """The object at ``keys`` below ``node``; an empty one (not attached) where a key is
+    missing or names something that is not an object."""
+    for key in keys:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            return {}
+        node = child
+    return node
+
+
+def _child(node: Node, key: str) -> Node:
+    """``node[key]``, an object, added (empty) if missing."""
+    child = node.setdefault(key, {})
+    if not isinstance(child, dict):
+        raise TypeError(f"OpenAPI document: {key!r} is not an object")
+    return child
+
+
+def statuses(method: str, path: str, operation: Container[str]) -> set[int]:
+    """The error statuses one operation can answer (``operation``: its keys)."""
     if path in PUBLIC:
         return {503} if path == "/readyz" else set()
     codes = {401, 403, 404, 422, 429}
@@ -84,10 +108,10 @@ def statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     return codes | _EXTRA.get((method, path), set())
 
 
-def amend(document: dict[str, Any]) -> dict[str, Any]:
+def amend(document: Node) -> Node:
     """FastAPI's document with kiln's security, errors, patterns and media types."""
-    components = document.setdefault("components", {})
-    schemas = components.setdefault("schemas", {})
+    components = _child(document, "components")
+    schemas = _child(components, "schemas")
     for model in (ErrorOut, V2ErrorOut):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
@@ -100,30 +124,32 @@ def amend(document: dict[str, Any]) -> dict[str, Any]:
             "(kiln up prints the first admin key and writes it to $KILN_HOME/admin.key).",
         }
     }
-    for path, item in document.get("paths", {}).items():
-        for method, operation in item.items():
+    paths = _at(document, "paths")
+    for path, item in paths.items():
+        for method, operation in item.items() if isinstance(item, dict) else ():
             if method not in {"get", "put", "post", "patch", "delete", "head", "options"}:
                 continue
-            _amend_operation(method, path, operation)
+            if isinstance(operation, dict):
+                _amend_operation(method, path, operation)
     _upload_name(document)
-    if "/metrics" in document.get("paths", {}):
-        ok = document["paths"]["/metrics"]["get"]["responses"]["200"]
+    if "/metrics" in paths:
+        ok = _at(paths, "/metrics", "get", "responses", "200")
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)  # FastAPI's 422 body; kiln answers ErrorOut instead
-    for schema in schemas.values():
-        _no_nul(schema)
+    for each in schemas.values():
+        _no_nul(each)
     return document
 
 
-def _amend_operation(method: str, path: str, operation: dict[str, Any]) -> None:
+def _amend_operation(method: str, path: str, operation: Node) -> None:
     if path not in PUBLIC:
         operation["security"] = [{SCHEME: []}]
     error = "V2ErrorOut" if path.startswith("/v2/") else "ErrorOut"
-    body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}
-    responses = operation.setdefault("responses", {})
+    body: JsonValue = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}
+    responses = _child(operation, "responses")
     for code in sorted(statuses(method, path, operation)):
-        response: dict[str, Any] = {"description": _DESCRIPTIONS[code], "content": body}
+        response: Node = {"description": _DESCRIPTIONS[code], "content": body}
         if code == 429:
             response["headers"] = {
                 "Retry-After": {
@@ -133,51 +159,55 @@ def _amend_operation(method: str, path: str, operation: dict[str, Any]) -> None:
             }
         responses[str(code)] = response
     patterned = path.startswith(_PATTERNED)
-    for parameter in operation.get("parameters", []):
-        schema = parameter.get("schema", {})
+    parameters = operation.get("parameters")
+    for parameter in parameters if isinstance(parameters, list) else []:
+        if not isinstance(parameter, dict):
+            continue
+        schema = _at(parameter, "schema")
         name = parameter.get("name")
-        if parameter.get("in") == "path" and patterned and name in _PATH_PATTERNS:
-            schema["pattern"] = _PATH_PATTERNS[name]
+        if parameter.get("in") == "path" and patterned and str(name) in _PATH_PATTERNS:
+            schema["pattern"] = _PATH_PATTERNS[str(name)]
         if (path, name) == ("/api/v1/usage", "group_by"):
             schema["enum"] = list(PERIODS)  # checked by kiln.monitor.usage
         _no_nul(schema)
-    for content in operation.get("requestBody", {}).get("content", {}).values():
-        _no_nul(content.get("schema", {}))
+    for content in _at(operation, "requestBody", "content").values():
+        if isinstance(content, dict):
+            _no_nul(_at(content, "schema"))
 
 
-def _upload_name(document: dict[str, Any]) -> None:
+def _upload_name(document: Node) -> None:
     """The upload form's ``name`` is a dataset name: :data:`SEGMENT_PATTERN`."""
-    operation = document.get("paths", {}).get("/api/v1/datasets", {}).get("post", {})
-    content = operation.get("requestBody", {}).get("content", {})
-    ref = content.get("multipart/form-data", {}).get("schema", {}).get("$ref", "")
-    form = document["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
-    name = form.get("properties", {}).get("name", {})
-    for option in name.get("anyOf", [name]):
-        if option.get("type") == "string":
+    content = _at(document, "paths", "/api/v1/datasets", "post", "requestBody", "content")
+    ref = _at(content, "multipart/form-data", "schema").get("$ref", "")
+    form = _at(document, "components", "schemas", str(ref).rsplit("/", 1)[-1])
+    name = _at(form, "properties", "name")
+    options = name.get("anyOf", [name])
+    for option in options if isinstance(options, list) else []:
+        if isinstance(option, dict) and option.get("type") == "string":
             option["pattern"] = SEGMENT_PATTERN
 
 
-def _no_nul(schema: Any) -> None:
+def _no_nul(schema: JsonValue) -> None:
     """Strings without a pattern, enum or format get :data:`NO_NUL` (inline ones only)."""
     if not isinstance(schema, dict):  # `true` and `false` are schemas too
         return
     if schema.get("type") == "string" and not {"pattern", "enum", "const", "format"} & set(schema):
         schema["pattern"] = NO_NUL
     for key in ("properties", "$defs"):
-        for sub in (schema.get(key) or {}).values():
+        for sub in _at(schema, key).values():
             _no_nul(sub)
     for key in ("anyOf", "oneOf", "allOf"):
-        for sub in schema.get(key) or []:
+        subs = schema.get(key)
+        for sub in subs if isinstance(subs, list) else []:
             _no_nul(sub)
     for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict):
-            _no_nul(schema[key])
+        _no_nul(schema.get(key))  # only an object is walked
 
 
 def install(app: FastAPI) -> None:
     """Serve :func:`amend`'s document at ``app.openapi_url`` (built once, on first use)."""
 
-    def openapi() -> dict[str, Any]:
+    def openapi() -> Node:
         if app.openapi_schema is None:
             document = get_openapi(
                 title=app.title,

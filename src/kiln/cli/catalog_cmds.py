@@ -19,7 +19,7 @@ from kiln.cli.options import JsonOut, Remote, with_remote
 from kiln.cli.render import console, print_json, table, when
 
 if TYPE_CHECKING:
-    from kiln.client import JSON
+    from kiln.client.shapes import BaseModelOut
 
 base_models_app = typer.Typer(
     help="Base models jobs on the server may fine-tune (model.path: base:<name>).",
@@ -41,7 +41,7 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB" if n >= 1 << 20 else f"{n:,} B"
 
 
-def _summary(row: JSON) -> None:
+def _summary(row: BaseModelOut) -> None:
     console.print(
         f"[bold]{escape(row['ref'])}[/] ({row['kind']}, {len(row['files'])} files, "
         f"{_size(row['size_bytes'])})  sha256 {row['sha256']}"

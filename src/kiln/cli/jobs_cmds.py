@@ -19,7 +19,8 @@ from kiln.cli.options import JsonOut, Limit, Offset, Remote, flag, with_remote
 from kiln.cli.render import console, err_console, metrics_table, page_note, print_json, table, when
 
 if TYPE_CHECKING:
-    from kiln.client import JSON, Client, Items
+    from kiln.client import Client
+    from kiln.client.shapes import JobLogOut, JobOut, JobResources
 
 # Seconds between polls of a followed job: fresh enough for a person, cheap for the server.
 POLL_SECONDS = 0.5
@@ -191,7 +192,7 @@ def jobs_logs(
     """The job's log lines (every attempt)."""
     from kiln.lifecycle import FINAL_STATES
 
-    lines: Items = []
+    lines: list[JobLogOut] = []
     try:
         with remote.client() as client:
             after = 0
@@ -291,7 +292,7 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
         with progress:
             task = progress.add_task(job_id, total=None, status="")
 
-            def update(job: JSON) -> None:
+            def update(job: JobOut) -> None:
                 done, total = _progress(job)
                 progress.update(task, completed=done, total=total, status=_status(job))
 
@@ -310,7 +311,7 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
     return exit_code(job)
 
 
-def resources_line(res: JSON) -> str:
+def resources_line(res: JobResources) -> str:
     """``resources: 12.3 s wall, 11.9 s CPU, peak memory 310.2 MiB on cpu (2 attempts)``."""
     from kiln.cli.usage_cmds import amount
 
@@ -326,7 +327,7 @@ def resources_line(res: JSON) -> str:
     return f"resources: {', '.join(parts)} on {res.get('device', '?')}{tail}"
 
 
-def exit_code(job: JSON) -> int:
+def exit_code(job: JobOut) -> int:
     """0 for a succeeded job, its error's exit code if failed, 1 if cancelled."""
     from kiln.errors import ERRORS_BY_CODE, KilnError, TrainingError
 
@@ -334,20 +335,22 @@ def exit_code(job: JSON) -> int:
         return 0
     if job["state"] == "cancelled":
         return 1
-    code = (job.get("error") or {}).get("code", "")
+    error = job.get("error")
+    code = error["code"] if error else ""
     cls = ERRORS_BY_CODE.get(code, TrainingError)
     return TrainingError.exit_code if cls is KilnError else cls.exit_code
 
 
-def _print_outcome(job: JSON) -> None:
+def _print_outcome(job: JobOut) -> None:
     result = job["result"]
     if job["state"] == "failed":
-        error = job["error"] or {}
-        field = error.get("field")
-        where = f" (field: {field})" if field and field not in error.get("message", "") else ""
+        error = job["error"]
+        field = error["field"] if error else None
+        message = error["message"] if error else "unknown error"
+        where = f" (field: {field})" if field and field not in message else ""
         err_console.print(
             f"[bold red]error:[/] job {job['id']} failed after {job['attempts']} attempt(s): "
-            f"{escape(str(error.get('message', 'unknown error')) + where)}",
+            f"{escape(message + where)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -379,7 +382,7 @@ def _print_outcome(job: JSON) -> None:
         console.print(metrics_table("metrics", {"value": metrics}))
 
 
-def _progress(job: JSON) -> tuple[int, int | None]:
+def _progress(job: JobOut) -> tuple[int, int | None]:
     """(done, total): epochs of a training job, folds of a cross-validation."""
     p = job.get("progress") or {}
     if "folds" in p:
@@ -389,7 +392,7 @@ def _progress(job: JSON) -> tuple[int, int | None]:
     return 0, None
 
 
-def _status(job: JSON) -> str:
+def _status(job: JobOut) -> str:
     """State, latest training loss and validation metric: ``running loss 0.41 val_accuracy 0.9``."""
     m = job.get("metrics") or {}
     parts = [job["state"]]
@@ -403,11 +406,12 @@ def _status(job: JSON) -> str:
     return " ".join(parts)
 
 
-def _outcome(job: JSON) -> str:
-    if job.get("model_version"):
-        return f"{job['model_version']['model']} v{job['model_version']['version']}"
-    if job.get("error"):
-        return str(job["error"].get("code", ""))
+def _outcome(job: JobOut) -> str:
+    version, error = job.get("model_version"), job.get("error")
+    if version:
+        return f"{version['model']} v{version['version']}"
+    if error:
+        return error["code"]
     return ""
 
 

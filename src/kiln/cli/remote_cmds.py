@@ -17,7 +17,7 @@ from kiln.cli.options import JsonOut, Limit, Offset, Remote, flag, with_remote
 from kiln.cli.render import console, err_console, page_note, print_json, table, when
 
 if TYPE_CHECKING:
-    from kiln.client import JSON
+    from kiln.client.shapes import DatasetOut
 
 
 # --- projects ---------------------------------------------------------------------
@@ -156,7 +156,7 @@ def keys_revoke(
 datasets_app = typer.Typer(help="Tables stored on the server, for jobs.", no_args_is_help=True)
 
 
-def _dataset_summary(row: JSON) -> None:
+def _dataset_summary(row: DatasetOut) -> None:
     console.print(
         f"dataset [bold]{row['id']}[/] ({escape(row['name'])}, {row['format']}): "
         f"{row['rows']:,} rows, {len(row['columns'])} columns, {row['size_bytes']:,} bytes"

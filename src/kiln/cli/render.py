@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from kiln.client import JSON
+    from kiln.client.shapes import Page
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,7 +30,7 @@ def table(title: str, *columns: str) -> Table:
     return out
 
 
-def page_note(page: JSON) -> None:
+def page_note(page: Page[Any]) -> None:
     """Under a page of a list: how many rows of how many, and the next page's offset."""
     shown = len(page["items"])
     if page["next_offset"] is not None:

@@ -18,7 +18,7 @@ from kiln.cli.options import JsonOut, Remote, with_remote
 from kiln.cli.render import console, print_json, table
 
 if TYPE_CHECKING:
-    from kiln.client import JSON, Items
+    from kiln.client.shapes import DeploymentOut, RouteOut
 
 Backend = Literal["auto", "torch", "onnx"]
 BackendOpt = Annotated[
@@ -149,25 +149,25 @@ def _version(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def _routes(row: JSON) -> str:
+def _routes(row: DeploymentOut) -> str:
     return ", ".join(
         f"v{r['version']} {r['weight']}%" if len(row["routes"]) > 1 else f"v{r['version']}"
         for r in _weights(row["routes"])
     )
 
 
-def _weights(routes: Items) -> Items:
+def _weights(routes: list[RouteOut]) -> list[RouteOut]:
     """Routes with their weights as percentages of the total."""
     total = sum(r["weight"] for r in routes) or 1
     return [{**r, "weight": round(100 * r["weight"] / total)} for r in routes]
 
 
-def _summary(row: JSON) -> None:
+def _summary(row: DeploymentOut) -> None:
     backends = sorted({r["backend"] for r in row["routes"]})
     console.print(
         f"deployment [bold]{escape(row['name'])}[/]: model {escape(row['model'])} "
         f"{_routes(row)} on {', '.join(backends) or '-'}, {row['state']}"
-        + (f" ({escape(row['error'])})" if row.get("error") else "")
+        + (f" ({escape(row['error'])})" if row["error"] else "")
     )
 
 
@@ -249,7 +249,7 @@ def deployments_show(
     _render(row)
 
 
-def _render(row: JSON) -> None:
+def _render(row: DeploymentOut) -> None:
     _summary(row)
     console.print(
         f"batching: up to {row['max_batch_size']} rows or {row['max_delay_ms']:g} ms; "

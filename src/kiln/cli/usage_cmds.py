@@ -21,7 +21,7 @@ from kiln.cli.options import JsonOut, Remote, with_remote
 from kiln.cli.render import console, print_json, table
 
 if TYPE_CHECKING:
-    from kiln.client import JSON
+    from kiln.client.shapes import QuotaOut
 
 KINDS_HELP = (
     "compute_seconds, stored_bytes, prediction_requests or prediction_rows; for a rate "
@@ -100,7 +100,7 @@ def _kind(text: str) -> str:
     return RATE_ALIASES.get(text.lower(), text)
 
 
-def _quota_line(quota: JSON) -> str:
+def _quota_line(quota: QuotaOut) -> str:
     kind, limit, used = quota["kind"], quota["limit"], quota["used"]
     if kind in RATE_KINDS:
         return f"rate limit {kind}: {amount(kind, limit)} requests per {quota['period']}"

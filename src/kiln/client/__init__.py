@@ -13,7 +13,9 @@
         client.deployments.predict("wine", rows)  # {predictions, probabilities, version, ...}
         client.usage(from_="2026-01-01", group_by="month")  # compute, bytes, predictions
 
-Every method returns the JSON the server sent (plain dicts and lists). Every error
+Every method returns the JSON the server sent (plain dicts and lists), typed as the
+``TypedDict`` of its shape in :mod:`kiln.client.shapes` (``JobOut``, ``PredictOut``,
+``Page[DatasetOut]``, ...). Every error
 response becomes the kiln error class of its code (``AuthError`` for 401,
 ``ForbiddenError`` for 403, ``NotFoundError``, ``SpecError`` with the field, ...);
 an unreachable server or a response that is not kiln's JSON is a ``ServiceError``, and

@@ -3,6 +3,7 @@ family of REST routes, each a thin typed call through its :class:`~kiln.client.C
 
 from __future__ import annotations
 
+import builtins  # ``list`` is a method of the groups
 import shutil
 import tempfile
 import time
@@ -14,7 +15,23 @@ from urllib.parse import quote
 import httpx
 
 from kiln.archive import extract_bundle
-from kiln.client.wire import API, DEPLOY_TIMEOUT, JSON, Items, error_of, records
+from kiln.client.shapes import (
+    BaseModelOut,
+    DatasetOut,
+    DeploymentOut,
+    JobLogOut,
+    JobMetrics,
+    JobOut,
+    KeyOut,
+    ModelOut,
+    NewKeyOut,
+    Page,
+    PredictOut,
+    ProjectOut,
+    QuotaOut,
+    VersionOut,
+)
+from kiln.client.wire import API, DEPLOY_TIMEOUT, error_of, records
 from kiln.errors import ConflictError, NotFoundError, ServiceError
 from kiln.lifecycle import FINAL_STATES, JobKind
 
@@ -30,36 +47,38 @@ class _Group:
 class Projects(_Group):
     """Projects (a global admin key)."""
 
-    def create(self, name: str) -> JSON:
-        result: JSON = self._c._json("POST", "/projects", json={"name": name})
+    def create(self, name: str) -> ProjectOut:
+        result: ProjectOut = self._c._json("POST", "/projects", json={"name": name})
         return result
 
-    def list(self) -> Items:
-        result: Items = self._c._json("GET", "/projects")
+    def list(self) -> list[ProjectOut]:
+        result: list[ProjectOut] = self._c._json("GET", "/projects")
         return result
 
 
 class Keys(_Group):
     """API keys (an admin key)."""
 
-    def create(self, scopes: Sequence[str], *, project: str | None = None, name: str = "") -> JSON:
+    def create(
+        self, scopes: Sequence[str], *, project: str | None = None, name: str = ""
+    ) -> NewKeyOut:
         """Issue a key; ``result["key"]`` is the secret, returned this once only.
 
         A global admin key with no ``project`` issues another global key.
         """
         body = {"scopes": list(scopes), "name": name, "project": project}
-        result: JSON = self._c._json("POST", "/keys", json=body)
+        result: NewKeyOut = self._c._json("POST", "/keys", json=body)
         return result
 
-    def list(self) -> Items:
-        result: Items = self._c._json("GET", "/keys")
+    def list(self) -> list[KeyOut]:
+        result: list[KeyOut] = self._c._json("GET", "/keys")
         return result
 
-    def revoke(self, key_id: str, *, confirm_self: bool = False) -> JSON:
+    def revoke(self, key_id: str, *, confirm_self: bool = False) -> KeyOut:
         """Revoke a key. The key this client uses needs ``confirm_self=True``, and the
         last active global admin key cannot be revoked (``ConflictError`` for both)."""
         params = {"confirm_self": "true"} if confirm_self else None
-        result: JSON = self._c._json("DELETE", f"/keys/{key_id}", params=params)
+        result: KeyOut = self._c._json("DELETE", f"/keys/{key_id}", params=params)
         return result
 
 
@@ -69,26 +88,26 @@ class BaseModels(_Group):
     Any key with ``read`` lists it; adding and removing take a global admin key.
     """
 
-    def add(self, name: str, source: str, *, timeout: float | None = 3600.0) -> JSON:
+    def add(self, name: str, source: str, *, timeout: float | None = 3600.0) -> BaseModelOut:
         """Register ``source`` (read by the server: a model directory, a GGUF file,
         ``pkg:<package>/<dir>``, or a hub id where the server sets KILN_ALLOW_HUB=1);
         its files are copied and pinned by SHA-256. Copying takes a while for large
         models, hence the long default ``timeout`` (seconds)."""
-        result: JSON = self._c._json(
+        result: BaseModelOut = self._c._json(
             "POST", "/base-models", json={"name": name, "source": source}, timeout=timeout
         )
         return result
 
-    def list(self) -> Items:
-        result: Items = self._c._json("GET", "/base-models")
+    def list(self) -> list[BaseModelOut]:
+        result: list[BaseModelOut] = self._c._json("GET", "/base-models")
         return result
 
-    def get(self, name: str) -> JSON:
-        result: JSON = self._c._json("GET", f"/base-models/{_seg(name)}")
+    def get(self, name: str) -> BaseModelOut:
+        result: BaseModelOut = self._c._json("GET", f"/base-models/{_seg(name)}")
         return result
 
-    def remove(self, name: str) -> JSON:
-        result: JSON = self._c._json("DELETE", f"/base-models/{_seg(name)}")
+    def remove(self, name: str) -> BaseModelOut:
+        result: BaseModelOut = self._c._json("DELETE", f"/base-models/{_seg(name)}")
         return result
 
 
@@ -100,7 +119,7 @@ def _seg(value: str) -> str:
 class Datasets(_Group):
     """Tables stored on the server; specs use them as ``data.source: dataset:<id>``."""
 
-    def upload(self, path: str | Path, *, name: str | None = None) -> JSON:
+    def upload(self, path: str | Path, *, name: str | None = None) -> DatasetOut:
         """Upload a local .csv/.tsv/.jsonl/.parquet file, or a .zip/.tar.gz of an image
         folder or of a table and its images; the dataset (``ref``, rows, ...)."""
         path = Path(path)
@@ -108,31 +127,31 @@ class Datasets(_Group):
             raise NotFoundError(f"file not found: {path}", field="file")
         data = {"name": name} if name is not None else None
         with path.open("rb") as fh:
-            result: JSON = self._c._json(
+            result: DatasetOut = self._c._json(
                 "POST", "/datasets", scoped=True, files={"file": (path.name, fh)}, data=data
             )
         return result
 
-    def import_uri(self, uri: str, *, name: str) -> JSON:
+    def import_uri(self, uri: str, *, name: str) -> DatasetOut:
         """Register a table the server reads itself (s3://..., or a path under its data roots)."""
-        result: JSON = self._c._json(
+        result: DatasetOut = self._c._json(
             "POST", "/datasets/import", scoped=True, json={"uri": uri, "name": name}
         )
         return result
 
-    def list(self, limit: int = 50, offset: int = 0) -> JSON:
+    def list(self, limit: int = 50, offset: int = 0) -> Page[DatasetOut]:
         """One page: ``{items, total, limit, offset, next_offset}``."""
-        result: JSON = self._c._json(
+        result: Page[DatasetOut] = self._c._json(
             "GET", "/datasets", scoped=True, params={"limit": limit, "offset": offset}
         )
         return result
 
-    def all(self, *, page_size: int = 100) -> Iterator[JSON]:
+    def all(self, *, page_size: int = 100) -> Iterator[DatasetOut]:
         """Every dataset, fetched a page at a time."""
         return self._c._pages("/datasets", page_size)
 
-    def get(self, dataset_id: str) -> JSON:
-        result: JSON = self._c._json("GET", f"/datasets/{dataset_id}", scoped=True)
+    def get(self, dataset_id: str) -> DatasetOut:
+        result: DatasetOut = self._c._json("GET", f"/datasets/{dataset_id}", scoped=True)
         return result
 
 
@@ -141,13 +160,13 @@ class Jobs(_Group):
 
     def submit(
         self,
-        spec: JSON | str | Path,
+        spec: Mapping[str, object] | str | Path,
         *,
         kind: JobKind | str = JobKind.train,
         data: str | Path | None = None,
         folds: int | None = None,
         max_attempts: int | None = None,
-    ) -> JSON:
+    ) -> JobOut:
         """Queue a job of ``kind`` (a :class:`~kiln.lifecycle.JobKind` or its value);
         returns it (state ``queued``).
 
@@ -155,7 +174,8 @@ class Jobs(_Group):
         file is uploaded first and the spec's data source set to it. The server checks
         the spec now: a mistake raises ``SpecError`` naming the field (``spec.model.hiden``).
         """
-        if isinstance(spec, dict):
+        doc: dict[str, object]
+        if isinstance(spec, Mapping):
             doc = dict(spec)
         else:
             from kiln.spec.load import parse_document
@@ -163,7 +183,7 @@ class Jobs(_Group):
             path = Path(spec)
             if not path.is_file():
                 raise NotFoundError(f"spec file not found: {path}", field="spec")
-            doc = parse_document(path.read_text(encoding="utf-8"), str(path))
+            doc = dict(parse_document(path.read_text(encoding="utf-8"), str(path)))
         if data is not None:
             ref = self._c.datasets.upload(data)["ref"]
             if kind == JobKind.evaluate:
@@ -171,45 +191,45 @@ class Jobs(_Group):
             else:
                 section = doc.get("data")
                 doc["data"] = {**(section if isinstance(section, dict) else {}), "source": ref}
-        body: JSON = {"kind": str(kind), "spec": doc}
+        body: dict[str, object] = {"kind": str(kind), "spec": doc}
         if folds is not None:
             body["folds"] = folds
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
-        result: JSON = self._c._json("POST", "/jobs", scoped=True, json=body)
+        result: JobOut = self._c._json("POST", "/jobs", scoped=True, json=body)
         return result
 
-    def get(self, job_id: str) -> JSON:
-        result: JSON = self._c._json("GET", f"/jobs/{job_id}", scoped=True)
+    def get(self, job_id: str) -> JobOut:
+        result: JobOut = self._c._json("GET", f"/jobs/{job_id}", scoped=True)
         return result
 
-    def list(self, state: str | None = None, *, limit: int = 50, offset: int = 0) -> JSON:
+    def list(self, state: str | None = None, *, limit: int = 50, offset: int = 0) -> Page[JobOut]:
         """One page of jobs, newest first; ``state`` filters (queued, running, ...)."""
-        params: JSON = {"limit": limit, "offset": offset}
+        params: dict[str, str | int] = {"limit": limit, "offset": offset}
         if state is not None:
             params["state"] = state
-        result: JSON = self._c._json("GET", "/jobs", scoped=True, params=params)
+        result: Page[JobOut] = self._c._json("GET", "/jobs", scoped=True, params=params)
         return result
 
-    def all(self, state: str | None = None, *, page_size: int = 100) -> Iterator[JSON]:
+    def all(self, state: str | None = None, *, page_size: int = 100) -> Iterator[JobOut]:
         """Every job (in ``state``), newest first, fetched a page at a time."""
         return self._c._pages("/jobs", page_size, {"state": state} if state else None)
 
-    def metrics(self, job_id: str) -> JSON:
+    def metrics(self, job_id: str) -> JobMetrics:
         """``{job_id, epochs: [{epoch, train_loss, val_*, lr, seconds, ...}]}``."""
-        result: JSON = self._c._json("GET", f"/jobs/{job_id}/metrics", scoped=True)
+        result: JobMetrics = self._c._json("GET", f"/jobs/{job_id}/metrics", scoped=True)
         return result
 
-    def logs(self, job_id: str, after: int = 0) -> Items:
+    def logs(self, job_id: str, after: int = 0) -> builtins.list[JobLogOut]:
         """Log lines with an id above ``after``: ``[{id, attempt, level, message, time}]``."""
-        result: Items = self._c._json(
+        result: builtins.list[JobLogOut] = self._c._json(
             "GET", f"/jobs/{job_id}/logs", scoped=True, params={"after": after}
         )
         return result
 
-    def cancel(self, job_id: str) -> JSON:
+    def cancel(self, job_id: str) -> JobOut:
         """Ask the job to stop (a queued job ends at once, a running one at its next batch)."""
-        result: JSON = self._c._json("POST", f"/jobs/{job_id}/cancel", scoped=True)
+        result: JobOut = self._c._json("POST", f"/jobs/{job_id}/cancel", scoped=True)
         return result
 
     def wait(
@@ -218,8 +238,8 @@ class Jobs(_Group):
         *,
         timeout: float | None = None,
         poll: float = 0.5,
-        on_update: Callable[[JSON], None] | None = None,
-    ) -> JSON:
+        on_update: Callable[[JobOut], None] | None = None,
+    ) -> JobOut:
         """Poll until the job ends; returns it, whatever the outcome (check ``state``).
 
         ``on_update`` receives the job at every poll. Raises ``TimeoutError`` after
@@ -240,23 +260,23 @@ class Jobs(_Group):
 class Models(_Group):
     """The model registry: names, numbered versions, aliases, bundle downloads."""
 
-    def list(self, limit: int = 50, offset: int = 0) -> JSON:
-        result: JSON = self._c._json(
+    def list(self, limit: int = 50, offset: int = 0) -> Page[ModelOut]:
+        result: Page[ModelOut] = self._c._json(
             "GET", "/models", scoped=True, params={"limit": limit, "offset": offset}
         )
         return result
 
-    def all(self, *, page_size: int = 100) -> Iterator[JSON]:
+    def all(self, *, page_size: int = 100) -> Iterator[ModelOut]:
         """Every model, fetched a page at a time."""
         return self._c._pages("/models", page_size)
 
-    def get(self, name: str) -> JSON:
+    def get(self, name: str) -> ModelOut:
         """``{name, latest_version, aliases: {alias: version}, created_at}``."""
-        result: JSON = self._c._json("GET", f"/models/{name}", scoped=True)
+        result: ModelOut = self._c._json("GET", f"/models/{name}", scoped=True)
         return result
 
-    def versions(self, name: str, limit: int = 50, offset: int = 0) -> JSON:
-        result: JSON = self._c._json(
+    def versions(self, name: str, limit: int = 50, offset: int = 0) -> Page[VersionOut]:
+        result: Page[VersionOut] = self._c._json(
             "GET",
             f"/models/{name}/versions",
             scoped=True,
@@ -264,19 +284,19 @@ class Models(_Group):
         )
         return result
 
-    def version(self, name: str, version: str | int = "latest") -> JSON:
+    def version(self, name: str, version: str | int = "latest") -> VersionOut:
         """One version by number, ``latest`` or alias: metrics, summary, lineage ids."""
-        result: JSON = self._c._json("GET", f"/models/{name}/versions/{version}", scoped=True)
+        result: VersionOut = self._c._json("GET", f"/models/{name}/versions/{version}", scoped=True)
         return result
 
-    def set_alias(self, name: str, alias: str, version: str | int) -> JSON:
-        result: JSON = self._c._json(
+    def set_alias(self, name: str, alias: str, version: str | int) -> ModelOut:
+        result: ModelOut = self._c._json(
             "PUT", f"/models/{name}/aliases/{alias}", scoped=True, json={"version": version}
         )
         return result
 
-    def delete_alias(self, name: str, alias: str) -> JSON:
-        result: JSON = self._c._json("DELETE", f"/models/{name}/aliases/{alias}", scoped=True)
+    def delete_alias(self, name: str, alias: str) -> ModelOut:
+        result: ModelOut = self._c._json("DELETE", f"/models/{name}/aliases/{alias}", scoped=True)
         return result
 
     def download(self, name: str, version: str | int = "latest", *, dest: str | Path = ".") -> Path:
@@ -319,21 +339,23 @@ class Deployments(_Group):
     left out keep the server's defaults (or, on update, their current values).
     """
 
-    def create(self, name: str, model: str, version: str | int = "latest", **settings: Any) -> JSON:
+    def create(
+        self, name: str, model: str, version: str | int = "latest", **settings: Any
+    ) -> DeploymentOut:
         """Deploy ``version`` (number, ``latest`` or alias) of ``model`` as ``name``."""
         body = {"name": name, "model": model, "version": version, **settings}
-        result: JSON = self._c._json(
+        result: DeploymentOut = self._c._json(
             "POST", "/deployments", scoped=True, json=body, timeout=self._deploy_timeout()
         )
         return result
 
-    def list(self) -> Items:
-        result: Items = self._c._json("GET", "/deployments", scoped=True)
+    def list(self) -> list[DeploymentOut]:
+        result: list[DeploymentOut] = self._c._json("GET", "/deployments", scoped=True)
         return result
 
-    def get(self, name: str) -> JSON:
+    def get(self, name: str) -> DeploymentOut:
         """``{name, model, state, error, routes: [{version, weight, backend, ...}], ...}``."""
-        result: JSON = self._c._json("GET", f"/deployments/{name}", scoped=True)
+        result: DeploymentOut = self._c._json("GET", f"/deployments/{name}", scoped=True)
         return result
 
     def update(
@@ -341,15 +363,15 @@ class Deployments(_Group):
         name: str,
         *,
         version: str | int | None = None,
-        routes: Mapping[str | int, int] | Sequence[Mapping[str, Any]] | None = None,
+        routes: Mapping[str | int, int] | Sequence[Mapping[str, str | int]] | None = None,
         **settings: Any,
-    ) -> JSON:
+    ) -> DeploymentOut:
         """Hot swap to ``version``, or split traffic with ``routes``; and/or change settings.
 
         ``routes`` is ``{version: weight}`` (``{3: 90, 4: 10}``) or a list of
         ``{"version", "weight"}``; a single route is a rollback.
         """
-        body: JSON = dict(settings)
+        body: dict[str, object] = dict(settings)
         if version is not None:
             body["version"] = version
         if routes is not None:
@@ -357,7 +379,7 @@ class Deployments(_Group):
                 body["routes"] = [{"version": v, "weight": w} for v, w in routes.items()]
             else:
                 body["routes"] = [dict(r) for r in routes]
-        result: JSON = self._c._json(
+        result: DeploymentOut = self._c._json(
             "PATCH", f"/deployments/{name}", scoped=True, json=body, timeout=self._deploy_timeout()
         )
         return result
@@ -366,13 +388,13 @@ class Deployments(_Group):
         """Stop serving ``name``; requests it already queued are answered first."""
         self._c._send("DELETE", f"{API}/deployments/{name}", scoped=True)
 
-    def predict(self, name: str, rows: Any) -> JSON:
+    def predict(self, name: str, rows: Any) -> PredictOut:
         """Predictions for ``rows`` (a list of ``{column: value}`` or a DataFrame).
 
         Returns ``{predictions, probabilities, labels, model, version}``; ``version``
         says which route answered. Missing values in a DataFrame are sent as null.
         """
-        result: JSON = self._c._json(
+        result: PredictOut = self._c._json(
             "POST", f"/deployments/{name}/predict", scoped=True, json={"inputs": records(rows)}
         )
         return result
@@ -405,20 +427,20 @@ class Quotas(_Group):
         *,
         period: str = "day",
         project: str | None = None,
-    ) -> JSON:
+    ) -> QuotaOut:
         """Set the quota (``limit=None`` removes it); ``{project, kind, period, limit, used}``.
 
         ``project`` defaults to the client's project, else the server's default project.
         """
         body = {"kind": kind, "period": period, "limit": limit, "project": project}
-        result: JSON = self._c._json("PUT", "/quotas", scoped=True, json=body)
+        result: QuotaOut = self._c._json("PUT", "/quotas", scoped=True, json=body)
         return result
 
-    def remove(self, kind: str, *, period: str = "day", project: str | None = None) -> JSON:
+    def remove(self, kind: str, *, period: str = "day", project: str | None = None) -> QuotaOut:
         """Remove a quota (doing so twice is fine)."""
         return self.set(kind, None, period=period, project=project)
 
-    def list(self) -> Items:
+    def list(self) -> list[QuotaOut]:
         """The project's quotas: ``[{project, kind, period, limit, used}]``."""
-        result: Items = self._c._json("GET", "/quotas", scoped=True)
+        result: list[QuotaOut] = self._c._json("GET", "/quotas", scoped=True)
         return result

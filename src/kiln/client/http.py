@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import date, datetime
 from typing import Any
 
@@ -18,7 +18,8 @@ from kiln.client.groups import (
     Projects,
     Quotas,
 )
-from kiln.client.wire import API, JSON, error_of
+from kiln.client.shapes import Health, UsageOut
+from kiln.client.wire import API, error_of
 from kiln.errors import ServiceError
 
 
@@ -76,9 +77,9 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def health(self) -> JSON:
+    def health(self) -> Health:
         """``GET /healthz`` (needs no key): ``{"status": "ok", "version": ...}``."""
-        result: JSON = self._send("GET", "/healthz").json()
+        result: Health = self._send("GET", "/healthz").json()
         return result
 
     def usage(
@@ -86,7 +87,7 @@ class Client:
         from_: str | date | datetime | None = None,
         to: str | date | datetime | None = None,
         group_by: str = "day",
-    ) -> JSON:
+    ) -> UsageOut:
         """The project's metered usage: ``{project, from, to, group_by, items: [{period,
         kind, device, quantity}], totals: {kind: quantity}, quotas: [{kind, period, limit,
         used}]}``.
@@ -94,12 +95,12 @@ class Client:
         ``from_`` and ``to`` (exclusive) are dates or datetimes (naive means UTC) or ISO
         strings; ``group_by`` is ``day``, ``month`` or ``total``.
         """
-        params: JSON = {"group_by": group_by}
+        params: dict[str, str] = {"group_by": group_by}
         if from_ is not None:
             params["from"] = from_.isoformat() if isinstance(from_, date) else from_
         if to is not None:
             params["to"] = to.isoformat() if isinstance(to, date) else to
-        result: JSON = self._json("GET", "/usage", scoped=True, params=params)
+        result: UsageOut = self._json("GET", "/usage", scoped=True, params=params)
         return result
 
     # --- plumbing -------------------------------------------------------------
@@ -131,8 +132,11 @@ class Client:
                 f"kiln server at {self.url} answered {method} {path} with something not JSON"
             ) from None
 
-    def _pages(self, path: str, page_size: int, params: JSON | None = None) -> Iterator[JSON]:
-        """Every item of a paginated list, following ``next_offset``."""
+    def _pages(
+        self, path: str, page_size: int, params: Mapping[str, str] | None = None
+    ) -> Iterator[Any]:
+        """Every item of a paginated list, following ``next_offset`` (as the server sent
+        them, like :meth:`_json`: the caller names their shape)."""
         offset: int | None = 0
         while offset is not None:
             query = {**(params or {}), "limit": page_size, "offset": offset}

@@ -12,7 +12,9 @@ import httpx
 from kiln.errors import ERRORS_BY_CODE, KilnError, ServiceError
 
 JSON = dict[str, Any]
-Items = list[JSON]  # (a name of its own: inside the groups, ``list`` is a method)
+"""Any JSON object (public since 0.x; the server's answers have shapes of their own,
+:mod:`kiln.client.shapes`, which the resource groups return)."""
+Items = list[JSON]
 API = "/api/v1"
 DEPLOY_TIMEOUT = 600.0
 """Seconds to wait for a deployment to load and warm up (create, swap, canary)."""
@@ -39,11 +41,11 @@ def error_of(response: httpx.Response, url: str) -> KilnError:
     return exc
 
 
-def records(rows: Any) -> list[JSON]:
+def records(rows: Any) -> list[dict[str, object]]:
     """Rows as a list of plain dicts: a DataFrame's records (NaN as None), or the list given."""
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
         frame = rows.astype(object).where(rows.notna(), None)
-        out: list[JSON] = frame.to_dict(orient="records")
+        out: list[dict[str, object]] = frame.to_dict(orient="records")
         return out
     if isinstance(rows, Mapping):
         raise TypeError("rows: a list of {column: value} rows or a DataFrame, not one row")

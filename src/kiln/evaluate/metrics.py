@@ -58,7 +58,7 @@ def classification_metrics(
     return out
 
 
-def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """MSE, RMSE, MAE and R² in the target's units."""
     from sklearn import metrics as skm
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sized
 from typing import Any
 
 from torch import nn
@@ -65,7 +66,7 @@ def dense_stack(
     return layers
 
 
-def flatten_images(context: dict[str, Any]) -> list[nn.Module]:
+def flatten_images(context: Mapping[str, object]) -> list[nn.Module]:
     """[Flatten] when the input is image-shaped (context input_shape [C, H, W]), else []."""
     shape = context.get("input_shape")
-    return [nn.Flatten()] if shape is not None and len(shape) == 3 else []
+    return [nn.Flatten()] if isinstance(shape, Sized) and len(shape) == 3 else []

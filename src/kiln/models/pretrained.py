@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import JsonValue
 from torch import nn
 
 from kiln.errors import SpecError
@@ -99,10 +100,10 @@ class HFClassifier(nn.Module):
         out = self.hf(input_ids=x[:, 0], attention_mask=x[:, 1])
         return out.logits  # type: ignore[no-any-return]
 
-    def hf_config(self) -> dict[str, Any]:
+    def hf_config(self) -> dict[str, JsonValue]:
         """The architecture's config as JSON (what a bundle needs to rebuild it)."""
         hf: Any = self.hf
-        config: dict[str, Any] = hf.config.to_dict()
+        config: dict[str, JsonValue] = hf.config.to_dict()
         return config
 
     def merge_adapters(self) -> None:

@@ -19,10 +19,11 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import NotRequired, TypedDict
 
 import pandas as pd
+from pydantic import JsonValue
 
 from kiln.monitor.drift import DriftWindow
 
@@ -36,6 +37,76 @@ _LOG_RATIO = math.log(_RATIO)
 MIN_DRIFT_ROWS = 100
 """Below this many rows (or the window's size, if smaller) no column is flagged yet:
 a PSI over a handful of rows is noise."""
+
+
+class VersionCounts(TypedDict):
+    """What one version answered in a summary's span."""
+
+    requests: int
+    rows: int
+    errors: int
+
+
+class SeriesPoint(TypedDict):
+    """One step of the live charts' time series (rates per second; None: no requests)."""
+
+    time: int  # the step's start, epoch seconds
+    requests_per_s: float
+    rows_per_s: float
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_batch_rows: float | None
+
+
+class WindowSummary(TypedDict):
+    """A deployment's recent traffic (:meth:`RequestWindow.summary`), the JSON of its
+    window route and live panel, keys in this order."""
+
+    seconds: float
+    requests: int
+    requests_per_s: float
+    rows: int
+    rows_per_s: float
+    errors: int
+    error_rate: float
+    statuses: dict[str, int]  # HTTP-equivalent status -> requests
+    p50_ms: float | None
+    p99_ms: float | None
+    batches: int
+    mean_batch_rows: float | None
+    queue_depth: int
+    versions: dict[str, VersionCounts]
+    series: list[SeriesPoint]
+
+
+class DeploymentWindow(WindowSummary):
+    """The :class:`WindowSummary` of a named deployment, as its window route answers
+    (``deployment``, ``model`` and ``state`` first)."""
+
+    deployment: str
+    model: str
+    state: str
+
+
+class ColumnReport(TypedDict):
+    """One column's drift: its PSI (None: no data) and whether it is flagged."""
+
+    psi: float | None
+    drifted: bool
+
+
+class DriftReport(TypedDict):
+    """A deployment's input drift (:meth:`DriftFeed.report`, :func:`no_drift`); without
+    reference statistics, ``reference`` is False and ``message`` says why."""
+
+    rows: int
+    threshold: float
+    version: int | None
+    reference: bool
+    message: NotRequired[str]
+    columns: dict[str, ColumnReport]
+    drifted: list[str]
 
 
 def _latency_bin(seconds: float) -> int:
@@ -163,7 +234,7 @@ class RequestWindow:
         second.batches += 1
         second.batch_rows += rows
 
-    def summary(self, seconds: float = 60, *, queue_depth: int = 0) -> dict[str, Any]:
+    def summary(self, seconds: float = 60, *, queue_depth: int = 0) -> WindowSummary:
         """Rates and latencies over the last ``seconds``, and the time series of the
         horizon (``series``: one point per 5 s, oldest first)."""
         seconds = max(1.0, min(float(seconds), float(self.horizon)))
@@ -204,7 +275,7 @@ class RequestWindow:
             "series": self.series(now),
         }
 
-    def series(self, now: float | None = None, step: int = STEP) -> list[dict[str, Any]]:
+    def series(self, now: float | None = None, step: int = STEP) -> list[SeriesPoint]:
         """One point per ``step`` seconds over the horizon: its start (epoch seconds),
         rates per second, error share and latency percentiles (None without requests)."""
         now = self.clock() if now is None else now
@@ -215,7 +286,7 @@ class RequestWindow:
             tally = tallies.get(key // step * step)
             if tally is not None:
                 tally.add(second)
-        points = []
+        points: list[SeriesPoint] = []
         for start, tally in tallies.items():
             # the current step has lasted only until now
             span = max(1.0, min(float(step), now - start))
@@ -246,7 +317,7 @@ class DriftFeed:
     """
 
     def __init__(
-        self, reference: dict[str, Any], *, size: int, threshold: float, version: int
+        self, reference: Mapping[str, JsonValue], *, size: int, threshold: float, version: int
     ) -> None:
         self.version = version
         self.size = size
@@ -258,7 +329,7 @@ class DriftFeed:
         self._added = 0  # frames ever added: a report is current while this is unchanged
         self._lock = threading.Lock()  # the pending queue (held for microseconds)
         self._computing = threading.Lock()  # the window and the cached report
-        self._cached: tuple[int, dict[str, Any]] | None = None
+        self._cached: tuple[int, DriftReport] | None = None
 
     def add(self, frame: pd.DataFrame) -> None:
         """Queue the checked rows of an answered request (cheap: no maths here)."""
@@ -274,7 +345,7 @@ class DriftFeed:
             while self._pending_rows - pending[0][1] >= self.size:
                 self._pending_rows -= pending.popleft()[1]
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> DriftReport:
         """``{rows, threshold, version, reference, columns: {name: {psi, drifted}},
         drifted: [names]}``; without reference statistics, ``reference`` is False and
         ``message`` says why."""
@@ -295,20 +366,36 @@ class DriftFeed:
                 self._pending_rows = 0
             if frames:
                 self._window.add(frames[0] if len(frames) == 1 else pd.concat(frames))
-            report = self._window.report(self.threshold)
-            report["version"] = self.version
-            report["reference"] = True
-            enough = min(MIN_DRIFT_ROWS, self.size)
-            if report["rows"] < enough:
-                for column in report["columns"].values():
-                    column["drifted"] = False
-                report["drifted"] = []
-                report["message"] = f"fewer than {enough} rows so far: nothing is flagged yet"
+            report = self._checked(self._window)
             self._cached = (added, report)
             return report
 
+    def _checked(self, drift: DriftWindow) -> DriftReport:
+        """The window's report with this feed's version, flagging nothing while it has
+        too few rows for a PSI to mean anything."""
+        window = drift.report(self.threshold)
+        columns: dict[str, ColumnReport] = {
+            name: {"psi": column["psi"], "drifted": column["drifted"]}
+            for name, column in window["columns"].items()
+        }
+        report: DriftReport = {
+            "rows": window["rows"],
+            "threshold": window["threshold"],
+            "columns": columns,
+            "drifted": list(window["drifted"]),
+            "version": self.version,
+            "reference": True,
+        }
+        enough = min(MIN_DRIFT_ROWS, self.size)
+        if report["rows"] < enough:
+            for column in columns.values():
+                column["drifted"] = False
+            report["drifted"] = []
+            report["message"] = f"fewer than {enough} rows so far: nothing is flagged yet"
+        return report
 
-def no_drift(threshold: float, version: int | None, message: str) -> dict[str, Any]:
+
+def no_drift(threshold: float, version: int | None, message: str) -> DriftReport:
     """A drift report where there is nothing to compare: ``message`` says why."""
     return {
         "rows": 0,

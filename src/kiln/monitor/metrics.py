@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +23,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kiln.monitor.live import DriftReport
 
 # 0.5 ms … 10 s: an MLP answers in well under a millisecond, a text model in tens
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -111,7 +114,7 @@ class ServingMetrics:
             with suppress(KeyError):
                 gauge.remove(project, deployment, str(version))
 
-    def watch_drift(self, reports: Callable[[], Iterable[tuple[str, str, dict[str, Any]]]]) -> None:
+    def watch_drift(self, reports: Callable[[], Iterable[tuple[str, str, DriftReport]]]) -> None:
         """Expose the drift reports ``reports()`` yields, as (project, deployment, report),
         at each scrape (see :class:`DriftCollector`)."""
         self.registry.register(DriftCollector(reports))
@@ -143,7 +146,7 @@ class DriftCollector(Collector):
     A deployment whose version has no reference statistics has no series.
     """
 
-    def __init__(self, reports: Callable[[], Iterable[tuple[str, str, dict[str, Any]]]]) -> None:
+    def __init__(self, reports: Callable[[], Iterable[tuple[str, str, DriftReport]]]) -> None:
         self.reports = reports
 
     def describe(self) -> list[Any]:

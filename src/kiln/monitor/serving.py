@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from kiln.monitor.live import DriftFeed, RequestWindow, no_drift
+from kiln.monitor.live import DriftFeed, DriftReport, RequestWindow, no_drift
 from kiln.monitor.metering import PredictionMeter
 from kiln.monitor.metrics import ServingMetrics
 from kiln.monitor.predlog import Inputs, Output, PredictionLog
@@ -202,14 +202,14 @@ class DeploymentMonitor:
                 version=version,
             )
 
-    def drift(self, watch: DeploymentWatch, unavailable: str) -> dict[str, Any]:
+    def drift(self, watch: DeploymentWatch, unavailable: str) -> DriftReport:
         """The drift report of the deployment's recent inputs; without a feed, a report
         saying ``unavailable``. Computes (milliseconds): call it off the event loop."""
         if watch.drift is None:
             return no_drift(self.settings.drift_threshold, None, unavailable)
         return watch.drift.report()
 
-    def _drift_reports(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    def _drift_reports(self) -> Iterator[tuple[str, str, DriftReport]]:
         """Every drift report, for a scrape (another thread: one failure skips one)."""
         for watch in list(self._watches()):
             if watch.drift is None:

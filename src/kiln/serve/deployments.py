@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.errors import ConflictError, KilnError, NotFoundError
 from kiln.lifecycle import DeploymentState
+from kiln.monitor.live import DeploymentWindow
 from kiln.monitor.metrics import ServingMetrics
 from kiln.monitor.serving import Answer, DeploymentMonitor, DeploymentWatch, Served
 from kiln.serve.batcher import Batcher, Closed
@@ -320,15 +321,19 @@ class DeploymentManager:
 
     # ---- monitoring -----------------------------------------------------------------
 
-    def window(self, project_id: int, name: str, seconds: float = 60) -> dict[str, Any]:
+    def window(self, project_id: int, name: str, seconds: float = 60) -> DeploymentWindow:
         """The deployment's recent traffic: rates, latency percentiles, error share,
         batch sizes, queue depth and per-version counts over the last ``seconds``, and
         ``series``, one point per 5 s over the last 5 minutes, for live charts."""
         live = self.get(project_id, name)
         depth = sum(route.batcher.depth for route in live.routes)
-        out = {"deployment": live.name, "model": live.model, "state": live.state.value}
-        out.update(live.watch.window.summary(seconds, queue_depth=depth))
-        return out
+        summary = live.watch.window.summary(seconds, queue_depth=depth)
+        return {
+            "deployment": live.name,
+            "model": live.model,
+            "state": live.state.value,
+            **summary,
+        }
 
     def drift(self, project_id: int, name: str) -> dict[str, Any]:
         """The drift report of the deployment's recent inputs (PSI per column, against

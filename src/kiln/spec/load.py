@@ -14,20 +14,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, JsonValue, ValidationError
+from pydantic_core import ErrorDetails
 
 from kiln.errors import NotFoundError, SpecError
 from kiln.spec.spec import Spec
 
 M = TypeVar("M", bound=BaseModel)
+Document = dict[str, JsonValue]
+"""A spec document as parsed from YAML/JSON, not yet validated."""
 
 
-def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
+def load_spec(source: str | Path | Document | Spec) -> Spec:
     """Validate a spec given as a path to YAML/JSON, a mapping, or a Spec (returned as is)."""
     return load_document(Spec, source)
 
 
-def load_document(model: type[M], source: str | Path | dict[str, Any] | M) -> M:
+def load_document(model: type[M], source: str | Path | Document | M) -> M:
     """Validate any spec document (``model``) from a YAML/JSON file, a mapping or itself."""
     if isinstance(source, model):
         return source
@@ -39,7 +42,7 @@ def load_document(model: type[M], source: str | Path | dict[str, Any] | M) -> M:
     return validate(model, parse_document(path.read_text(encoding="utf-8"), str(path)))
 
 
-def parse_document(text: str, origin: str = "spec") -> dict[str, Any]:
+def parse_document(text: str, origin: str = "spec") -> Document:
     """Parse YAML (a superset of JSON) into a mapping; errors carry the line number."""
     try:
         doc = yaml.safe_load(text)
@@ -49,10 +52,11 @@ def parse_document(text: str, origin: str = "spec") -> dict[str, Any]:
         raise SpecError(f"{origin} is not valid YAML/JSON{where}: {exc}") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{origin} must be a mapping of keys to values, not {type(doc).__name__}")
-    return doc
+    document: Document = doc
+    return document
 
 
-def validate(model: type[M], data: dict[str, Any]) -> M:
+def validate(model: type[M], data: Document) -> M:
     """Validate ``data`` against ``model``, turning pydantic errors into a SpecError."""
     try:
         return model.model_validate(data)
@@ -63,7 +67,7 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
         raise SpecError("invalid spec:\n  " + "\n  ".join(lines), field=first_field) from None
 
 
-def _describe(model: type[BaseModel], err: Any) -> tuple[str | None, str]:
+def _describe(model: type[BaseModel], err: ErrorDetails) -> tuple[str | None, str]:
     loc = _clean_loc(err["loc"])
     field = ".".join(str(p) for p in loc) or None
     if err["type"] == "extra_forbidden":
@@ -96,9 +100,9 @@ _MODEL_TAGS = frozenset({"linear", "mlp", "cnn", "transformer", "pretrained"})
 _UNION_TAGS = frozenset({"int", "str", "float", "bool", "none", "list", "tuple", "dict"})
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
+def _clean_loc(loc: tuple[int | str, ...]) -> list[int | str]:
     # Tagged unions put the tag ('mlp') in the path; users never wrote it.
-    out: list[Any] = []
+    out: list[int | str] = []
     for i, part in enumerate(loc):
         if isinstance(part, str) and part in _MODEL_TAGS and out == ["model"]:
             continue
@@ -119,7 +123,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     return out
 
 
-def _suggest(model: type[BaseModel], loc: list[Any]) -> str | None:
+def _suggest(model: type[BaseModel], loc: list[int | str]) -> str | None:
     """The closest valid key at ``loc`` to the unknown key at its end."""
     *parents, bad = loc
     candidates: list[type[BaseModel]] = [model]

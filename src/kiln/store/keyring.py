@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -166,7 +166,15 @@ def unwrap(master: MasterKey, wrapped: str, project_id: int | None) -> bytes:
         ) from None
 
 
-def _new_row(master: MasterKey, project_id: int | None) -> dict[str, Any]:
+class _DataKeyRow(TypedDict):
+    """The columns of a new :class:`DataKey` row."""
+
+    project_id: int | None
+    wrapped: str
+    master_key_id: str
+
+
+def _new_row(master: MasterKey, project_id: int | None) -> _DataKeyRow:
     data_key = secrets.token_bytes(KEY_BYTES)
     return {
         "project_id": project_id,

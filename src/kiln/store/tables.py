@@ -54,11 +54,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: UTCDateTime,
-        dict[str, Any]: JSON,
-        list[Any]: JSON,
-    }
+    # JSON columns name their type (mapped_column(JSON)): their annotations say what
+    # the document holds, so they need no entry here
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}
 
 
 class Project(Base):
@@ -126,10 +124,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # latest epoch's
+    progress: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)  # epoch/epochs, ...
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)  # latest epoch's
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, str | None] | None] = mapped_column(JSON, nullable=True)
     model_version_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # wall/cpu seconds (sums), peak_rss_bytes, gpu_peak_bytes (maxima), device, attempts: [...]
@@ -147,7 +145,7 @@ class JobMetric(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     epoch: Mapped[int] = mapped_column(Integer)
-    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    data: Mapped[dict[str, float]] = mapped_column(JSON)  # the epoch's logs
     time: Mapped[datetime] = mapped_column(default=utcnow)
 
 

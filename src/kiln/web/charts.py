@@ -1,18 +1,131 @@
 """Plotly figure specs (plain ``{"data", "layout"}`` dicts) for the dashboard's charts.
 
 Pages embed them as JSON; ``static/kiln.js`` draws them with the plotly.js that the
-plotly package ships. Nothing here imports plotly: a figure is just data.
+plotly package ships. Nothing here imports plotly: a figure is just data, typed below
+as the subset of plotly's schema these charts use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from math import isfinite
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, Unpack
 
-Figure = dict[str, Any]
+from kiln.monitor.live import SeriesPoint
 
-CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["sendDataToCloud"]}
-_LAYOUT = {
+Values = Sequence[float | str | None]
+"""A trace's coordinates: numbers, or category/time strings; None leaves a gap."""
+
+
+class Font(TypedDict):
+    size: int
+
+
+class Title(TypedDict):
+    text: str
+    font: NotRequired[Font]
+
+
+class Axis(TypedDict, total=False):
+    title: Title
+    type: Literal["log"]
+    overlaying: str  # another axis ("y"): drawn over it
+    side: Literal["left", "right"]
+
+
+class Margin(TypedDict):
+    l: int  # noqa: E741 - plotly's name (pixels, like the others)
+    r: int
+    t: int
+    b: int
+
+
+class Legend(TypedDict):
+    orientation: Literal["h", "v"]
+    y: float
+
+
+class Grid(TypedDict):
+    rows: int
+    columns: int
+    pattern: Literal["independent", "coupled"]
+
+
+class Line(TypedDict, total=False):
+    dash: Literal["dash", "dot"]
+    width: int
+    color: str
+
+
+class Marker(TypedDict):
+    size: int
+
+
+class Trace(TypedDict, total=False):
+    """One trace (a bar or scatter series)."""
+
+    type: Literal["bar", "scatter"]
+    mode: str  # "lines", "markers+text", ...
+    name: str
+    x: Values
+    y: Values
+    text: list[str]
+    textposition: str
+    cliponaxis: bool
+    xaxis: str  # "x", "x2": which axis of a grid
+    yaxis: str
+    marker: Marker
+    line: Line
+    connectgaps: bool
+
+
+class Shape(TypedDict):
+    """A line across a plot (here: the source model's metric)."""
+
+    type: Literal["line"]
+    xref: str
+    x0: float
+    x1: float
+    yref: str
+    y0: float | None
+    y1: float | None
+    line: Line
+
+
+class Layout(TypedDict, total=False):
+    margin: Margin
+    height: int  # pixels
+    hovermode: str
+    legend: Legend
+    paper_bgcolor: str
+    title: Title
+    xaxis: Axis
+    yaxis: Axis
+    xaxis2: Axis
+    yaxis2: Axis
+    grid: Grid
+    shapes: list[Shape]
+
+
+class Figure(TypedDict):
+    """A plotly figure: its traces and layout."""
+
+    data: list[Trace]
+    layout: Layout
+
+
+class Config(TypedDict):
+    displaylogo: bool
+    responsive: bool
+    modeBarButtonsToRemove: list[str]
+
+
+CONFIG: Config = {
+    "displaylogo": False,
+    "responsive": True,
+    "modeBarButtonsToRemove": ["sendDataToCloud"],
+}
+_LAYOUT: Layout = {
     "margin": {"l": 56, "r": 16, "t": 36, "b": 44},
     "height": 320,
     "hovermode": "x unified",
@@ -21,7 +134,15 @@ _LAYOUT = {
 }
 
 
-def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
+class _Overrides(TypedDict, total=False):
+    """What a chart changes in the common layout."""
+
+    height: int
+    margin: Margin
+    yaxis2: Axis
+
+
+def _layout(title: str, x: str, y: str, **extra: Unpack[_Overrides]) -> Layout:
     return {
         **_LAYOUT,
         "title": {"text": title, "font": {"size": 14}},
@@ -31,8 +152,9 @@ def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _series(epochs: list[dict[str, Any]], key: str) -> tuple[list[Any], list[Any]]:
-    xs, ys = [], []
+def _series(epochs: Sequence[Mapping[str, float]], key: str) -> tuple[list[float], list[float]]:
+    xs: list[float] = []
+    ys: list[float] = []
     for row in epochs:
         value = row.get(key)
         # NaN or inf would not survive JSON; a diverged epoch is simply not drawn
@@ -42,12 +164,12 @@ def _series(epochs: list[dict[str, Any]], key: str) -> tuple[list[Any], list[Any
     return xs, ys
 
 
-def _line(epochs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+def _line(epochs: Sequence[Mapping[str, float]], key: str) -> Trace:
     xs, ys = _series(epochs, key)
     return {"type": "scatter", "mode": "lines+markers", "name": key, "x": xs, "y": ys}
 
 
-def loss_curves(epochs: list[dict[str, Any]]) -> Figure:
+def loss_curves(epochs: Sequence[Mapping[str, float]]) -> Figure:
     """Training and validation loss per epoch."""
     keys = [k for k in ("train_loss", "val_loss") if any(k in row for row in epochs)]
     keys = keys or ["train_loss"]
@@ -57,7 +179,7 @@ def loss_curves(epochs: list[dict[str, Any]]) -> Figure:
     }
 
 
-def validation_curves(epochs: list[dict[str, Any]]) -> Figure:
+def validation_curves(epochs: Sequence[Mapping[str, float]]) -> Figure:
     """Every other ``val_*`` metric per epoch (accuracy, F1, RMSE, ...)."""
     keys = sorted({k for row in epochs for k in row if k.startswith("val_") and k != "val_loss"})
     return {
@@ -72,7 +194,7 @@ def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) 
     ``variants``: ``{"label", "bytes", "p50_ms", "metric", "source_metric",
     "front_size", "front_latency"}`` each; the Pareto front is drawn as a line.
     """
-    data: list[dict[str, Any]] = []
+    data: list[Trace] = []
     for axis, cost, front, title in (
         ("", "bytes", "front_size", "size"),
         ("2", "p50_ms", "front_latency", "latency"),
@@ -107,7 +229,7 @@ def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) 
             }
         )
     sources = [v["source_metric"] for v in variants if v.get("source_metric") is not None]
-    shapes = []
+    shapes: list[Shape] = []
     if sources:
         for axis in ("", "2"):
             shapes.append(
@@ -123,7 +245,7 @@ def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) 
                 }
             )
     better = "higher is better" if higher_is_better else "lower is better"
-    layout = {
+    layout: Layout = {
         **_LAYOUT,
         "height": 360,
         "hovermode": "closest",
@@ -138,7 +260,7 @@ def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) 
     return {"data": data, "layout": layout}
 
 
-def traffic(series: list[dict[str, Any]]) -> Figure:
+def traffic(series: Sequence[SeriesPoint]) -> Figure:
     """A deployment's recent traffic: requests/s (bars) and latency p50/p99 (lines, right
     axis), from the serving window's ``series`` (``time`` in epoch seconds)."""
     from datetime import UTC, datetime
@@ -147,7 +269,7 @@ def traffic(series: list[dict[str, Any]]) -> Figure:
         datetime.fromtimestamp(float(p["time"]), UTC).strftime("%Y-%m-%d %H:%M:%S") for p in series
     ]
 
-    def values(key: str) -> list[Any]:
+    def values(key: Literal["requests_per_s", "p50_ms", "p99_ms"]) -> list[float | None]:
         return [p.get(key) for p in series]
 
     return {
@@ -197,7 +319,7 @@ def usage(summary: dict[str, Any], days: list[str]) -> list[Figure]:
     for item in summary["items"]:
         per_day = by_kind.setdefault(item["kind"], {})
         per_day[item["period"]] = per_day.get(item["period"], 0.0) + item["quantity"]
-    figures = []
+    figures: list[Figure] = []
     for kind in sorted(by_kind):
         per_day = by_kind[kind]
         figures.append(

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.tables import Dataset
@@ -23,33 +23,47 @@ MAX_BYTES = 256 << 20  # bytes on disk; a larger table would hold a request for 
 TOP_VALUES = 5
 
 
-def profile_frame(frame: Any) -> list[dict[str, Any]]:
-    """Per column: ``name, dtype, missing, unique`` and ``min, max, mean, std`` for a
-    numeric column or ``top`` (``[[value, count], ...]``) for any other."""
+class ColumnProfile(TypedDict):
+    """One column's statistics, as the dataset page reads them: ``min, max, mean, std``
+    for a numeric column, ``top`` (``[[value, count], ...]``, most frequent first) for
+    any other."""
+
+    name: str
+    dtype: str
+    missing: int
+    unique: int
+    numeric: bool
+    min: NotRequired[float]
+    max: NotRequired[float]
+    mean: NotRequired[float]
+    std: NotRequired[float]
+    top: NotRequired[list[tuple[str, int]]]
+
+
+def profile_frame(frame: Any) -> list[ColumnProfile]:
+    """Per column of a DataFrame, its :class:`ColumnProfile`."""
     import pandas as pd
 
-    out = []
+    out: list[ColumnProfile] = []
     for name in frame.columns:
         values = frame[name]
-        row: dict[str, Any] = {
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        present = values.dropna()
+        row: ColumnProfile = {
             "name": str(name),
             "dtype": str(values.dtype),
             "missing": int(values.isna().sum()),
             "unique": int(values.nunique(dropna=True)),
+            "numeric": bool(numeric and len(present)),
         }
-        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        present = values.dropna()
-        if numeric and len(present):
-            row |= {
-                "numeric": True,
-                "min": float(present.min()),
-                "max": float(present.max()),
-                "mean": float(present.mean()),
-                "std": float(present.std()) if len(present) > 1 else 0.0,
-            }
+        if row["numeric"]:
+            row["min"] = float(present.min())
+            row["max"] = float(present.max())
+            row["mean"] = float(present.mean())
+            row["std"] = float(present.std()) if len(present) > 1 else 0.0
         else:
             counts = present.astype(str).value_counts().head(TOP_VALUES)
-            row |= {"numeric": False, "top": [[str(k), int(v)] for k, v in counts.items()]}
+            row["top"] = [(str(k), int(v)) for k, v in counts.items()]
         out.append(row)
     return out
 
@@ -59,10 +73,10 @@ class ProfileCache:
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
-        self._entries: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._entries: OrderedDict[str, list[ColumnProfile]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]] | None:
+    def get(self, store: ArtifactStore, dataset: Dataset) -> list[ColumnProfile] | None:
         """None when the table is too large to profile here."""
         from kiln.errors import DataError
         from kiln.store.datasets import IMAGE_FOLDER_FORMAT

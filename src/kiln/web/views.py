@@ -179,7 +179,7 @@ def headline(version: ModelVersion) -> tuple[str, Any]:
     return name, test.get(name) if isinstance(test, dict) else None
 
 
-def pareto_figure(versions: list[ModelVersion]) -> dict[str, Any] | None:
+def pareto_figure(versions: list[ModelVersion]) -> charts.Figure | None:
     """The compression trade-off of a model's variants (versions with a report)."""
     from kiln.compress.report import pareto_front
     from kiln.spec.spec import metric_mode
