@@ -35,7 +35,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kiln.data.preprocess import JSONScalar, Preprocessor, numeric_rows
+from kiln.data.encoders import numeric_rows
+from kiln.data.preprocess import Preprocessor
+from kiln.data.preprocess_state import JSONScalar
 from kiln.errors import BundleError, DataError, NotFoundError
 from kiln.manifest import FORMAT, BundleMeta, parse_manifest
 from kiln.models.registry import build

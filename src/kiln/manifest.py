@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from kiln.data.preprocess import JSONScalar
+from kiln.data.preprocess_state import JSONScalar
 from kiln.data.schema import Column
 from kiln.errors import BundleError
 from kiln.spec.model import ModelSpec

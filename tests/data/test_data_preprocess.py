@@ -8,18 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kiln.data.preprocess import (
-    ClassTarget,
-    ImageEncoder,
-    ImageState,
-    Preprocessor,
-    PreprocessState,
-    TabularEncoder,
-    TextEncoder,
-    TextState,
-    class_labels,
-    numeric_rows,
-)
+from kiln.data.encoders import ImageEncoder, TabularEncoder, TextEncoder
+from kiln.data.preprocess import Preprocessor
+from kiln.data.preprocess_fit import class_labels
+from kiln.data.preprocess_state import ClassTarget, ImageState, PreprocessState, TextState
 from kiln.data.schema import Column
 from kiln.errors import DataError
 from kiln.spec import Preprocessing
@@ -274,88 +266,15 @@ def test_state_json_round_trip(task):
     assert again.feature_names == ["n", "c"]
 
 
-# ---- one encoder per input kind; the all-numeric batch path ------------------------
-
-
-def numeric_table(rng: np.random.Generator, rows: int, columns: int) -> pd.DataFrame:
-    """Random numbers of mixed scales and dtypes, with missing values (NaN) sprinkled."""
-    values = rng.normal(size=(rows, columns)) * rng.uniform(0.1, 100, size=columns)
-    values[rng.random(size=values.shape) < 0.1] = np.nan
-    frame = pd.DataFrame(values, columns=[f"x{i}" for i in range(columns)])
-    frame["x1"] = frame["x1"].astype(np.float32)
-    frame["x2"] = rng.integers(-50, 50, size=rows)  # an int column: no missing values
-    return frame
-
-
-def fit_numeric(frame: pd.DataFrame, **options) -> Preprocessor:
-    columns = [Column(name=str(c), kind="numeric") for c in frame.columns]
-    with_target = frame.assign(y=np.arange(len(frame)) % 2)
-    return Preprocessor.fit(with_target, columns, "y", "classification", Preprocessing(**options))
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"missing": "mean"},
-        {"missing": "median", "scale": "minmax"},
-        {"missing": "mode", "scale": "none"},
-    ],
-)
-def test_the_batch_encoding_equals_the_column_pass_on_random_data(options):
-    rng = np.random.default_rng(7)
-    pre = fit_numeric(numeric_table(rng, 200, 9), **options)
-    assert pre.numeric_columns == [f"x{i}" for i in range(9)]
-    for seed in range(5):
-        probe = numeric_table(np.random.default_rng(seed), 31, 9)
-        assert probe.isna().any().any()  # imputation is exercised
-        batch = pre.encoder.batch.encode(probe.to_numpy().astype(np.float64))
-        assert batch is not None  # the batch path itself, not a fallback, is compared
-        by_column = pre.encoder.encode_columns(probe)
-        np.testing.assert_array_equal(batch, by_column)
-        assert by_column.dtype == np.float32
-        np.testing.assert_array_equal(pre.transform(probe), by_column)  # bit for bit
-        np.testing.assert_array_equal(pre.transform_matrix(probe.to_numpy()), by_column)
-        shuffled = probe[probe.columns[::-1]].assign(extra="ignored")
-        np.testing.assert_array_equal(pre.transform(shuffled), by_column)
-
-
-def test_the_batch_encoding_refuses_what_the_column_pass_refuses():
-    rng = np.random.default_rng(3)
-    pre = fit_numeric(numeric_table(rng, 50, 4).fillna(0.0), missing="drop")
-    probe = numeric_table(rng, 6, 4).fillna(1.0)
-    probe.index = [10, 11, 12, 13, 14, 15]  # rows keep the table's numbers in messages
-    probe.loc[13, "x3"] = np.nan
-    assert pre.encoder.batch.encode(probe.to_numpy().astype(np.float64)) is None
-    with pytest.raises(DataError) as info:
-        pre.transform(probe)
-    assert info.value.field == "x3"
-    assert "row 13: missing value (missing: drop rejects it)" in info.value.message
-    with pytest.raises(DataError, match=r"'x3', row 3: missing value"):
-        pre.transform_matrix(probe.to_numpy())  # a matrix's rows count from 0
-    probe.loc[15, "x0"] = np.inf  # an earlier column is reported first
-    with pytest.raises(DataError, match=r"'x0', row 15: value is infinite"):
-        pre.transform(probe)
-
-
-def test_numeric_rows_takes_plain_numbers_only():
-    rows = [{"a": 1, "b": 2.5, "extra": "x"}, {"b": float("nan"), "a": -3}]
-    matrix = numeric_rows(rows, ["a", "b"])
-    assert matrix is not None and matrix.dtype == np.float64
-    np.testing.assert_array_equal(matrix, [[1.0, 2.5], [-3.0, np.nan]])
-    np.testing.assert_array_equal(numeric_rows([[1, 2], (3, 4.0)], range(2)), [[1, 2], [3, 4]])
-    np.testing.assert_array_equal(numeric_rows([{"a": 2}, {"a": 3.5}], ["a"]), [[2.0], [3.5]])
-    assert numeric_rows([{"a": 1}], ["a", "b"]) is None  # a missing column
-    assert numeric_rows([{"a": True, "b": 1}], ["a", "b"]) is None  # bools are not numbers
-    assert numeric_rows([{"a": "1", "b": 1}], ["a", "b"]) is None
-    assert numeric_rows([{"a": None, "b": 1}], ["a", "b"]) is None
-    assert numeric_rows([[1]], range(2)) is None
-    assert numeric_rows([], ["a"]) is None
+# ---- one encoder per input kind --------------------------------------------------
 
 
 def test_each_input_kind_has_its_encoder():
     pre = fit()
     assert isinstance(pre.encoder, TabularEncoder) and pre.kind == "tabular"
     assert pre.numeric_columns is None  # a categorical column: the column pass
+    numeric_only = Preprocessor.fit(table(), COLUMNS[:1], "y", "classification", Preprocessing())
+    assert numeric_only.numeric_columns == ["n"]  # all numeric: transform_matrix's batch
     assert pre.n_outputs == 1 + 3 and pre.input_shape == [4]
     image = PreprocessState(
         image=ImageState(column="file", size=(4, 6), channels=3, mean=[0.5] * 3, std=[0.2] * 3),

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.data.preprocess import JSONScalar, Preprocessor
+from kiln.data.preprocess import Preprocessor
+from kiln.data.preprocess_state import JSONScalar
 from kiln.evaluate.metrics import classification_metrics, regression_metrics
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kiln.data.preprocess import numeric_rows
+from kiln.data.encoders import numeric_rows
 from kiln.errors import DataError
 from kiln.runtime import Backend, ServingChoice
 

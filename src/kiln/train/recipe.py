@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from kiln.data.images import FOLDER_IMAGE_COLUMN, augmentation, folder_table, resolve_paths
-from kiln.data.preprocess import JSONScalar, Preprocessor, class_labels
+from kiln.data.preprocess import Preprocessor
+from kiln.data.preprocess_fit import class_labels
+from kiln.data.preprocess_state import JSONScalar
 from kiln.data.schema import Column, select_features
 from kiln.data.sources import fingerprint, read_table
 from kiln.data.text import join_text, load_tokenizer, train_tokenizer
