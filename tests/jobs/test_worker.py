@@ -22,7 +22,7 @@ from kiln.lifecycle import FINAL_STATES, JobState
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.crypto import open_artifacts
-from kiln.store.datasets import ingest
+from kiln.store.datasets import Intake, ingest
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
 from kiln.store.tables import Job, ModelVersion
@@ -89,7 +89,8 @@ def make_platform(tmp_path: Path, settings: Settings) -> Platform:
     load_wine(as_frame=True).frame.to_csv(csv, index=False)
     with db.session() as session:
         project = ensure_project(session, "default")
-        row = ingest(session, store, project, name="wine", filename="wine.csv", path=csv)
+        intake = Intake(session, store, project)
+        row = ingest(intake, name="wine", filename="wine.csv", path=csv)
         dataset = f"dataset:{row.id}"
     return Platform(settings, db, store, dataset)
 

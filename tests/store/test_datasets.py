@@ -12,7 +12,14 @@ from sqlalchemy import func, select
 
 from kiln.errors import DataError, QuotaError
 from kiln.store.artifacts import ArtifactStore, open_store
-from kiln.store.datasets import IMAGE_FOLDER_FORMAT, archive_root, import_uri, ingest
+from kiln.store.datasets import (
+    IMAGE_FOLDER_FORMAT,
+    ImportSources,
+    Intake,
+    archive_root,
+    import_uri,
+    ingest,
+)
 from kiln.store.db import Database, migrate
 from kiln.store.projects import ensure_project
 from kiln.store.tables import Dataset, UsageEvent
@@ -39,7 +46,7 @@ def test_a_table_is_stored_with_its_columns_and_metered(
     db, store = world
     with db.session() as s:
         project = ensure_project(s, "default")
-        row = ingest(s, store, project, name="t", filename="t.csv", path=_csv(tmp_path))
+        row = ingest(Intake(s, store, project), name="t", filename="t.csv", path=_csv(tmp_path))
         dataset_id = row.id
     with db.session() as s:
         row = s.get(Dataset, dataset_id)
@@ -67,15 +74,8 @@ def test_a_refused_dataset_stores_nothing(
 
     with db.session() as s, pytest.raises(QuotaError):
         project = ensure_project(s, "default")
-        ingest(
-            s,
-            store,
-            project,
-            name="t",
-            filename="t.csv",
-            path=_csv(tmp_path),
-            before_store=over_quota,
-        )
+        intake = Intake(s, store, project, before_store=over_quota)
+        ingest(intake, name="t", filename="t.csv", path=_csv(tmp_path))
     assert store.list("projects") == []
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 0
@@ -96,7 +96,7 @@ def test_an_image_folder_archive_is_stored_under_its_files_prefix(
                 zf.write(image, f"{label}/{i}.png")
     with db.session() as s:
         project = ensure_project(s, "default")
-        row = ingest(s, store, project, name="pets", filename="pets.zip", path=archive)
+        row = ingest(Intake(s, store, project), name="pets", filename="pets.zip", path=archive)
         assert (row.format, row.rows) == (IMAGE_FOLDER_FORMAT, 4)
         assert [c["name"] for c in row.columns] == ["image", "label"]
         assert row.artifact_key == f"projects/default/datasets/{row.id}/files"
@@ -114,8 +114,9 @@ def test_import_reads_only_under_the_data_roots(
     inside.write_bytes(_csv(tmp_path).read_bytes())
     with db.session() as s:
         project = ensure_project(s, "default")
-        row = import_uri(s, store, project, name="t", uri=str(inside), data_roots=[root])
+        intake, sources = Intake(s, store, project), ImportSources(data_roots=[root])
+        row = import_uri(intake, name="t", uri=str(inside), sources=sources)
         assert (row.source, row.rows) == (str(inside), 3)
         with pytest.raises(DataError) as refused:
-            import_uri(s, store, project, name="u", uri=str(tmp_path / "t.csv"), data_roots=[root])
+            import_uri(intake, name="u", uri=str(tmp_path / "t.csv"), sources=sources)
     assert refused.value.field == "uri"

@@ -97,6 +97,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(resume_spec, reference,
     assert not checkpoint_dir(out).exists()
 
 
+def test_a_checkpoint_holds_what_its_type_names(resume_spec, tmp_path):
+    """The saved state is a ``CheckpointState``: its keys, and its tensors where it
+    names them, so the type says what a resume reads."""
+    from kiln.train.checkpoint import CheckpointState, DirCheckpoints
+
+    out = tmp_path / "model"
+    interrupt(resume_spec, out)
+    saved = DirCheckpoints(checkpoint_dir(out)).load()
+    assert saved is not None
+    keys = CheckpointState.__required_keys__ | CheckpointState.__optional_keys__
+    assert set(saved) == keys
+    assert saved["epoch"] == 3 and [e["epoch"] for e in saved["history"]] == [1, 2, 3]
+    assert isinstance(saved["run_id"], str) and saved["stopped_early"] is False
+    assert all(isinstance(v, torch.Tensor) for v in saved["model"].values())
+    assert isinstance(saved["shuffle_rng"], torch.Tensor)
+    assert isinstance(saved["torch_rng"], torch.Tensor) and saved["cuda_rng"] == []
+
+
 @pytest.mark.parametrize(
     ("target", "attr"),
     [

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kiln.errors import NotFoundError
 from kiln.store.artifacts import ArtifactStore
-from kiln.train.checkpoint import decode_state, encode_state
+from kiln.train.checkpoint import CheckpointState, as_checkpoint, decode_state, encode_state
 
 
 class ArtifactCheckpoints:
@@ -17,15 +15,15 @@ class ArtifactCheckpoints:
         self.store = store
         self.key = key
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: CheckpointState) -> None:
         self.store.put_bytes(self.key, encode_state(state))
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> CheckpointState | None:
         try:
             data = self.store.get_bytes(self.key)
         except NotFoundError:
             return None
-        return decode_state(data, self.key)
+        return as_checkpoint(decode_state(data, self.key))
 
     def exists(self) -> bool:
         return self.store.exists(self.key)

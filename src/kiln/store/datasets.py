@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypedDict
@@ -28,6 +28,7 @@ from kiln.store.tables import Dataset, Project, UsageEvent
 
 if TYPE_CHECKING:
     from kiln.data.scan import Limits
+    from kiln.settings import Settings
 
 PREFIX = "dataset:"
 
@@ -94,34 +95,23 @@ def inspect_table(path: Path, filename: str, limits: Limits | None = None) -> Ta
 
 
 def ingest(
-    session: Session,
-    store: ArtifactStore,
-    project: Project,
-    *,
-    name: str,
-    filename: str,
-    path: Path,
-    source: str = "upload",
-    before_store: Callable[[int], None] | None = None,
-    limits: Limits | None = None,
-    archive_limits: ArchiveLimits | None = None,
+    intake: Intake, *, name: str, filename: str, path: Path, source: str = "upload"
 ) -> Dataset:
-    """Check ``path`` (within ``limits``), store it and register it as a new dataset of
-    ``project``.
+    """Check ``path`` (within ``intake.limits``), store it and register it as a new
+    dataset of ``intake.project``.
 
-    ``before_store(size_bytes)`` may refuse (raise) after the checks, before any write.
-    A ``.zip``/``.tar.gz`` is a dataset archive (:func:`ingest_archive`).
+    ``intake.before_store(size_bytes)`` may refuse (raise) after the checks, before any
+    write. A ``.zip``/``.tar.gz`` is a dataset archive (:func:`ingest_archive`).
     """
     safe_segment(name, field="name")
     safe_segment(filename, field="file")
-    intake = Intake(session, store, project, before_store, limits, archive_limits)
     if is_archive(filename):
         return ingest_archive(intake, name=name, filename=filename, path=path, source=source)
-    info = inspect_table(path, filename, limits)
+    info = inspect_table(path, filename, intake.limits)
     size = path.stat().st_size
     dataset_id = intake.admit(size)
     key = intake.key(dataset_id, filename)
-    store.put_file(key, path)
+    intake.store.put_file(key, path)
     stored = _Stored(dataset_id, key, written=key, size_bytes=size, fingerprint=_sha256(path))
     return _register(intake, stored, name=name, source=source, info=info)
 
@@ -253,24 +243,33 @@ def _describe_archive(unpacked: Unpacked, filename: str, limits: Limits | None) 
     return TableInfo(IMAGE_FOLDER_FORMAT, len(frame), columns)
 
 
+@dataclass(frozen=True)
+class ImportSources:
+    """Where :func:`import_uri` may copy a table from, and how much of one: s3:// objects
+    (at ``s3_endpoint_url``; None: AWS's), server paths under one of ``data_roots``, at
+    most ``max_bytes`` (None: no limit)."""
+
+    data_roots: Sequence[Path]
+    s3_endpoint_url: str | None = None
+    max_bytes: int | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImportSources:
+        """The server's: ``KILN_DATA_ROOTS``, ``KILN_S3_ENDPOINT_URL``, and the upload
+        limit ``KILN_MAX_UPLOAD_MB``."""
+        return cls(
+            data_roots=settings.data_roots,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            max_bytes=int(settings.max_upload_mb * (1 << 20)),
+        )
+
+
 def import_uri(
-    session: Session,
-    store: ArtifactStore,
-    project: Project,
-    *,
-    name: str,
-    uri: str,
-    data_roots: list[Path],
-    s3_endpoint_url: str | None = None,
-    before_store: Callable[[int], None] | None = None,
-    limits: Limits | None = None,
-    scratch: Path | None = None,
-    max_bytes: int | None = None,
-    archive_limits: ArchiveLimits | None = None,
+    intake: Intake, *, name: str, uri: str, sources: ImportSources, scratch: Path | None = None
 ) -> Dataset:
-    """Copy a table from ``uri`` (s3://… or a path under one of ``data_roots``) and ingest it
-    (within ``limits``; the copy lives in ``scratch``, default the system's temp folder).
-    A source over ``max_bytes`` (the upload limit) is a 413, found as it is copied.
+    """Copy a table from ``uri`` (s3://… or a path under one of ``sources.data_roots``)
+    and ingest it (:func:`ingest`; the copy lives in ``scratch``, default the system's
+    temp folder). A source over ``sources.max_bytes`` is a 413, found as it is copied.
 
     Local paths outside the configured roots are refused: a server must not read
     whatever file a caller names.
@@ -280,21 +279,10 @@ def import_uri(
         local = Path(tmp) / "data"
         with local.open("wb") as dst:
             if uri.startswith("s3://"):
-                _copy_s3(uri, dst, s3_endpoint_url, max_bytes)
+                _copy_s3(uri, dst, sources.s3_endpoint_url, sources.max_bytes)
             else:
-                _copy_local(uri, dst, data_roots, max_bytes)
-        return ingest(
-            session,
-            store,
-            project,
-            name=name,
-            filename=filename,
-            path=local,
-            source=uri,
-            before_store=before_store,
-            limits=limits,
-            archive_limits=archive_limits,
-        )
+                _copy_local(uri, dst, sources.data_roots, sources.max_bytes)
+        return ingest(intake, name=name, filename=filename, path=local, source=uri)
 
 
 def _copy_s3(uri: str, dst: IO[bytes], endpoint_url: str | None, max_bytes: int | None) -> None:
@@ -313,7 +301,9 @@ def _copy_s3(uri: str, dst: IO[bytes], endpoint_url: str | None, max_bytes: int 
         raise s3_error(uri, exc) from None
 
 
-def _copy_local(uri: str, dst: IO[bytes], data_roots: list[Path], max_bytes: int | None) -> None:
+def _copy_local(
+    uri: str, dst: IO[bytes], data_roots: Sequence[Path], max_bytes: int | None
+) -> None:
     """Copy a server file, only from under one of ``data_roots``."""
     try:
         path = Path(uri.removeprefix("file://")).resolve()

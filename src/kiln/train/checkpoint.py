@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict, cast
 
 import numpy as np
 
@@ -24,13 +25,43 @@ if TYPE_CHECKING:
 
 SKELETON = "__kiln_state__"  # the tensor holding the JSON of everything but the tensors
 
+EpochEntry = dict[str, float]
+"""One epoch's logs in a run's history: ``epoch``, ``train_loss``, ``lr``, ``val_*``."""
+
+TorchStateDict = dict[str, Any]
+"""An optimizer's or scheduler's ``state_dict()``: torch's own nested shape, kept as is."""
+
+
+class ProgressState(TypedDict):
+    """:class:`Progress` as a checkpoint holds it."""
+
+    epoch: int  # the last completed epoch (0: none)
+    history: list[EpochEntry]
+    best_value: float | None  # early stopping's best monitored value so far
+    best_epoch: int | None
+    best_state: dict[str, torch.Tensor] | None  # the best epoch's weights, when kept
+    bad_epochs: int  # epochs since the best one
+    stopped_early: NotRequired[bool]  # absent from checkpoints older than the field
+
+
+class CheckpointState(ProgressState):
+    """The full training state after an epoch, as a :class:`CheckpointStore` keeps it."""
+
+    run_id: str  # the spec and data it belongs to: a resume of another run is refused
+    model: dict[str, torch.Tensor]  # the weights
+    optimizer: TorchStateDict
+    scheduler: TorchStateDict  # {} when the run has no schedule
+    shuffle_rng: torch.Tensor  # the batch-shuffling generator's state
+    torch_rng: torch.Tensor  # the global CPU RNG (dropout)
+    cuda_rng: list[torch.Tensor]  # one state per CUDA device; [] off CUDA
+
 
 class CheckpointStore(Protocol):
     """Where a training run keeps its latest state."""
 
-    def save(self, state: dict[str, Any]) -> None: ...
+    def save(self, state: CheckpointState) -> None: ...
 
-    def load(self) -> dict[str, Any] | None: ...
+    def load(self) -> CheckpointState | None: ...
 
     def clear(self) -> None: ...
 
@@ -42,14 +73,14 @@ class Progress:
     and best weights, and the history so far)."""
 
     epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochEntry] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
 
-    def to_checkpoint(self) -> dict[str, Any]:
+    def to_checkpoint(self) -> ProgressState:
         return {
             "epoch": self.epoch,
             "history": self.history,
@@ -61,7 +92,7 @@ class Progress:
         }
 
     @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> Progress:
+    def from_checkpoint(cls, state: ProgressState) -> Progress:
         return cls(
             epoch=state["epoch"],
             history=list(state["history"]),
@@ -73,7 +104,7 @@ class Progress:
         )
 
 
-def encode_state(state: dict[str, Any]) -> bytes:
+def encode_state(state: Mapping[str, object]) -> bytes:
     """``state`` as safetensors bytes (see the module docstring).
 
     Dicts keep their key types (the optimizer's are ints) and tuples stay tuples, so
@@ -117,7 +148,7 @@ def encode_state(state: dict[str, Any]) -> bytes:
     return data
 
 
-def decode_state(data: bytes, where: object) -> dict[str, Any]:
+def decode_state(data: bytes, where: object) -> dict[str, object]:
     """The state ``encode_state`` wrote; a TrainingError naming ``where`` if unreadable."""
     from safetensors.torch import load
 
@@ -149,6 +180,13 @@ def decode_state(data: bytes, where: object) -> dict[str, Any]:
     return state
 
 
+def as_checkpoint(state: dict[str, object]) -> CheckpointState:
+    """A decoded state as the :class:`CheckpointState` it was saved as: the codec gives
+    back exactly what ``save`` was given (a file of another run fails ``_restore``'s
+    ``run_id`` check)."""
+    return cast(CheckpointState, state)
+
+
 class DirCheckpoints:
     """Keeps ``last.pt`` (a safetensors file, by its old name) in a local directory."""
 
@@ -156,16 +194,16 @@ class DirCheckpoints:
         self.directory = Path(directory)
         self.path = self.directory / "last.pt"
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: CheckpointState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(encode_state(state))
         os.replace(tmp, self.path)
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> CheckpointState | None:
         if not self.path.is_file():
             return None
-        return decode_state(self.path.read_bytes(), self.path)
+        return as_checkpoint(decode_state(self.path.read_bytes(), self.path))
 
     def clear(self) -> None:
         for p in (self.path, self.path.with_suffix(".tmp")):

@@ -30,7 +30,7 @@ from kiln.runtime.placement import Placement, predict_outputs
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
 from kiln.train.callbacks import Callback
-from kiln.train.checkpoint import CheckpointStore, Progress
+from kiln.train.checkpoint import CheckpointState, CheckpointStore, Progress
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
 
@@ -221,7 +221,7 @@ def _validation_tensors(
     return data.x_val.to(device), data.y_val.to(device)
 
 
-def _checkpoint_state(run: _Run, progress: Progress) -> dict[str, Any]:
+def _checkpoint_state(run: _Run, progress: Progress) -> CheckpointState:
     """All a resume needs: weights, optimizer, schedule, both RNGs, and the progress."""
     cuda = run.device.type == "cuda"
     return {

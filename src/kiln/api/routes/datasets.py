@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from sqlalchemy.orm import Session
 
 from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
 from kiln.api.schemas import DatasetImport, DatasetOut, Page, page_of
@@ -15,12 +16,26 @@ from kiln.data.scan import Limits
 from kiln.errors import DataError
 from kiln.jobs.scratch import own_scratch
 from kiln.monitor import usage
+from kiln.services import Services
 from kiln.store import datasets
 from kiln.store.archives import ArchiveLimits
 from kiln.store.artifacts import safe_segment
-from kiln.store.tables import Dataset
+from kiln.store.tables import Dataset, Project
 
 router = APIRouter(tags=["datasets"])
+
+
+def _intake(s: Session, svc: Services, project: Project) -> datasets.Intake:
+    """Where an upload or import goes: ``project`` in the request's transaction, within
+    the project's stored-bytes quota and the server's table and archive limits."""
+    return datasets.Intake(
+        s,
+        svc.store,
+        project,
+        before_store=usage.stored_bytes_check(s, project.id),
+        limits=Limits.of(svc.settings),
+        archive_limits=ArchiveLimits.of(svc.settings),
+    )
 
 
 def dataset_out(row: Dataset) -> DatasetOut:
@@ -63,7 +78,7 @@ def upload(
     filename = safe_segment(file.filename or "", field="file")
     name = name if name is not None else filename.split(".", 1)[0]
     safe_segment(name, field="name")
-    quota = usage.stored_bytes_check(s, project.id)
+    intake = _intake(s, svc, project)
     # under $KILN_HOME/scratch, not /tmp: removed on any error here, and by the next
     # start if this process is killed meanwhile
     scratch = own_scratch(svc.settings.home_dir / "scratch")
@@ -73,17 +88,7 @@ def upload(
             shutil.copyfileobj(file.file, dst, 1 << 20)
         if local.stat().st_size == 0:
             raise DataError(f"{filename} is empty", field="file")
-        row = datasets.ingest(
-            s,
-            svc.store,
-            project,
-            name=name,
-            filename=filename,
-            path=local,
-            before_store=quota,
-            limits=Limits.of(svc.settings),
-            archive_limits=ArchiveLimits.of(svc.settings),
-        )
+        row = datasets.ingest(intake, name=name, filename=filename, path=local)
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)
 
@@ -99,18 +104,11 @@ def import_(
 ) -> DatasetOut:
     """Copy a table from an S3 URI (or a server path under ``KILN_DATA_ROOTS``) and register it."""
     row = datasets.import_uri(
-        s,
-        svc.store,
-        project,
+        _intake(s, svc, project),
         name=body.name,
         uri=body.uri,
-        data_roots=svc.settings.data_roots,
-        s3_endpoint_url=svc.settings.s3_endpoint_url,
-        before_store=usage.stored_bytes_check(s, project.id),
-        limits=Limits.of(svc.settings),
+        sources=datasets.ImportSources.of(svc.settings),
         scratch=own_scratch(svc.settings.home_dir / "scratch"),
-        max_bytes=int(svc.settings.max_upload_mb * (1 << 20)),
-        archive_limits=ArchiveLimits.of(svc.settings),
     )
     request.state.audit_target = f"dataset:{row.id}"
     return dataset_out(row)
