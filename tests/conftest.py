@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,19 @@ from servers import postgres_server, postgres_url, s3_bucket, s3_server  # noqa:
 # Tiny models train fastest on one thread; on a busy small machine torch's default
 # thread pool spends far more time waiting than computing. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Any]:
+    """An empty, migrated SQLite metadata database in the test's folder."""
+    from kiln.store.db import Database, migrate
+
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    migrate(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+
 
 BASE_SPEC: dict[str, Any] = {
     "name": "iris",

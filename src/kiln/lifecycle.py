@@ -12,7 +12,8 @@ import enum
 
 
 class JobKind(enum.StrEnum):
-    """What a job does; each kind has one runner in ``jobs/runner.py``."""
+    """What a job does; ``jobs/runner.py`` dispatches each to its body (``jobs/train_job.py``,
+    ``jobs/compress_job.py``)."""
 
     train = "train"  # fit a spec on its data; registers a model version
     crossval = "crossval"  # k-fold cross-validation of a spec; metrics per fold, no version

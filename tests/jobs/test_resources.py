@@ -4,25 +4,12 @@ so its keys and their order are part of the contract."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from kiln.jobs.queue import Queue, new_job
 from kiln.jobs.resources import RUNNING, Figures, account
-from kiln.store.db import Database, migrate
+from kiln.store.db import Database
 from kiln.store.projects import ensure_project
 from kiln.store.tables import Job
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def test_job_resources_keep_their_layout_totals_then_attempts(db: Database) -> None:

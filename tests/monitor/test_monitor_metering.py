@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,18 +14,9 @@ from sqlalchemy import select
 from kiln.errors import QuotaError
 from kiln.monitor import usage
 from kiln.monitor.metering import PredictionMeter
-from kiln.store.db import Database, migrate
+from kiln.store.db import Database
 from kiln.store.projects import ensure_project
 from kiln.store.tables import UsageEvent
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def _project(db: Database, name: str = "default") -> int:

@@ -4,7 +4,6 @@ and one batch leave in the window, the metered usage, the metrics and the log.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from kiln.monitor.metrics import ServingMetrics
 from kiln.monitor.serving import Answer, DeploymentMonitor, DeploymentWatch, Served
 from kiln.settings import Settings
 from kiln.store.artifacts import open_store
-from kiln.store.db import Database, migrate
+from kiln.store.db import Database
 from kiln.store.projects import ensure_project
 from kiln.store.tables import Quota
 
@@ -34,15 +33,6 @@ class Batch:
     rows: int
     waits: list[float] = field(default_factory=list)
     model_seconds: float = 0.001
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def _monitor(db: Database, tmp_path: Path, watch: DeploymentWatch) -> DeploymentMonitor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,25 +14,17 @@ import pytest
 from sqlalchemy import select
 
 from kiln.errors import QuotaError
+from kiln.jobs.context import JobContext
 from kiln.jobs.queue import Queue, new_job
 from kiln.jobs.resources import RUNNING, ResourceMeter, account, settle_lost
-from kiln.jobs.runner import JobContext, run
+from kiln.jobs.runner import run
 from kiln.lifecycle import JobState
 from kiln.monitor import usage
 from kiln.settings import Settings
 from kiln.store.artifacts import open_store
-from kiln.store.db import Database, migrate
+from kiln.store.db import Database
 from kiln.store.projects import ensure_project
 from kiln.store.tables import Job, UsageEvent, utcnow
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    migrate(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def _job(db: Database, spec: dict[str, Any] | None = None) -> str:

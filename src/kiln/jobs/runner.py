@@ -16,22 +16,13 @@ import traceback
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.jobs.compress_job import MODEL_PREFIX, parse_model_ref, run_compress
-from kiln.jobs.context import JobContext, JobStopped, checkpoint_key, finish
+from kiln.jobs.compress_job import run_compress
+from kiln.jobs.context import JobContext, JobStopped, finish
 from kiln.jobs.queue import LeaseLost
 from kiln.jobs.resources import RELEASED, account
 from kiln.jobs.train_job import run_crossval, run_evaluate, run_train
 from kiln.lifecycle import JobKind, JobState
 from kiln.store.tables import Job
-
-__all__ = [
-    "MODEL_PREFIX",
-    "JobContext",
-    "JobStopped",
-    "checkpoint_key",
-    "parse_model_ref",
-    "run",
-]
 
 
 def run(ctx: JobContext, job: Job) -> JobState | None:

@@ -22,9 +22,10 @@ import threading
 import time
 from types import FrameType
 
+from kiln.jobs.context import JobContext
 from kiln.jobs.queue import LeaseLost, Queue
 from kiln.jobs.resources import RUNNING, account, settle_lost
-from kiln.jobs.runner import JobContext, run
+from kiln.jobs.runner import run
 from kiln.jobs.scratch import release, worker_scratch
 from kiln.settings import Settings, apply_threads
 from kiln.store.artifacts import ArtifactStore

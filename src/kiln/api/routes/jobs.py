@@ -64,7 +64,7 @@ def _nested(exc: SpecError) -> SpecError:
 
 
 def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dict[str, Any]:
-    from kiln.jobs.runner import MODEL_PREFIX, parse_model_ref
+    from kiln.jobs.compress_job import MODEL_PREFIX, parse_model_ref
     from kiln.spec.compress import CompressSpec
     from kiln.spec.load import load_document
 
