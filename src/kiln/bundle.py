@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,8 @@ from kiln.data.encoders import numeric_rows
 from kiln.data.preprocess import Preprocessor
 from kiln.data.preprocess_state import JSONScalar
 from kiln.errors import BundleError, DataError, NotFoundError
-from kiln.manifest import FORMAT, BundleMeta, parse_manifest
+from kiln.evaluate.metrics import Metrics
+from kiln.manifest import FORMAT, BundleMeta, JSONDocument, parse_manifest
 from kiln.models.registry import build
 from kiln.runtime import Backend
 from kiln.runtime.placement import half_dtype
@@ -53,6 +54,14 @@ ONNX_FILE = "model.onnx"
 REPORT_FILE = "compression.json"
 
 
+class PredictionsDocument(TypedDict, total=False):
+    """:class:`Predictions` as JSON: ``probabilities`` and ``labels`` for classes only."""
+
+    predictions: list[JSONScalar]
+    probabilities: list[list[float]]
+    labels: list[JSONScalar] | None
+
+
 @dataclass
 class Predictions:
     """Predictions for a batch of rows.
@@ -61,12 +70,12 @@ class Predictions:
     ``probabilities`` one list per row ordered like ``labels``.
     """
 
-    predictions: list[Any]
+    predictions: list[JSONScalar]
     probabilities: list[list[float]] | None
     labels: list[JSONScalar] | None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"predictions": self.predictions}
+    def to_dict(self) -> PredictionsDocument:
+        out: PredictionsDocument = {"predictions": self.predictions}
         if self.probabilities is not None:
             out["probabilities"] = self.probabilities
             out["labels"] = self.labels
@@ -83,7 +92,7 @@ class Bundle:
         preprocessor: Preprocessor,
         *,
         onnx: bytes | None = None,
-        report: dict[str, Any] | None = None,
+        report: JSONDocument | None = None,
     ) -> None:
         self.meta = meta
         self.model = model.eval()
@@ -108,7 +117,8 @@ class Bundle:
         return self.meta.name
 
     @property
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Metrics]:
+        """Per held-out split (``test``, ``val``): the metrics measured at training."""
         return self.meta.metrics
 
     def predict(self, rows: Any) -> Predictions:
@@ -129,7 +139,7 @@ class Bundle:
 
     def evaluate(
         self, data: pd.DataFrame | str | Path, *, data_root: Path | None = None
-    ) -> dict[str, Any]:
+    ) -> Metrics:
         """Metrics on labelled data (a DataFrame or a table path/URI holding the target).
 
         Rows whose target is empty are skipped and counted in ``rows_skipped``.

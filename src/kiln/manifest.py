@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from kiln.data.preprocess_state import JSONScalar
 from kiln.data.schema import Column
 from kiln.errors import BundleError
+from kiln.evaluate.metrics import Metrics
 from kiln.spec.model import ModelSpec
 
 FORMAT = "kiln.bundle"
@@ -128,7 +129,7 @@ class BundleMeta(BaseModel):
     runtime: Runtime = Runtime()
     parameters: int
     # per split ("test", "val"): the metrics kiln.evaluate computed
-    metrics: dict[str, Any]
+    metrics: dict[str, Metrics]
     training: TrainingRecord = TrainingRecord()
     lineage: Lineage = Lineage()
     files: dict[str, str] = {}
@@ -160,13 +161,17 @@ def parse_manifest(raw: Any, where: str) -> BundleMeta:
         raise BundleError(f"{where} is invalid: {at}: {error['msg']}") from None
 
 
-def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+def _from_v1(raw: JSONDocument) -> JSONDocument:
     """Version 1 wrote the same sections untyped; only absent parents and the
     runtime's ``None``s need a shape."""
-    out = {**raw, "format_version": FORMAT_VERSION}
-    lineage = dict(out.get("lineage") or {})
+    out: JSONDocument = {**raw, "format_version": FORMAT_VERSION}
+    lineage = out.get("lineage") or {}
+    training = out.get("training") or {}
+    if not isinstance(lineage, dict) or not isinstance(training, dict):
+        return out  # not objects: validation names the section
+    lineage = dict(lineage)
     if lineage.get("parent") is None:
         lineage.pop("parent", None)
     out["lineage"] = lineage
-    out["training"] = {k: v for k, v in (out.get("training") or {}).items() if v is not None}
+    out["training"] = {k: v for k, v in training.items() if v is not None}
     return out

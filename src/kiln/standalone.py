@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from kiln.errors import ConflictError, ServiceError, SpecError
 from kiln.settings import Settings, apply_threads
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from kiln.bundle import Bundle
+    from kiln.data.preprocess_state import JSONScalar
     from kiln.manifest import BundleMeta
     from kiln.serve.deployments import Live, NewDeployment
     from kiln.services import Services
@@ -306,30 +307,48 @@ def banner(
     return lines
 
 
-def example_row(bundle: Bundle) -> dict[str, Any]:
+class V2Tensor(TypedDict):
+    """One input tensor of a KServe v2 request."""
+
+    name: str
+    shape: list[int]
+    datatype: str  # FP32 or BYTES
+    data: list[JSONScalar]
+
+
+class V2Request(TypedDict):
+    inputs: list[V2Tensor]
+
+
+def example_row(bundle: Bundle) -> dict[str, JSONScalar]:
     """One plausible input row: numeric columns at their training mean, a known category."""
     state = bundle.preprocessor.state
-    values: dict[str, Any] = {}
+    values: dict[str, JSONScalar] = {}
     for feature in state.features:
         if feature.kind == "numeric":
             values[feature.name] = round(feature.center, 3)
         else:
             values[feature.name] = feature.categories[0] if feature.categories else "a"
-    row: dict[str, Any] = {}
+    row: dict[str, JSONScalar] = {}
     for column in bundle.meta.input_schema:
-        default: Any = "some text" if column.kind in ("text", "image") else 0.0
+        default: JSONScalar = "some text" if column.kind in ("text", "image") else 0.0
         row[column.name] = values.get(column.name, default)
     return row
 
 
-def v2_example(bundle: Bundle, row: dict[str, Any]) -> dict[str, Any]:
+def v2_example(bundle: Bundle, row: dict[str, JSONScalar]) -> V2Request:
     """A KServe v2 request for ``row``: one FP32 matrix, or one tensor per column."""
     columns = bundle.meta.input_schema
     if all(c.kind == "numeric" for c in columns):
-        data = [float(row[c.name]) for c in columns]
-        tensor = {"name": "input", "shape": [1, len(data)], "datatype": "FP32", "data": data}
+        data: list[JSONScalar] = [float(row[c.name]) for c in columns]
+        tensor: V2Tensor = {
+            "name": "input",
+            "shape": [1, len(data)],
+            "datatype": "FP32",
+            "data": data,
+        }
         return {"inputs": [tensor]}
-    inputs = []
+    inputs: list[V2Tensor] = []
     for c in columns:
         value = row[c.name]
         datatype = "FP32" if isinstance(value, int | float) else "BYTES"

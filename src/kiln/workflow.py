@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from kiln.bundle import Bundle, check_destination, new_meta
 from kiln.data.split import Holdout, holdout
+from kiln.evaluate.metrics import Metrics
 from kiln.manifest import BundleMeta, DataRecord, JSONDocument, Lineage, SplitRecord, TrainingRecord
 from kiln.models.summary import count_parameters
 from kiln.monitor.drift import reference_stats
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-Metrics = dict[str, dict[str, object]]
+SplitMetrics = dict[str, Metrics]
 """Per held-out split (``test``, ``val``): what :func:`kiln.evaluate` measured."""
 
 
@@ -109,9 +110,9 @@ def _checkpoint_store(
     return None
 
 
-def _score(trained: Trained, frames: _Frames, target: str) -> Metrics:
+def _score(trained: Trained, frames: _Frames, target: str) -> SplitMetrics:
     """Metrics per held-out split present, ``test`` first."""
-    metrics: Metrics = {}
+    metrics: SplitMetrics = {}
     model, pre = trained.model, trained.preprocessor
     if frames.test is not None:
         metrics["test"] = score_frame(model, pre, frames.test, target)
@@ -153,7 +154,7 @@ def _manifest(
     table: Table,
     frames: _Frames,
     trained: Trained,
-    metrics: Metrics,
+    metrics: SplitMetrics,
     training: TrainingRecord,
 ) -> BundleMeta:
     """The trained bundle's manifest: its schema, metrics, training record and lineage."""

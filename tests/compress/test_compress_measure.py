@@ -45,21 +45,47 @@ def test_pareto_front_of_one_point():
 
 
 def _report(model_bytes, p50, test, source_test=0.9, quantization=None):
+    """A compression.json report as the pipeline writes it (VariantReport as JSON)."""
     return {
-        "metric": {"name": "accuracy", "test": test, "source_test": source_test},
+        "name": "variant",
+        "step": None,
+        "attempts": [],
+        "backend": "onnxruntime" if quantization else "torch",
+        "quantization": quantization,
+        "excluded_layers": [],
         "model_bytes": model_bytes,
+        "disk_bytes": None,
+        "parameters": 100,
+        "nonzeros": 80,
+        "sparsity": 0.2,
         "latency": {
+            "threads": 1,
+            "runs": 30,
             "batch1_p50_ms": p50,
             "batch1_p95_ms": p50 * 2,
             "batch32_p50_ms": p50 * 4,
+            "batch32_p95_ms": p50 * 8,
             "throughput_rows_per_s": 32 / (p50 * 4 / 1e3),
         },
-        "backend": "onnxruntime" if quantization else "torch",
-        "quantization": quantization,
-        "parameters": 100,
-        "nonzeros": 80,
         "peak_memory_bytes": 3 * 2**20,
+        "metric": {
+            "name": "accuracy",
+            "test": test,
+            "source_test": source_test,
+            "val": test,
+            "source_val": source_test,
+            "drop": source_test - test,
+            "relative_drop": (source_test - test) / source_test,
+        },
         "agreement_with_parent": 0.97,
+        "machine": {
+            "cpu": "cpu",
+            "cpu_flags": [],
+            "cores": 1,
+            "python": "3.11.7",
+            "versions": {},
+            "cuda": None,
+        },
     }
 
 

@@ -93,9 +93,10 @@ def test_decode_outputs_gives_original_labels_and_probabilities():
     pre = preprocessor("classification", ["cat", "dog", "cat", "dog"])
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     got = decode_outputs(pre, logits)
-    assert got["predictions"] == ["cat", "dog"]
-    assert got["labels"] == ["cat", "dog"]
-    np.testing.assert_allclose(got["probabilities"].sum(axis=1), 1.0, rtol=1e-6)
+    assert got.predictions == ["cat", "dog"]
+    assert got.labels == ["cat", "dog"]
+    assert got.probabilities is not None
+    np.testing.assert_allclose(got.probabilities.sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_regression_scores_are_in_target_units():
@@ -106,5 +107,5 @@ def test_regression_scores_are_in_target_units():
     scale = pre.state.target.scale
     got = score(pre, outputs, encoded)
     assert got["mae"] == pytest.approx(0.1 * scale, rel=1e-4)
-    decoded = decode_outputs(pre, outputs)["predictions"]
+    decoded = decode_outputs(pre, outputs).predictions
     np.testing.assert_allclose(decoded, y + 0.1 * scale, rtol=1e-5)

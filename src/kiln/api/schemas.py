@@ -7,8 +7,12 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
+from typing_extensions import TypedDict
 
+from kiln.jobs.queue import Progress
+from kiln.jobs.resources import Resources
 from kiln.lifecycle import JobKind
+from kiln.manifest import JSONDocument
 from kiln.store import registry
 from kiln.store.keys import SCOPES
 from kiln.store.projects import NAME
@@ -22,7 +26,7 @@ SEGMENT_PATTERN = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 """Dataset names: what ``kiln.store.artifacts.safe_segment`` lets through."""
 
 
-def _pattern(pattern: str) -> dict[str, Any]:
+def _pattern(pattern: str) -> JSONDocument:
     # documented, not enforced by pydantic: the store's check answers with its own message
     return {"pattern": pattern}
 
@@ -41,7 +45,17 @@ class Page(BaseModel, Generic[T]):
     )
 
 
-def page_of(items: list[T], total: int, limit: int, offset: int) -> dict[str, Any]:
+class PageFields(TypedDict, Generic[T]):
+    """The keyword arguments of a :class:`Page` (``Page[X](**page_of(...))``)."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+def page_of(items: list[T], total: int, limit: int, offset: int) -> PageFields[T]:
     nxt = offset + len(items)
     return {
         "items": items,
@@ -137,7 +151,7 @@ class DatasetImport(Strict):
 
 class JobIn(Strict):
     kind: JobKind
-    spec: dict[str, Any] = Field(
+    spec: JSONDocument = Field(
         description="train/crossval: a kiln spec; evaluate: {model, version, data}; "
         "compress: a compress spec whose source is model:<name>[@<version>]."
     )
@@ -156,15 +170,22 @@ class ModelVersionRef(BaseModel):
     version: int
 
 
+# The job documents as the jobs layer writes them (kiln.jobs.queue.Progress,
+# kiln.jobs.resources.Resources and Attempt). pydantic needs typing_extensions'
+# TypedDict on Python 3.11, so the API spells them here; tests/test_client_shapes.py
+# keeps the keys of all three in step.
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
     state: str
     attempts: int
     max_attempts: int
-    progress: dict[str, Any]
-    metrics: dict[str, Any] = Field(description="The latest epoch's logs.")
-    result: dict[str, Any]
+    progress: Progress
+    # int stays int in the JSON; None: a metric that was undefined that epoch
+    metrics: dict[str, int | float | None] = Field(description="The latest epoch's logs.")
+    result: JSONDocument = Field(description="The job's outcome; its keys depend on the kind.")
     error: ErrorBody | None
     model_version: ModelVersionRef | None
     cancel_requested: bool
@@ -172,10 +193,10 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    spec: dict[str, Any]
-    options: dict[str, Any]
-    resources: dict[str, Any] = Field(
-        default_factory=dict,
+    spec: JSONDocument
+    options: JSONDocument
+    resources: Resources = Field(
+        default_factory=Resources,
         description="wall_seconds, cpu_seconds (sums), peak_rss_bytes, gpu_peak_bytes (maxima), "
         "device, and attempts: [{attempt, state, ...}] of every attempt (see kiln.jobs.resources).",
     )
@@ -211,6 +232,12 @@ def job_out(s: Session, row: Job) -> JobOut:
     )
 
 
+class JobMetricsOut(BaseModel):
+    job_id: str
+    # each epoch's logs and the attempt that ran it; int stays int in the JSON
+    epochs: list[dict[str, int | float | None]]
+
+
 class JobLogOut(BaseModel):
     id: int
     attempt: int
@@ -224,8 +251,8 @@ class VersionOut(BaseModel):
     version: int
     id: str
     task: str
-    metrics: dict[str, Any]
-    summary: dict[str, Any]
+    metrics: JSONDocument
+    summary: JSONDocument
     job_id: str | None
     dataset_id: str | None
     parent_id: str | None
@@ -318,7 +345,7 @@ class DeploymentOut(BaseModel):
 
 
 class PredictIn(Strict):
-    inputs: list[dict[str, Any]] = Field(description="Rows: {column: value}.")
+    inputs: list[JSONDocument] = Field(description="Rows: {column: value}.")
 
 
 class PredictOut(BaseModel):

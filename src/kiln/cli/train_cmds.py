@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -29,7 +29,7 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train the model a spec describes and save it as a bundle directory."""
-    from kiln.evaluate.metrics import headline_metric
+    from kiln.evaluate.metrics import headline_metric, metric_value
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
     from kiln.train.callbacks import Callback, JsonlLog, RichProgress
@@ -61,7 +61,8 @@ def train(
         console.print(metrics_table("held-out metrics", splits))
     headline = headline_metric(bundle.meta.task)
     if "test" in bundle.metrics:
-        console.print(f"test {headline}: [bold]{bundle.metrics['test'][headline]:.4f}[/]")
+        test = metric_value(bundle.metrics["test"], headline)
+        console.print(f"test {headline}: [bold]{test:.4f}[/]")
     console.print(f"saved bundle: [bold]{out}[/]")
 
 
@@ -75,7 +76,7 @@ def crossval(
     """k-fold cross-validation: mean and std of each metric over folds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from kiln.evaluate.metrics import headline_metric
+    from kiln.evaluate.metrics import Metrics, headline_metric, metric_value
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
     from kiln.train.crossval import crossval as run_crossval
@@ -95,10 +96,9 @@ def crossval(
     with progress:
         task = progress.add_task("folds", total=folds, status="")
 
-        def on_fold(i: int, metrics: dict[str, Any]) -> None:
-            progress.update(
-                task, advance=1, status=f"fold {i + 1}: {headline} {metrics[headline]:.4f}"
-            )
+        def on_fold(i: int, metrics: Metrics) -> None:
+            value = metric_value(metrics, headline)
+            progress.update(task, advance=1, status=f"fold {i + 1}: {headline} {value:.4f}")
 
         result = run_crossval(parsed, folds, on_fold=on_fold)
     if json_out:

@@ -15,14 +15,15 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from kiln.bundle import Bundle
+from kiln.compress.report import Latency, Machine
 from kiln.runtime import Backend
 from kiln.runtime.placement import gpu_name
 from kiln.runtime.select import recorded_backend
@@ -32,31 +33,43 @@ WARMUP = 10
 
 def latency(
     bundle: Bundle, sample: np.ndarray, runs: int = 50, threads: int | None = None
-) -> dict[str, Any]:
+) -> Latency:
     """p50/p95 latency (ms) at batch 1 and 32 and throughput (rows/s) at batch 32, with
     ``threads`` (default: every core) pinned for torch and onnxruntime alike."""
     threads = threads or os.cpu_count() or 1
     backend = _pinned_backend(bundle, threads)
-    out: dict[str, Any] = {"threads": threads, "runs": runs}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for batch in (1, 32):
-            x = np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])))
-            for _ in range(WARMUP):
-                backend.forward(x)
-            times = []
-            for _ in range(max(runs, 30)):
-                t0 = time.perf_counter()
-                backend.forward(x)
-                times.append(time.perf_counter() - t0)
-            ms = np.asarray(times) * 1e3
-            out[f"batch{batch}_p50_ms"] = float(np.percentile(ms, 50))
-            out[f"batch{batch}_p95_ms"] = float(np.percentile(ms, 95))
-        out["throughput_rows_per_s"] = 32 / (out["batch32_p50_ms"] / 1e3)
+        p50_1, p95_1 = _percentiles(backend, sample, 1, runs)
+        p50_32, p95_32 = _percentiles(backend, sample, 32, runs)
     finally:
         torch.set_num_threads(before)
-    return out
+    return {
+        "threads": threads,
+        "runs": runs,
+        "batch1_p50_ms": p50_1,
+        "batch1_p95_ms": p95_1,
+        "batch32_p50_ms": p50_32,
+        "batch32_p95_ms": p95_32,
+        "throughput_rows_per_s": 32 / (p50_32 / 1e3),
+    }
+
+
+def _percentiles(
+    backend: Backend, sample: np.ndarray, batch: int, runs: int
+) -> tuple[float, float]:
+    """p50 and p95 (ms) of at least 30 timed calls at ``batch`` rows, after a warm-up."""
+    x = np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])))
+    for _ in range(WARMUP):
+        backend.forward(x)
+    times = []
+    for _ in range(max(runs, 30)):
+        t0 = time.perf_counter()
+        backend.forward(x)
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
 def _pinned_backend(bundle: Bundle, threads: int) -> Backend:
@@ -95,7 +108,7 @@ def disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def machine() -> dict[str, Any]:
+def machine() -> Machine:
     """What the figures were measured on: CPU model and SIMD flags, cores, versions."""
     model = platform.processor() or platform.machine()
     flags: list[str] = []
@@ -124,5 +137,5 @@ def machine() -> dict[str, Any]:
     }
 
 
-def to_json(data: dict[str, Any]) -> str:
+def to_json(data: Mapping[str, object]) -> str:
     return json.dumps(data, indent=2)

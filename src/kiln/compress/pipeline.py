@@ -31,7 +31,7 @@ from kiln.compress.report import MetricReport, VariantReport
 from kiln.compress.steps import Attempt, CompressStep, Splits, step_for
 from kiln.data.split import holdout
 from kiln.errors import BundleError, DataError, SpecError, ToleranceError
-from kiln.evaluate.metrics import headline_metric
+from kiln.evaluate.metrics import headline_metric, metric_value
 from kiln.manifest import DataRecord, JSONDocument
 from kiln.spec.compress import CompressSpec
 from kiln.spec.load import load_document
@@ -177,7 +177,7 @@ def _start(
     splits = _splits(source, spec.data, data_root)
     metric = spec.tolerance.metric if spec.tolerance else headline_metric(source.meta.task)
     _check_metric(metric, source)
-    base_val = source.evaluate(splits.val)[metric]
+    base_val = metric_value(source.evaluate(splits.val), metric)
     say(f"source {source.name}: val {metric} {base_val:.4f}")
     result = CompressResult(source=Variant("source", source, source.path, {}), metric=metric)
     ctx = CompressContext(
@@ -186,7 +186,7 @@ def _start(
         splits=splits,
         metric=metric,
         base_val=base_val,
-        source_test=source.evaluate(splits.test)[metric],
+        source_test=metric_value(source.evaluate(splits.test), metric),
         out=out,
         say=say,
         measure_runs=measure_runs,
@@ -220,7 +220,7 @@ def _fit(
     attempt: Attempt | None = step.first()
     while attempt is not None:
         variant = step.apply(parent, ctx.splits, attempt)
-        value = variant.evaluate(ctx.splits.val)[ctx.metric]
+        value = metric_value(variant.evaluate(ctx.splits.val), ctx.metric)
         record = AttemptRecord(attempt, value, ctx.drop(value))
         tried.append(record)
         ctx.say(
@@ -331,7 +331,7 @@ def _report(
             runs=ctx.measure_runs,
         ),
         peak_memory_bytes=measure.peak_memory(directory) if directory is not None else None,
-        metric=ctx.metric_report(test=test[metric], val=val[metric]),
+        metric=ctx.metric_report(test=metric_value(test, metric), val=metric_value(val, metric)),
         agreement_with_parent=_agreement(variant, parent, ctx.splits.test),
         machine=measure.machine(),
     )

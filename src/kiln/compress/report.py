@@ -7,12 +7,35 @@ at least as small (fast) and at least as good on the metric, and strictly better
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
+from typing_extensions import TypedDict  # pydantic validates these on Python 3.11
 
 from kiln.manifest import JSONDocument, StepRecord
 from kiln.spec.spec import metric_mode
+
+
+class Latency(TypedDict):
+    """What ``kiln.compress.measure.latency`` measured, in milliseconds and rows per second."""
+
+    threads: int
+    runs: int
+    batch1_p50_ms: float
+    batch1_p95_ms: float
+    batch32_p50_ms: float
+    batch32_p95_ms: float
+    throughput_rows_per_s: float
+
+
+class Machine(TypedDict):
+    """What the figures were measured on (``kiln.compress.measure.machine``)."""
+
+    cpu: str
+    cpu_flags: list[str]  # the SIMD flags that matter to inference
+    cores: int | None
+    python: str
+    versions: dict[str, str]  # torch, onnxruntime, numpy, modelkiln: those installed
+    cuda: str | None  # the CUDA device's name
 
 
 class MetricReport(BaseModel):
@@ -44,11 +67,11 @@ class VariantReport(BaseModel):
     parameters: int
     nonzeros: int
     sparsity: float
-    latency: JSONDocument  # kiln.compress.measure.latency
+    latency: Latency
     peak_memory_bytes: int | None
     metric: MetricReport
     agreement_with_parent: float
-    machine: JSONDocument  # kiln.compress.measure.machine
+    machine: Machine
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[bool]:
@@ -68,41 +91,47 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
-def rows(reports: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """One flat row per variant with Pareto flags for size and latency."""
-    metric = reports[0]["metric"]["name"]
+def rows(reports: list[JSONDocument], names: list[str]) -> list[JSONDocument]:
+    """One flat row per variant (``reports`` as compression.json holds them, named
+    by ``names``) with Pareto flags for size and latency."""
+    parsed = [VariantReport.model_validate(r) for r in reports]
+    metric = parsed[0].metric.name
     higher = metric_mode(metric) == "max"
-    sizes = [(float(r["model_bytes"]), float(r["metric"]["test"])) for r in reports]
-    lat = [(float(r["latency"]["batch1_p50_ms"]), float(r["metric"]["test"])) for r in reports]
+    sizes = [(float(r.model_bytes), r.metric.test) for r in parsed]
+    lat = [(r.latency["batch1_p50_ms"], r.metric.test) for r in parsed]
     size_front = pareto_front(sizes, higher)
     lat_front = pareto_front(lat, higher)
-    out = []
-    for i, (name, r) in enumerate(zip(names, reports, strict=True)):
-        out.append(
-            {
-                "variant": name,
-                "backend": r["backend"] + (f" {r['quantization']}" if r["quantization"] else ""),
-                "parameters": r["parameters"],
-                "nonzeros": r["nonzeros"],
-                "model_bytes": r["model_bytes"],
-                "p50_ms_b1": r["latency"]["batch1_p50_ms"],
-                "p95_ms_b1": r["latency"]["batch1_p95_ms"],
-                "p50_ms_b32": r["latency"]["batch32_p50_ms"],
-                "rows_per_s": r["latency"]["throughput_rows_per_s"],
-                "peak_mb": (r["peak_memory_bytes"] or 0) / 2**20 or None,
-                metric: r["metric"]["test"],
-                "drop": r["metric"]["test"] - r["metric"]["source_test"]
-                if not higher
-                else r["metric"]["source_test"] - r["metric"]["test"],
-                "agreement": r["agreement_with_parent"],
-                "pareto_size": size_front[i],
-                "pareto_latency": lat_front[i],
-            }
-        )
-    return out
+    return [
+        _row(name, r, higher, size_front[i], lat_front[i])
+        for i, (name, r) in enumerate(zip(names, parsed, strict=True))
+    ]
 
 
-def plot(table: list[dict[str, Any]], metric: str, path: Path) -> Path:
+def _row(
+    name: str, r: VariantReport, higher: bool, pareto_size: bool, pareto_latency: bool
+) -> JSONDocument:
+    """One variant's row; the tolerance metric's test value is under its own name."""
+    m = r.metric
+    return {
+        "variant": name,
+        "backend": r.backend + (f" {r.quantization}" if r.quantization else ""),
+        "parameters": r.parameters,
+        "nonzeros": r.nonzeros,
+        "model_bytes": r.model_bytes,
+        "p50_ms_b1": r.latency["batch1_p50_ms"],
+        "p95_ms_b1": r.latency["batch1_p95_ms"],
+        "p50_ms_b32": r.latency["batch32_p50_ms"],
+        "rows_per_s": r.latency["throughput_rows_per_s"],
+        "peak_mb": (r.peak_memory_bytes or 0) / 2**20 or None,
+        m.name: m.test,
+        "drop": m.test - m.source_test if not higher else m.source_test - m.test,
+        "agreement": r.agreement_with_parent,
+        "pareto_size": pareto_size,
+        "pareto_latency": pareto_latency,
+    }
+
+
+def plot(table: list[JSONDocument], metric: str, path: Path) -> Path:
     """Size and latency against the metric, Pareto fronts drawn, saved as a PNG."""
     import matplotlib
 
@@ -115,8 +144,8 @@ def plot(table: list[dict[str, Any]], metric: str, path: Path) -> Path:
         ("p50_ms_b1", "pareto_latency", "latency p50 at batch 1 (ms)", 1.0),
     )
     for ax, (key, front_key, label, scale) in zip(axes, panels, strict=True):
-        xs = [r[key] * scale for r in table]
-        ys = [r[metric] for r in table]
+        xs = [_number(r[key]) * scale for r in table]
+        ys = [_number(r[metric]) for r in table]
         colours = ["tab:red" if r[front_key] else "tab:gray" for r in table]
         ax.scatter(xs, ys, c=colours, zorder=3)
         for r, x, y in zip(table, xs, ys, strict=True):
@@ -132,3 +161,10 @@ def plot(table: list[dict[str, Any]], metric: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _number(value: JsonValue) -> float:
+    """A figure of a :func:`rows` row (the table holds numbers under these keys)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from kiln.data.preprocess import Preprocessor
 from kiln.data.preprocess_state import JSONScalar
-from kiln.evaluate.metrics import classification_metrics, regression_metrics
+from kiln.evaluate.metrics import Metrics, classification_metrics, regression_metrics
 
 
 @dataclass
@@ -18,7 +17,7 @@ class Decoded:
     """Predictions for a batch: a label (classification) or a number (regression) per
     row; for classes, ``probabilities`` (N, K) ordered like ``labels``."""
 
-    predictions: list[Any]
+    predictions: list[JSONScalar]
     probabilities: np.ndarray | None
     labels: list[JSONScalar] | None
 
@@ -39,20 +38,15 @@ def decode(pre: Preprocessor, outputs: np.ndarray) -> Decoded:
     return Decoded([labels[i] for i in proba.argmax(axis=1)], proba, labels)
 
 
-def decode_outputs(pre: Preprocessor, outputs: torch.Tensor) -> dict[str, Any]:
-    """Outputs (N, K) or (N, 1) -> ``predictions`` (+ ``probabilities`` for classes).
+def decode_outputs(pre: Preprocessor, outputs: torch.Tensor) -> Decoded:
+    """:func:`decode` of a torch tensor (N, K) or (N, 1), on any device.
 
     Class predictions are the original label values; probabilities follow ``labels``.
     """
-    decoded = decode(pre, outputs.detach().float().cpu().numpy())
-    return {
-        "predictions": decoded.predictions,
-        "probabilities": decoded.probabilities,
-        "labels": decoded.labels,
-    }
+    return decode(pre, outputs.detach().float().cpu().numpy())
 
 
-def score(pre: Preprocessor, outputs: torch.Tensor, y_encoded: np.ndarray) -> dict[str, Any]:
+def score(pre: Preprocessor, outputs: torch.Tensor, y_encoded: np.ndarray) -> Metrics:
     """All metrics of the task for outputs against encoded targets."""
     if pre.labels is not None:
         proba = torch.softmax(outputs.float(), dim=1).cpu().numpy()

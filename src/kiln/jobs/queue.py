@@ -14,10 +14,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypedDict
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+
+# typing_extensions' TypedDict: pydantic (the API's JobOut) reads it on Python 3.11
+from typing_extensions import TypedDict
 
 from kiln.errors import ConflictError, NotFoundError
 from kiln.lifecycle import FINAL_STATES, JobKind, JobState

@@ -31,10 +31,13 @@ import contextlib
 import sys
 import threading
 import time
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+# typing_extensions' TypedDict: pydantic (the API's JobOut) reads it on Python 3.11
+from typing_extensions import TypedDict
 
 from kiln.jobs.queue import Lease
 from kiln.lifecycle import JobState
@@ -57,12 +60,17 @@ class Figures(TypedDict):
     device: str  # "cpu", "cuda", "mps"
 
 
-class Attempt(Figures):
+class Attempt(TypedDict):
     """One entry of ``Job.resources["attempts"]``: the attempt's number and its state
-    (``running`` or how it ended) before its figures."""
+    (``running`` or how it ended), then its :class:`Figures` (keys in stored order)."""
 
     attempt: int
     state: str
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_bytes: int
+    gpu_peak_bytes: NotRequired[int]
+    device: str
 
 
 class Resources(TypedDict, total=False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypedDict
 
+from kiln.evaluate.metrics import Metrics
 from kiln.manifest import JSONDocument
 
 JobResult = Mapping[str, object]
@@ -22,7 +23,7 @@ class VersionResult(TypedDict):
 
     model: str
     version: int
-    metrics: JSONDocument  # per split (train) or of the dataset (evaluate): kiln.evaluate's
+    metrics: dict[str, Metrics] | Metrics  # per split (train) or of the dataset (evaluate)
 
 
 class VariantResult(TypedDict):

@@ -1,16 +1,38 @@
 """Training callbacks: a Rich progress bar for people, JSON lines for machines.
 
 The engine calls ``on_train_start`` once, ``on_batch_end`` after every batch (only
-for callbacks that override it), ``on_epoch_end`` after every epoch with
-that epoch's logs (``epoch``, ``train_loss``, ``lr``, ``val_*``, ``seconds``) and
-``on_train_end`` once. Callbacks never change training.
+for callbacks that override it), ``on_epoch_end`` after every epoch with that epoch's
+logs (an ``EpochEntry``: ``epoch``, ``train_loss``, ``lr``, ``val_*``, ``seconds``) and
+``on_train_end`` once, with a :class:`TrainSummary`. Callbacks never change training.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, TypedDict
+
+from kiln.train.checkpoint import EpochEntry
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+
+class TrainSummary(TypedDict, total=False):
+    """How training ended, as ``on_train_end`` hears it.
+
+    A finished run has ``epochs_run``, ``best_epoch``, ``stopped_early`` and
+    ``seconds``; an interrupted one ``interrupted`` and ``epochs_run``; a failed one
+    ``error`` (the exception's text) and ``epochs_run``.
+    """
+
+    epochs_run: int
+    best_epoch: int | None
+    stopped_early: bool
+    seconds: float
+    interrupted: bool
+    error: str
 
 
 class Callback:
@@ -22,10 +44,10 @@ class Callback:
     def on_batch_end(self) -> None:
         """Called after every batch; raising here stops training (a cancelled job)."""
 
-    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, logs: EpochEntry) -> None:
         """Called after each epoch's logs are final (and its checkpoint is written)."""
 
-    def on_train_end(self, summary: dict[str, Any]) -> None:
+    def on_train_end(self, summary: TrainSummary) -> None:
         """Called once, with best epoch, epochs run and whether training stopped early."""
 
 
@@ -35,8 +57,8 @@ class RichProgress(Callback):
     def __init__(self, description: str = "training", metric: str | None = None) -> None:
         self.description = description
         self.metric = metric
-        self._progress: Any = None
-        self._task: Any = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
         from rich.console import Console
@@ -64,8 +86,8 @@ class RichProgress(Callback):
             self.description, total=epochs, completed=start_epoch, status=""
         )
 
-    def on_epoch_end(self, logs: dict[str, Any]) -> None:
-        if self._progress is None:
+    def on_epoch_end(self, logs: EpochEntry) -> None:
+        if self._progress is None or self._task is None:
             return
         parts = [f"loss {logs['train_loss']:.4f}"]
         if "val_loss" in logs:
@@ -75,9 +97,9 @@ class RichProgress(Callback):
             parts.append(f"{shown} {logs[shown]:.4f}")
         self._progress.update(self._task, completed=logs["epoch"], status="  ".join(parts))
 
-    def on_train_end(self, summary: dict[str, Any]) -> None:
+    def on_train_end(self, summary: TrainSummary) -> None:
         if self._progress is not None:
-            if summary.get("stopped_early"):
+            if summary.get("stopped_early") and self._task is not None:
                 self._progress.update(self._task, total=summary["epochs_run"])
             self._progress.stop()
             self._progress = None
@@ -94,23 +116,23 @@ class JsonlLog(Callback):
             else target
         )
 
-    def _write(self, event: str, payload: dict[str, Any]) -> None:
+    def _write(self, event: str, payload: Mapping[str, object]) -> None:
         self._fh.write(json.dumps({"event": event, **payload}) + "\n")
         self._fh.flush()
 
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
         self._write("start", {"epochs": epochs, "start_epoch": start_epoch})
 
-    def on_epoch_end(self, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, logs: EpochEntry) -> None:
         self._write("epoch", logs)
 
-    def on_train_end(self, summary: dict[str, Any]) -> None:
+    def on_train_end(self, summary: TrainSummary) -> None:
         self._write("end", summary)
         if self._own:
             self._fh.close()
 
 
-def _headline(logs: dict[str, Any]) -> str | None:
+def _headline(logs: EpochEntry) -> str | None:
     for key in ("val_accuracy", "val_rmse"):
         if key in logs:
             return key

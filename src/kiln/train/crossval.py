@@ -11,35 +11,50 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
 from kiln.data.split import kfold, split_off
-from kiln.evaluate.metrics import SCALAR_CLASSIFICATION, SCALAR_REGRESSION
-from kiln.spec.load import load_spec
+from kiln.evaluate.metrics import (
+    SCALAR_CLASSIFICATION,
+    SCALAR_REGRESSION,
+    Metrics,
+    metric_value,
+)
+from kiln.spec.load import Document, load_spec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.recipe import load_table, score_frame, train_frames
 
 
+class CrossValDocument(TypedDict):
+    """:class:`CrossValResult` as JSON: a crossval job's result, ``kiln crossval --json``."""
+
+    folds: list[Metrics]
+    mean: dict[str, float]
+    std: dict[str, float]
+    k: int
+
+
 @dataclass
 class CrossValResult:
-    """Per-fold metrics and their mean and (sample) standard deviation."""
+    """Per-fold metrics (each with its ``epochs_run``) and their mean and (sample)
+    standard deviation."""
 
-    folds: list[dict[str, Any]]
+    folds: list[Metrics]
     mean: dict[str, float]
     std: dict[str, float]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> CrossValDocument:
         return {"folds": self.folds, "mean": self.mean, "std": self.std, "k": len(self.folds)}
 
 
 def crossval(
-    spec: Spec | dict[str, Any] | str,
+    spec: Spec | Document | str,
     folds: int = 5,
     *,
-    on_fold: Callable[[int, dict[str, Any]], None] | None = None,
+    on_fold: Callable[[int, Metrics], None] | None = None,
     callbacks: Callable[[int], Sequence[Callback]] | None = None,
     data_root: Path | None = None,
 ) -> CrossValResult:
@@ -52,7 +67,7 @@ def crossval(
     target = spec.data.target
     y = table.frame[target]
     stratify = spec.task == "classification" and spec.data.split.stratify
-    results: list[dict[str, Any]] = []
+    results: list[Metrics] = []
     for i, (train_idx, test_idx) in enumerate(kfold(y, folds, stratify, spec.data.split.seed)):
         val_df = None
         train_pos = np.asarray(train_idx)
@@ -75,13 +90,13 @@ def crossval(
     return summarize(results, spec.task)
 
 
-def summarize(results: list[dict[str, Any]], task: str) -> CrossValResult:
+def summarize(results: list[Metrics], task: str) -> CrossValResult:
     """Mean and sample std of each scalar metric over folds (present in every fold)."""
     names = SCALAR_CLASSIFICATION if task == "classification" else SCALAR_REGRESSION
     mean: dict[str, float] = {}
     std: dict[str, float] = {}
     for name in names:
-        values = [float(r[name]) for r in results if name in r]
+        values = [metric_value(r, name) for r in results if name in r]
         if len(values) != len(results):
             continue
         mean[name] = statistics.fmean(values)

@@ -29,8 +29,8 @@ from kiln.errors import Interrupted, TrainingError
 from kiln.runtime.placement import Placement, predict_outputs
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
-from kiln.train.callbacks import Callback
-from kiln.train.checkpoint import CheckpointState, CheckpointStore, Progress
+from kiln.train.callbacks import Callback, TrainSummary
+from kiln.train.checkpoint import CheckpointState, CheckpointStore, EpochEntry, Progress
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
 
@@ -49,7 +49,7 @@ class TensorData:
 class FitResult:
     """What training produced, besides the (trained, best-restored) model itself."""
 
-    history: list[dict[str, Any]]
+    history: list[EpochEntry]
     epochs_run: int
     best_epoch: int | None
     stopped_early: bool
@@ -368,7 +368,7 @@ def _optimizer_step(run: _Run) -> None:
         run.scheduler.step()
 
 
-def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> dict[str, Any]:
+def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> EpochEntry:
     """The epoch's logs (``epoch``, ``train_loss``, ``lr``, ``val_*``).
 
     A non-finite training loss is a TrainingError naming the learning rate.
@@ -379,7 +379,7 @@ def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> dict[str, Any]:
             "lower train.optimizer.lr or set train.grad_clip",
             field="train.optimizer.lr",
         )
-    logs: dict[str, Any] = {
+    logs: EpochEntry = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
         "lr": run.optimizer.param_groups[0]["lr"],
@@ -389,14 +389,14 @@ def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> dict[str, Any]:
     return logs
 
 
-def _track_best(run: _Run, progress: Progress, logs: dict[str, Any]) -> None:
+def _track_best(run: _Run, progress: Progress, logs: EpochEntry) -> None:
     """Early stopping: remember the best epoch (and its weights), count the others."""
     stopping = run.train.early_stopping
     if stopping is None or run.monitor is None:
         return
     value = float(logs[run.monitor])
     if _improved(value, progress.best_value, metric_mode(run.monitor), stopping.min_delta):
-        progress.best_value, progress.best_epoch = value, logs["epoch"]
+        progress.best_value, progress.best_epoch = value, int(logs["epoch"])
         progress.bad_epochs = 0
         progress.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     else:
@@ -425,7 +425,7 @@ def _finish(run: _Run, progress: Progress, started: float, start_epoch: int) -> 
         device=str(run.device),
         resumed_from=start_epoch,
     )
-    summary = {
+    summary: TrainSummary = {
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
@@ -441,7 +441,12 @@ def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
     Kept lean on purpose: this runs every epoch and is part of the engine's overhead.
     """
-    from kiln.evaluate.metrics import classification_metrics, regression_metrics
+    from kiln.evaluate.metrics import (
+        SCALAR_REGRESSION,
+        classification_metrics,
+        metric_value,
+        regression_metrics,
+    )
 
     out = predict_outputs(run.model, x, run.autocast)
     logs = {"val_loss": float(run.loss_fn(out, y))}
@@ -454,10 +459,12 @@ def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         if monitor is not None and monitor not in logs and monitor != "train_loss":
             proba = torch.softmax(out, dim=1).cpu().numpy()
             full = classification_metrics(true, proba, n_classes=out.shape[1])
-            logs[monitor] = full[monitor.removeprefix("val_")]
+            logs[monitor] = metric_value(full, monitor.removeprefix("val_"))
     else:
         pred = out.squeeze(-1).cpu().numpy().astype(np.float64) * run.target_scale
         true = y.cpu().numpy().astype(np.float64) * run.target_scale
-        for key, value in regression_metrics(true, pred).items():
-            logs[f"val_{key}"] = value
+        scores = regression_metrics(true, pred)
+        for key in SCALAR_REGRESSION:
+            if key in scores:
+                logs[f"val_{key}"] = metric_value(scores, key)
     return logs

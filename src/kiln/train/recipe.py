@@ -25,6 +25,7 @@ from kiln.data.schema import Column, select_features
 from kiln.data.sources import fingerprint, read_table
 from kiln.data.text import join_text, load_tokenizer, train_tokenizer
 from kiln.errors import DataError
+from kiln.evaluate.metrics import Metrics
 from kiln.evaluate.scoring import score
 from kiln.models.pretrained import local_model_dir, resolve_model_path
 from kiln.models.registry import build
@@ -240,9 +241,7 @@ def _tokenizer(spec: Spec, train: pd.DataFrame) -> Any:
     return train_tokenizer(texts, model.vocab_size, model.lowercase)
 
 
-def score_frame(
-    model: nn.Module, pre: Preprocessor, frame: pd.DataFrame, target: str
-) -> dict[str, object]:
+def score_frame(model: nn.Module, pre: Preprocessor, frame: pd.DataFrame, target: str) -> Metrics:
     """Metrics of ``model`` on ``frame`` (which holds the target column)."""
     x = torch.from_numpy(pre.transform(frame))
     y = pre.transform_target(frame[target])

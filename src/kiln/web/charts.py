@@ -188,16 +188,34 @@ def validation_curves(epochs: Sequence[Mapping[str, float]]) -> Figure:
     }
 
 
-def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) -> Figure:
-    """Compressed variants: size and p50 latency (batch 1) against the test metric.
+ParetoCost = Literal["bytes", "p50_ms"]
+ParetoFlag = Literal["front_size", "front_latency"]
+PARETO_COSTS: tuple[tuple[ParetoCost, ParetoFlag], ...] = (
+    ("bytes", "front_size"),
+    ("p50_ms", "front_latency"),
+)
+"""Each cost of the trade-off chart, and the flag of a variant on its Pareto front."""
 
-    ``variants``: ``{"label", "bytes", "p50_ms", "metric", "source_metric",
-    "front_size", "front_latency"}`` each; the Pareto front is drawn as a line.
-    """
+
+class ParetoPoint(TypedDict):
+    """A compressed variant on the trade-off chart (None: a cost its report lacks)."""
+
+    metric_name: str
+    label: str
+    bytes: float | None
+    p50_ms: float | None
+    metric: float  # on the test split
+    source_metric: float | None  # the source version's, drawn as a dashed line
+    front_size: bool
+    front_latency: bool
+
+
+def pareto(variants: list[ParetoPoint], metric: str, higher_is_better: bool) -> Figure:
+    """Compressed variants: size and p50 latency (batch 1) against the test metric; the
+    Pareto front is drawn as a line."""
     data: list[Trace] = []
-    for axis, cost, front, title in (
-        ("", "bytes", "front_size", "size"),
-        ("2", "p50_ms", "front_latency", "latency"),
+    for axis, (cost, front), title in zip(
+        ("", "2"), PARETO_COSTS, ("size", "latency"), strict=True
     ):
         points = [v for v in variants if v[cost] is not None]
         data.append(
@@ -215,7 +233,7 @@ def pareto(variants: list[dict[str, Any]], metric: str, higher_is_better: bool) 
                 "marker": {"size": 10},
             }
         )
-        on_front = sorted((v for v in points if v[front]), key=lambda v: v[cost])
+        on_front = sorted((v for v in points if v[front]), key=lambda v: v[cost] or 0.0)
         data.append(
             {
                 "type": "scatter",

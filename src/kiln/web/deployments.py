@@ -12,21 +12,22 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, TypedDict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import ForbiddenError, KilnError, SpecError
-from kiln.serve.deployments import DeploymentChange
+from kiln.monitor.metrics import ServingMetrics
+from kiln.serve.deployments import DeploymentChange, DeploymentManager, Live
 from kiln.store import registry
 from kiln.store.deployments import RouteSpec
 from kiln.store.tables import ModelVersion
 from kiln.web import charts
 from kiln.web.auth import audit
 from kiln.web.pages import PageRoute, Viewer, json_viewer, render, viewer
-from kiln.web.views import FormDep
+from kiln.web.views import FormDep, FormFields
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 api = APIRouter(include_in_schema=False)
@@ -40,18 +41,20 @@ class NotServingError(KilnError):
     http_status = 503
 
 
-def manager_of(request: Request) -> Any:
+def manager_of(request: Request) -> DeploymentManager | None:
     """The app's DeploymentManager (None before the app's lifespan started it)."""
     return getattr(request.app.state, "deployments", None)
 
 
-def _plain(value: Any) -> dict[str, Any] | None:
+def _plain(value: object) -> dict[str, object] | None:
+    """The statistics as a mapping: their ``to_dict()``, ``snapshot()``, dataclass fields."""
     if value is None:
         return None
-    if callable(getattr(value, "to_dict", None)):
-        value = value.to_dict()
-    elif callable(getattr(value, "snapshot", None)):
-        value = value.snapshot()
+    to_dict, snapshot = getattr(value, "to_dict", None), getattr(value, "snapshot", None)
+    if callable(to_dict):
+        value = to_dict()
+    elif callable(snapshot):
+        value = snapshot()
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if not isinstance(value, Mapping):
@@ -59,7 +62,7 @@ def _plain(value: Any) -> dict[str, Any] | None:
     return {str(k): v for k, v in value.items()}
 
 
-def window_stats(manager: Any, live: Any) -> dict[str, Any] | None:
+def window_stats(manager: DeploymentManager, live: Live) -> dict[str, object] | None:
     """The serving window's rolling statistics, where the server keeps them.
 
     The hook: ``manager.window(project_id, name)`` if the manager has that method,
@@ -91,7 +94,18 @@ def _quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower  # pragma: no cover - the last bucket holds every observation
 
 
-def prometheus_stats(metrics: Any, project: str, deployment: str) -> dict[str, Any]:
+class PrometheusStats(TypedDict):
+    """A deployment's totals since the server started (None: nothing to measure yet)."""
+
+    requests: int
+    rows: int
+    error_rate: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_batch_rows: float | None
+
+
+def prometheus_stats(metrics: ServingMetrics, project: str, deployment: str) -> PrometheusStats:
     """Totals since the server started, from the Prometheus series of ``deployment`` in
     ``project``. Requests per second are left to the page, from two polls."""
     requests = errors = rows = batch_sum = batch_count = 0.0
@@ -137,7 +151,19 @@ TILES = (
 )
 
 
-def live_panel(manager: Any, live: Any) -> dict[str, Any]:
+class LivePanel(TypedDict):
+    """The deployment page's live panel (``live.json``; read by static/deployment.js)."""
+
+    time: float  # epoch seconds of this poll
+    state: str
+    source: str  # where the figures come from: "last 60 s", "since the server started"
+    stats: dict[str, object]  # each of TILES; None where unknown
+    totals: PrometheusStats
+    versions: dict[str, object]  # the window's counts per version; {} without a window
+    traffic: charts.Figure | None
+
+
+def live_panel(manager: DeploymentManager, live: Live) -> LivePanel:
     """The live panel: the window's recent figures when there is a window, else the
     Prometheus totals since start (requests/s then come from two polls, in the page)."""
     depth = sum(r.batcher.depth for r in live.routes)
@@ -150,7 +176,8 @@ def live_panel(manager: Any, live: Any) -> dict[str, Any]:
         source = f"last {seconds:g} s" if isinstance(seconds, int | float) else "recent"
         series = window.get("series")
         traffic = charts.traffic(series) if isinstance(series, list) else None
-        versions = window.get("versions") if isinstance(window.get("versions"), dict) else {}
+        counts = window.get("versions")
+        versions = counts if isinstance(counts, dict) else {}
     else:
         stats = {k: totals.get(k) for k in TILES} | {"requests_per_s": None, "queue_depth": depth}
         source, traffic, versions = "since the server started", None, {}
@@ -211,10 +238,11 @@ def deployment_page(request: Request, name: str, who: ViewerDep) -> Response:
     return _deployment_page(request, who, name)
 
 
-@api.get("/deployments/{name}/live.json", name="web.deployment_live")
+# response_model=None: the record is plain JSON already, sent as it is
+@api.get("/deployments/{name}/live.json", name="web.deployment_live", response_model=None)
 def deployment_live(
     request: Request, name: str, who: Annotated[Viewer, Depends(json_viewer)]
-) -> dict[str, Any]:
+) -> LivePanel:
     """The deployment page's poll: the live panel's numbers."""
     manager = manager_of(request)
     if manager is None:
@@ -222,7 +250,7 @@ def deployment_live(
     return live_panel(manager, manager.get(who.project.id, name))
 
 
-def _routes_from(form: dict[str, Any]) -> list[RouteSpec]:
+def _routes_from(form: FormFields) -> list[RouteSpec]:
     """``version_<i>``/``weight_<i>`` rows; a blank version or a weight of 0 drops the row."""
     routes = []
     for i in range(MAX_ROUTES):
@@ -251,8 +279,8 @@ async def _update(
     request: Request,
     who: Viewer,
     name: str,
-    patch_of: Callable[[dict[str, Any]], DeploymentChange],
-    form: dict[str, Any],
+    patch_of: Callable[[FormFields], DeploymentChange],
+    form: FormFields,
 ) -> Response:
     svc = who.services
     action = "web.deployments.update"
@@ -278,7 +306,7 @@ async def _update(
     return RedirectResponse(f"/deployments/{name}", status_code=303)
 
 
-def _swap_patch(form: dict[str, Any]) -> DeploymentChange:
+def _swap_patch(form: FormFields) -> DeploymentChange:
     version = str(form.get("version") or "").strip()
     if not version:
         raise SpecError("version: pick a version", field="version")

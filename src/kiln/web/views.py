@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
 
 from kiln.api.schemas import job_out, model_out
 from kiln.errors import ForbiddenError, KilnError
 from kiln.jobs import queue
 from kiln.lifecycle import FINAL_STATES, JobState
+from kiln.manifest import JSONDocument
 from kiln.store import datasets, registry
 from kiln.store.db import MAX_OFFSET
-from kiln.store.tables import AuditEvent, Dataset, Job, Model, ModelVersion
+from kiln.store.tables import AuditEvent, Dataset, Job, JobLog, Model, ModelVersion
 from kiln.web import charts
 from kiln.web.auth import audit
 from kiln.web.pages import PageRoute, Viewer, json_viewer, render, viewer, web_state
@@ -37,14 +39,18 @@ PAGE = 50
 LOG_LINES = 1000
 
 
-async def checked_form(request: Request, who: ViewerDep) -> dict[str, Any]:
+FormFields = dict[str, str | UploadFile]
+"""A POST form's fields, less its CSRF token: text, or an uploaded file."""
+
+
+async def checked_form(request: Request, who: ViewerDep) -> FormFields:
     """``Depends``: a POST form whose CSRF token matches the session's (else 403)."""
     form = await request.form()
     check_csrf(who.session.csrf, form.get(CSRF_FIELD))
     return {k: v for k, v in form.items() if k != CSRF_FIELD}
 
 
-FormDep = Annotated[dict[str, Any], Depends(checked_form)]
+FormDep = Annotated[FormFields, Depends(checked_form)]
 
 
 def pager(offset: int, count: int, total: int) -> dict[str, int | None]:
@@ -79,14 +85,43 @@ def jobs_page(
     )
 
 
-def dataset_of(spec: dict[str, Any]) -> str | None:
+def dataset_of(spec: JSONDocument) -> str | None:
     """The dataset id a job's spec reads, if it names one."""
     data = spec.get("data")
     source = data.get("source") if isinstance(data, dict) else data
     return datasets.dataset_ref(source) if isinstance(source, str) else None
 
 
-def _log(row: Any) -> dict[str, Any]:
+class LogLine(TypedDict):
+    """A job log line as the job page shows it (``time`` as ``HH:MM:SS``)."""
+
+    id: int
+    attempt: int
+    level: str
+    message: str
+    time: str
+
+
+class Curves(TypedDict):
+    loss: charts.Figure
+    validation: charts.Figure
+
+
+class JobLive(TypedDict):
+    """What the job page shows and polls (``live.json``; read by static/job.js)."""
+
+    id: str
+    state: str
+    finished: bool
+    cancel_requested: bool
+    progress: dict[str, int]  # kiln.jobs.queue.Progress: epoch/epochs, fold/folds
+    error: str | None
+    points: int  # epochs recorded so far
+    figures: Curves
+    logs: list[LogLine]  # those after the poll's ``after`` id
+
+
+def _log(row: JobLog) -> LogLine:
     return {
         "id": row.id,
         "attempt": row.attempt,
@@ -96,7 +131,7 @@ def _log(row: Any) -> dict[str, Any]:
     }
 
 
-def job_state(s: Session, who: Viewer, job_id: str, after: int) -> dict[str, Any]:
+def job_state(s: Session, who: Viewer, job_id: str, after: int) -> JobLive:
     """What the job page shows and polls: state, progress, curves, new log lines."""
     job = queue.get_job(s, who.project, job_id)
     epochs = queue.epoch_series(s, job.id)
@@ -132,8 +167,9 @@ def job_page(request: Request, job_id: str, who: ViewerDep) -> Response:
     )
 
 
-@api.get("/jobs/{job_id}/live.json", name="web.job_live")
-def job_live(job_id: str, who: JsonViewerDep, after: Offset = 0) -> dict[str, Any]:
+# response_model=None: the record is plain JSON already, sent as it is
+@api.get("/jobs/{job_id}/live.json", name="web.job_live", response_model=None)
+def job_live(job_id: str, who: JsonViewerDep, after: Offset = 0) -> JobLive:
     """The job page's poll (every second while the job runs)."""
     with who.services.db.session() as s:
         return job_state(s, who, job_id, after)
@@ -184,37 +220,39 @@ def pareto_figure(versions: list[ModelVersion]) -> charts.Figure | None:
     from kiln.compress.report import pareto_front
     from kiln.spec.spec import metric_mode
 
-    points: list[dict[str, Any]] = []
+    points: list[charts.ParetoPoint] = []
     for v in sorted(versions, key=lambda v: v.version):
         report = v.summary.get("report") if isinstance(v.summary, dict) else None
         try:
             metric = report["metric"]  # type: ignore[index]
+            score = _number(metric["test"])
+            if score is None:
+                continue
             points.append(
                 {
                     "metric_name": str(metric["name"]),
                     "label": f"v{v.version} {v.summary.get('variant') or ''}".strip(),
                     "bytes": _number(report.get("model_bytes")),  # type: ignore[union-attr]
                     "p50_ms": _number(report["latency"]["batch1_p50_ms"]),  # type: ignore[index]
-                    "metric": _number(metric["test"]),
+                    "metric": score,
                     "source_metric": _number(metric.get("source_test")),
+                    "front_size": False,
+                    "front_latency": False,
                 }
             )
         except (KeyError, TypeError, ValueError):
             continue  # not a compressed variant, or a report of another shape
-    points = [p for p in points if p["metric"] is not None]
     if not points:
         return None
     names: list[str] = [p["metric_name"] for p in points]
     metric_name = max(set(names), key=names.count)
     points = [p for p in points if p["metric_name"] == metric_name]
     higher = metric_mode(metric_name) == "max"
-    for cost, flag in (("bytes", "front_size"), ("p50_ms", "front_latency")):
-        known = [p for p in points if p[cost] is not None]
-        front = pareto_front([(p[cost], p["metric"]) for p in known], higher)
-        for p, on in zip(known, front, strict=True):
+    for cost, flag in charts.PARETO_COSTS:
+        known = [(p, c) for p in points if (c := p[cost]) is not None]
+        front = pareto_front([(c, p["metric"]) for p, c in known], higher)
+        for (p, _), on in zip(known, front, strict=True):
             p[flag] = on
-        for p in points:
-            p.setdefault(flag, False)
     return charts.pareto(points, metric_name, higher)
 
 
@@ -225,7 +263,16 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def lineage_tree(versions: list[ModelVersion]) -> list[dict[str, Any]]:
+class LineageNode(TypedDict):
+    """A version in the model page's lineage tree, with the variants compressed from it."""
+
+    version: ModelVersion
+    root: bool  # a trained version (no parent among the model's versions)
+    headline: tuple[str, Any]
+    children: list[LineageNode]
+
+
+def lineage_tree(versions: list[ModelVersion]) -> list[LineageNode]:
     """Versions as trees: a root (trained) version and the variants compressed from it."""
     by_id = {v.id: v for v in versions}
     children: dict[str, list[ModelVersion]] = {}
@@ -233,7 +280,7 @@ def lineage_tree(versions: list[ModelVersion]) -> list[dict[str, Any]]:
         if v.parent_id in by_id:
             children.setdefault(v.parent_id, []).append(v)
 
-    def node(v: ModelVersion, depth: int) -> dict[str, Any]:
+    def node(v: ModelVersion, depth: int) -> LineageNode:
         kids = sorted(children.get(v.id, []), key=lambda c: c.version)
         return {
             "version": v,

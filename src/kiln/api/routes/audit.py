@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 
 from kiln.api.deps import Admin, PageDep, SessionDep
@@ -16,5 +14,5 @@ router = APIRouter(tags=["audit"])
 @router.get("/audit", name="audit.list")
 def list_(who: Admin, s: SessionDep, page: PageDep) -> Page[AuditOut]:
     rows, total = list_events(s, who, limit=page.limit, offset=page.offset)
-    items: list[Any] = [AuditOut.model_validate(r, from_attributes=True) for r in rows]
+    items = [AuditOut.model_validate(r, from_attributes=True) for r in rows]
     return Page[AuditOut](**page_of(items, total, page.limit, page.offset))

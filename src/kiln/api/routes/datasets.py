@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from sqlalchemy.orm import Session
@@ -117,7 +117,7 @@ def import_(
 @router.get("/datasets", name="datasets.list")
 def list_(_who: Reader, project: ProjectDep, s: SessionDep, page: PageDep) -> Page[DatasetOut]:
     rows, total = datasets.list_datasets(s, project, limit=page.limit, offset=page.offset)
-    items: list[Any] = [dataset_out(r) for r in rows]
+    items = [dataset_out(r) for r in rows]
     return Page[DatasetOut](**page_of(items, total, page.limit, page.offset))
 
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from kiln.api.deps import PageDep, ProjectDep, Reader, ServicesDep, SessionDep, Trainer
-from kiln.api.schemas import EvaluateSpec, JobIn, JobLogOut, JobOut, Page, job_out, page_of
+from kiln.api.schemas import (
+    EvaluateSpec,
+    JobIn,
+    JobLogOut,
+    JobMetricsOut,
+    JobOut,
+    Page,
+    job_out,
+    page_of,
+)
 from kiln.errors import NotFoundError, SpecError
 from kiln.jobs import queue
 from kiln.lifecycle import JobState
+from kiln.manifest import JSONDocument
 from kiln.monitor import usage
 from kiln.spec.load import load_spec
 from kiln.store.datasets import dataset_ref, get_dataset
@@ -63,7 +71,7 @@ def _nested(exc: SpecError) -> SpecError:
     return SpecError("\n".join(lines), field=field)
 
 
-def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dict[str, Any]:
+def _checked_compress(s: Session, project: Project, spec: JSONDocument) -> JSONDocument:
     from kiln.jobs.compress_job import MODEL_PREFIX, parse_model_ref
     from kiln.spec.compress import CompressSpec
     from kiln.spec.load import load_document
@@ -88,7 +96,7 @@ def _checked_compress(s: Session, project: Project, spec: dict[str, Any]) -> dic
     return spec
 
 
-def _model_paths(s: Session, project: Project, spec: dict[str, Any]) -> None:
+def _model_paths(s: Session, project: Project, spec: JSONDocument) -> None:
     """Every pretrained model path of a validated spec names a catalog entry (base:<name>)
     or a pretrained version of the project (model:<name>[@<version>]); nothing else may
     name files on the server."""
@@ -96,7 +104,7 @@ def _model_paths(s: Session, project: Project, spec: dict[str, Any]) -> None:
         check_server_path(s, project, model["path"], field=field)
 
 
-def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
+def checked_spec(s: Session, project: Project, body: JobIn) -> JSONDocument:
     """The job's spec, validated now so a mistake is a 422 naming the field, not a failed job."""
     if body.kind == "evaluate":
         try:
@@ -118,8 +126,9 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> dict[str, Any]:
     if body.kind == "compress":
         return _checked_compress(s, project, body.spec)
     data = body.spec.get("data")
-    if isinstance(data, dict) and isinstance(data.get("source"), str):
-        _server_source(data["source"], "spec.data.source")
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, str):
+        _server_source(source, "spec.data.source")
     try:
         spec = load_spec(body.spec)
     except SpecError as exc:
@@ -167,7 +176,7 @@ def list_(
     rows, total = queue.list_jobs(
         s, project, state=state.value if state else None, limit=page.limit, offset=page.offset
     )
-    items: list[Any] = [job_out(s, r) for r in rows]
+    items = [job_out(s, r) for r in rows]
     return Page[JobOut](**page_of(items, total, page.limit, page.offset))
 
 
@@ -177,10 +186,10 @@ def get(job_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> JobOut
 
 
 @router.get("/jobs/{job_id}/metrics", name="jobs.metrics")
-def metrics(job_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> dict[str, Any]:
+def metrics(job_id: str, _who: Reader, project: ProjectDep, s: SessionDep) -> JobMetricsOut:
     """The per-epoch series (``epoch``, ``train_loss``, ``val_*``, ``lr``, ``seconds``)."""
     job = queue.get_job(s, project, job_id)
-    return {"job_id": job.id, "epochs": queue.epoch_series(s, job.id)}
+    return JobMetricsOut(job_id=job.id, epochs=queue.epoch_series(s, job.id))
 
 
 @router.get("/jobs/{job_id}/logs", name="jobs.logs")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -43,7 +42,7 @@ def version_out(s: Session, model: Model, row: ModelVersion) -> VersionOut:
 @router.get("/models", name="models.list")
 def list_(_who: Reader, project: ProjectDep, s: SessionDep, page: PageDep) -> Page[ModelOut]:
     rows, total = registry.list_models(s, project, limit=page.limit, offset=page.offset)
-    items: list[Any] = [model_out(s, m) for m in rows]
+    items = [model_out(s, m) for m in rows]
     return Page[ModelOut](**page_of(items, total, page.limit, page.offset))
 
 
@@ -58,7 +57,7 @@ def versions(
 ) -> Page[VersionOut]:
     model = registry.get_model(s, project, name)
     rows, total = registry.list_versions(s, model, limit=page.limit, offset=page.offset)
-    items: list[Any] = [version_out(s, model, r) for r in rows]
+    items = [version_out(s, model, r) for r in rows]
     return Page[VersionOut](**page_of(items, total, page.limit, page.offset))
 
 
