@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from kiln.data.preprocess_state import JSONScalar
 from kiln.data.schema import Column
@@ -30,6 +38,16 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _SparseRecord(_Record):
+    """A record whose unknown (None) fields are left out of the JSON, as version 1
+    left them out: a variant has no job, a trained model no step."""
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
 class Runtime(_Record):
     """How the bundle runs: the backend and the quantized execution, if any."""
 
@@ -38,6 +56,14 @@ class Runtime(_Record):
     quantization: Literal["int8_dynamic", "fp16", "bf16"] | None = None
     # onnxruntime int8: layers left in fp32 because quantizing them cost accuracy
     excluded: list[str] = []
+
+    @model_serializer(mode="wrap")
+    def _excluded_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # only onnxruntime variants leave layers out; the torch ones' JSON has no such key
+        data: dict[str, Any] = handler(self)
+        if self.backend == "torch" and not self.excluded:
+            data.pop("excluded", None)
+        return data
 
 
 class TrainingRecord(_Record):
@@ -54,7 +80,7 @@ class TrainingRecord(_Record):
     history: list[dict[str, int | float]] = []
 
 
-class DataRecord(_Record):
+class DataRecord(_SparseRecord):
     """The training table: where it was (absolute, or a dataset id) and its fingerprint."""
 
     source: str | None = None
@@ -71,7 +97,7 @@ class SplitRecord(_Record):
     test: int
 
 
-class ParentRecord(_Record):
+class ParentRecord(_SparseRecord):
     """The bundle a variant was derived from; ``model``/``version``/``id`` once the
     parent is a registered version."""
 
@@ -84,7 +110,7 @@ class ParentRecord(_Record):
     id: int | str | None = None
 
 
-class StepRecord(_Record):
+class StepRecord(_SparseRecord):
     """The compression step that made a variant, with its settings as applied."""
 
     kind: Literal["distill", "prune", "quantize"]
@@ -95,7 +121,7 @@ class StepRecord(_Record):
     sparsity: float | None = None
 
 
-class Lineage(_Record):
+class Lineage(_SparseRecord):
     """Where the bundle came from: the spec as written, the data, its parent."""
 
     # the training spec as a document: validating it would look at the filesystem

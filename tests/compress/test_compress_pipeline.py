@@ -190,7 +190,7 @@ def test_distilled_student_is_smaller_and_still_accurate(chain, iris_mlp):
     assert student.report["parameters"] == meta["parameters"]
     assert student.report["metric"]["test"] >= 0.8
     assert meta["training"]["epochs_run"] == 60
-    assert meta["runtime"] == {"backend": "torch", "quantization": None, "excluded": []}
+    assert meta["runtime"] == {"backend": "torch", "quantization": None}
 
 
 def test_unstructured_pruning_zeroes_half_of_each_hidden_layer_through_fine_tuning(chain):
@@ -301,7 +301,7 @@ def test_torch_int8_variant_stores_fp32_weights_and_requantizes_at_load(
     out, _ = global_then_torch
     directory = out / "02-quantize"
     meta = _meta(directory)
-    assert meta["runtime"] == {"backend": "torch", "quantization": "int8_dynamic", "excluded": []}
+    assert meta["runtime"] == {"backend": "torch", "quantization": "int8_dynamic"}
     assert not (directory / "model.onnx").exists()
     parent_state = _weights(out / "01-prune")
     state = _weights(directory)

@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from kiln.data.preprocess import Preprocessor
 from kiln.data.schema import Column
 from kiln.evaluate.metrics import classification_metrics, headline_metric, regression_metrics
-from kiln.evaluate.scoring import decode_outputs, score
+from kiln.evaluate.scoring import decode, score
 from kiln.spec import Preprocessing
 
 Y3 = np.array([0, 1, 2, 2, 1, 0, 2, 1])
@@ -89,10 +89,10 @@ def preprocessor(task: str, y) -> Preprocessor:
     return Preprocessor.fit(frame, [Column(name="x", kind="numeric")], "y", task, Preprocessing())
 
 
-def test_decode_outputs_gives_original_labels_and_probabilities():
+def test_decode_gives_original_labels_and_probabilities():
     pre = preprocessor("classification", ["cat", "dog", "cat", "dog"])
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-    got = decode_outputs(pre, logits)
+    got = decode(pre, logits.numpy())
     assert got.predictions == ["cat", "dog"]
     assert got.labels == ["cat", "dog"]
     assert got.probabilities is not None
@@ -107,5 +107,5 @@ def test_regression_scores_are_in_target_units():
     scale = pre.state.target.scale
     got = score(pre, outputs, encoded)
     assert got["mae"] == pytest.approx(0.1 * scale, rel=1e-4)
-    decoded = decode_outputs(pre, outputs).predictions
+    decoded = decode(pre, outputs.numpy()).predictions
     np.testing.assert_allclose(decoded, y + 0.1 * scale, rtol=1e-5)

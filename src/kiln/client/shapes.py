@@ -9,14 +9,15 @@ metrics per split) are ``JsonValue``.
 
 from __future__ import annotations
 
-from typing import Generic, NotRequired, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Generic, NotRequired, TypedDict, TypeVar
 
-from pydantic import JsonValue
+if TYPE_CHECKING:  # types only: importing the SDK does not load pydantic
+    from pydantic import JsonValue
+
+    Document = dict[str, JsonValue]
+    """A JSON object whose keys depend on what it describes (a spec, a report)."""
 
 T = TypeVar("T")
-
-Document = dict[str, JsonValue]
-"""A JSON object whose keys depend on what it describes (a spec, a report)."""
 
 
 class Page(TypedDict, Generic[T]):

@@ -38,14 +38,6 @@ def decode(pre: Preprocessor, outputs: np.ndarray) -> Decoded:
     return Decoded([labels[i] for i in proba.argmax(axis=1)], proba, labels)
 
 
-def decode_outputs(pre: Preprocessor, outputs: torch.Tensor) -> Decoded:
-    """:func:`decode` of a torch tensor (N, K) or (N, 1), on any device.
-
-    Class predictions are the original label values; probabilities follow ``labels``.
-    """
-    return decode(pre, outputs.detach().float().cpu().numpy())
-
-
 def score(pre: Preprocessor, outputs: torch.Tensor, y_encoded: np.ndarray) -> Metrics:
     """All metrics of the task for outputs against encoded targets."""
     if pre.labels is not None:

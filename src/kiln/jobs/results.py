@@ -41,7 +41,7 @@ class CompressJobResult(TypedDict):
     variants: list[VariantResult]
 
 
-class TrainSummary(TypedDict):
+class TrainedVersionSummary(TypedDict):
     """``ModelVersion.summary`` of a trained version."""
 
     model: str  # the architecture's type

@@ -30,7 +30,7 @@ from kiln.jobs.context import (
     job_project,
 )
 from kiln.jobs.queue import EpochLogs, LeaseLost, epoch_series
-from kiln.jobs.results import JobResult, TrainSummary, VersionResult
+from kiln.jobs.results import JobResult, TrainedVersionSummary, VersionResult
 from kiln.lifecycle import JobState
 from kiln.manifest import BundleMeta, JSONDocument
 from kiln.store.artifacts import ArtifactStore, safe_key
@@ -185,7 +185,7 @@ def _register_trained(
     """Register the trained version and succeed the job, in one transaction: no
     succeeded job without its version."""
     meta = stored.meta
-    summary = TrainSummary(
+    summary = TrainedVersionSummary(
         model=meta.model.type,
         parameters=meta.parameters,
         epochs_run=meta.training.epochs_run,

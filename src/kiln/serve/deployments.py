@@ -91,9 +91,9 @@ class DeploymentChange(BaseModel):
     timeout_ms: float | None = None
 
     def applied_to(self, config: DeploymentConfig) -> DeploymentConfig:
-        """``config`` with the settings this change gives."""
+        """``config`` with the settings this change gives, validated as a whole."""
         changes = self.model_dump(include=set(CONFIG_FIELDS), exclude_none=True)
-        return config.model_copy(update=changes)
+        return DeploymentConfig.model_validate({**config.model_dump(), **changes})
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,9 @@ from kiln.data.encoders import numeric_rows
 from kiln.errors import DataError
 from kiln.runtime import Backend, ServingChoice
 
-BackendChoice = ServingChoice
+if TYPE_CHECKING:
+    from kiln.manifest import BundleMeta
+
 MAX_ROWS = 10_000
 """The most rows one request may carry (422 past it)."""
 
@@ -43,7 +45,7 @@ class Output:
 class ServedModel:
     """One version of a model, loaded, on its backend, warmed up."""
 
-    def __init__(self, path: str | Path, backend: BackendChoice = "auto") -> None:
+    def __init__(self, path: str | Path, backend: ServingChoice = "auto") -> None:
         from kiln.bundle import Bundle
         from kiln.runtime.select import select_backend
 
@@ -76,7 +78,7 @@ class ServedModel:
         self.load_seconds = time.perf_counter() - started
 
     @property
-    def meta(self) -> Any:
+    def meta(self) -> BundleMeta:
         return self.bundle.meta
 
     def _samples(self) -> np.ndarray:
