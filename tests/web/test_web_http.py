@@ -349,8 +349,12 @@ def test_model_page_shows_lineage_and_the_pareto_chart(site: Site) -> None:
     )
     pareto = figure(html, "pareto-chart")
     sizes = pareto["data"][0]
-    assert sizes["x"] == [12_000, 20_000] and sizes["y"] == [0.89, 0.86]
-    assert pareto["data"][1]["x"] == [12_000]  # v3 is bigger and worse: off the front
+    # in KiB, as the versions table writes sizes
+    assert sizes["x"] == [12_000 / 1024, 20_000 / 1024] and sizes["y"] == [0.89, 0.86]
+    assert pareto["layout"]["xaxis"]["title"]["text"] == "model size (KiB)"
+    # v3 is bigger and worse: off the front, which runs level from v2 to v3's size
+    assert pareto["data"][1]["x"] == [12_000 / 1024, 20_000 / 1024]
+    assert pareto["data"][1]["y"] == [0.89, 0.89]
     assert pareto["layout"]["shapes"][0]["y0"] == 0.9  # the source version's metric
     version = client.get("/models/iris/versions/3").text
     lineage = version[version.index('id="lineage"') :]
@@ -414,3 +418,109 @@ def test_usage_page_renders_the_projects_summary(site: Site) -> None:
     assert r.status_code == 200
     # uploading the dataset and registering versions stored bytes in alpha
     assert 'data-kind="stored_bytes"' in r.text
+
+
+# ---- jobs' outcomes and usage in people's units (issue #15) -------------------------
+
+MATRIX = [[9, 1, 0], [0, 10, 0], [2, 0, 8]]
+
+
+def finished_jobs(site: Site) -> dict[str, str]:
+    """Alpha's finished jobs, made once: a train job that stopped early at 22 of 30
+    epochs (metrics, a confusion matrix, measured resources) and a compress job that
+    registered four variants of ``iris``; and ten hours of compute and a million
+    predictions in alpha's usage, under a compute quota."""
+    if "early_job" in site.ids:
+        return site.ids
+    from kiln.jobs import queue
+    from kiln.lifecycle import JobState
+    from kiln.monitor.usage import record, set_quota
+    from kiln.store.tables import Project
+
+    metrics = {"accuracy": 0.9, "f1_macro": 0.89, "confusion_matrix": MATRIX, "rows": 30}
+    with site.services.db.session() as s:
+        alpha = s.get(Project, site.ids["alpha"])
+        assert alpha is not None
+        early = queue.new_job(s, alpha, "train", {"name": "wine"}, max_attempts=1)
+        early.state, early.attempts = JobState.succeeded, 1
+        early.progress = {"epoch": 22, "epochs": 30}
+        early.result = {"model": "wine", "version": 1, "metrics": {"test": metrics, "val": metrics}}
+        early.resources = {
+            "wall_seconds": 101.888,
+            "cpu_seconds": 7300.0,
+            "peak_rss_bytes": 323_607_000,
+            "device": "cpu",
+            "attempts": [],
+        }
+        squeeze = queue.new_job(s, alpha, "compress", {"source": "model:iris@1"}, max_attempts=1)
+        squeeze.state = JobState.succeeded
+        variants = [{"variant": f"0{i}-step", "version": 10 + i} for i in range(1, 5)]
+        squeeze.result = {"model": "iris", "source_version": 1, "variants": variants}
+        record(s, alpha.id, "compute_seconds", 36_000.0, device="cpu")
+        record(s, alpha.id, "prediction_requests", 1e6)
+        set_quota(s, alpha.id, "compute_seconds", "month", 72_000.0)
+        site.ids |= {"early_job": early.id, "compress_job": squeeze.id}
+    return site.ids
+
+
+def test_a_finished_jobs_result_is_tables_and_a_heat_map(site: Site) -> None:
+    ids = finished_jobs(site)
+    client = site.client()
+    sign_in(client, site.keys["alpha_read"])
+    html = client.get(f"/jobs/{ids['early_job']}").text
+    assert '<tr data-metric="accuracy"><th>accuracy</th><td class="num">0.9</td>' in html
+    assert '"confusion_matrix"' not in html  # no raw JSON of the result
+    heat = re.findall(r'<table class="heatmap">(.*?)</table>', html, flags=re.S)
+    assert len(heat) == 2  # test and val
+    cells = re.findall(
+        r'<td class="(\w+)[^"]*" style="--share: ([0-9.]+)"[^>]*>(\d+)</td>', heat[0]
+    )
+    assert [int(c) for _, _, c in cells] == [n for row in MATRIX for n in row]
+    assert cells[0] == ("hit", "0.900", "9") and cells[1] == ("miss", "0.100", "1")
+
+
+def test_an_early_stopped_job_shows_a_full_bar_and_its_resources(site: Site) -> None:
+    ids = finished_jobs(site)
+    client = site.client()
+    sign_in(client, site.keys["alpha_read"])
+    html = client.get(f"/jobs/{ids['early_job']}").text
+    assert '<progress id="job-progress" max="30" value="30">' in html
+    assert "stopped early at 22/30 epochs" in html
+    live = client.get(f"/jobs/{ids['early_job']}/live.json").json()
+    assert live["bar"] == {"value": 30, "max": 30, "text": "stopped early at 22/30 epochs"}
+    resources = re.search(r'<section id="job-resources".*?</section>', html, flags=re.S)
+    assert resources is not None
+    for fact in ("101.9 s", "2.0 h", "308.6 MiB", "cpu"):
+        assert f"<dd>{fact}</dd>" in resources.group(0), fact
+
+
+def test_the_jobs_list_names_jobs_and_a_compress_jobs_variants(site: Site) -> None:
+    ids = finished_jobs(site)
+    client = site.client()
+    sign_in(client, site.keys["alpha_read"])
+    html = client.get("/jobs").text
+    row = re.search(rf'<tr data-job="{ids["compress_job"]}">(.*?)</tr>', html, flags=re.S)
+    assert row is not None
+    assert '<td class="name">iris</td>' in row.group(1)  # named by its result's model
+    assert 'href="/models/iris/versions/11"' in row.group(1)
+    assert 'href="/models/iris/versions/14"' in row.group(1)
+    assert "(4 variants)" in row.group(1)
+    early = re.search(rf'<tr data-job="{ids["early_job"]}">(.*?)</tr>', html, flags=re.S)
+    assert early is not None and '<td class="name">wine</td>' in early.group(1)
+    assert '<progress max="30" value="30">' in early.group(1)
+    assert "stopped early at 22/30 epochs" in early.group(1)
+
+
+def test_usage_is_shown_in_the_units_the_cli_prints(site: Site) -> None:
+    from kiln.monitor.units import amount
+
+    finished_jobs(site)
+    html = signed_in_get(site, site.keys["alpha_read"], "/usage").text
+    totals = dict(
+        re.findall(r'<tr data-kind="(\w+)" data-value="[^"]*"><th>\w+</th><td>([^<]*)<', html)
+    )
+    assert totals["prediction_requests"] == "1,000,000" == amount("prediction_requests", 1e6)
+    assert totals["compute_seconds"].endswith(" h")  # ten hours and a little more
+    assert totals["stored_bytes"].endswith(("KiB", "MiB"))
+    quota = re.search(r'<tr data-kind="compute_seconds">.*?</tr>', html, flags=re.S)
+    assert quota is not None and '<td class="limit">20.0 h</td>' in quota.group(0)

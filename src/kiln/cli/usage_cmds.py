@@ -19,6 +19,7 @@ from rich.markup import escape
 from kiln.cli.errors import reports_errors
 from kiln.cli.options import JsonOut, Remote, with_remote
 from kiln.cli.render import console, print_json, table
+from kiln.monitor.units import amount
 
 if TYPE_CHECKING:
     from kiln.client.shapes import QuotaOut
@@ -70,25 +71,6 @@ def parse_amount(text: str) -> float:
             field="limit",
         )
     return float(match.group(1)) * (UNITS[unit] if unit else 1)
-
-
-def amount(kind: str, value: float | None) -> str:
-    """A quantity of ``kind`` for a person: ``12.3 s``, ``4.5 min``, ``1.2 GiB``, ``1,024``."""
-    if value is None:
-        return "-"
-    if kind == "compute_seconds":
-        if value < 120:
-            return f"{value:.1f} s"
-        if value < 2 * 3600:
-            return f"{value / 60:.1f} min"
-        return f"{value / 3600:,.1f} h"
-    if kind == "stored_bytes":
-        size = float(value)
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if size < 1024 or unit == "TiB":
-                return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-            size /= 1024
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
 def _per(period: str) -> str:

@@ -24,7 +24,7 @@ from kiln.manifest import JSONDocument
 from kiln.store import datasets, registry
 from kiln.store.db import MAX_OFFSET
 from kiln.store.tables import AuditEvent, Dataset, Job, JobLog, Model, ModelVersion
-from kiln.web import charts
+from kiln.web import charts, results
 from kiln.web.auth import audit
 from kiln.web.pages import PageRoute, Viewer, json_viewer, render, viewer, web_state
 from kiln.web.session import CSRF_FIELD, check_csrf
@@ -78,11 +78,28 @@ def jobs_page(
         request,
         "jobs.html",
         title="Jobs",
-        jobs=jobs,
+        jobs=[
+            (
+                job,
+                job_name(job.spec, job.result),
+                results.versions_of(job.result),
+                results.progress_bar(job.state, job.progress),
+            )
+            for job in jobs
+        ],
         state=state.value if state else None,
         states=[value.value for value in JobState],
         page=pager(offset, len(jobs), total),
     )
+
+
+def job_name(spec: JSONDocument, result: JSONDocument) -> str | None:
+    """What a job is about: its spec's ``name``, else the model its result names (a
+    compress spec names no model of its own)."""
+    for name in (spec.get("name"), result.get("model")):
+        if isinstance(name, str) and name:
+            return name
+    return None
 
 
 def dataset_of(spec: JSONDocument) -> str | None:
@@ -107,14 +124,24 @@ class Curves(TypedDict):
     validation: charts.Figure
 
 
+class ProgressBar(TypedDict):
+    """The progress bar: ``value`` of ``max``, and its text (see results.progress_bar)."""
+
+    value: int
+    max: int
+    text: str
+
+
 class JobLive(TypedDict):
-    """What the job page shows and polls (``live.json``; read by static/job.js)."""
+    """What the job page shows and polls (``live.json``; read by static/kiln.js, which
+    reloads the page's ``data-live-swap`` parts once ``finished``)."""
 
     id: str
     state: str
     finished: bool
     cancel_requested: bool
     progress: dict[str, int]  # kiln.jobs.queue.Progress: epoch/epochs, fold/folds
+    bar: ProgressBar
     error: str | None
     points: int  # epochs recorded so far
     figures: Curves
@@ -135,12 +162,14 @@ def job_state(s: Session, who: Viewer, job_id: str, after: int) -> JobLive:
     """What the job page shows and polls: state, progress, curves, new log lines."""
     job = queue.get_job(s, who.project, job_id)
     epochs = queue.epoch_series(s, job.id)
+    bar = results.progress_bar(job.state, job.progress or {})
     return {
         "id": job.id,
         "state": job.state,
         "finished": job.state in FINAL_STATES,
         "cancel_requested": job.cancel_requested,
         "progress": job.progress or {},
+        "bar": {"value": bar.value, "max": bar.max, "text": bar.text},
         "error": (job.error or {}).get("message"),
         "points": len(epochs),
         "figures": {
@@ -163,6 +192,8 @@ def job_page(request: Request, job_id: str, who: ViewerDep) -> Response:
         job=out,
         live=live,
         dataset_id=dataset_of(out.spec),
+        outcome=results.result_view(out.kind, out.result),
+        resources=results.resource_facts(out.resources),
         config=charts.CONFIG,
     )
 
@@ -411,7 +442,8 @@ USAGE_DAYS = 30
 
 @router.get("/usage", name="web.usage")
 def usage_page(request: Request, who: ViewerDep) -> Response:
-    from kiln.monitor.usage import quotas, summary
+    from kiln.monitor.units import amount
+    from kiln.monitor.usage import RATE_KINDS, quotas, summary
 
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     start = today - timedelta(days=USAGE_DAYS - 1)
@@ -423,9 +455,15 @@ def usage_page(request: Request, who: ViewerDep) -> Response:
         request,
         "usage.html",
         title="Usage",
-        totals=sorted(recent["totals"].items()),
-        units=charts.USAGE_UNITS,
-        quotas=limits,
+        totals=[(kind, q, amount(kind, q)) for kind, q in sorted(recent["totals"].items())],
+        quotas=[
+            {
+                **q,
+                "used_text": "-" if q["kind"] in RATE_KINDS else amount(q["kind"], q["used"]),
+                "limit_text": amount(q["kind"], q["limit"]),
+            }
+            for q in limits
+        ],
         figures=charts.usage(recent, days),
         days=USAGE_DAYS,
         config=charts.CONFIG,

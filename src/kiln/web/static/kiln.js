@@ -37,6 +37,20 @@
     let busy = false;
     const timer = window.setInterval(tick, 1000);
 
+    // Once the job ends, the parts the server renders from its outcome (facts with the
+    // model link and finish time, resources, result tables) are taken from a fresh copy
+    // of the page; DOMParser runs no script, and the charts and logs stay as they are.
+    async function swapFinished() {
+      const response = await fetch(window.location.pathname,
+        { cache: "no-store", credentials: "same-origin" });
+      if (!response.ok) return;
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+      document.querySelectorAll("[data-live-swap]").forEach(function (part) {
+        const replacement = fresh.getElementById(part.id);
+        if (replacement) part.replaceWith(document.adoptNode(replacement));
+      });
+    }
+
     async function tick() {
       if (busy) return;
       busy = true;
@@ -54,12 +68,9 @@
         badge.textContent = state.state;
         badge.className = "badge state-" + state.state;
         const progress = document.getElementById("job-progress");
-        if (state.progress.epochs) {
-          progress.max = state.progress.epochs;
-          progress.value = state.progress.epoch || 0;
-          document.getElementById("job-progress-text").textContent =
-            "epoch " + (state.progress.epoch || 0) + " of " + state.progress.epochs;
-        }
+        progress.max = state.bar.max;
+        progress.value = state.bar.value;
+        document.getElementById("job-progress-text").textContent = state.bar.text;
         const error = document.getElementById("job-error");
         if (state.error) {
           error.textContent = state.error;
@@ -78,9 +89,10 @@
         job.dataset.points = String(state.points);
         if (state.finished) {
           window.clearInterval(timer);
-          job.dataset.finished = "true";
           const cancel = document.getElementById("cancel-form");
           if (cancel) cancel.hidden = true;
+          await swapFinished();
+          job.dataset.finished = "true";
         }
       } catch (err) {
         // a dropped connection: try again on the next tick
