@@ -38,7 +38,7 @@ from torch import nn
 from kiln.data.encoders import numeric_rows
 from kiln.data.preprocess import Preprocessor
 from kiln.data.preprocess_state import JSONScalar
-from kiln.errors import BundleError, DataError, NotFoundError
+from kiln.errors import BundleError, ConflictError, DataError, NotFoundError
 from kiln.evaluate.metrics import Metrics
 from kiln.manifest import FORMAT, BundleMeta, JSONDocument, parse_manifest
 from kiln.models.registry import build
@@ -362,13 +362,40 @@ def _numeric_matrix(rows: Any, names: list[str]) -> np.ndarray | None:
     return None
 
 
-def check_destination(out: Path) -> None:
-    """Refuse a destination that holds something other than a bundle (or nothing)."""
+def check_destination(out: Path, *, name: str | None = None, force: bool = False) -> str | None:
+    """Refuse a destination that holds something other than a bundle (or nothing).
+
+    With ``name`` (the model about to be saved there), a bundle of another model (or
+    one whose manifest names none) is refused too, a ConflictError naming both, unless
+    ``force``. Returns the model name of the bundle ``out`` holds: ``""`` when its
+    manifest names none, None when ``out`` holds no bundle.
+    """
     is_foreign = out.exists() and not (out / META_FILE).is_file()
     if is_foreign and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(
             f"{out} exists and is not a kiln bundle; refusing to overwrite it", field="out"
         )
+    if is_foreign or not out.exists():
+        return None
+    held = _manifest_name(out / META_FILE)
+    if name is not None and held != name and not force:
+        what = f"model {held!r}" if held else "a model it does not name"
+        raise ConflictError(
+            f"{out} holds a bundle of {what}; refusing to replace it with model {name!r} "
+            "(--force replaces it)",
+            field="out",
+        )
+    return held or ""
+
+
+def _manifest_name(path: Path) -> str | None:
+    """The model name a ``kiln.json`` records; None when it cannot be read."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def new_meta(**fields: Any) -> BundleMeta:

@@ -19,7 +19,7 @@ runner = CliRunner()
 
 
 def _spec(tmp_path: Path, **overrides: object) -> Path:
-    spec = {
+    spec: dict[str, object] = {
         "name": "iris-mlp",
         "task": "classification",
         "data": {"source": "sklearn:iris", "target": "target"},
@@ -196,6 +196,70 @@ def test_predict_missing_column_and_missing_bundle(trained: Path, tmp_path: Path
     assert missing.exit_code == 6 and "not found" in missing.stderr
 
 
+def test_predict_and_evaluate_name_the_missing_input_argument(
+    trained: Path, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "missing.csv")
+    predicted = runner.invoke(app, ["predict", str(trained), missing])
+    assert predicted.exit_code == 6
+    assert f"input file not found: {missing}" in predicted.stderr.replace("\n", "")
+    assert "data.source" not in predicted.stderr
+    evaluated = runner.invoke(app, ["evaluate", str(trained), missing])
+    assert evaluated.exit_code == 6 and "(field: data)" in evaluated.stderr
+    assert "data.source" not in evaluated.stderr
+
+
+def _model_in(out: Path) -> str:
+    return str(json.loads((out / "kiln.json").read_text())["name"])
+
+
+def test_train_replaces_its_own_bundle_but_not_another_models(tmp_path: Path) -> None:
+    out = tmp_path / "models" / "m"
+    fast = {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}}
+    first = _spec(tmp_path, train=fast)
+    assert runner.invoke(app, ["train", str(first), "--out", str(out), "-q"]).exit_code == 0
+
+    again = runner.invoke(app, ["train", str(first), "--out", str(out), "-q"])
+    assert again.exit_code == 0, again.output
+    assert "retraining 'iris-mlp'" in again.stderr
+
+    other = _spec(tmp_path, name="iris-other", train=fast)
+    refused = runner.invoke(app, ["train", str(other), "--out", str(out), "-q"])
+    assert refused.exit_code == 12, refused.output  # ConflictError
+    said = refused.stderr.replace("\n", " ")
+    assert "'iris-mlp'" in said and "'iris-other'" in said and "--force" in said
+    assert _model_in(out) == "iris-mlp"  # refused before training, nothing replaced
+
+    forced = runner.invoke(app, ["train", str(other), "--out", str(out), "-q", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "replaces the one of 'iris-mlp'" in forced.stderr.replace("\n", " ")
+    assert _model_in(out) == "iris-other"
+
+
+def test_a_run_that_fails_on_its_data_gives_no_resume_hint(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, data={"source": "sklearn:iris", "target": "nope"})
+    result = runner.invoke(app, ["train", str(spec), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 4, result.output
+    assert "--resume" not in result.stderr and "checkpoints" not in result.stderr
+
+
+def test_the_resume_hint_names_a_kept_checkpoint_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.train.callbacks import ResumeHint
+
+    ckpt = tmp_path / ".m.ckpt"
+    hint = ResumeHint(ckpt)
+    hint.on_train_end({"error": "boom", "epochs_run": 0})  # failed before any checkpoint
+    assert capsys.readouterr().err == ""
+    ckpt.mkdir()
+    (ckpt / "last.pt").write_bytes(b"a checkpoint")
+    hint.on_train_end({"epochs_run": 3, "best_epoch": 3, "stopped_early": False, "seconds": 1})
+    assert capsys.readouterr().err == ""  # finished: nothing to resume
+    hint.on_train_end({"error": "diverged", "epochs_run": 2})
+    assert capsys.readouterr().err == f"checkpoints: {ckpt} (continue with --resume)\n"
+
+
 def test_resume_without_checkpoint_fails_cleanly(tmp_path: Path) -> None:
     args = ["train", str(_spec(tmp_path)), "--out", str(tmp_path / "m"), "-q", "--resume"]
     result = runner.invoke(app, args)
@@ -240,7 +304,7 @@ def test_ctrl_c_keeps_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     ckpt = tmp_path / ".m.ckpt" / "last.pt"
     exe = str(Path(sys.executable).parent / "kiln")
     proc = subprocess.Popen(
-        [exe, "train", str(spec), "--out", str(out), "-q"],
+        [exe, "train", str(spec), "--out", str(out)],  # not -q: the resume hint shows
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -258,6 +322,7 @@ def test_ctrl_c_keeps_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
+    assert f"checkpoints: {ckpt.parent} (continue with --resume)" in stderr
     assert ckpt.exists() and not out.exists()
 
     resumed = subprocess.run(

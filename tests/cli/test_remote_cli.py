@@ -156,17 +156,61 @@ def test_submit_without_follow_then_wait(env: dict[str, str | None], tmp_path: P
     assert "model iris-queued version 1" in waited.stdout
 
 
+def test_submit_kind_compress_registers_variants(
+    env: dict[str, str | None], tmp_path: Path
+) -> None:
+    spec = write_spec(tmp_path, "iris-to-compress", epochs=5)
+    doc = yaml.safe_load(spec.read_text())
+    doc["data"]["source"] = "sklearn:iris"
+    spec.write_text(yaml.safe_dump(doc))
+    trained = kiln_cli(env, "jobs", "submit", str(spec), "--follow")
+    assert trained.exit_code == 0, trained.output
+
+    compress = tmp_path / "compress.yaml"
+    compress.write_text(
+        yaml.safe_dump(
+            {
+                "source": "model:iris-to-compress@1",
+                "steps": [{"quantize": {"method": "int8_dynamic", "backend": "onnxruntime"}}],
+                "tolerance": {"metric": "accuracy", "max_drop": 1.0},
+            }
+        )
+    )
+    result = kiln_cli(env, "jobs", "submit", str(compress), "--kind", "compress", "--follow")
+    assert result.exit_code == 0, result.output
+    assert "iris-to-compress v1 -> v2 (" in result.stdout, result.stdout
+    versions = kiln_cli(env, "models", "versions", "iris-to-compress", "--json")
+    assert [v["version"] for v in json.loads(versions.stdout)["items"]] == [2, 1]
+
+    # the server checks a compress spec at submit time: a training path is not a source
+    compress.write_text(yaml.safe_dump({"source": "models/x", "steps": [{"prune": {}}]}))
+    refused = kiln_cli(env, "jobs", "submit", str(compress), "--kind", "compress")
+    assert refused.exit_code == 3 and "spec.source" in refused.stderr, refused.output
+    assert "model:<name>" in refused.stderr
+    group = kiln_cli(env, "jobs", "--help")
+    assert "compression" in group.stdout
+
+
 def test_a_failed_job_exits_with_its_errors_code(
     env: dict[str, str | None], wine_csv: Path, tmp_path: Path
 ) -> None:
-    spec = write_spec(tmp_path, "wine-bad", target="no_such_column")
-    args = ["jobs", "submit", str(spec), "--data", str(wine_csv), "--follow"]
-    result = kiln_cli(env, *args)
-    assert result.exit_code == 4, result.output  # DataError
-    assert "failed" in result.stderr and "no_such_column" in result.stderr
-    as_json = kiln_cli(env, *args, "--json")
-    assert as_json.exit_code == 4
-    assert json.loads(as_json.stdout)["error"]["code"] == "invalid_data"
+    spec = write_spec(tmp_path, "wine-diverges")
+    doc = yaml.safe_load(spec.read_text())
+    doc["train"]["optimizer"] = {"name": "sgd", "lr": 1e30}  # passes every check, then NaN
+    spec.write_text(yaml.safe_dump(doc))
+    args = ["jobs", "submit", str(spec), "--data", str(wine_csv), "--max-attempts", "1"]
+    result = kiln_cli(env, *args, "--follow")
+    assert result.exit_code == 7, result.output  # TrainingError
+    assert "failed" in result.stderr and "diverged" in result.stderr
+    as_json = kiln_cli(env, *args, "--follow", "--json")
+    assert as_json.exit_code == 7
+    assert json.loads(as_json.stdout)["error"]["code"] == "training_failed"
+
+    # a target the uploaded table lacks is refused at submit time, naming the field
+    bad = write_spec(tmp_path, "wine-bad", target="no_such_column")
+    refused = kiln_cli(env, "jobs", "submit", str(bad), "--data", str(wine_csv))
+    assert refused.exit_code == 3, refused.output
+    assert "data.target" in refused.stderr and "no_such_column" in refused.stderr
 
 
 def test_a_bad_spec_exits_3_naming_the_field(env: dict[str, str | None], tmp_path: Path) -> None:

@@ -292,3 +292,46 @@ def test_deployments_commands(
     gone = kiln_cli(env, "deployments", "show", "iris")
     assert gone.exit_code == 6 and "not found" in gone.stderr
     assert json.loads(kiln_cli(env, "deployments", "list", "--json").stdout) == []
+
+
+def test_deployments_predict_sends_missing_values_the_model_imputes(
+    platform: Platform, env: dict[str, str | None], tmp_path: Path
+) -> None:
+    """Empty cells of the table are missing values: imputed as ``kiln predict`` imputes
+    them where the model's preprocessing fills them, a 422 naming the cell where it
+    drops them."""
+    from kiln.standalone import register
+
+    rng = np.random.default_rng(1)
+    train = pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60)})
+    train["target"] = (train["a"] > train["b"]).astype(int)
+    train.loc[::7, "a"] = np.nan
+    source = tmp_path / "train.csv"
+    train.to_csv(source, index=False)
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text("a,b\n0.5,\n,-1.0\n1.5,0.2\n")
+    for missing in ("mean", "drop"):
+        name = f"gaps-{missing}"
+        spec = {
+            "name": name,
+            "task": "classification",
+            "data": {"source": str(source), "target": "target"},
+            "model": {"type": "linear"},
+            "train": {"epochs": 3, "device": "cpu"},
+        }
+        spec["data"]["preprocessing"] = {"missing": missing}  # type: ignore[index]
+        bundle = kiln.fit(spec, out=tmp_path / name)
+        register(platform.services, tmp_path / name, bundle.meta, name)
+        created = kiln_cli(env, "deployments", "create", name, "--model", name, "--version", "1")
+        assert created.exit_code == 0, created.output
+        predicted = kiln_cli(env, "deployments", "predict", name, str(gaps), "--json")
+        if missing == "mean":
+            assert predicted.exit_code == 0, predicted.output
+            expected = bundle.predict(pd.read_csv(gaps))
+            answer = json.loads(predicted.stdout)
+            assert answer["predictions"] == expected.predictions
+            np.testing.assert_allclose(answer["probabilities"], expected.probabilities, atol=1e-6)
+        else:
+            assert predicted.exit_code == 4, predicted.output
+            assert "inputs[0].b" in predicted.stderr and "missing" in predicted.stderr
+        assert kiln_cli(env, "deployments", "delete", name).exit_code == 0

@@ -50,7 +50,7 @@ def compress(
         print_json({"metric": result.metric, "variants": table, "reports": reports})
         return
     # Many columns: do not squeeze them into a non-terminal's default 80 characters.
-    wide = console if console.is_terminal else Console(width=200)
+    wide = console if console.is_terminal else Console(width=240)
     wide.print(_table(table, result.metric, full=report))
     console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
 
@@ -70,8 +70,13 @@ def _write_report(result: CompressResult, out: Path) -> tuple[list[dict[str, Any
 
 
 def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:
-    view = Table(title=f"compression trade-offs ({metric} on the test split)", title_justify="left")
-    cols = ["variant", "backend", "parameters", "size", "p50 b1 ms", metric, "drop", "agree"]
+    rows = table[0].get("held_out_rows")
+    checked = f"; tolerance checked on {rows} held-out rows, 95% CI" if rows else ""
+    view = Table(
+        title=f"compression trade-offs ({metric} on the test split{checked})", title_justify="left"
+    )
+    cols = ["variant", "backend", "parameters", "size", "p50 b1 ms", metric, "drop"]
+    cols += ["held-out", "held-out drop", "agree"]
     if full:
         cols[5:5] = ["p95 b1 ms", "p50 b32 ms", "rows/s", "peak MB", "non-zeros"]
     cols.append("pareto")
@@ -92,11 +97,20 @@ def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:
             "non-zeros": f"{r['nonzeros']:,}",
             metric: f"{r[metric]:.4f}",
             "drop": f"{r['drop']:+.4f}",
+            "held-out": _with_interval(r, "held_out", "held_out_low", "held_out_high", ""),
+            "held-out drop": _with_interval(r, "held_out_drop", "drop_low", "drop_high", "+"),
             "agree": f"{r['agreement']:.3f}",
             "pareto": ", ".join(front),
         }
         view.add_row(*(cells[c] for c in cols))
     return view
+
+
+def _with_interval(r: dict[str, Any], value: str, low: str, high: str, sign: str) -> str:
+    """``0.9583 [0.862, 0.989]``; "-" for a report without held-out figures."""
+    if r.get(value) is None or r.get(low) is None:
+        return "-"
+    return f"{r[value]:{sign}.4f} [{r[low]:{sign}.3f}, {r[high]:{sign}.3f}]"
 
 
 def _bytes(n: int) -> str:

@@ -20,12 +20,14 @@ from kiln.cli.render import console, err_console, metrics_table, page_note, prin
 
 if TYPE_CHECKING:
     from kiln.client import Client
-    from kiln.client.shapes import JobLogOut, JobOut, JobResources
+    from kiln.client.shapes import JobLogOut, JobOut, JobResources, JobResult
 
 # Seconds between polls of a followed job: fresh enough for a person, cheap for the server.
 POLL_SECONDS = 0.5
 
-jobs_app = typer.Typer(help="Training, cross-validation and evaluation jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Training, cross-validation, evaluation and compression jobs.", no_args_is_help=True
+)
 JobArg = Annotated[str, typer.Argument(help="The job's id (job_...).")]
 
 
@@ -36,18 +38,23 @@ def jobs_submit(
     spec: Annotated[
         Path,
         typer.Argument(
-            help="Spec file (YAML/JSON); for --kind evaluate: {model, version, data}.",
+            help="Spec file (YAML/JSON): a training spec; for --kind evaluate: model, "
+            "version and data; for --kind compress: a compress spec whose source is "
+            "model:NAME@VERSION.",
             show_default=False,
         ),
     ],
     data: Annotated[
         Path | None,
         typer.Option(
-            "--data", help="A local table to upload first and train on.", show_default=False
+            "--data",
+            help="A local table to upload first and use as the spec's data.",
+            show_default=False,
         ),
     ] = None,
     kind: Annotated[
-        str, typer.Option("--kind", help="train, crossval or evaluate.", case_sensitive=False)
+        str,
+        typer.Option("--kind", help="train, crossval, evaluate or compress.", case_sensitive=False),
     ] = "train",
     folds: Annotated[
         int | None, typer.Option("--folds", "-k", min=2, help="crossval: number of folds (5).")
@@ -66,8 +73,7 @@ def jobs_submit(
     from kiln.errors import SpecError
     from kiln.lifecycle import JobKind
 
-    # compress jobs take a compress spec and a source model, not a training spec
-    kinds = [k.value for k in JobKind if k is not JobKind.compress]
+    kinds = [k.value for k in JobKind]
     kind = kind.lower()
     if kind not in kinds:
         named = f"{', '.join(kinds[:-1])} or {kinds[-1]}"
@@ -313,7 +319,7 @@ def _follow(client: Client, job_id: str, *, json_out: bool) -> int:
 
 def resources_line(res: JobResources) -> str:
     """``resources: 12.3 s wall, 11.9 s CPU, peak memory 310.2 MiB on cpu (2 attempts)``."""
-    from kiln.cli.usage_cmds import amount
+    from kiln.monitor.units import amount
 
     parts = [
         f"{amount('compute_seconds', res.get('wall_seconds', 0.0))} wall",
@@ -357,6 +363,9 @@ def _print_outcome(job: JobOut) -> None:
         return
     if job["state"] == "cancelled":
         err_console.print(f"job {job['id']} was cancelled", highlight=False)
+        return
+    if job["kind"] == "compress":
+        console.print(f"job {job['id']} succeeded: {escape(_compressed(result))}")
         return
     if job["kind"] == "crossval":
         console.print(
@@ -406,10 +415,19 @@ def _status(job: JobOut) -> str:
     return " ".join(parts)
 
 
+def _compressed(result: JobResult) -> str:
+    """``iris v1 -> v2 (01-prune), v3 (02-quantize)``: a compress job's registered variants."""
+    variants = ", ".join(f"v{v['version']} ({v['variant']})" for v in result.get("variants", []))
+    source = f"{result.get('model', '?')} v{result.get('source_version', '?')}"
+    return f"{source} -> {variants}" if variants else f"{source}: no variant registered"
+
+
 def _outcome(job: JobOut) -> str:
     version, error = job.get("model_version"), job.get("error")
     if version:
         return f"{version['model']} v{version['version']}"
+    if job["kind"] == "compress" and job.get("result"):
+        return _compressed(job["result"])
     if error:
         return error["code"]
     return ""

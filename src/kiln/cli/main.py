@@ -23,6 +23,7 @@ from kiln.cli import (
     train_cmds,
     usage_cmds,
 )
+from kiln.cli.help import UnixGroup, conventional_help
 
 app = typer.Typer(
     name="kiln",
@@ -31,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=UnixGroup,
 )
 
 app.command()(train_cmds.train)
@@ -55,6 +57,7 @@ app.add_typer(serve_cmds.deployments_app, name="deployments")
 app.command()(usage_cmds.usage)
 app.add_typer(usage_cmds.quotas_app, name="quotas")
 app.add_typer(catalog_cmds.base_models_app, name="base-models")
+conventional_help(app)  # every command's --help reads like Unix help
 
 
 def _version(value: bool) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.options import JsonOut
+from kiln.cli.options import JsonOut, require_local_input
 from kiln.cli.render import confusion_table, console, metrics_table, print_json
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)]
@@ -36,6 +36,7 @@ def evaluate(
     """Metrics of a bundle on labelled data (held-out rows it was not trained on)."""
     from kiln.bundle import Bundle
 
+    require_local_input(data, field="data")
     b = Bundle.load(bundle)
     metrics = b.evaluate(data)
     if json_out:
@@ -59,6 +60,7 @@ def predict(
 
     if out is not None:
         separator(out)  # a wrong suffix fails before any work
+    require_local_input(input, field="input")
     b = Bundle.load(bundle)
     rows = b.read(input)
     result = b.predict(rows)

@@ -26,6 +26,18 @@ if TYPE_CHECKING:
     from kiln.client import Client
 
 
+def require_local_input(source: str, *, field: str) -> None:
+    """A NotFoundError naming ``field`` (the argument) when ``source``, a local path,
+    does not exist; URIs (``s3://...``) and ``sklearn:<name>`` are left to the reader."""
+    from pathlib import Path
+
+    from kiln.errors import NotFoundError
+
+    if "://" in source or source.startswith("sklearn:") or Path(source).exists():
+        return
+    raise NotFoundError(f"input file not found: {source}", field=field)
+
+
 def flag(*names: str, help: str) -> Any:
     """A boolean option that is given or not (``--resume``); the help shows no ``<bool>``."""
     return typer.Option(*names, help=help, metavar="")

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from kiln.cli.errors import reports_errors
 from kiln.cli.model_cmds import OutCsv
-from kiln.cli.options import JsonOut, Remote, with_remote
+from kiln.cli.options import JsonOut, Remote, require_local_input, with_remote
 from kiln.cli.render import console, print_json, table
 
 if TYPE_CHECKING:
@@ -357,6 +357,7 @@ def deployments_predict(
 
     if csv_out is not None:
         separator(csv_out)  # a wrong suffix fails before the request
+    require_local_input(file, field="file")
     frame = read_table(file)
     with remote.client() as client:
         result = client.deployments.predict(name, frame)

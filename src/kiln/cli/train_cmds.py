@@ -26,25 +26,34 @@ def train(
     log_jsonl: Annotated[
         Path | None, typer.Option("--log-jsonl", help="Append per-epoch JSON lines to FILE.")
     ] = None,
+    force: Annotated[
+        bool, flag("--force", help="Replace a bundle of another model in --out.")
+    ] = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Train the model a spec describes and save it as a bundle directory."""
+    """Train the model a spec describes and save it as a bundle directory.
+
+    A bundle already in --out is replaced when it is of the same model (retraining,
+    said on stderr); one of another model only with --force.
+    """
+    from kiln.bundle import check_destination
     from kiln.evaluate.metrics import headline_metric, metric_value
     from kiln.settings import apply_threads, get_settings
     from kiln.spec import load_spec
-    from kiln.train.callbacks import Callback, JsonlLog, RichProgress
+    from kiln.train.callbacks import Callback, JsonlLog, ResumeHint, RichProgress
     from kiln.workflow import checkpoint_dir, fit
 
     parsed = load_spec(spec)
     apply_threads(get_settings())
+    _say_replacing(out, check_destination(out, name=parsed.name, force=force), parsed.name)
     callbacks: list[Callback] = []
     if not quiet and not json_out:
         metric = parsed.train.early_stopping.metric if parsed.train.early_stopping else None
         callbacks.append(RichProgress(f"training {parsed.name}", metric=metric))
+    if not quiet:
+        callbacks.append(ResumeHint(checkpoint_dir(out)))  # after the bar, which stops first
     if log_jsonl is not None:
         callbacks.append(JsonlLog(log_jsonl))
-    if not quiet and not json_out:
-        err_console.print(f"checkpoints: {checkpoint_dir(out)} (continue with --resume)")
     bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks)
     if json_out:
         record = bundle.meta.training.model_dump(mode="json", exclude={"history"})
@@ -64,6 +73,19 @@ def train(
         test = metric_value(bundle.metrics["test"], headline)
         console.print(f"test {headline}: [bold]{test:.4f}[/]")
     console.print(f"saved bundle: [bold]{out}[/]")
+
+
+def _say_replacing(out: Path, held: str | None, name: str) -> None:
+    """Say on stderr that ``out``'s bundle (of model ``held``) is about to be replaced."""
+    if held is None:
+        return
+    from rich.markup import escape
+
+    if held == name:
+        note = f"retraining {name!r}: the new bundle replaces the one in {out}"
+    else:
+        note = f"--force: the new bundle of {name!r} replaces the one of {held!r} in {out}"
+    err_console.print(escape(note), highlight=False)
 
 
 @reports_errors

@@ -186,7 +186,7 @@ class Jobs(_Group):
             doc = dict(parse_document(path.read_text(encoding="utf-8"), str(path)))
         if data is not None:
             ref = self._c.datasets.upload(data)["ref"]
-            if kind == JobKind.evaluate:
+            if kind in (JobKind.evaluate, JobKind.compress):  # their data: a table ref
                 doc["data"] = ref
             else:
                 section = doc.get("data")

@@ -61,7 +61,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> PreTr
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
             continuations.update(word[1:])
     seeded = [f"##{c}" for c in sorted(continuations)]
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *seeded])
+    # no progress display: it writes blank lines to stdout when stdout is no terminal
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *seeded], show_progress=False
+    )
     learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizer
     learner.train_from_iterator(texts, trainer=trainer)

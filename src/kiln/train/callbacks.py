@@ -1,4 +1,5 @@
-"""Training callbacks: a Rich progress bar for people, JSON lines for machines.
+"""Training callbacks: a Rich progress bar and a resume hint for people, JSON lines
+for machines.
 
 The engine calls ``on_train_start`` once, ``on_batch_end`` after every batch (only
 for callbacks that override it), ``on_epoch_end`` after every epoch with that epoch's
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypedDict
 
-from kiln.train.checkpoint import EpochEntry
+from kiln.train.checkpoint import DirCheckpoints, EpochEntry
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -103,6 +104,29 @@ class RichProgress(Callback):
                 self._progress.update(self._task, total=summary["epochs_run"])
             self._progress.stop()
             self._progress = None
+
+
+class ResumeHint(Callback):
+    """Says on stderr where the checkpoint to continue from is, when training stops
+    before its end (an error, Ctrl-C) and ``directory`` holds one; silent otherwise
+    (a finished run's checkpoint is removed, and a run that failed before its first
+    epoch has none)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._checkpoint = DirCheckpoints(directory).path
+
+    def on_train_end(self, summary: TrainSummary) -> None:
+        from rich.console import Console
+        from rich.markup import escape
+
+        stopped = "error" in summary or summary.get("interrupted", False)
+        if stopped and self._checkpoint.is_file():
+            Console(stderr=True).print(
+                f"checkpoints: {escape(str(self.directory))} (continue with --resume)",
+                highlight=False,
+                soft_wrap=True,  # a long path stays on one line
+            )
 
 
 class JsonlLog(Callback):
