@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
@@ -192,6 +192,51 @@ def live_panel(manager: DeploymentManager, live: Live) -> LivePanel:
     }
 
 
+class DriftRow(TypedDict):
+    """A column of the drift table: its PSI (None: no rows yet) and whether it is flagged."""
+
+    column: str
+    psi: float | None
+    drifted: bool
+
+
+class DriftTable(TypedDict):
+    """The deployment page's drift section, from ``DeploymentManager.drift``."""
+
+    rows: int  # recent input rows compared
+    threshold: float  # a PSI above it flags the column
+    version: int | None  # whose training data is the reference
+    reference: bool  # False: nothing to compare with (``message`` says why)
+    message: str | None
+    columns: list[DriftRow]  # flagged first, then by PSI, highest first
+    drifted: list[str]
+
+
+def drift_rows(report: Mapping[str, Any]) -> DriftTable:
+    """The drift report (``DeploymentManager.drift``'s answer: a
+    :class:`~kiln.monitor.live.DriftReport` with the deployment's name) as the page's
+    table: flagged columns first, then by PSI, highest first."""
+    columns: list[DriftRow] = [
+        {"column": name, "psi": c["psi"], "drifted": c["drifted"]}
+        for name, c in report["columns"].items()
+    ]
+    columns.sort(key=lambda c: (not c["drifted"], -(c["psi"] or 0.0), c["column"]))
+    return {
+        "rows": report["rows"],
+        "threshold": report["threshold"],
+        "version": report["version"],
+        "reference": report["reference"],
+        "message": report.get("message"),
+        "columns": columns,
+        "drifted": sorted(report["drifted"]),
+    }
+
+
+def served_version(live: Live) -> int | None:
+    """The version taking the most traffic (the one a hot swap starts from)."""
+    return max(live.routes, key=lambda r: r.weight).version if live.routes else None
+
+
 # ---- pages -------------------------------------------------------------------------
 
 
@@ -226,6 +271,8 @@ def _deployment_page(
         title=f"Deployment {live.name}",
         live=live,
         versions=_versions(who, live.model),
+        served=served_version(live),
+        drift=drift_rows(manager.drift(who.project.id, name)),
         panel=live_panel(manager, live),
         config=charts.CONFIG,
         max_routes=MAX_ROUTES,
