@@ -209,6 +209,14 @@ def test_a_matrix_of_the_wrong_width_or_with_nan_is_refused(served: ServedModel)
     assert field_of(exc) == f"input[2].{FEATURES[1]}"
 
 
+def test_null_in_the_matrix_is_a_missing_value_the_model_imputes(served: ServedModel) -> None:
+    """iris imputes (missing: mean): null is NaN in the checked frame, for the encoder."""
+    _, matrix = v2.to_rows_or_matrix({"inputs": [tensor("input", [1, 4], [None, 1, 2, 3])]}, served)
+    assert matrix is not None
+    frame = served.check_matrix(matrix)
+    assert np.isnan(frame.iloc[0, 0]) and frame.iloc[0, 1:].tolist() == [1.0, 2.0, 3.0]
+
+
 def test_missing_column_tensors_surface_as_a_missing_column(served: ServedModel) -> None:
     inputs = [tensor(c, [1], [1.0]) for c in FEATURES[1:]]
     rows, _ = v2.to_rows_or_matrix({"inputs": inputs}, served)
@@ -288,7 +296,6 @@ def test_metadata_describes_the_matrix_input_and_typed_outputs(served: ServedMod
     [
         ([tensor("input", [1, 4], ["a", "b", "c", "d"])], "input"),  # strings in a matrix
         ([tensor("input", [1, 4], [True, 1.0, 2.0, 3.0])], "input"),
-        ([tensor("input", [1, 4], [None, 1.0, 2.0, 3.0])], "input"),
         ([tensor("input", [1, 4], [1e400, 1.0, 2.0, 3.0])], "input[0].sepal length (cm)"),
         ([tensor("input", [0, 4], [])], "input"),  # no rows
         ([tensor("input", [1, 4], [1.0] * 4, datatype="FP8")], "inputs[0].datatype"),

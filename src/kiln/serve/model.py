@@ -6,6 +6,13 @@ preprocessing is vectorised over the batch's DataFrame, not per row (all-numeric
 inputs in one array operation: the library's ``Bundle.predict`` path). The backend is
 the runtime's choice (``kiln.runtime.select.select_backend``).
 
+A missing value is JSON ``null`` (NaN in a numeric matrix: KServe v2's ``input``
+tensor), and it means what it means to ``Bundle.predict``: imputed where the bundle's
+preprocessing imputes that column, a 422 naming ``inputs[i].<column>`` where it refuses
+missing values (``missing: drop``; text and image columns have no imputation). An
+absent column is not a missing value: it is a 422 too, whatever the preprocessing,
+since a misspelt or forgotten key would otherwise be imputed without a word.
+
 An image model's image column takes the image itself, never a path: base64 text in
 JSON, or raw bytes (a KServe v2 binary ``BYTES`` tensor). Each one is decoded once
 while its request is checked (at most ``kiln.data.images.MAX_PIXELS`` pixels), so a bad
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +76,10 @@ class ServedModel:
         # a tenth of a millisecond
         self._column_index = pd.Index(self.feature_order)
         self._numeric_only = all(kind == "numeric" for _, kind in self.columns)
+        # the columns whose missing values the preprocessing fills (missing: mean...)
+        features = self.bundle.preprocessor.state.features
+        self.imputed = frozenset(f.name for f in features if f.fill is not None)
+        self._refused = np.array([name not in self.imputed for name in self.feature_order])
         self.warm_up()
         # A served model lives as long as its server. Everything alive now (the model,
         # torch, pandas and the rest imported to load it: ~500k objects) moves out of
@@ -103,8 +115,9 @@ class ServedModel:
     def check_rows(self, rows: Any, field: str = "inputs") -> pd.DataFrame:
         """A request's rows as a DataFrame in schema order; DataError names row and column.
 
-        A missing column, a value of the wrong type, NaN or infinity is refused here,
-        before the request joins a batch.
+        A missing column, a value of the wrong type, NaN or infinity (not JSON: a missing
+        value is ``null``) and ``null`` in a column the preprocessing does not impute
+        are refused here, before the request joins a batch.
         """
         if not isinstance(rows, list) or not rows:
             raise DataError(f"{field} must be a non-empty list of rows", field=field)
@@ -124,29 +137,59 @@ class ServedModel:
             for name, kind in self.columns:
                 where = f"{field}[{i}].{name}"
                 if name not in row:
-                    raise DataError(f"{where}: missing", field=where)
-                value = row[name]
-                if kind == "numeric":
-                    if isinstance(value, bool) or not isinstance(value, int | float):
-                        raise DataError(
-                            f"{where}: expected a number, got {type(value).__name__}", field=where
-                        )
-                    if not math.isfinite(value):
-                        raise DataError(f"{where}: {value} is not a finite number", field=where)
-                elif kind == "image":
-                    continue  # decoded below, once the row's other values passed
-                elif kind == "text":
-                    if not isinstance(value, str):
-                        raise DataError(f"{where}: expected a string", field=where)
-                elif not isinstance(value, str | int | float) or isinstance(value, bool):
-                    raise DataError(f"{where}: expected a string or a number", field=where)
+                    raise DataError(f"{where}: missing (a missing value is null)", field=where)
+                self._check_value(row[name], name, kind, where)
         images = [name for name, kind in self.columns if kind == "image"]
         if images:
             rows = [_with_images(row, images, f"{field}[{i}]") for i, row in enumerate(rows)]
-        return pd.DataFrame.from_records(rows, columns=self.feature_order)
+        if self._numeric_only:
+            # nulls as NaN: the float64 frame the batcher stacks and the encoder imputes
+            # in one array operation (from_records would take ten times as long)
+            names = self.feature_order
+            matrix = np.array([[row[n] for n in names] for row in rows], dtype=np.float64)
+            return pd.DataFrame(matrix, columns=self._column_index, copy=False)
+        return pd.DataFrame.from_records(rows, columns=self._column_index)
+
+    def _check_value(self, value: Any, name: str, kind: str, where: str) -> None:
+        """One JSON value of column ``name``, of kind ``kind``; DataError at ``where``.
+        Images are only decoded later, once the row's other values passed."""
+        if value is None:
+            self._check_missing(name, kind, where)
+        elif kind == "numeric":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise DataError(
+                    f"{where}: expected a number, got {type(value).__name__}", field=where
+                )
+            # an int past float64's range is no more usable than infinity
+            if isinstance(value, int) and abs(value) > sys.float_info.max:
+                raise DataError(f"{where}: the number is past float64's range", field=where)
+            if not math.isfinite(value):
+                raise DataError(
+                    f"{where}: {value} is not a finite number (a missing value is null)",
+                    field=where,
+                )
+        elif kind == "text":
+            if not isinstance(value, str):
+                raise DataError(f"{where}: expected a string", field=where)
+        elif kind != "image" and (
+            not isinstance(value, str | int | float) or isinstance(value, bool)
+        ):
+            raise DataError(f"{where}: expected a string or a number", field=where)
+
+    def _check_missing(self, name: str, kind: str, where: str) -> None:
+        """A missing value of column ``name`` is imputed; else a DataError at ``where``."""
+        if name in self.imputed:
+            return
+        why = (
+            "the model's preprocessing refuses missing values (missing: drop)"
+            if kind in ("numeric", "categorical")
+            else f"a {kind} column has no imputation"
+        )
+        raise DataError(f"{where}: missing value; {why}", field=where)
 
     def check_matrix(self, values: np.ndarray, field: str = "input") -> pd.DataFrame:
-        """An (N, F) numeric matrix in schema order (KServe v2 ``input``) as rows."""
+        """An (N, F) numeric matrix in schema order (KServe v2 ``input``) as rows; NaN is
+        a missing value (imputed, or refused as :meth:`check_rows` refuses ``null``)."""
         if values.ndim != 2 or values.shape[1] != len(self.feature_order):
             raise DataError(
                 f"{field}: expected shape [N, {len(self.feature_order)}], got {list(values.shape)}",
@@ -159,10 +202,14 @@ class ServedModel:
                 f"{field}: this model has non-numeric columns; send one tensor per column",
                 field=field,
             )
-        bad = np.argwhere(~np.isfinite(values))
+        # NaN is the matrix's missing value: refused only where it is not imputed
+        bad = np.argwhere(np.isinf(values) | (np.isnan(values) & self._refused))
         if len(bad):
             i, j = bad[0]
-            where = f"{field}[{i}].{self.feature_order[j]}"
+            name = self.feature_order[j]
+            where = f"{field}[{i}].{name}"
+            if np.isnan(values[i, j]):
+                self._check_missing(name, "numeric", where)
             raise DataError(f"{where}: {values[i, j]} is not a finite number", field=where)
         if len(values) > MAX_ROWS:
             raise DataError(f"{field}: at most {MAX_ROWS} rows per request", field=field)

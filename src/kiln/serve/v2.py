@@ -8,11 +8,20 @@ bytes followed by the raw tensors, in input order. Inputs are one FP32 tensor
 in JSON, raw bytes in the binary extension. Outputs ``predictions`` and
 ``probabilities`` come back as JSON. Whatever a request holds, a malformed one is a
 DataError (422) naming the tensor, never a server error.
+
+Missing values: the protocol has none (its JSON ``data`` holds numbers, booleans or
+strings). kiln reads JSON ``null`` in any tensor's ``data`` and NaN in a binary
+FP16/FP32/FP64 tensor as a missing value, which means what it means over REST
+(``kiln.serve.model``): imputed where the bundle's preprocessing imputes the column, a
+422 naming the row and column where it does not. ``NaN`` and ``Infinity`` literals are
+not JSON and are refused; a binary tensor has no null, so a missing text or category
+cannot be sent in binary BYTES (use JSON for that tensor).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -35,6 +44,7 @@ DTYPES: dict[str, type[np.generic]] = {
     "FP32": np.float32,
     "FP64": np.float64,
 }
+FLOATS = frozenset({"FP16", "FP32", "FP64"})  # whose binary NaN is a missing value
 
 
 def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
@@ -54,7 +64,7 @@ def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
     else:
         head, rest = body, b""
     try:
-        request = json.loads(head)
+        request = json.loads(head, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise DataError("the request body is not JSON", field="body") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -83,6 +93,14 @@ def parse_body(body: bytes, header_length: str | None) -> dict[str, Any]:
             tensor["data"] = _decode_binary(chunk, _datatype(tensor.get("datatype"), i), i)
             offset += size
     return request
+
+
+def _not_json(literal: str) -> Any:
+    """Refuse the ``NaN`` and ``Infinity`` literals Python's parser would accept."""
+    raise DataError(
+        f"{literal} is not JSON (a missing value is null); the request body is not JSON",
+        field="body",
+    )
 
 
 def _decode_binary(chunk: bytes, datatype: str, i: int) -> list[Any]:
@@ -151,7 +169,9 @@ def to_rows_or_matrix(
         name = tensor.get("name")
         shape = _shape(tensor.get("shape"), i)
         data = _flat(tensor.get("data"), i)
-        if kinds.get(str(name)) != "image":  # text and categories: bytes are UTF-8
+        if tensor["datatype"] in FLOATS:  # NaN (binary data) is a missing value, as null
+            data = [None if isinstance(v, float) and math.isnan(v) else v for v in data]
+        elif kinds.get(str(name)) != "image":  # text and categories: bytes are UTF-8
             data = [_text(v, i, j) for j, v in enumerate(data)]
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or len(data) != shape[0]:
             raise DataError(
@@ -172,8 +192,11 @@ def to_rows_or_matrix(
 
 
 def _numbers(values: list[Any]) -> np.ndarray:
-    """The ``input`` matrix's values as float64; DataError for anything but numbers."""
+    """The ``input`` matrix's values as float64, ``null`` as NaN (a missing value, for
+    ``ServedModel.check_matrix`` to fill or refuse); DataError for anything else."""
     for j, value in enumerate(values):
+        if value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise DataError(
                 f"input: element {j} is {type(value).__name__}, not a number", field="input"
