@@ -88,6 +88,122 @@ def test_bad_evaluate_specs(world) -> None:
     assert len(world.get("/jobs", key, limit=500).json()["items"]) == before
 
 
+IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+
+TEXT = {"type": "transformer"}
+IMAGE = {"type": "cnn", "channels": [4], "hidden": [8]}
+# (what to change in the data section of a spec on the uploaded iris table, the field the
+# 422 must name, the column the message must suggest, or None for no suggestion)
+COLUMN_ERRORS = [
+    ({"target": "targt"}, "spec.data.target", "target"),
+    ({"target": "species"}, "spec.data.target", None),
+    ({"features": [IRIS_COLUMNS[0], "petal lenght (cm)"]}, "spec.data.features.1", IRIS_COLUMNS[2]),
+    ({"text": "review"}, "spec.data.text", None),
+    ({"text": [IRIS_COLUMNS[0], "sepal widht"]}, "spec.data.text.1", IRIS_COLUMNS[1]),
+    ({"image": "img"}, "spec.data.image", None),
+]
+MODEL_OF = {"text": TEXT, "image": IMAGE}  # a model that reads the column named
+
+
+@pytest.mark.parametrize(("change", "field", "hint"), COLUMN_ERRORS)
+def test_columns_missing_from_the_dataset_are_422_at_submission(
+    platform, change, field, hint
+) -> None:
+    """Checked against the dataset's stored columns, so the mistake is a 422 naming the
+    key, not a job that fails on the worker."""
+    ref = platform.dataset(platform.admin, "iris")
+    spec = platform.spec(ref)
+    spec["data"].update(change)
+    spec["model"] = next((MODEL_OF[k] for k in change if k in MODEL_OF), spec["model"])
+    for kind in ("train", "crossval"):
+        r = platform.submit(platform.admin, kind, spec)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_spec"
+        assert error["field"] == field
+        first, *_, last = error["message"].splitlines()
+        assert first.startswith(f"{field}: dataset {ref.removeprefix('dataset:')} has no column")
+        assert (f"(did you mean {hint!r}?)" in first) == (hint is not None)
+        assert last == "its columns: " + ", ".join([*IRIS_COLUMNS, "target"])
+    assert platform.count(Job) == 0
+
+
+def test_every_missing_column_is_named_at_once(platform) -> None:
+    spec = platform.spec(platform.dataset(platform.admin, "iris"))
+    spec["data"].update(target="Target", features=["sepal", IRIS_COLUMNS[1]])
+    error = platform.submit(platform.admin, "train", spec).json()["error"]
+    assert error["field"] == "spec.data.target"
+    lines = error["message"].splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "spec.data.target",
+        "spec.data.features.0",
+        "its columns",
+    ]
+    assert "(did you mean 'target'?)" in lines[0]
+
+
+def test_columns_the_dataset_has_are_accepted(platform) -> None:
+    spec = platform.spec(platform.dataset(platform.admin, "iris"))
+    spec["data"]["features"] = IRIS_COLUMNS[:2]
+    assert platform.submit(platform.admin, "train", spec).status_code == 201
+
+
+def test_an_image_folder_takes_its_label_under_any_name(platform, tmp_path) -> None:
+    """An image folder's columns come from its layout (label: the sub-folder), so its
+    target is not looked up among the stored columns."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for label, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            for i in range(2):
+                png = io.BytesIO()
+                Image.new("RGB", (4, 4), colour).save(png, format="PNG")
+                zf.writestr(f"pics/{label}/{i}.png", png.getvalue())
+    r = platform.upload(platform.admin, out.getvalue(), "pics.zip")
+    assert r.status_code == 201, r.text
+    ref = r.json()["ref"]
+    for data in ({}, {"target": "colour"}):
+        spec = {
+            "name": "pics",
+            "task": "classification",
+            "data": {"source": ref, **data},
+            "model": {"type": "cnn", "channels": [4], "hidden": [8]},
+            "train": {"epochs": 1, "device": "cpu"},
+        }
+        r = platform.submit(platform.admin, "train", spec)
+        assert r.status_code == 201, r.text
+
+
+def test_evaluating_on_a_dataset_without_the_versions_columns_is_422(world) -> None:
+    """An evaluation reads the version's target and inputs: checked at submission."""
+    from sklearn.datasets import load_iris
+
+    key = world.keys["alpha_train"]
+    frame = load_iris(as_frame=True).frame
+    frame = frame.rename(columns={"target": "targets", "petal width (cm)": "Petal width (cm)"})
+    r = world.upload(key, frame.to_csv(index=False).encode(), "renamed.csv")
+    assert r.status_code == 201, r.text
+    ref = r.json()["ref"]
+    before = len(world.get("/jobs", key, limit=500).json()["items"])
+    r = world.submit(key, "evaluate", {"model": "iris", "version": 1, "data": ref})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "spec.data"
+    lines = error["message"].splitlines()
+    dataset = ref.removeprefix("dataset:")
+    assert lines[:2] == [
+        f"spec.data: dataset {dataset} has no column 'target' (iris v1's target)"
+        " (did you mean 'targets'?)",
+        f"spec.data: dataset {dataset} has no column 'petal width (cm)' (an input of iris v1)"
+        " (did you mean 'Petal width (cm)'?)",
+    ]
+    assert len(world.get("/jobs", key, limit=500).json()["items"]) == before
+
+
 def test_submitted_job_is_queued(platform) -> None:
     r = platform.submit(platform.admin, "train", platform.spec("sklearn:iris"), max_attempts=2)
     assert r.status_code == 201

@@ -109,7 +109,11 @@ def test_jobs_uploads_and_versions_are_metered_and_quotas_refuse_past_the_limit(
     assert r.status_code == 201, r.text
     ref = r.json()["ref"]
     good = server.call("POST", "/jobs", trainer, json={"kind": "train", "spec": spec(ref)})
-    bad = server.call("POST", "/jobs", trainer, json={"kind": "train", "spec": spec(ref, "nope")})
+    # passes the checks at submission, fails on the worker: the column holds no image paths
+    broken = spec(ref)
+    broken["data"]["image"] = "sepal length (cm)"
+    broken["model"] = {"type": "cnn", "channels": [4], "hidden": [8]}
+    bad = server.call("POST", "/jobs", trainer, json={"kind": "train", "spec": broken})
     assert good.status_code == bad.status_code == 201
     server.run_jobs()
 

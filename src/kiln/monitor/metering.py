@@ -8,6 +8,11 @@ slip past a limit). :meth:`PredictionMeter.flush`, run every few seconds by the
 deployment manager, writes the counts as usage events (``subject`` = the deployment)
 and refreshes the cache of the projects that were active; a project the cache has not
 seen for a while is read once, off the event loop, by :meth:`PredictionMeter.prepare`.
+
+A quota set on this server applies at its next request
+(:meth:`PredictionMeter.invalidate_on_commit`); other servers sharing the database
+apply it within ``stale_after`` seconds (5), since no request is judged on a cache
+older than that.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
 
 from kiln.errors import QuotaError
 from kiln.monitor import usage
@@ -61,7 +67,7 @@ class PredictionMeter:
         self,
         db: Database,
         *,
-        stale_after: float = 30.0,
+        stale_after: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
@@ -70,6 +76,8 @@ class PredictionMeter:
         self._limits: dict[int, _Limits] = {}
         self._unwritten: dict[int, _Unwritten] = {}
         self._touched: set[int] = set()  # projects checked since the last refresh
+        # bumped by every quota change, so a read that raced one is not cached
+        self._generation: dict[int, int] = {}
 
     # ---- the serving path (event loop, no I/O) ------------------------------------
 
@@ -116,8 +124,21 @@ class PredictionMeter:
         """Make sure the project's quotas are cached: read them (in a thread) if they are
         unknown or stale. Active projects are refreshed by every flush, so this reads
         the database only for a project's first request in a while."""
-        if self.needs_load(project_id):
-            self._limits[project_id] = await asyncio.to_thread(self._load, project_id)
+        while self.needs_load(project_id):
+            generation = self._generation.get(project_id, 0)
+            limits = await asyncio.to_thread(self._load, project_id)
+            if generation == self._generation.get(project_id, 0):  # else: read again
+                self._limits[project_id] = limits
+
+    def forget(self, project_id: int) -> None:
+        """The project's quotas changed: read them again before its next request."""
+        self._generation[project_id] = self._generation.get(project_id, 0) + 1
+        self._limits.pop(project_id, None)
+
+    def invalidate_on_commit(self, session: Session, project_id: int) -> None:
+        """:meth:`forget` the project once ``session`` commits (earlier, a request could
+        read and cache the quotas as they were)."""
+        event.listen(session, "after_commit", lambda _s: self.forget(project_id), once=True)
 
     def _load(self, project_id: int) -> _Limits:
         with self.db.session() as s:
@@ -151,6 +172,7 @@ class PredictionMeter:
                 unwritten.by_deployment = {}
         refresh = self._touched | set(batch)
         self._touched = set()
+        generations = dict(self._generation)
         if not batch and not refresh:
             return
         try:
@@ -172,7 +194,11 @@ class PredictionMeter:
             for requests, rows in counts.values():
                 unwritten.requests -= requests
                 unwritten.rows -= rows
-        self._limits.update(fresh)
+        self._limits.update(
+            (pid, limits)
+            for pid, limits in fresh.items()
+            if self._generation.get(pid, 0) == generations.get(pid, 0)  # no change raced it
+        )
 
     def _write(
         self, batch: dict[int, dict[str, list[float]]], refresh: set[int]

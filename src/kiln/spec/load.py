@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,8 +79,7 @@ def _describe(model: type[BaseModel], err: ErrorDetails) -> tuple[str | None, st
     if err["type"] == "invalid_step":
         given = list(err["input"]) if isinstance(err["input"], dict) else []
         kinds = ["distill", "prune", "quantize"]
-        hints = [difflib.get_close_matches(str(k), kinds, n=1, cutoff=0.6) for k in given]
-        hint = next((h[0] for h in hints if h), None)
+        hint = next((h for h in (closest(str(k), kinds) for k in given) if h), None)
         return field, (
             f"unknown step {', '.join(map(repr, given)) or repr(err['input'])}"
             + (f" (did you mean {hint!r}?)" if hint else "")
@@ -137,7 +137,13 @@ def _suggest(model: type[BaseModel], loc: list[int | str]) -> str | None:
                 nxt += _models_in(field.annotation)
         candidates = nxt
     names = sorted({name for cls in candidates for name in cls.model_fields})
-    match = difflib.get_close_matches(str(bad), names, n=1, cutoff=0.6)
+    return closest(str(bad), names)
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice most like ``word`` (a likely typo of it), or None if none is close:
+    the "did you mean" of every unknown key, step or column name."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return match[0] if match else None
 
 

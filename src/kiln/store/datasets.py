@@ -370,6 +370,12 @@ def get_dataset(session: Session, project: Project, dataset_id: str) -> Dataset:
     return row
 
 
+def column_names(dataset: Dataset) -> list[str]:
+    """The names of a dataset's columns, in order, as stored when it was ingested."""
+    columns: list[StoredColumn] = dataset.columns or []
+    return [c["name"] for c in columns]
+
+
 def list_datasets(
     session: Session, project: Project, *, limit: int, offset: int
 ) -> tuple[list[Dataset], int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -17,18 +19,20 @@ from kiln.api.schemas import (
     job_out,
     page_of,
 )
-from kiln.errors import NotFoundError, SpecError
+from kiln.errors import KilnError, NotFoundError, SpecError
 from kiln.jobs import queue
 from kiln.lifecycle import JobState
-from kiln.manifest import JSONDocument
+from kiln.manifest import JSONDocument, parse_manifest
 from kiln.monitor import usage
-from kiln.spec.load import load_spec
-from kiln.store.datasets import dataset_ref, get_dataset
+from kiln.spec.data import DataSpec
+from kiln.spec.load import closest, load_spec
+from kiln.store.artifacts import ArtifactStore
+from kiln.store.datasets import IMAGE_FOLDER_FORMAT, column_names, dataset_ref, get_dataset
 from kiln.store.db import MAX_OFFSET
 from kiln.store.model_refs import check_server_path, pinned_models
 from kiln.store.projects import check_name
 from kiln.store.registry import get_model, resolve_version
-from kiln.store.tables import Project
+from kiln.store.tables import Dataset, ModelVersion, Project
 
 router = APIRouter(tags=["jobs"])
 
@@ -50,14 +54,72 @@ def _server_source(source: str, field: str) -> str | None:
     return dataset_id
 
 
-def _dataset(s: Session, project: Project, source: str, field: str) -> None:
+def _dataset(s: Session, project: Project, source: str, field: str) -> Dataset | None:
+    """The uploaded dataset ``source`` names (None for ``sklearn:<name>``); a 422 naming
+    ``field`` if the project has no such dataset."""
     dataset_id = _server_source(source, field)
     if dataset_id is None:
-        return
+        return None
     try:
-        get_dataset(s, project, dataset_id)
+        return get_dataset(s, project, dataset_id)
     except NotFoundError:
         raise SpecError(f"{field}: dataset {dataset_id} not found", field=field) from None
+
+
+Named = list[tuple[str, str, str]]
+"""(the request's field, a column it names, what the column is for: "" if the field says)."""
+
+
+def _spec_columns(data: DataSpec) -> Named:
+    """The columns a training spec names, each with its field."""
+    named = [("spec.data.target", data.target, "")]
+    named += [(f"spec.data.features.{i}", c, "") for i, c in enumerate(data.features or [])]
+    if isinstance(data.text, list):
+        named += [(f"spec.data.text.{i}", c, "") for i, c in enumerate(data.text)]
+    elif data.text is not None:
+        named += [("spec.data.text", data.text, "")]
+    named += [("spec.data.image", data.image, "")] if data.image is not None else []
+    return named
+
+
+def _version_columns(store: ArtifactStore, version: ModelVersion, model: str) -> Named:
+    """The columns evaluating ``version`` reads: its target and inputs (its manifest's)."""
+    from kiln.bundle import META_FILE  # only here: kiln.bundle imports torch
+
+    key = f"{version.artifact_key}/{META_FILE}"
+    try:
+        meta = parse_manifest(json.loads(store.get_bytes(key)), key)
+    except (KilnError, OSError, ValueError):
+        return []  # an unreadable bundle: the job reports it, with the reason
+    of = f"{model} v{version.version}"
+    named = [("spec.data", meta.target, f"{of}'s target")]
+    return named + [("spec.data", c.name, f"an input of {of}") for c in meta.input_schema]
+
+
+def _check_columns(dataset: Dataset, named: Named) -> None:
+    """Every column named is one of the dataset's (as stored when it was ingested), else
+    a 422 naming each missing one with the closest column, as a typo'd spec key gets.
+    An image folder's label comes from its sub-folders, under any name: not checked."""
+    if dataset.format == IMAGE_FOLDER_FORMAT:
+        return
+    columns = column_names(dataset)
+    problems = [(key, col, role) for key, col, role in named if col not in columns]
+    if not problems:
+        return
+    lines = []
+    for key, col, role in problems:
+        hint = closest(col, columns)
+        lines.append(
+            f"{key}: dataset {dataset.id} has no column {col!r}"
+            + (f" ({role})" if role else "")
+            + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+    shown = ", ".join(columns[:_SHOWN]) + (", ..." if len(columns) > _SHOWN else "")
+    lines.append(f"its columns: {shown}")
+    raise SpecError("\n".join(lines), field=problems[0][0])
+
+
+_SHOWN = 20  # columns listed in the message; a wide table is cut short
 
 
 def _nested(exc: SpecError) -> SpecError:
@@ -104,8 +166,9 @@ def _model_paths(s: Session, project: Project, spec: JSONDocument) -> None:
         check_server_path(s, project, model["path"], field=field)
 
 
-def checked_spec(s: Session, project: Project, body: JobIn) -> JSONDocument:
-    """The job's spec, validated now so a mistake is a 422 naming the field, not a failed job."""
+def checked_spec(s: Session, store: ArtifactStore, project: Project, body: JobIn) -> JSONDocument:
+    """The job's spec, validated now so a mistake is a 422 naming the field, not a failed
+    job: its dataset's columns too (an evaluation's: the version's target and inputs)."""
     if body.kind == "evaluate":
         try:
             ev = EvaluateSpec.model_validate(body.spec)
@@ -118,10 +181,12 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> JSONDocument:
         except NotFoundError as exc:
             raise SpecError(f"spec.model: {exc.message}", field="spec.model") from None
         try:
-            resolve_version(s, model, ev.version)
+            version = resolve_version(s, model, ev.version)
         except NotFoundError as exc:
             raise SpecError(f"spec.version: {exc.message}", field="spec.version") from None
-        _dataset(s, project, ev.data, "spec.data")
+        dataset = _dataset(s, project, ev.data, "spec.data")
+        if dataset is not None:
+            _check_columns(dataset, _version_columns(store, version, ev.model))
         return ev.model_dump()
     if body.kind == "compress":
         return _checked_compress(s, project, body.spec)
@@ -135,7 +200,9 @@ def checked_spec(s: Session, project: Project, body: JobIn) -> JSONDocument:
         raise _nested(exc) from None
     check_name(spec.name, field="spec.name", what="model name")
     _model_paths(s, project, spec.model_dump(mode="json"))
-    _dataset(s, project, spec.data.source, "spec.data.source")
+    dataset = _dataset(s, project, spec.data.source, "spec.data.source")
+    if dataset is not None:
+        _check_columns(dataset, _spec_columns(spec.data))
     return body.spec
 
 
@@ -148,7 +215,7 @@ def submit(
     svc: ServicesDep,
     request: Request,
 ) -> JobOut:
-    spec = checked_spec(s, project, body)
+    spec = checked_spec(s, svc.store, project, body)
     running = usage.running_seconds(s, project.id)
     usage.check_quota(s, project.id, "compute_seconds", pending=running)
     options = {"folds": body.folds or 5} if body.kind == "crossval" else {}

@@ -1,7 +1,9 @@
 """Usage and quotas: what a project consumed (scope ``read``), and its limits (set by a
 global admin key only, since a project's admin must not lift its own). Rate limits are
 quotas of kind ``requests_api`` / ``requests_inference`` per ``second`` or ``minute``
-(``kiln.api.ratelimit``); a change applies on this server at once."""
+(``kiln.api.ratelimit``). A change applies on this server at once (its cached rate
+limits and prediction quotas are read again); other servers sharing the database apply
+it within 5 seconds (``kiln.api.ratelimit``, ``kiln.monitor.metering``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pydantic import BaseModel, Field
 from kiln.api.deps import Admin, ProjectDep, Reader, ServicesDep, SessionDep
 from kiln.errors import ForbiddenError, SpecError
 from kiln.monitor import usage
+from kiln.monitor.metering import KINDS as PREDICTION_KINDS
 from kiln.store.projects import project_for
 
 router = APIRouter(tags=["usage"])
@@ -118,6 +121,10 @@ def set_(
     request.state.project_id = row.id
     request.state.audit_target = f"quota:{row.name}/{body.kind}/{body.period}"
     usage.set_quota(s, row.id, body.kind, body.period, body.limit)
+    manager = getattr(request.app.state, "deployments", None)
+    if manager is not None and body.kind in PREDICTION_KINDS:
+        # the serving path judges predictions on cached quotas: the next one reads them
+        manager.monitor.meter.invalidate_on_commit(s, row.id)
     if body.kind in usage.RATE_KINDS:
         svc.rate.invalidate_on_commit(s)
         return QuotaOut(
