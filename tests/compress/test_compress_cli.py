@@ -98,6 +98,12 @@ def test_compress_prints_a_table_without_json(iris_mlp, tmp_path, no_peak_memory
     assert result.exit_code == 0, result.output
     assert "01-quantize" in result.stdout
     assert "compression trade-offs" in result.stdout
+    assert "tolerance checked on 45 held-out rows, 95% CI" in result.stdout
+    doc = json.loads((out / "report.json").read_text())
+    held = doc["reports"][1]["metric"]["held_out"]
+    ci = held["interval"]
+    # The held-out cell: the value and its interval, as the report holds them.
+    assert f"{held['value']:.4f} [{ci['low']:.3f}, {ci['high']:.3f}]" in result.stdout
     assert "Pareto plot" in result.stdout
     assert (out / "pareto.png").is_file()
 
@@ -123,7 +129,7 @@ def test_tolerance_failure_exits_9(iris_mlp, tmp_path, no_peak_memory):
     )
     result = runner.invoke(app, ["compress", str(spec), "--out", str(tmp_path / "o"), "-q"])
     assert result.exit_code == 9, result.output
-    assert "distill could not keep val log_loss" in result.output
+    assert "distill could not keep held-out log_loss" in result.output
 
 
 def test_runs_below_30_are_refused(iris_mlp, tmp_path):

@@ -104,7 +104,7 @@ def test_each_step_is_a_saved_bundle_named_by_its_position_and_kind(chain):
         assert v.path == out / v.name
         assert kiln.load(str(v.path)).name == "iris-mlp"
     assert any(e.startswith("01-distill: saved") for e in events)
-    assert any(e.startswith("source iris-mlp: val accuracy") for e in events)
+    assert any(e.startswith("source iris-mlp: held-out accuracy") for e in events)
 
 
 def test_lineage_links_each_variant_to_its_parent_and_step(chain, iris_mlp):
@@ -153,8 +153,17 @@ def test_reports_hold_sizes_latency_metric_drops_agreement_and_machine(chain, ir
         m = r["metric"]
         assert m["name"] == "accuracy"
         assert m["source_val"] == pytest.approx(result.source.report["metric"]["val"])
-        assert m["drop"] == pytest.approx(m["source_val"] - m["val"])
-        assert m["relative_drop"] == pytest.approx(m["drop"] / m["source_val"])
+        # The drop the tolerance checked: on validation + test (iris: 15 + 30 rows).
+        held = m["held_out"]
+        assert held["rows"] == 45
+        assert held["source_value"] == pytest.approx(
+            result.source.report["metric"]["held_out"]["value"]
+        )
+        assert m["drop"] == pytest.approx(held["source_value"] - held["value"])
+        assert m["relative_drop"] == pytest.approx(m["drop"] / held["source_value"])
+        assert held["interval"]["method"] == "wilson"
+        assert held["interval"]["low"] <= held["value"] <= held["interval"]["high"]
+        assert held["drop_interval"]["low"] <= m["drop"] <= held["drop_interval"]["high"]
         assert 0 <= r["agreement_with_parent"] <= 1
         assert r["machine"]["cores"] >= 1
         assert "torch" in r["machine"]["versions"]
@@ -378,7 +387,10 @@ def test_regression_distillation_trains_a_smaller_student(diabetes_mlp, run_comp
     assert variant.bundle.meta.parameters < teacher.meta.parameters
     m = variant.report["metric"]
     assert m["name"] == "rmse"
-    assert m["drop"] == pytest.approx(m["val"] - m["source_val"])  # a rise counts as a drop
+    held = m["held_out"]
+    assert m["drop"] == pytest.approx(held["value"] - held["source_value"])  # a rise is a drop
+    assert held["interval"]["method"] == "bootstrap"
+    assert held["interval"]["low"] <= held["value"] <= held["interval"]["high"]
     target = read_table("sklearn:diabetes")["target"]
     assert np.isfinite(m["test"])
     assert m["test"] < float(target.std())  # better than predicting the mean

@@ -18,7 +18,7 @@ from torch import nn
 import kiln
 from kiln.compress.pipeline import CompressToleranceError
 from kiln.compress.quantize import quantizable_nodes
-from kiln.errors import ToleranceError
+from kiln.errors import SpecError, ToleranceError
 from kiln.runtime.onnx import export_onnx
 
 
@@ -58,7 +58,7 @@ def test_impossible_tolerance_raises_naming_the_attempts(tolerance_failure):
     _, error, events = tolerance_failure
     assert isinstance(error, ToleranceError)
     assert error.code == "tolerance_not_met"
-    assert "prune could not keep val accuracy within 0.0" in error.message
+    assert "prune could not keep held-out accuracy within 0.0" in error.message
     assert "after 4 attempt(s)" in error.message
     assert "variants before this step are kept" in error.message
     assert error.field == "tolerance.max_drop"
@@ -198,3 +198,45 @@ def test_onnxruntime_back_off_keeps_the_excluded_layers_in_fp32(backed_off_quant
     graph = onnx.load_from_string(kiln.load(str(variant.path)).onnx).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 1
+
+
+# ---- enough held-out rows to mean something ------------------------------------------
+
+
+def _prune_spec(source: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "source": str(source),
+        "steps": [{"prune": {"method": "unstructured", "amount": 0.3, "finetune_epochs": 0}}],
+        **extra,
+    }
+
+
+def test_too_few_held_out_rows_are_refused_naming_min_rows_and_the_interval(
+    iris_mlp, run_compress, tmp_path
+):
+    """60 iris rows split 20% test / 10% val: 18 held-out rows, fewer than the default 40."""
+    from kiln.data.sources import read_table
+
+    small = tmp_path / "small.csv"
+    read_table("sklearn:iris").sample(60, random_state=0).to_csv(small, index=False)
+    spec = _prune_spec(iris_mlp, data=str(small), tolerance={"max_drop": 0.01})
+    with pytest.raises(SpecError) as err:
+        run_compress(spec, tmp_path / "out")
+    assert err.value.field == "tolerance.min_rows"
+    assert "checked on 18 held-out rows (validation + test)" in err.value.message
+    assert "95% confidence interval of 0." in err.value.message
+    assert not (tmp_path / "out").exists()  # refused before any step ran
+
+
+def test_min_rows_is_the_users_to_lower_or_raise(iris_mlp, run_compress, tmp_path):
+    """iris: 15 validation + 30 test rows. 46 is refused; 45 is checked, on all 45."""
+    with pytest.raises(SpecError, match="checked on 45 held-out rows"):
+        run_compress(_prune_spec(iris_mlp, tolerance={"min_rows": 46}), tmp_path / "refused")
+    result = run_compress(
+        _prune_spec(iris_mlp, tolerance={"max_drop": 1.0, "min_rows": 45}), tmp_path / "ok"
+    )
+    held = result.variants[0].report["metric"]["held_out"]
+    assert held["rows"] == 45
+    attempt = result.variants[0].report["attempts"][0]
+    assert attempt["held_out_accuracy"] == held["value"]
+    assert attempt["drop_interval"] == held["drop_interval"]

@@ -44,11 +44,13 @@ S = TypeVar("S", DistillStep, PruneStep, QuantizeStep)
 
 @dataclass
 class Splits:
-    """The source's training table, split as it was for training."""
+    """The source's training table, split as it was for training; ``held_out`` is the
+    validation and test rows together (the tolerance is checked on those)."""
 
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
+    held_out: pd.DataFrame
     device: str = "auto"  # the source spec's train.device, for students and fine-tuning
 
 
