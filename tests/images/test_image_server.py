@@ -367,7 +367,8 @@ def test_a_compress_job_re_reads_the_image_folder_dataset(
     compress = {
         "source": "model:colours-val@1",  # its data: the lineage's dataset, fetched again
         "steps": [{"quantize": {"method": "int8_dynamic", "backend": "onnxruntime"}}],
-        "tolerance": {"metric": "accuracy", "max_drop": 1.0},
+        # a dozen held-out images: too few to judge a drop, which is not what this tests
+        "tolerance": {"metric": "accuracy", "max_drop": 1.0, "min_rows": 1},
     }
     job_id = server.p.queued(server.train, "compress", compress)
     server.p.run_jobs()
