@@ -26,6 +26,22 @@ def test_unknown_model_key_is_named_by_dotted_path(make_spec):
     assert "unknown key" in err.message
 
 
+@pytest.mark.parametrize("key", ["none", "int", "str", "mlp", ""])
+def test_an_unknown_key_named_like_a_union_tag_is_still_named(make_spec, key):
+    # found by schemathesis: {"none": ...} was dropped from the path like a union's tag,
+    # and the empty path crashed the suggestion (a 500 from POST /jobs)
+    err = spec_error({**make_spec(), key: 1})
+    assert err.field == (key or None)
+    assert "unknown key" in err.message
+
+
+@pytest.mark.parametrize("key", ["none", "int"])
+def test_an_unknown_nested_key_named_like_a_union_tag_is_named_by_its_path(make_spec, key):
+    spec = make_spec()
+    spec["train"] = {**spec["train"], key: 1}
+    assert spec_error(spec).field == f"train.{key}"
+
+
 def test_unknown_model_key_suggests_the_closest_key(make_spec):
     err = spec_error(make_spec(model={"type": "mlp", "hiden": [8]}))
     assert "model.hiden: unknown key (did you mean 'hidden'?)" in err.message

@@ -69,7 +69,12 @@ def validate(model: type[M], data: Document) -> M:
 
 
 def _describe(model: type[BaseModel], err: ErrorDetails) -> tuple[str | None, str]:
-    loc = _clean_loc(err["loc"])
+    raw = err["loc"]
+    if err["type"] == "extra_forbidden" and raw:
+        # the unknown key itself is what the user wrote, even if named like a union tag
+        loc = [*_clean_loc(raw[:-1]), raw[-1]]
+    else:
+        loc = _clean_loc(raw)
     field = ".".join(str(p) for p in loc) or None
     if err["type"] == "extra_forbidden":
         hint = _suggest(model, loc)
