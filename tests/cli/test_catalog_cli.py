@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from cli.live_server import Platform
 from kiln.cli.main import app
 from store.test_catalog import make_tiny_bert
 
@@ -19,14 +17,9 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def env(platform: Platform, tmp_path: Path) -> dict[str, str | None]:
-    return {
-        "KILN_URL": platform.url,
-        "KILN_API_KEY": platform.admin_key,
-        "KILN_HOME": str(tmp_path / "client-home"),
-        "KILN_PROJECT": None,
-        "COLUMNS": "200",
-    }
+def env(env: dict[str, str | None]) -> dict[str, str | None]:
+    """The CLI tests' environment, with tables wider still (catalog sources are paths)."""
+    return {**env, "COLUMNS": "200"}
 
 
 def kiln_cli(env: dict[str, str | None], *args: str) -> Any:

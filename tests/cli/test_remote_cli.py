@@ -20,18 +20,6 @@ from support import free_port
 runner = CliRunner()
 
 
-@pytest.fixture
-def env(platform: Platform, tmp_path: Path) -> dict[str, str | None]:
-    """The client environment: the server, its admin key, and a KILN_HOME of our own."""
-    return {
-        "KILN_URL": platform.url,
-        "KILN_API_KEY": platform.admin_key,
-        "KILN_HOME": str(tmp_path / "client-home"),
-        "KILN_PROJECT": None,
-        "COLUMNS": "160",  # tables as on a wide terminal (Rich reads it)
-    }
-
-
 def kiln_cli(env: dict[str, str | None], *args: str) -> Any:
     return runner.invoke(app, list(args), env=env)
 

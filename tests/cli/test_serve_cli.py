@@ -211,17 +211,6 @@ def model(platform: Platform) -> str:
 
 
 @pytest.fixture
-def env(platform: Platform, tmp_path: Path) -> dict[str, str | None]:
-    return {
-        "KILN_URL": platform.url,
-        "KILN_API_KEY": platform.admin_key,
-        "KILN_HOME": str(tmp_path / "client-home"),
-        "KILN_PROJECT": None,
-        "COLUMNS": "160",
-    }
-
-
-@pytest.fixture
 def tables(rows: list[dict[str, Any]], tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     csv, jsonl = tmp_path / "rows.csv", tmp_path / "rows.jsonl"
     pd.DataFrame(rows).to_csv(csv, index=False)

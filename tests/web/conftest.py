@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from web_support import CHROMIUM, CHROMIUM_ARGS, MARKUP, Site, require_chromium
+from web_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, MARKUP, Site, require_chromium
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
-"""Screenshots of failed browser tests (git ignores the folder)."""
+
+@pytest.fixture(scope="module")
+def chromium() -> None:
+    """Before a browser module's server starts: skip (or fail in CI) without Chromium.
+    Browser modules name it in ``pytestmark`` (``usefixtures``)."""
+    require_chromium()
 
 
 @pytest.hookimpl(hookwrapper=True)

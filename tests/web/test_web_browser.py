@@ -13,20 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from web_support import require_chromium
+from web_support import admin_rest, iris_train_spec, sign_in_page
 
 from cli.live_server import Platform, running_platform
 from support import wait_for
 
-pytestmark = pytest.mark.e2e  # Chromium and a live server
-
-
-@pytest.fixture(scope="module", autouse=True)
-def chromium() -> None:
-    """Before the server starts: skip (or fail in CI) without Chromium."""
-    require_chromium()
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("chromium")]  # a live server
 
 
 class Server:
@@ -35,11 +28,7 @@ class Server:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self.url = platform.url
-        self.rest = httpx.Client(
-            base_url=platform.url + "/api/v1",
-            headers={"Authorization": f"Bearer {platform.admin_key}"},
-            timeout=60,
-        )
+        self.rest = admin_rest(platform.url, platform.admin_key)
         self.dataset = ""
 
     def job_state(self, job_id: str) -> str:
@@ -51,16 +40,6 @@ def _iris_csv() -> bytes:
     from sklearn.datasets import load_iris
 
     return load_iris(as_frame=True).frame.to_csv(index=False).encode()
-
-
-def train_spec(dataset: str, epochs: int, **train: Any) -> dict[str, Any]:
-    return {
-        "name": "iris",
-        "task": "classification",
-        "data": {"source": dataset, "target": "target"},
-        "model": {"type": "mlp", "hidden": [8]},
-        "train": {"epochs": epochs, "device": "cpu", **train},
-    }
 
 
 def _fast_metering() -> dict[str, Any]:
@@ -81,8 +60,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         r = s.rest.post("/datasets", files={"file": ("iris.csv", _iris_csv(), "text/csv")})
         assert r.status_code == 201, r.text
         s.dataset = r.json()["ref"]
-        jobs = [s.rest.post("/jobs", json={"kind": "train", "spec": train_spec(s.dataset, 2)})]
-        jobs.append(s.rest.post("/jobs", json={"kind": "train", "spec": train_spec(s.dataset, 2)}))
+        jobs = [s.rest.post("/jobs", json={"kind": "train", "spec": iris_train_spec(s.dataset, 2)})]
+        jobs.append(
+            s.rest.post("/jobs", json={"kind": "train", "spec": iris_train_spec(s.dataset, 2)})
+        )
         for job in jobs:
             assert job.status_code == 201, job.text
             wait_for(
@@ -99,13 +80,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             for job in s.rest.get("/jobs", params={"state": "running"}).json()["items"]:
                 s.rest.post(f"/jobs/{job['id']}/cancel")  # the platform drains before it stops
             s.rest.close()
-
-
-def sign_in(page: Any, server: Server, key: str | None = None) -> None:
-    page.goto(server.url + "/")
-    page.fill("input[name=key]", key or server.platform.admin_key)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/jobs")
 
 
 def plotted(page: Any, chart: str) -> int:
@@ -139,10 +113,10 @@ def test_sign_in_refuses_a_wrong_key_without_saying_why(
 
 
 def test_the_loss_curve_grows_while_the_job_trains(page: Any, server: Server) -> None:
-    spec = train_spec(server.dataset, 2000, batch_size=4)
+    spec = iris_train_spec(server.dataset, 2000, batch_size=4)
     job = server.rest.post("/jobs", json={"kind": "train", "spec": spec}).json()["id"]
     try:
-        sign_in(page, server)
+        sign_in_page(page, server.url, server.platform.admin_key)
         wait_for(lambda: server.job_state(job) == "running", what="the job to start")
         page.goto(f"{server.url}/jobs/{job}")
         first = wait_for(lambda: plotted(page, "loss-chart"), what="a first point")
@@ -162,7 +136,7 @@ def test_the_loss_curve_grows_while_the_job_trains(page: Any, server: Server) ->
 
 
 def test_model_lineage_links_dataset_job_and_version(page: Any, server: Server) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/models/iris")
     page.click("#versions a[href='/models/iris/versions/1']")
     page.wait_for_url("**/models/iris/versions/1")
@@ -203,14 +177,14 @@ def test_the_compression_chart_draws(page: Any, server: Server) -> None:
             size_bytes=1200,
             parent_id=source.id,
         )
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/models/iris")
     assert wait_for(lambda: plotted(page, "pareto-chart"), what="the Pareto chart") == 1
     assert page.locator("#pareto-chart svg.main-svg").count() > 0
 
 
 def test_canary_weights_change_through_the_form(page: Any, server: Server) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/deployments/iris")
     page.select_option("select[name=version_1]", "2")
     page.fill("input[name=weight_0]", "90")
@@ -229,7 +203,7 @@ def test_usage_counts_the_predictions_just_made(page: Any, server: Server) -> No
         "petal length (cm)": 1.4,
         "petal width (cm)": 0.2,
     }
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     before = usage_totals(page, server)
     for _ in range(7):
         r = server.rest.post("/deployments/iris/predict", json={"inputs": [row, row]})

@@ -10,28 +10,19 @@ saves a screenshot of the page it checked in ``test-artifacts/web/``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from web_support import require_chromium
+from web_support import admin_rest, screenshot, sign_in_page
 
 from cli.live_server import Platform, running_platform
 from support import wait_for
 
-pytestmark = pytest.mark.e2e  # Chromium and a live server
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("chromium")]  # a live server
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 SHIFT = 8.0  # standard deviations the drifted column moves by
-
-
-@pytest.fixture(scope="module", autouse=True)
-def chromium() -> None:
-    """Before the server starts: skip (or fail in CI) without Chromium."""
-    require_chromium()
 
 
 class Server:
@@ -40,11 +31,7 @@ class Server:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self.url = platform.url
-        self.rest = httpx.Client(
-            base_url=platform.url + "/api/v1",
-            headers={"Authorization": f"Bearer {platform.admin_key}"},
-            timeout=60,
-        )
+        self.rest = admin_rest(platform.url, platform.admin_key)
         self.job = ""
 
 
@@ -129,13 +116,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             s.rest.close()
 
 
-def sign_in(page: Any, server: Server) -> None:
-    page.goto(server.url + "/")
-    page.fill("input[name=key]", server.platform.admin_key)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/jobs")
-
-
 def drawn(page: Any, chart: str) -> dict[str, Any] | None:
     """What plotly.js made of a chart: its layout as computed, and each trace's points."""
     found: dict[str, Any] | None = page.evaluate(
@@ -160,14 +140,6 @@ def drawn(page: Any, chart: str) -> dict[str, Any] | None:
     return found
 
 
-def shot(page: Any, name: str) -> Path:
-    """A full-page screenshot in test-artifacts/web/ (the issue asks for one per fix)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
 def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     return not (
         a["right"] <= b["left"]
@@ -180,7 +152,7 @@ def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
 def test_validation_metrics_of_different_scales_get_their_own_axes(
     page: Any, server: Server
 ) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(f"{server.url}/jobs/{server.job}")
     chart = wait_for(lambda: drawn(page, "validation-chart"), what="the validation chart")
     errors = {t["name"] for t in chart["traces"] if t["yaxis"] == "y"}
@@ -193,13 +165,13 @@ def test_validation_metrics_of_different_scales_get_their_own_axes(
     assert chart["showlegend"] and not _overlap(chart["legend"], chart["xtitle"])
     loss = wait_for(lambda: drawn(page, "loss-chart"), what="the loss chart")
     assert loss["showlegend"] and not _overlap(loss["legend"], loss["xtitle"])
-    shot(page, "charts-validation-axes")
+    screenshot(page, "charts-validation-axes")
 
 
 def test_the_compression_chart_is_padded_readable_and_draws_its_front(
     page: Any, server: Server
 ) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/models/houses")
     chart = wait_for(lambda: drawn(page, "pareto-chart"), what="the Pareto chart")
     size, latency = chart["traces"][0], chart["traces"][2]
@@ -223,13 +195,13 @@ def test_the_compression_chart_is_padded_readable_and_draws_its_front(
         ".map((p) => p.getTotalLength())"
     )
     assert len(lengths) == 2 and all(n > 10 for n in lengths), lengths
-    shot(page, "charts-compression-tradeoff")
+    screenshot(page, "charts-compression-tradeoff")
 
 
 def test_the_deployment_page_shows_drift_and_swaps_from_the_served_version(
     page: Any, server: Server
 ) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/deployments/houses")
     drift = server.rest.get("/deployments/houses/drift").json()
     assert drift["drifted"] == ["area"], drift
@@ -248,15 +220,15 @@ def test_the_deployment_page_shows_drift_and_swaps_from_the_served_version(
     options = page.locator("#swap-form select[name=version] option").all_inner_texts()
     assert options[0].startswith("v4")
     assert page.locator("#swap-form select[name=version]").input_value() == "1"
-    shot(page, "deployment-drift-and-swap")
+    screenshot(page, "deployment-drift-and-swap")
 
 
 def test_traffic_axes_never_go_below_zero(page: Any, server: Server) -> None:
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/deployments/houses")
     chart = wait_for(lambda: drawn(page, "traffic-chart"), what="the traffic chart")
     for name in ("y", "y2"):
         low, _ = chart["axes"][name]["range"]
         ticks = [float(t.replace("\u2212", "-")) for t in chart["axes"][name]["ticks"] if t]
         assert low >= 0 and all(t >= 0 for t in ticks), (name, chart["axes"][name])
-    shot(page, "deployment-traffic")
+    screenshot(page, "deployment-traffic")

@@ -12,33 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from web_support import require_chromium
+from web_support import admin_rest, iris_train_spec, screenshot, sign_in_page
 
 from cli.live_server import Platform, running_platform
 from support import wait_for
 
-pytestmark = pytest.mark.e2e  # Chromium and a live server
-
-SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def chromium() -> None:
-    """Before the server starts: skip (or fail in CI) without Chromium."""
-    require_chromium()
-
-
-def shot(page: Any, name: str) -> Path:
-    """A full-page screenshot of what the test checked, kept as the fix's evidence."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / f"jobs-{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("chromium")]  # a live server
 
 
 class Server:
@@ -48,11 +30,7 @@ class Server:
         self.platform = platform
         self.url = platform.url
         self.dataset = dataset
-        self.rest = httpx.Client(
-            base_url=platform.url + "/api/v1",
-            headers={"Authorization": f"Bearer {platform.admin_key}"},
-            timeout=60,
-        )
+        self.rest = admin_rest(platform.url, platform.admin_key)
 
     def submit(self, kind: str, spec: dict[str, Any]) -> str:
         r = self.rest.post("/jobs", json={"kind": kind, "spec": spec})
@@ -70,21 +48,11 @@ class Server:
         assert self.state(job_id) == "succeeded", self.rest.get(f"/jobs/{job_id}").json()
 
 
-def train_spec(dataset: str, epochs: int, **train: Any) -> dict[str, Any]:
-    return {
-        "name": "iris",
-        "task": "classification",
-        "data": {"source": dataset, "target": "target"},
-        "model": {"type": "mlp", "hidden": [8]},
-        "train": {"epochs": epochs, "device": "cpu", **train},
-    }
-
-
 def early_stopping_spec(dataset: str) -> dict[str, Any]:
     """30 epochs asked for; no epoch after the first improves train_loss by 100, so
     early stopping ends the run after the first and two more."""
     stop = {"metric": "train_loss", "patience": 2, "min_delta": 100.0}
-    return train_spec(dataset, 30, early_stopping=stop)
+    return iris_train_spec(dataset, 30, early_stopping=stop)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     data = load_iris(as_frame=True).frame.to_csv(index=False).encode()
     with running_platform(tmp_path_factory.mktemp("web-jobs")) as platform:
-        rest = httpx.Client(
-            base_url=platform.url + "/api/v1",
-            headers={"Authorization": f"Bearer {platform.admin_key}"},
-        )
+        rest = admin_rest(platform.url, platform.admin_key)
         r = rest.post("/datasets", files={"file": ("iris.csv", data, "text/csv")})
         rest.close()
         assert r.status_code == 201, r.text
@@ -109,19 +74,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             s.rest.close()
 
 
-def sign_in(page: Any, server: Server) -> None:
-    page.goto(server.url + "/")
-    page.fill("input[name=key]", server.platform.admin_key)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/jobs")
-
-
 def test_the_job_page_fills_in_the_outcome_when_the_job_ends(page: Any, server: Server) -> None:
     # one worker: a long job holds it, so the page opens while ours is still queued
-    blocker = server.submit("train", train_spec(server.dataset, 2000, batch_size=4))
+    blocker = server.submit("train", iris_train_spec(server.dataset, 2000, batch_size=4))
     wait_for(lambda: server.state(blocker) == "running", what="the blocking job to start")
     job = server.submit("train", early_stopping_spec(server.dataset))
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(f"{server.url}/jobs/{job}")
     assert page.locator("#job-state .badge").inner_text() == "queued"
     assert page.locator("#job-finished").inner_text() == "—"
@@ -143,13 +101,13 @@ def test_the_job_page_fills_in_the_outcome_when_the_job_ends(page: Any, server: 
         assert label in facts
     assert re.search(r"peak memory\s+\d+\.\d (MiB|GiB)", facts), facts
     assert page.locator("#job-results table.metrics").count() >= 1
-    shot(page, "live-finished")
+    screenshot(page, "jobs-live-finished")
 
 
 def test_results_are_a_metric_table_and_a_confusion_heat_map(page: Any, server: Server) -> None:
-    job = server.submit("train", train_spec(server.dataset, 3))
+    job = server.submit("train", iris_train_spec(server.dataset, 3))
     server.finish(job)
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(f"{server.url}/jobs/{job}")
     table = page.locator("#job-results table.metrics")
     assert table.locator("thead th").all_text_contents()[1:] == ["test", "val"]
@@ -164,13 +122,13 @@ def test_results_are_a_metric_table_and_a_confusion_heat_map(page: Any, server: 
     assert page.locator("#job-results pre.json").count() == 0  # nothing left as raw JSON
     height = page.evaluate("() => document.documentElement.scrollHeight")
     assert height < 2500, height  # the result no longer runs to thousands of pixels
-    shot(page, "results")
+    screenshot(page, "jobs-results")
 
 
 def test_the_jobs_list_names_jobs_and_shows_a_compress_jobs_variants(
     page: Any, server: Server
 ) -> None:
-    trained = server.submit("train", train_spec(server.dataset, 3))
+    trained = server.submit("train", iris_train_spec(server.dataset, 3))
     server.finish(trained)
     version = server.rest.get(f"/jobs/{trained}").json()["model_version"]["version"]
     steps = [
@@ -185,14 +143,14 @@ def test_the_jobs_list_names_jobs_and_shows_a_compress_jobs_variants(
     squeeze = server.submit("compress", spec)
     server.finish(squeeze, timeout=180)
     variants = server.rest.get(f"/jobs/{squeeze}").json()["result"]["variants"]
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/jobs")
     row = page.locator(f"#jobs tr[data-job={squeeze}]")
     assert row.locator("td.name").inner_text() == "iris"
     links = row.locator("td.versions a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
     assert links == [f"/models/iris/versions/{v['version']}" for v in variants]
     assert page.locator(f"#jobs tr[data-job={trained}] td.name").inner_text() == "iris"
-    shot(page, "list")
+    screenshot(page, "jobs-list")
 
 
 def test_usage_reads_in_hours_bytes_and_thousands(page: Any, server: Server) -> None:
@@ -202,7 +160,7 @@ def test_usage_reads_in_hours_bytes_and_thousands(page: Any, server: Server) -> 
         record(s, 1, "compute_seconds", 36_000.0, device="cpu")
         record(s, 1, "prediction_requests", 1e6)
         set_quota(s, 1, "prediction_requests", "month", 2e6)
-    sign_in(page, server)
+    sign_in_page(page, server.url, server.platform.admin_key)
     page.goto(server.url + "/usage")
     totals = {
         row.get_attribute("data-kind"): row.locator("td").inner_text()
@@ -214,4 +172,4 @@ def test_usage_reads_in_hours_bytes_and_thousands(page: Any, server: Server) -> 
     quota = page.locator("#usage-quotas tr[data-kind=prediction_requests]")
     assert quota.locator("td.used").inner_text() == "1,000,000"
     assert quota.locator("td.limit").inner_text() == "2,000,000"
-    shot(page, "usage")
+    screenshot(page, "jobs-usage")

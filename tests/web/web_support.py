@@ -23,6 +23,9 @@ MARKUP = '<script>alert("kiln")</script>'
 """Free text that reaches pages: a dataset's column name and values, a job's error
 and log lines (model and dataset *names* are restricted to [A-Za-z0-9._-])."""
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
+"""Screenshots of browser tests (git ignores the folder)."""
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -44,6 +47,40 @@ def require_chromium() -> None:
     if os.environ.get("KILN_REQUIRE_CHROMIUM") == "1":
         pytest.fail(f"{reason} (KILN_REQUIRE_CHROMIUM=1)", pytrace=False)
     pytest.skip(reason)
+
+
+def admin_rest(url: str, admin_key: str) -> httpx.Client:
+    """A REST client on ``url``'s ``/api/v1`` as the global admin."""
+    return httpx.Client(
+        base_url=url + "/api/v1", headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
+    )
+
+
+def sign_in_page(page: Any, url: str, key: str) -> None:
+    """Sign a browser tab in through the dashboard's form; it lands on the jobs list."""
+    page.goto(url + "/")
+    page.fill("input[name=key]", key)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/jobs")
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """A full-page screenshot of what a test checked, kept in test-artifacts/web/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def iris_train_spec(dataset: str, epochs: int, **train: Any) -> dict[str, Any]:
+    """A small MLP on an uploaded iris dataset (``train`` overrides its train section)."""
+    return {
+        "name": "iris",
+        "task": "classification",
+        "data": {"source": dataset, "target": "target"},
+        "model": {"type": "mlp", "hidden": [8]},
+        "train": {"epochs": epochs, "device": "cpu", **train},
+    }
 
 
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')

@@ -13,6 +13,7 @@ from rich.table import Table
 from kiln.cli.errors import reports_errors
 from kiln.cli.options import flag
 from kiln.cli.render import console, err_console, print_json
+from kiln.monitor.units import binary_size
 
 if TYPE_CHECKING:
     from kiln.compress.pipeline import CompressResult
@@ -88,7 +89,7 @@ def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:
             "variant": r["variant"],
             "backend": r["backend"],
             "parameters": f"{r['parameters']:,}",
-            "size": _bytes(r["model_bytes"]),
+            "size": binary_size(r["model_bytes"]),
             "p50 b1 ms": f"{r['p50_ms_b1']:.3f}",
             "p95 b1 ms": f"{r['p95_ms_b1']:.3f}",
             "p50 b32 ms": f"{r['p50_ms_b32']:.3f}",
@@ -111,14 +112,6 @@ def _with_interval(r: dict[str, Any], value: str, low: str, high: str, sign: str
     if r.get(value) is None or r.get(low) is None:
         return "-"
     return f"{r[value]:{sign}.4f} [{r[low]:{sign}.3f}, {r[high]:{sign}.3f}]"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 @reports_errors

@@ -28,6 +28,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import AuthError, KilnError, NotFoundError
+from kiln.monitor.units import binary_size
 from kiln.services import Services
 from kiln.store.keys import Principal
 from kiln.store.projects import project_for
@@ -164,13 +165,8 @@ def pretty(value: Any) -> str:
 
 
 def size(value: float | None) -> str:
-    if value is None:
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"  # pragma: no cover - the loop always returns
+    """A byte count as the CLI prints it (``316.0 KiB``); an em dash when unknown."""
+    return "—" if value is None else binary_size(value)
 
 
 STATIC_FILES = {
