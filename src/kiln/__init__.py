@@ -6,6 +6,8 @@ The public library API::
     bundle = kiln.fit("spec.yaml", out="models/wine")   # or a dict / kiln.Spec
     bundle = kiln.load("models/wine")
     bundle.predict([{"alcohol": 13.2, ...}])
+    lm = kiln.load("models/orders")                      # a generation bundle: LMBundle
+    lm.generate("Send 3 blue mugs to Oslo").text         # or lm.stream(...) for text deltas
     kiln.crossval("spec.yaml", folds=5)
     kiln.Client("http://127.0.0.1:8080", api_key="kiln_...")   # a kiln server (kiln up)
 
@@ -35,8 +37,10 @@ __all__ = [
     "BundleError",
     "Client",
     "DataError",
+    "EmbeddingBundle",
     "Interrupted",
     "KilnError",
+    "LMBundle",
     "NotFoundError",
     "Predictions",
     "Spec",
@@ -52,6 +56,8 @@ __all__ = [
 _LAZY = {
     "Bundle": ("kiln.bundle", "Bundle"),
     "Predictions": ("kiln.bundle", "Predictions"),
+    "LMBundle": ("kiln.lm_bundle", "LMBundle"),
+    "EmbeddingBundle": ("kiln.lm_bundle", "EmbeddingBundle"),
     "Client": ("kiln.client", "Client"),
     "Spec": ("kiln.spec", "Spec"),
     "load_spec": ("kiln.spec", "load_spec"),
@@ -62,15 +68,24 @@ _LAZY = {
 if TYPE_CHECKING:
     from kiln.bundle import Bundle, Predictions
     from kiln.client import Client
+    from kiln.lm_bundle import EmbeddingBundle, LMBundle
     from kiln.spec import Spec, load_spec
     from kiln.train.crossval import crossval
     from kiln.workflow import fit
 
 
-def load(directory: str) -> Bundle:
-    """Load a bundle directory (no code is executed, nothing is unpickled)."""
+def load(directory: str) -> Bundle | LMBundle | EmbeddingBundle:
+    """Load a bundle directory (no code is executed, nothing is unpickled): a
+    :class:`Bundle` (classification, regression), an :class:`LMBundle` (generation) or
+    an :class:`EmbeddingBundle` (embedding), by the task its ``kiln.json`` records."""
     from kiln.bundle import Bundle
+    from kiln.lm_bundle import EmbeddingBundle, LMBundle, manifest_task
 
+    task = manifest_task(directory)
+    if task == "generation":
+        return LMBundle.load(directory)
+    if task == "embedding":
+        return EmbeddingBundle.load(directory)
     return Bundle.load(directory)
 
 

@@ -51,9 +51,12 @@ class _SparseRecord(_Record):
 class Runtime(_Record):
     """How the bundle runs: the backend and the quantized execution, if any."""
 
-    backend: Literal["torch", "onnxruntime"] = "torch"
-    # int8_dynamic: torch's or onnxruntime's dynamic int8; fp16/bf16: half weights on CUDA
-    quantization: Literal["int8_dynamic", "fp16", "bf16"] | None = None
+    backend: Literal["torch", "onnxruntime", "onnxruntime-genai"] = "torch"
+    # int8_dynamic: torch's or onnxruntime's dynamic int8; fp16/bf16: half weights on CUDA;
+    # int4_weight/int8_weight: an onnxruntime-genai model's weight-only quantization
+    quantization: Literal["int8_dynamic", "fp16", "bf16", "int4_weight", "int8_weight"] | None = (
+        None
+    )
     # onnxruntime int8: layers left in fp32 because quantizing them cost accuracy
     excluded: list[str] = []
 
@@ -64,6 +67,15 @@ class Runtime(_Record):
         if self.backend == "torch" and not self.excluded:
             data.pop("excluded", None)
         return data
+
+
+class TokenRecord(_Record):
+    """A language model's training split in tokens (per epoch)."""
+
+    tokens: int  # real (non-padding) tokens
+    trained: int  # of which carry a label (the answers, with loss_on: assistant)
+    truncated: int  # examples cut at max_length
+    truncated_lines: list[int] = []  # the first 20 of their lines in the data file
 
 
 class TrainingRecord(_Record):
@@ -78,6 +90,14 @@ class TrainingRecord(_Record):
     loss: str | None = None
     # one entry per epoch: epoch, train_loss, lr, val_* metrics, seconds
     history: list[dict[str, int | float]] = []
+    tokens: TokenRecord | None = None  # language models only
+
+    @model_serializer(mode="wrap")
+    def _tokens_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.tokens is None:
+            data.pop("tokens", None)
+        return data
 
 
 class DataRecord(_SparseRecord):
@@ -141,7 +161,7 @@ class BundleMeta(BaseModel):
     format: Literal["kiln.bundle"] = "kiln.bundle"
     format_version: int = FORMAT_VERSION
     name: str
-    task: Literal["classification", "regression"]
+    task: Literal["classification", "regression", "generation", "embedding"]
     created_at: str
     kiln_version: str
     model: ModelSpec

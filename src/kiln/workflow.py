@@ -23,6 +23,8 @@ from kiln.train.recipe import Table, Trained, load_table, score_frame, train_fra
 if TYPE_CHECKING:
     import pandas as pd
 
+    from kiln.lm_bundle import LMBundle
+
 
 SplitMetrics = dict[str, Metrics]
 """Per held-out split (``test``, ``val``): what :func:`kiln.evaluate` measured."""
@@ -42,8 +44,9 @@ def fit(
     callbacks: Sequence[Callback] = (),
     checkpoints: str | Path | CheckpointStore | None = None,
     data_root: Path | None = None,
-) -> Bundle:
-    """Train the model a spec describes and return its bundle.
+) -> Bundle | LMBundle:
+    """Train the model a spec describes and return its bundle (an :class:`LMBundle` for
+    ``task: generation``).
 
     The table is split into train/val/test; preprocessing is fitted on train only;
     test metrics are measured once at the end. With ``out`` the bundle is saved there
@@ -55,6 +58,8 @@ def fit(
     spec = load_spec(spec)
     if out is not None:
         check_destination(Path(out))  # fail before training, not after
+    if spec.task == "generation":
+        return _fit_generation(spec, out, resume, callbacks, checkpoints)
     started = time.perf_counter()
     table = load_table(spec, data_root=data_root)
     frames = _Frames.split(spec, table)
@@ -67,6 +72,24 @@ def fit(
     training = _training_record(spec, trained, seconds=time.perf_counter() - started)
     meta = _manifest(spec, table, frames, trained, metrics, training)
     bundle = Bundle(meta, trained.model, trained.preprocessor)
+    if out is not None:
+        bundle.save(out)
+        if store is not None:
+            store.clear()
+    return bundle
+
+
+def _fit_generation(
+    spec: Spec,
+    out: str | Path | None,
+    resume: bool,
+    callbacks: Sequence[Callback],
+    checkpoints: str | Path | CheckpointStore | None,
+) -> LMBundle:
+    from kiln.lm_workflow import fit_lm
+
+    store = _checkpoint_store(checkpoints, out)
+    bundle = fit_lm(spec, callbacks=callbacks, checkpoints=store, resume=resume)
     if out is not None:
         bundle.save(out)
         if store is not None:

@@ -15,6 +15,7 @@ from kiln.cli import (
     catalog_cmds,
     compress_cmds,
     jobs_cmds,
+    lm_cmds,
     model_cmds,
     platform_cmds,
     registry_cmds,
@@ -40,6 +41,9 @@ app.command()(train_cmds.crossval)
 app.command()(model_cmds.evaluate)
 app.command()(model_cmds.predict)
 app.command()(model_cmds.inspect)
+app.command()(lm_cmds.generate)
+app.command()(lm_cmds.chat)
+app.command("import")(lm_cmds.import_model)
 app.command()(compress_cmds.compress)
 app.command()(compress_cmds.export)
 app.command()(platform_cmds.up)

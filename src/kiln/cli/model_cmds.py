@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kiln.cli.errors import reports_errors
 from kiln.cli.options import JsonOut, require_local_input
-from kiln.cli.render import confusion_table, console, metrics_table, print_json
+from kiln.cli.render import confusion_table, console, err_console, metrics_table, print_json
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)]
 OutCsv = Annotated[
@@ -30,13 +30,45 @@ SHOWN_ROWS = 20
 @reports_errors
 def evaluate(
     bundle: BundleArg,
-    data: Annotated[str, typer.Argument(help="Labelled table (csv/parquet/jsonl path or URI).")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Labelled table (csv/parquet/jsonl path or URI); for a generation bundle, "
+            "chat, completion or text JSON lines."
+        ),
+    ],
     json_out: JsonOut = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Generation bundles: write each example's prompt, reference and generated "
+            "answer with its scores to FILE (JSON lines).",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", min=1, help="Generation bundles: new tokens per answer."),
+    ] = None,
 ) -> None:
-    """Metrics of a bundle on labelled data (held-out rows it was not trained on)."""
+    """Metrics of a bundle on labelled data (held-out rows it was not trained on).
+
+    A generation bundle reports loss and perplexity, and for chat and completion data
+    the share of exact, normalised and JSON-equal answers and ROUGE-L, from greedy answers
+    to each example's last turn.
+    """
     from kiln.bundle import Bundle
+    from kiln.lm_bundle import manifest_task
 
     require_local_input(data, field="data")
+    if manifest_task(bundle) == "generation":
+        _evaluate_lm(bundle, data, json_out=json_out, out=out, max_tokens=max_tokens)
+        return
+    if out is not None or max_tokens is not None:
+        from kiln.errors import SpecError
+
+        raise SpecError("--out and --max-tokens apply to generation bundles", field="--out")
     b = Bundle.load(bundle)
     metrics = b.evaluate(data)
     if json_out:
@@ -45,6 +77,33 @@ def evaluate(
     console.print(metrics_table(f"{b.name} on {data}", {"value": metrics}))
     if "confusion_matrix" in metrics and b.meta.labels is not None:
         console.print(confusion_table(metrics["confusion_matrix"], b.meta.labels))
+
+
+def _evaluate_lm(
+    bundle: Path, data: str, *, json_out: bool, out: Path | None, max_tokens: int | None
+) -> None:
+    """``kiln evaluate`` of a generation bundle."""
+    import dataclasses
+    import json
+
+    from kiln.lm_bundle import LMBundle
+    from kiln.settings import apply_threads, get_settings
+
+    apply_threads(get_settings())
+    b = LMBundle.load(bundle)
+    with err_console.status(f"evaluating {b.name} on {data}"):
+        result = b.evaluate(data, max_new_tokens=max_tokens)
+    if out is not None:
+        with out.open("w", encoding="utf-8") as fh:
+            for answer, score in zip(result.answers, result.scores, strict=True):
+                row = {**dataclasses.asdict(answer), **dataclasses.asdict(score)}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if json_out:
+        print_json(result.metrics)
+        return
+    console.print(metrics_table(f"{b.name} on {data}", {"value": result.metrics}))
+    if out is not None:
+        console.print(f"per-example answers: [bold]{out}[/]")
 
 
 @reports_errors
@@ -109,9 +168,13 @@ def _encoded(bundle: Any) -> str:
 def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     """Summarise a bundle: layers, shapes, parameter counts, metrics, lineage."""
     from kiln.bundle import Bundle
+    from kiln.lm_bundle import manifest_task
     from kiln.manifest import DataRecord
     from kiln.models.summary import summarize
 
+    if manifest_task(bundle) in ("generation", "embedding"):
+        _inspect_lm(bundle, json_out=json_out)
+        return
     b = Bundle.load(bundle)
     rows = summarize(b.model, b.example_input())
     meta = b.meta
@@ -163,3 +226,51 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
         f"training: {t.epochs_run} epochs, loss {t.loss}, "
         f"best epoch {t.best_epoch}, {t.seconds}s on {t.device}"
     )
+
+
+def _inspect_lm(bundle: Path, *, json_out: bool) -> None:
+    """``kiln inspect`` of a generation or embedding bundle (no layer table: an LM's
+    hundreds of layers say less than its config)."""
+    from kiln.lm_bundle import read_verified_manifest
+
+    meta = read_verified_manifest(bundle)
+    config = meta.model_context.get("hf_config", {})
+    generation = (bundle / "generation.json").read_text() if meta.task == "generation" else None
+    if json_out:
+        doc = meta.model_dump(mode="json", exclude={"training", "model_context"})
+        doc["training"] = meta.training.model_dump(mode="json", exclude={"history"})
+        if generation is not None:
+            import json
+
+            doc["generation"] = json.loads(generation)
+        print_json(doc)
+        return
+    arch = config.get("architectures") if isinstance(config, dict) else None
+    family = arch[0] if isinstance(arch, list) and arch else None
+    if family is None and isinstance(config, dict):
+        family = config.get("model_type")
+    console.print(
+        f"[bold]{meta.name}[/]  {meta.task}, {meta.model.type}"
+        + (f" ({family})" if family else "")
+        + f", {meta.parameters:,} parameters, created {meta.created_at} by kiln {meta.kiln_version}"
+    )
+    if isinstance(config, dict):
+        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+        console.print(", ".join(f"{k} {config[k]}" for k in keys if k in config))
+    console.print(
+        f"runtime: {meta.runtime.backend}"
+        + (f", {meta.runtime.quantization}" if meta.runtime.quantization else "")
+    )
+    splits = {k: v for k, v in meta.metrics.items() if isinstance(v, dict)}
+    if splits:
+        console.print(metrics_table("metrics", splits))
+    t = meta.training
+    if t.epochs_run:
+        tokens = f", {t.tokens.trained:,} trained tokens per epoch" if t.tokens else ""
+        console.print(
+            f"training: {t.epochs_run} epochs{tokens}, best epoch {t.best_epoch}, "
+            f"{t.seconds}s on {t.device}"
+        )
+    parent = meta.lineage.parent
+    if parent is not None:
+        console.print(f"from: {parent.name or parent.path}")

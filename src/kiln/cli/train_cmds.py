@@ -55,6 +55,15 @@ def train(
     if log_jsonl is not None:
         callbacks.append(JsonlLog(log_jsonl))
     bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks)
+    tokens = bundle.meta.training.tokens
+    if tokens is not None and tokens.truncated:
+        lines = ", ".join(map(str, tokens.truncated_lines))
+        more = ", ..." if tokens.truncated > len(tokens.truncated_lines) else ""
+        err_console.print(
+            f"note: {tokens.truncated} training example(s) were longer than model.max_length "
+            f"and were cut at it (lines {lines}{more}); raise max_length to keep them whole",
+            highlight=False,
+        )
     if json_out:
         record = bundle.meta.training.model_dump(mode="json", exclude={"history"})
         print_json({"bundle": str(out), **bundle.metrics, "training": record})

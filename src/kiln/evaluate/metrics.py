@@ -34,7 +34,8 @@ class Metrics(TypedDict, total=False):
 
     Classification fills the :data:`SCALAR_CLASSIFICATION` scores (``roc_auc`` only
     when defined) and ``confusion_matrix`` (rows: true class, columns: predicted);
-    regression the :data:`SCALAR_REGRESSION` ones. ``rows``/``rows_skipped`` are added
+    regression the :data:`SCALAR_REGRESSION` ones; generation ``loss``, ``perplexity`` and
+    ``tokens``, and from generated answers the match rates. ``rows``/``rows_skipped`` are added
     by ``Bundle.evaluate``, ``epochs_run`` by cross-validation's folds.
     """
 
@@ -55,6 +56,15 @@ class Metrics(TypedDict, total=False):
     rows: int
     rows_skipped: int
     epochs_run: int
+    # generation: next-token loss over the answer tokens, exp(loss), and, from generated
+    # text, the share of exact, normalised-text and JSON-equal answers and ROUGE-L (F)
+    loss: float
+    perplexity: float
+    tokens: int
+    exact_match: float
+    normalized_match: float
+    json_match: float
+    rouge_l: float
 
 
 def metric_value(metrics: Metrics, name: str) -> float:
@@ -133,8 +143,9 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Metrics:
 
 
 def headline_metric(task: str) -> str:
-    """The one number shown first: accuracy for classification, RMSE for regression."""
-    return "accuracy" if task == "classification" else "rmse"
+    """The one number shown first: accuracy for classification, RMSE for regression,
+    perplexity for generation."""
+    return {"classification": "accuracy", "generation": "perplexity"}.get(task, "rmse")
 
 
 def _clip(proba: np.ndarray) -> np.ndarray:

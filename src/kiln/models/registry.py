@@ -52,4 +52,12 @@ def available() -> list[str]:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register decorators.
-    from kiln.models import cnn, linear, mlp, pretrained, transformer  # noqa: F401
+    from kiln.models import (  # noqa: F401
+        causal_lm,
+        cnn,
+        linear,
+        mlp,
+        pretrained,
+        sentence_encoder,
+        transformer,
+    )

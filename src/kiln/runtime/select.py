@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from kiln.errors import BundleError, ExportError, SpecError
 from kiln.runtime import Backend, ServingChoice
 from kiln.runtime.eager import TorchBackend
 from kiln.runtime.placement import Placement, cuda_available, half_dtype
+
+if TYPE_CHECKING:
+    from kiln.runtime.generation import Generator
 
 
 class RuntimeRecord(Protocol):
@@ -134,3 +138,30 @@ def select_backend(
         return Selection(torch_backend(model, runtime))
     backend = OnnxBackend(graph, threads=torch.get_num_threads(), spinning=False)
     return Selection(backend, diff)
+
+
+def recorded_generator(
+    model: nn.Module | None, tokenizer: Any, runtime: RuntimeRecord, genai: Path | None
+) -> Generator:
+    """The generation engine a language-model bundle's runtime record names:
+    onnxruntime-genai over its ``genai/`` folder (the int4/int8 variants ``kiln
+    compress`` measured), or torch over the causal LM itself."""
+    if runtime.backend == "onnxruntime-genai":
+        if genai is None:
+            raise BundleError(
+                "the bundle's runtime is onnxruntime-genai but it has no genai/ model"
+            )
+        from kiln.runtime.genai import GenaiGenerator
+
+        return GenaiGenerator(genai, tokenizer)
+    if model is None:
+        raise BundleError("the bundle has no torch weights to generate with")
+    from kiln.runtime.generation import TorchGenerator
+
+    if runtime.quantization == "int8_dynamic":  # a torch int8 variant: quantized at load
+        from kiln.runtime.quantized import torch_int8
+
+        model = torch_int8(model)
+    base = getattr(model, "base_model", None)
+    hf: Any = base() if callable(base) else model  # a CausalLM wraps the transformers model
+    return TorchGenerator(hf, tokenizer)

@@ -90,6 +90,11 @@ class DataSpec(StrictModel):
     augment: Augment | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     split: Split = Field(default_factory=Split)
+    format: Literal["chat", "completion", "text"] | None = Field(
+        default=None,
+        description="generation data: chat (messages), completion (prompt/completion) or "
+        "text (a text column); inferred from the first record when left out.",
+    )
 
     @property
     def text_columns(self) -> list[str]:
@@ -105,10 +110,6 @@ class DataSpec(StrictModel):
             raise ValueError("features applies to tables; text/image specs use text or image")
         if self.text is not None and not self.text_columns:
             raise ValueError("text must name at least one column")
-        if "target" not in self.model_fields_set and not self.maybe_folder:
-            raise ValueError(
-                "data.target: required key is missing (only an image folder may omit it)"
-            )
         if self.augment is not None and self.image is None and not self.maybe_folder:
             raise ValueError("augment applies to images (data.image or an image folder)")
         if self.image_size is not None and min(self.image_size) < 1:

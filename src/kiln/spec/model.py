@@ -119,8 +119,90 @@ class PretrainedSpec(StrictModel):
         return self
 
 
+class LMLoraSpec(StrictModel):
+    """Low-rank adapters (peft) for a causal LM.
+
+    ``merge: true`` (the default) folds them into the saved weights, so the bundle serves
+    like a full fine-tune; ``merge: false`` keeps them as an adapter beside a reference
+    to the base weights.
+    """
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1, description="Scaling numerator: updates x alpha / r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target: Literal["auto"] | list[Annotated[str, Field(min_length=1)]] = Field(
+        default="auto",
+        description="Module names to adapt; auto: the attention and MLP projections.",
+    )
+    merge: bool = True
+
+    @model_validator(mode="after")
+    def _targets_named(self) -> LMLoraSpec:
+        if isinstance(self.target, list) and not self.target:
+            raise ValueError("target must name at least one module (or be auto)")
+        return self
+
+
+class CausalLMSpec(StrictModel):
+    """Fine-tune a pretrained causal language model (AutoModelForCausalLM).
+
+    ``path`` is a Hugging Face model directory, a ``.gguf`` file (dequantised by
+    transformers' GGUF loader), ``pkg:<package>/<file or dir>`` for weights shipped in an
+    installed package, or a hub id where ``KILN_ALLOW_HUB=1``; through a kiln server only
+    ``base:<name>``. Remote code is never run. Without ``lora`` every weight trains.
+    """
+
+    type: Literal["causal_lm"] = "causal_lm"
+    path: str = Field(min_length=1)
+    max_length: int = Field(default=512, ge=8, le=32768, description="Tokens per example.")
+    lora: LMLoraSpec | None = None
+
+
+class GPTSpec(StrictModel):
+    """A decoder-only Transformer trained from scratch (a Llama-style block: RMSNorm,
+    rotary positions, SwiGLU), with a byte-level BPE tokenizer learned from the
+    training split."""
+
+    type: Literal["gpt"] = "gpt"
+    layers: int = Field(default=4, ge=1)
+    heads: int = Field(default=4, ge=1)
+    dim: int = Field(default=128, ge=8)
+    ff_dim: int | None = Field(default=None, ge=1, description="Default: 4 x dim.")
+    max_length: int = Field(default=256, ge=8, le=32768, description="The context, in tokens.")
+    vocab_size: int = Field(default=4000, ge=300, description="BPE vocabulary to learn.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> GPTSpec:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"dim / heads ({self.dim // self.heads}) must be even (rotary)")
+        return self
+
+
+class SentenceEncoderSpec(StrictModel):
+    """A pretrained sentence encoder imported as it is (``kiln import``): token
+    embeddings mean-pooled over the attention mask, then L2-normalised. Not trainable
+    from a spec."""
+
+    type: Literal["sentence_encoder"] = "sentence_encoder"
+    path: str = Field(min_length=1)
+    max_length: int = Field(default=256, ge=4, le=32768)
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True
+
+
 ModelSpec = Annotated[
-    LinearSpec | MLPSpec | CNNSpec | TransformerSpec | PretrainedSpec,
+    LinearSpec
+    | MLPSpec
+    | CNNSpec
+    | TransformerSpec
+    | PretrainedSpec
+    | CausalLMSpec
+    | GPTSpec
+    | SentenceEncoderSpec,
     Field(discriminator="type"),
 ]
 TEXT_MODELS = ("transformer", "pretrained")
+LM_MODELS = ("causal_lm", "gpt")

@@ -8,16 +8,17 @@ from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
 from kiln.spec.data import DATASET_PREFIX, DataSpec
-from kiln.spec.model import TEXT_MODELS, ModelSpec
+from kiln.spec.model import LM_MODELS, TEXT_MODELS, ModelSpec
 from kiln.spec.train import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, TrainSpec
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "generation"]
 
 # Names become directory and registry names: keep them path-safe.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "f1_weighted", "log_loss")
 REGRESSION_METRICS = ("mse", "rmse", "mae", "r2")
+GENERATION_METRICS = ("perplexity",)
 
 
 class Spec(StrictModel):
@@ -33,11 +34,10 @@ class Spec(StrictModel):
     def _consistent(self) -> Spec:
         # Cross-section checks. Messages start with the dotted key they are about
         # ("train.loss: ..."), which the loader reports as the error's field.
-        loss = self.train.loss
-        if self.task == "classification" and loss in REGRESSION_LOSSES:
-            raise ValueError(f"train.loss: {loss!r} is for regression, but task is classification")
-        if self.task == "regression" and loss in CLASSIFICATION_LOSSES:
-            raise ValueError(f"train.loss: {loss!r} is for classification, but task is regression")
+        if self.task == "generation":
+            _check_generation(self)
+        else:
+            _check_predictive(self)
         es = self.train.early_stopping
         if es is not None:
             allowed = monitorable_metrics(self.task)
@@ -49,41 +49,85 @@ class Spec(StrictModel):
                 raise ValueError(
                     "train.early_stopping.metric: needs a validation split (data.split.val > 0)"
                 )
-        text_model = self.model.type in TEXT_MODELS
-        if text_model and self.data.text is None:
-            raise ValueError(f"data.text: model type {self.model.type} needs the text column")
-        if self.data.text is not None and not text_model:
-            raise ValueError(
-                f"model.type: data.text needs a text model (transformer or pretrained), "
-                f"not {self.model.type}"
-            )
-        is_image = self.data.image is not None or self.data.is_image_folder
-        if is_image and self.model.type not in ("cnn", "mlp", "linear"):
-            raise ValueError(
-                f"model.type: images need a cnn, mlp or linear model, not {self.model.type}"
-            )
-        # a server's dataset:<id> may be an image folder; the worker checks again on it
-        maybe_image = is_image or self.data.source.startswith(DATASET_PREFIX)
-        if self.model.type == "cnn" and not maybe_image and self.model.input_shape is None:
-            raise ValueError(
-                "model.input_shape: a cnn on table columns needs [C, H, W] "
-                "(images give it themselves)"
-            )
         if self.train.lr_schedule.name == "plateau" and self.data.split.val == 0:
             raise ValueError("train.lr_schedule: plateau needs a validation split (data.split.val)")
         return self
 
     @property
     def resolved_loss(self) -> str:
-        """The loss actually used: ``auto`` becomes cross_entropy or mse by task."""
+        """The loss actually used: ``auto`` becomes cross_entropy, mse or (generation)
+        token_cross_entropy by task."""
         if self.train.loss != "auto":
             return self.train.loss
-        return "cross_entropy" if self.task == "classification" else "mse"
+        return {"classification": "cross_entropy", "generation": "token_cross_entropy"}.get(
+            self.task, "mse"
+        )
+
+
+def _check_generation(spec: Spec) -> None:
+    """A generation spec: a causal LM or a gpt, trained with the token loss."""
+    if spec.model.type not in LM_MODELS:
+        raise ValueError(
+            f"model.type: task generation needs causal_lm or gpt, not {spec.model.type}"
+        )
+    if spec.train.loss not in ("auto", "token_cross_entropy"):
+        raise ValueError(
+            f"train.loss: {spec.train.loss!r} is not for generation (auto or token_cross_entropy)"
+        )
+    for key in ("image", "features", "augment"):
+        if getattr(spec.data, key) is not None:
+            raise ValueError(f"data.{key}: does not apply to task generation")
+    if "target" in spec.data.model_fields_set:
+        raise ValueError("data.target: does not apply to task generation (the text is the target)")
+    if spec.data.format in ("chat", "completion") and spec.data.text is not None:
+        raise ValueError(f"data.text: names the column of format text, not {spec.data.format}")
+
+
+def _check_predictive(spec: Spec) -> None:
+    """Classification and regression: the table's target, the model for its inputs."""
+    if "target" not in spec.data.model_fields_set and not spec.data.maybe_folder:
+        raise ValueError("data.target: required key is missing (only an image folder may omit it)")
+    if spec.data.format is not None:
+        raise ValueError("data.format: applies to task generation only")
+    if spec.model.type in LM_MODELS:
+        raise ValueError(f"model.type: {spec.model.type} is for task generation")
+    if spec.model.type == "sentence_encoder":
+        raise ValueError(
+            "model.type: sentence_encoder bundles are made by kiln import, not trained"
+        )
+    loss = spec.train.loss
+    if loss == "token_cross_entropy":
+        raise ValueError("train.loss: token_cross_entropy is for task generation")
+    if spec.task == "classification" and loss in REGRESSION_LOSSES:
+        raise ValueError(f"train.loss: {loss!r} is for regression, but task is classification")
+    if spec.task == "regression" and loss in CLASSIFICATION_LOSSES:
+        raise ValueError(f"train.loss: {loss!r} is for classification, but task is regression")
+    text_model = spec.model.type in TEXT_MODELS
+    if text_model and spec.data.text is None:
+        raise ValueError(f"data.text: model type {spec.model.type} needs the text column")
+    if spec.data.text is not None and not text_model:
+        raise ValueError(
+            f"model.type: data.text needs a text model (transformer or pretrained), "
+            f"not {spec.model.type}"
+        )
+    is_image = spec.data.image is not None or spec.data.is_image_folder
+    if is_image and spec.model.type not in ("cnn", "mlp", "linear"):
+        raise ValueError(
+            f"model.type: images need a cnn, mlp or linear model, not {spec.model.type}"
+        )
+    # a server's dataset:<id> may be an image folder; the worker checks again on it
+    maybe_image = is_image or spec.data.source.startswith(DATASET_PREFIX)
+    if spec.model.type == "cnn" and not maybe_image and spec.model.input_shape is None:
+        raise ValueError(
+            "model.input_shape: a cnn on table columns needs [C, H, W] (images give it themselves)"
+        )
 
 
 def monitorable_metrics(task: str) -> tuple[str, ...]:
     """Metric names that early stopping and the plateau schedule may watch."""
-    names = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    names = {"classification": CLASSIFICATION_METRICS, "generation": GENERATION_METRICS}.get(
+        task, REGRESSION_METRICS
+    )
     return ("val_loss", "train_loss", *(f"val_{n}" for n in names))
 
 

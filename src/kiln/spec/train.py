@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
 
-Loss = Literal["auto", "cross_entropy", "mse", "mae", "huber", "hinge"]
+Loss = Literal["auto", "cross_entropy", "mse", "mae", "huber", "hinge", "token_cross_entropy"]
 CLASSIFICATION_LOSSES = ("cross_entropy", "hinge")
 REGRESSION_LOSSES = ("mse", "mae", "huber")
 
@@ -100,6 +100,15 @@ class TrainSpec(StrictModel):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss_on: Literal["assistant", "all"] = Field(
+        default="assistant",
+        description="generation: train on the answer tokens only (chat and completion "
+        "data), or on every token.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="generation: pack short examples into max_length sequences.",
+    )
 
     @model_validator(mode="after")
     def _batch_size_positive(self) -> TrainSpec:

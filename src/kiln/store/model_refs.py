@@ -37,16 +37,20 @@ SERVER_PATH_RULE = (
 same words for a path that exists and one that does not, so nothing is learned."""
 
 
+# model types whose spec names weights by path: they may only come from the catalog
+PATHED_MODELS = ("pretrained", "causal_lm", "sentence_encoder")
+
+
 def pinned_models(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(field, model section) of every pretrained model a train/crossval/compress spec
     names: ``model`` and each distill step's ``student``."""
     out: list[tuple[str, dict[str, Any]]] = []
     model = spec.get("model")
-    if isinstance(model, dict) and model.get("type") == "pretrained":
+    if isinstance(model, dict) and model.get("type") in PATHED_MODELS:
         out.append(("spec.model.path", model))
     for i, step in enumerate(spec.get("steps") or []):
         student = step.get("distill", {}).get("student") if isinstance(step, dict) else None
-        if isinstance(student, dict) and student.get("type") == "pretrained":
+        if isinstance(student, dict) and student.get("type") in PATHED_MODELS:
             out.append((f"spec.steps.{i}.distill.student.path", student))
     return out
 

@@ -42,6 +42,12 @@ class Callback:
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
         """``start_epoch`` > 0 when resuming."""
 
+    def on_epoch_start(self, batches: int) -> None:
+        """Called before each epoch's ``batches`` micro-batches."""
+
+    def on_batch_tokens(self, tokens: int) -> None:
+        """Token inputs only: the real (non-padding) tokens of the micro-batch just done."""
+
     def on_batch_end(self) -> None:
         """Called after every batch; raising here stops training (a cancelled job)."""
 
@@ -53,13 +59,18 @@ class Callback:
 
 
 class RichProgress(Callback):
-    """An epoch progress bar on stderr with live loss and validation metric."""
+    """An epoch progress bar on stderr with live loss and validation metric; for token
+    inputs (language models) a second bar over the epoch's batches with tokens/s."""
 
     def __init__(self, description: str = "training", metric: str | None = None) -> None:
         self.description = description
         self.metric = metric
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._batches = 0
+        self._steps: TaskID | None = None
+        self._tokens = 0
+        self._epoch_started = 0.0
 
     def on_train_start(self, epochs: int, start_epoch: int) -> None:
         from rich.console import Console
@@ -86,6 +97,25 @@ class RichProgress(Callback):
         self._task = self._progress.add_task(
             self.description, total=epochs, completed=start_epoch, status=""
         )
+
+    def on_epoch_start(self, batches: int) -> None:
+        import time
+
+        self._batches, self._tokens = batches, 0
+        self._epoch_started = time.perf_counter()
+        if self._progress is not None and self._steps is not None:
+            self._progress.reset(self._steps, total=batches, status="")
+
+    def on_batch_tokens(self, tokens: int) -> None:
+        import time
+
+        if self._progress is None:
+            return
+        if self._steps is None:
+            self._steps = self._progress.add_task("  batches", total=self._batches, status="")
+        self._tokens += tokens
+        rate = self._tokens / max(time.perf_counter() - self._epoch_started, 1e-9)
+        self._progress.update(self._steps, advance=1, status=f"{rate:,.0f} tokens/s")
 
     def on_epoch_end(self, logs: EpochEntry) -> None:
         if self._progress is None or self._task is None:
@@ -157,7 +187,7 @@ class JsonlLog(Callback):
 
 
 def _headline(logs: EpochEntry) -> str | None:
-    for key in ("val_accuracy", "val_rmse"):
+    for key in ("val_accuracy", "val_rmse", "val_perplexity"):
         if key in logs:
             return key
     return None

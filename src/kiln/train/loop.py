@@ -26,6 +26,7 @@ from torch import nn
 
 from kiln.data.text import is_tokens, trim_padding
 from kiln.errors import Interrupted, TrainingError
+from kiln.evaluate.token_loss import mean_token_loss, perplexity
 from kiln.runtime.placement import Placement, predict_outputs
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
@@ -143,6 +144,7 @@ class _Run:
     plateau_metric: str = field(init=False)
     shuffle_gen: torch.Generator = field(init=False)
     batch_hooks: list[Callable[[], None]] = field(init=False)
+    token_hooks: list[Callable[[int], None]] = field(init=False)  # tokens per micro-batch
 
     @classmethod
     def start(
@@ -209,6 +211,11 @@ class _Run:
             cb.on_batch_end
             for cb in self.callbacks
             if type(cb).on_batch_end is not Callback.on_batch_end
+        ]
+        self.token_hooks = [
+            cb.on_batch_tokens
+            for cb in self.callbacks
+            if self.tokens and type(cb).on_batch_tokens is not Callback.on_batch_tokens
         ]
 
 
@@ -312,6 +319,8 @@ def _train_epoch(run: _Run) -> float:
     seen = 0
     run.optimizer.zero_grad(set_to_none=True)
     pending = False  # gradients accumulated since the last optimizer step
+    for cb in run.callbacks:
+        cb.on_epoch_start(run.n_batches)
     for b in range(run.n_batches):
         idx = perm[b * run.batch : (b + 1) * run.batch]
         if not (run.has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
@@ -321,6 +330,10 @@ def _train_epoch(run: _Run) -> float:
         if pending and ((b + 1) % run.accum == 0 or b == run.n_batches - 1):
             pending = False
             _optimizer_step(run)
+        if run.token_hooks:
+            n_tokens = int(run.x[idx, 1].sum())
+            for token_hook in run.token_hooks:
+                token_hook(n_tokens)
         for hook in run.batch_hooks:
             hook()
     return float(total) / max(seen, 1)
@@ -448,6 +461,8 @@ def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         regression_metrics,
     )
 
+    if run.task == "generation":
+        return _validate_tokens(run, x, y)
     out = predict_outputs(run.model, x, run.autocast)
     logs = {"val_loss": float(run.loss_fn(out, y))}
     if run.task == "classification":
@@ -468,3 +483,10 @@ def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
             if key in scores:
                 logs[f"val_{key}"] = metric_value(scores, key)
     return logs
+
+
+def _validate_tokens(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """A causal LM's val_loss (mean over every labelled token) and val_perplexity,
+    in training-sized batches: the logits (B, L, V) of a whole split would not fit."""
+    loss = mean_token_loss(run.model, x, y, run.batch, run.autocast)
+    return {"val_loss": loss, "val_perplexity": perplexity(loss)}

@@ -1,0 +1,220 @@
+"""``kiln.fit`` for ``task: generation``: from a spec to a trained causal-LM bundle."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import JsonValue
+
+from kiln.bundle import new_meta
+from kiln.data.dialogs import LMFormat
+from kiln.data.lm_encode import ensure_chat_template
+from kiln.errors import DataError
+from kiln.evaluate.metrics import Metrics
+from kiln.lm_bundle import EmbeddingBundle, GenerationDefaults, LMBundle
+from kiln.manifest import (
+    BundleMeta,
+    DataRecord,
+    Lineage,
+    ParentRecord,
+    SplitRecord,
+    TokenRecord,
+    TrainingRecord,
+)
+from kiln.models.causal_lm import CausalLM
+from kiln.models.registry import build
+from kiln.models.summary import count_parameters
+from kiln.spec.model import CausalLMSpec, SentenceEncoderSpec
+from kiln.spec.spec import Spec
+from kiln.train.callbacks import Callback
+from kiln.train.checkpoint import CheckpointStore
+from kiln.train.lm_recipe import LMTrained, read_splits, score_encoded, token_context, train_lm
+
+
+def fit_lm(
+    spec: Spec,
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoints: CheckpointStore | None = None,
+    resume: bool = False,
+) -> LMBundle:
+    """Train the LM ``spec`` describes; loss and perplexity measured on val and test."""
+    started = time.perf_counter()
+    splits = read_splits(spec)
+    trained = train_lm(spec, splits, callbacks=callbacks, checkpoints=checkpoints, resume=resume)
+    trained.model.cpu()
+    metrics: dict[str, Metrics] = {
+        part: score_encoded(trained.model, trained.encoded[part], batch=_eval_batch(spec))
+        for part in ("test", "val")
+        if part in trained.encoded
+    }
+    meta = _manifest(spec, trained, metrics, seconds=time.perf_counter() - started)
+    defaults = generation_defaults(
+        trained.model, trained.tokenizer, trained.format, trained.template_added
+    )
+    return LMBundle(meta, trained.model, trained.tokenizer, defaults)
+
+
+def _eval_batch(spec: Spec) -> int:
+    batch = spec.train.batch_size
+    return batch if isinstance(batch, int) else 8
+
+
+def generation_defaults(
+    model: CausalLM, tokenizer: Any, fmt: LMFormat, template_added: bool
+) -> GenerationDefaults:
+    """Generation defaults: greedy, stopping at the tokenizer's end-of-sequence (and the
+    model's own end tokens where its generation config names others)."""
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(getattr(model.base_model(), "generation_config", None), "eos_token_id", None)
+    if isinstance(extra, int):
+        eos.add(extra)
+    elif isinstance(extra, list):
+        eos.update(int(e) for e in extra)
+    if not eos:
+        raise DataError("the tokenizer has no end-of-sequence token", field="model.path")
+    return GenerationDefaults(
+        eos_ids=sorted(eos), prompt_format=fmt, default_chat_template=template_added
+    )
+
+
+def _manifest(
+    spec: Spec, trained: LMTrained, metrics: dict[str, Metrics], *, seconds: float
+) -> BundleMeta:
+    result, parts = trained.result, trained.splits.parts
+    train_enc = trained.encoded["train"]
+    history = result.history
+    return new_meta(
+        name=spec.name,
+        task="generation",
+        model=spec.model.model_dump(mode="json"),
+        input_schema=[{"name": "prompt", "kind": "text"}],
+        target="",
+        labels=None,
+        n_inputs=len(trained.tokenizer),
+        n_outputs=len(trained.tokenizer),
+        model_context=trained.context,
+        parameters=count_parameters(trained.model),
+        metrics=metrics,
+        training=TrainingRecord(
+            epochs_run=result.epochs_run,
+            best_epoch=result.best_epoch,
+            stopped_early=result.stopped_early,
+            resumed_from_epoch=result.resumed_from,
+            seconds=round(seconds, 3),
+            device=result.device,
+            loss=spec.resolved_loss,
+            history=history,
+            tokens=TokenRecord(
+                tokens=train_enc.tokens,
+                trained=train_enc.trained_tokens,
+                truncated=len(train_enc.truncated),
+                truncated_lines=train_enc.truncated[:20],
+            ),
+        ),
+        lineage=Lineage(
+            spec=spec.model_dump(mode="json"),
+            data=DataRecord(
+                source=_absolute(spec.data.source),
+                fingerprint=trained.splits.corpus.fingerprint,
+                rows_read=len(trained.splits.corpus.examples),
+                rows_dropped=0,
+            ),
+            split=SplitRecord(train=len(parts.train), val=len(parts.val), test=len(parts.test)),
+        ),
+    )
+
+
+def _absolute(source: str) -> str:
+    if "://" in source or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
+
+
+def import_pretrained(
+    source: str, *, name: str | None = None, max_length: int | None = None
+) -> LMBundle | EmbeddingBundle:
+    """A pretrained model as a bundle, without training: a causal LM becomes a
+    ``generation`` bundle, a sentence encoder (BERT-style) an ``embedding`` bundle
+    (mean pooling, normalised). The source's weights are recorded in the lineage by
+    path and SHA-256."""
+    from kiln.models.lm_source import (
+        is_sentence_encoder,
+        load_lm_tokenizer,
+        resolve_lm_source,
+        weights_digest,
+    )
+
+    located = resolve_lm_source(source)
+    bundle_name = name or _default_name(source)
+    tokenizer = load_lm_tokenizer(located)
+    parent = ParentRecord(name=source, path=located.display, weights_sha256=weights_digest(located))
+    if is_sentence_encoder(located):
+        return _import_encoder(source, bundle_name, tokenizer, parent, max_length)
+    spec = CausalLMSpec(path=source, max_length=max_length or 2048)
+    template_added = ensure_chat_template(tokenizer)
+    context: dict[str, JsonValue] = token_context(tokenizer)
+    model = build(spec, len(tokenizer), len(tokenizer), **context)
+    assert isinstance(model, CausalLM)
+    context["hf_config"] = model.hf_config()
+    positions = getattr(model.base_model().config, "max_position_embeddings", None)
+    if max_length is None and isinstance(positions, int):
+        spec = spec.model_copy(update={"max_length": min(positions, 8192)})
+    meta = new_meta(
+        name=bundle_name,
+        task="generation",
+        model=spec.model_dump(mode="json"),
+        input_schema=[{"name": "prompt", "kind": "text"}],
+        target="",
+        labels=None,
+        n_inputs=len(tokenizer),
+        n_outputs=len(tokenizer),
+        model_context=context,
+        parameters=count_parameters(model),
+        metrics={},
+        lineage=Lineage(parent=parent),
+    )
+    defaults = generation_defaults(model, tokenizer, "chat", template_added)
+    return LMBundle(meta, model, tokenizer, defaults)
+
+
+def _import_encoder(
+    source: str, name: str, tokenizer: Any, parent: ParentRecord, max_length: int | None
+) -> EmbeddingBundle:
+    from kiln.models.sentence_encoder import SentenceEncoder
+
+    spec = SentenceEncoderSpec(path=source, max_length=max_length or 256)
+    model = build(spec, len(tokenizer), 1)
+    assert isinstance(model, SentenceEncoder)
+    meta = new_meta(
+        name=name,
+        task="embedding",
+        model=spec.model_dump(mode="json"),
+        input_schema=[{"name": "input", "kind": "text"}],
+        target="",
+        labels=None,
+        n_inputs=len(tokenizer),
+        n_outputs=model.dimensions,
+        model_context={"hf_config": model.hf_config(), "pad_id": int(tokenizer.pad_token_id)},
+        parameters=count_parameters(model),
+        metrics={},
+        lineage=Lineage(parent=parent),
+    )
+    return EmbeddingBundle(meta, model, tokenizer)
+
+
+def _default_name(source: str) -> str:
+    """A bundle name from the source's last path part (``SmolLM2-135M-Instruct``), or
+    the package's name for ``pkg:<package>/model``-style sources."""
+    path = Path(source.removeprefix("pkg:").rstrip("/"))
+    stem = path.name
+    if source.startswith("pkg:") and stem in ("model", "models", "weights") and path.parts:
+        stem = path.parts[0]
+    for suffix in (".gguf",):
+        stem = stem.removesuffix(suffix)
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")[:64]
+    return cleaned or "imported"

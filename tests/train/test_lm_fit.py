@@ -1,0 +1,209 @@
+"""``kiln.fit`` for task generation, end to end on tiny models: a gpt trained from scratch
+on chats written here, and a tiny pretrained Llama directory fine-tuned with LoRA.
+
+The bundle saves, reloads in a fresh offline process that may not unpickle, and
+generates the same greedy text; resume equals an uninterrupted run; validation loss and
+perplexity are logged every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln
+from kiln.errors import Interrupted
+from kiln.lm_bundle import LMBundle
+from kiln.train.callbacks import Callback
+from kiln.train.checkpoint import DirCheckpoints
+from support import gpt_spec, write_chats
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chats(tmp_path_factory.mktemp("lm") / "chats.jsonl")
+
+
+@pytest.fixture(scope="module")
+def trained(chats: Path, tmp_path_factory: pytest.TempPathFactory) -> LMBundle:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-gpt"
+    bundle = kiln.fit(gpt_spec(chats, epochs=4), out=out)
+    assert isinstance(bundle, LMBundle)
+    return bundle
+
+
+def test_generation_fit_logs_val_loss_and_perplexity_every_epoch(trained: LMBundle) -> None:
+    history = trained.meta.training.history
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    for h in history:
+        assert math.isclose(h["val_perplexity"], math.exp(h["val_loss"]), rel_tol=1e-6)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    test = trained.metrics["test"]
+    assert test["perplexity"] == pytest.approx(math.exp(test["loss"]))
+    tokens = trained.meta.training.tokens
+    assert tokens is not None and 0 < tokens.trained < tokens.tokens
+
+
+def test_the_bundle_holds_the_documented_files(trained: LMBundle) -> None:
+    assert trained.path is not None
+    files = set(trained.meta.files)
+    assert {"weights.safetensors", "generation.json"} <= files
+    assert any(f.startswith("tokenizer/") for f in files)
+    generation = json.loads((trained.path / "generation.json").read_text())
+    assert generation["prompt_format"] == "chat"
+    assert generation["eos_ids"] == [trained.tokenizer.eos_token_id]
+    assert trained.meta.task == "generation"
+
+
+RELOAD = """
+import json, pickle, socket, sys
+
+def refuse(*args, **kwargs):
+    raise AssertionError("loading must not unpickle or reach the network")
+
+pickle.load = pickle.loads = refuse
+socket.socket.connect = refuse
+import torch
+torch.load = refuse
+import kiln
+
+bundle = kiln.load(sys.argv[1])
+done = bundle.generate(sys.argv[2], max_new_tokens=12)
+print(json.dumps({"text": done.text, "ids": done.token_ids}))
+"""
+
+
+def test_reloaded_in_a_fresh_offline_process_it_generates_the_same(trained: LMBundle) -> None:
+    prompt = "I want a green kite. Which colour?"
+    here = trained.generate(prompt, max_new_tokens=12)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(trained.path), prompt],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert there == {"text": here.text, "ids": here.token_ids}
+
+
+def test_stream_deltas_join_to_the_generated_text(trained: LMBundle) -> None:
+    prompt = [{"role": "user", "content": "I want a red pen. Which colour?"}]
+    stream = trained.stream(prompt, max_new_tokens=10)
+    text = "".join(stream)
+    assert stream.completion is not None
+    assert text == stream.completion.text == trained.generate(prompt, max_new_tokens=10).text
+
+
+def test_evaluate_scores_the_last_assistant_turn(trained: LMBundle, chats: Path) -> None:
+    result = trained.evaluate(chats, max_new_tokens=6)
+    metrics = result.metrics
+    assert metrics["rows"] == 48 and len(result.answers) == 48
+    assert {"loss", "perplexity", "exact_match", "normalized_match", "rouge_l"} <= set(metrics)
+    exact = sum(a.prediction == a.reference for a in result.answers) / 48
+    assert metrics["exact_match"] == pytest.approx(exact)
+    assert result.answers[0].reference == "red"
+
+
+class _StopAfter(Callback):
+    """Ctrl-C after ``epochs`` epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, logs: dict[str, float]) -> None:
+        if logs["epoch"] == self.epochs:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_an_uninterrupted_run(chats: Path, tmp_path: Path) -> None:
+    spec = gpt_spec(chats, epochs=3)
+    whole = kiln.fit(spec, checkpoints=tmp_path / "a")
+    with pytest.raises(Interrupted):
+        kiln.fit(spec, checkpoints=tmp_path / "b", callbacks=[_StopAfter(1)])
+    assert DirCheckpoints(tmp_path / "b").load() is not None
+    resumed = kiln.fit(spec, checkpoints=tmp_path / "b", resume=True)
+    assert resumed.meta.training.resumed_from_epoch == 1
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_a_conversation_with_nothing_left_to_train_on_names_its_line(tmp_path: Path) -> None:
+    data = write_chats(tmp_path / "chats.jsonl", n=12)
+    long = {
+        "messages": [
+            {"role": "user", "content": "word " * 200},
+            {"role": "assistant", "content": "blue"},
+        ]
+    }
+    with data.open("a") as fh:
+        fh.write(json.dumps(long) + "\n")
+    spec = gpt_spec(data)
+    spec["data"]["split"] = {"val": 0.0, "test": 0.0}
+    with pytest.raises(kiln.DataError, match="line 13"):
+        kiln.fit(spec)
+
+
+def test_lora_kept_as_an_adapter_references_its_base(tmp_path: Path, chats: Path) -> None:
+    """``lora: {merge: false}``: the bundle holds the adapter and the base's path and
+    SHA-256; it reloads on the same base and refuses a changed one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kiln.data.bpe import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([line for line in chats.read_text().splitlines()], 300)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    spec = {
+        "name": "tiny-adapter",
+        "task": "generation",
+        "data": {"source": str(chats), "split": {"val": 0.0, "test": 0.0}},
+        "model": {
+            "type": "causal_lm",
+            "path": str(base_dir),
+            "max_length": 64,
+            "lora": {"r": 4, "alpha": 8, "merge": False},
+        },
+        "train": {"optimizer": {"name": "adamw", "lr": 1e-2}, "epochs": 1, "batch_size": 8},
+    }
+    out = tmp_path / "bundle"
+    trained = kiln.fit(spec, out=out)
+    files = set(json.loads((out / "kiln.json").read_text())["files"])
+    assert "adapter/adapter_model.safetensors" in files and "weights.safetensors" not in files
+    prompt = "I want a red pen. Which colour?"
+    reloaded = kiln.load(str(out))
+    assert isinstance(reloaded, LMBundle)
+    assert (
+        reloaded.generate(prompt, max_new_tokens=6).token_ids
+        == trained.generate(prompt, max_new_tokens=6).token_ids
+    )
+    torch.nn.init.zeros_(base.lm_head.weight)  # another base under the same path
+    base.save_pretrained(base_dir)
+    with pytest.raises(kiln.BundleError, match="SHA-256 differs"):
+        kiln.load(str(out))
