@@ -10,6 +10,10 @@ inside the functions that use them, so collecting tests stays cheap.
 - :func:`kiln_env`, :func:`start_process`, :func:`stop_process` and :func:`wait_for_http`
   run a child process (``kiln up``, ``kiln serve``, a worker) and talk to it.
 - :func:`serve_app` runs an ASGI app under uvicorn in a thread of the test process.
+- :func:`offline_json` runs a Python script in a fresh offline process; its JSON answer.
+- :func:`write_chats` and :func:`gpt_spec` are a tiny chat corpus and a tiny gpt spec;
+  :func:`tiny_bpe` and :func:`tiny_llama` a tiny byte-level BPE tokenizer and a tiny
+  random Llama on it (torch, transformers and tokenizers load when they are called).
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from time import monotonic, sleep
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 T = TypeVar("T")
 
@@ -177,7 +185,23 @@ def serve_app(app: Any, *, timeout: float = 60.0) -> Iterator[str]:
         assert not thread.is_alive(), "uvicorn did not stop"
 
 
-# ---- language models: a tiny chat corpus and a tiny gpt spec ------------------------
+def offline_json(script: str, *args: str, timeout: float = 120.0) -> Any:
+    """Run ``python -c script args...`` in a fresh process with the hub offline and one
+    OpenMP thread; the JSON document on the last line of its stdout. A non-zero exit
+    fails with its stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- language models: a tiny chat corpus, gpt spec, tokenizer and Llama -------------
 
 COLORS = ["red", "blue", "green", "black", "white", "pink"]
 THINGS = ["mug", "lamp", "chair", "pen", "kite", "sock"]
@@ -219,3 +243,45 @@ def gpt_spec(data: Path, **train: Any) -> dict[str, Any]:
             **train,
         },
     }
+
+
+TINY_TEXTS = (
+    "the quick brown fox jumps over the lazy dog",
+    "a journey of a thousand miles begins with a single step",
+    "hello world, hello kiln 123",
+)
+
+
+def tiny_bpe(texts: Sequence[str] = TINY_TEXTS * 10, vocab: int = 300) -> PreTrainedTokenizerFast:
+    """kiln's byte-level BPE tokenizer (:func:`kiln.data.bpe.train_bpe_tokenizer`: pad id
+    0, eos = bos id 1, the chat markers, kiln's chat template) learnt from ``texts``."""
+    from kiln.data.bpe import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(list(texts), vocab)
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> LlamaForCausalLM:
+    """A random Llama in eval mode, seeded (``torch.manual_seed(0)``): hidden 32, MLP 64,
+    2 layers, 4 heads over 2 key/value heads (grouped-query), 128 positions, tied
+    embeddings, ``tokenizer``'s vocabulary size and pad/bos/eos ids. ``overrides`` are
+    further ``LlamaConfig`` fields (they win)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
+    model.train(False)  # eval mode (``eval()`` is untyped in transformers' stubs)
+    return model

@@ -223,14 +223,14 @@ def test_failed_save_leaves_nothing_behind(saved, copy_of, tmp_path, monkeypatch
     import kiln.bundle as bundle_module
 
     bundle, _ = saved
-    real_write = bundle_module._write_json
+    real_write = bundle_module.write_json
 
     def disk_full_on_manifest(path, data):
         if path.name == "kiln.json":  # weights and preprocess.json are already written
             raise OSError("No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(bundle_module, "_write_json", disk_full_on_manifest)
+    monkeypatch.setattr(bundle_module, "write_json", disk_full_on_manifest)
     with pytest.raises(OSError, match="No space"):
         bundle.save(tmp_path / "new")
     before = {p.name: p.read_bytes() for p in copy_of.iterdir()}

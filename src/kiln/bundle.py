@@ -251,21 +251,21 @@ class Bundle:
                 for k, v in self.model.state_dict().items()
             }
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            _write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
+            write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
             if self.preprocessor.tokenizer is not None:
                 self.preprocessor.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             if self.onnx is not None:
                 (tmp / ONNX_FILE).write_bytes(self.onnx)
             if self.report is not None:
-                _write_json(tmp / REPORT_FILE, self.report)
+                write_json(tmp / REPORT_FILE, self.report)
             self.meta.files = {
-                p.relative_to(tmp).as_posix(): _sha256(p)
+                p.relative_to(tmp).as_posix(): sha256_file(p)
                 for p in sorted(tmp.rglob("*"))
                 if p.is_file()
             }
-            _write_json(tmp / META_FILE, self.meta.model_dump(mode="json"))
-            _default_permissions(tmp)
-            _replace_dir(tmp, out)
+            write_json(tmp / META_FILE, self.meta.model_dump(mode="json"))
+            default_permissions(tmp)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -281,7 +281,7 @@ class Bundle:
         path = Path(directory)
         if not path.is_dir():
             raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
-        meta = parse_manifest(_read_json(path / META_FILE), str(path / META_FILE))
+        meta = parse_manifest(read_json(path / META_FILE), str(path / META_FILE))
         model_spec = meta.model
         for name in {WEIGHTS_FILE, PREPROCESS_FILE, *meta.files}:
             file = path / name
@@ -290,10 +290,10 @@ class Bundle:
             if not file.is_file():
                 raise BundleError(f"bundle {path} is missing {name}")
             expected = meta.files.get(name)
-            if expected is None or _sha256(file) != expected:
+            if expected is None or sha256_file(file) != expected:
                 raise BundleError(f"{file} does not match its checksum in {META_FILE}")
         try:
-            pre = Preprocessor.from_json(_read_json(path / PREPROCESS_FILE))
+            pre = Preprocessor.from_json(read_json(path / PREPROCESS_FILE))
         except ValidationError as exc:
             raise BundleError(f"{path / PREPROCESS_FILE} is invalid: {exc}") from None
         if pre.state.text is not None:
@@ -322,7 +322,7 @@ class Bundle:
         except (SafetensorError, RuntimeError) as exc:
             raise BundleError(f"{path / WEIGHTS_FILE} does not fit the model: {exc}") from None
         onnx = (path / ONNX_FILE).read_bytes() if ONNX_FILE in meta.files else None
-        report = _read_json(path / REPORT_FILE) if REPORT_FILE in meta.files else None
+        report = read_json(path / REPORT_FILE) if REPORT_FILE in meta.files else None
         bundle = cls(meta, model, pre, onnx=onnx, report=report)
         bundle.path = path
         return bundle
@@ -409,7 +409,7 @@ def new_meta(**fields: Any) -> BundleMeta:
     )
 
 
-def _default_permissions(directory: Path) -> None:
+def default_permissions(directory: Path) -> None:
     """mkdtemp makes 0700 directories (and safetensors 0600 files); give the bundle the
     permissions any directory the user creates would have (per the umask)."""
     umask = os.umask(0)
@@ -419,11 +419,14 @@ def _default_permissions(directory: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented UTF-8 JSON (no NaN or infinity: they are not JSON)."""
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``; BundleError naming the file when it is missing
+    or not valid JSON."""
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
     try:
@@ -432,7 +435,8 @@ def _read_json(path: Path) -> Any:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -440,7 +444,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``; an existing bundle there is swapped out, then removed."""
     if not target.exists():
         os.replace(new, target)

@@ -18,7 +18,10 @@
 
 As for every bundle, saving is atomic and loading reads JSON and safetensors only:
 the architecture is rebuilt from its config (``AutoModelForCausalLM.from_config``),
-nothing is unpickled, no remote code runs and nothing is read from outside the folder.
+nothing is unpickled and no remote code runs. Nothing is read from outside the folder,
+except by an adapter bundle: its base weights, from the local path (or ``pkg:``) it
+records, checked against their SHA-256. A genai/ folder is checked to hold only graphs,
+their data, JSON and tokenizer files, with no config key that loads a library.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from kiln.bundle import (
     REPORT_FILE,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
-    _default_permissions,
-    _read_json,
-    _replace_dir,
-    _sha256,
-    _write_json,
     check_destination,
+    default_permissions,
+    read_json,
+    replace_dir,
+    sha256_file,
+    write_json,
 )
 from kiln.data.dialogs import Message
 from kiln.errors import BundleError, NotFoundError
@@ -228,7 +231,7 @@ class LMBundle:
             corpus.format,
             max_length=self.max_length,
             params=params,
-            chat=self.generation.prompt_format == "chat",
+            prompt=self.prompt_ids,
             batch=batch,
             budget=max_new_tokens is None,
         )
@@ -246,11 +249,11 @@ class LMBundle:
             elif self.model is not None:
                 _save_weights(self.model, tmp / WEIGHTS_FILE)
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            _write_json(tmp / GENERATION_FILE, self.generation.model_dump(mode="json"))
+            write_json(tmp / GENERATION_FILE, self.generation.model_dump(mode="json"))
             if self.genai is not None:
                 shutil.copytree(self.genai, tmp / GENAI_DIR)
             if self.report is not None:
-                _write_json(tmp / REPORT_FILE, self.report)
+                write_json(tmp / REPORT_FILE, self.report)
 
         _write_bundle(out, self.meta, write)
         self.path = out
@@ -275,13 +278,17 @@ class LMBundle:
         )
         tokenizer = _tokenizer(path, meta)
         try:
-            generation = GenerationDefaults.model_validate(_read_json(path / GENERATION_FILE))
+            generation = GenerationDefaults.model_validate(read_json(path / GENERATION_FILE))
         except ValidationError as exc:
             raise BundleError(f"{path / GENERATION_FILE} is invalid: {exc}") from None
         genai = path / GENAI_DIR if any(f.startswith(f"{GENAI_DIR}/") for f in meta.files) else None
+        if genai is not None:  # refused now, not at the first generate
+            from kiln.runtime.genai import check_genai_folder
+
+            check_genai_folder(genai, read_json(genai / "genai_config.json"))
         bundle = cls(meta, model, tokenizer, generation, genai=genai)
         if REPORT_FILE in meta.files:
-            bundle.report = _read_json(path / REPORT_FILE)
+            bundle.report = read_json(path / REPORT_FILE)
         bundle.path = path
         return bundle
 
@@ -347,14 +354,14 @@ def read_verified_manifest(path: Path) -> BundleMeta:
     """The manifest of the bundle at ``path``, after every listed file matched its hash."""
     if not path.is_dir():
         raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
-    meta = parse_manifest(_read_json(path / META_FILE), str(path / META_FILE))
+    meta = parse_manifest(read_json(path / META_FILE), str(path / META_FILE))
     for name, expected in meta.files.items():
         file = path / name
         if ".." in Path(name).parts or Path(name).is_absolute():
             raise BundleError(f"{path / META_FILE} lists a path outside the bundle: {name}")
         if not file.is_file():
             raise BundleError(f"bundle {path} is missing {name}")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise BundleError(f"{file} does not match its checksum in {META_FILE}")
     unlisted = [
         p.relative_to(path).as_posix()
@@ -400,20 +407,35 @@ def _adapter_of(model: nn.Module) -> Any:
     return hf if hf is not None and type(hf).__module__.startswith("peft") else None
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
 def _with_adapter(path: Path, meta: BundleMeta) -> nn.Module:
-    """An adapter bundle: the base weights it references (checked against their
-    SHA-256), with the bundle's LoRA adapter on top (peft reads its JSON config and
-    safetensors weights)."""
+    """An adapter bundle: the base weights it references (a local path or ``pkg:``, never
+    a hub id; checked against their SHA-256), with the bundle's LoRA adapter on top
+    (peft reads its JSON config and safetensors weights, nothing else)."""
     from peft import PeftModel
 
+    from kiln.errors import SpecError
     from kiln.models.causal_lm import CausalLM
     from kiln.models.lm_source import load_pretrained_lm, resolve_lm_source, weights_digest
+    from kiln.models.pretrained import resolve_model_path
 
+    others = [p.name for p in (path / ADAPTER_DIR).iterdir() if p.name not in ADAPTER_FILES]
+    if others:
+        raise BundleError(f"bundle {path}: {ADAPTER_DIR}/ may not hold {others}")
     base = meta.model_context.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("path"), str):
         raise BundleError(f"bundle {path}: an adapter bundle must name its base weights")
-    source = resolve_lm_source(str(base["path"]))
-    if weights_digest(source) != base.get("sha256"):
+    where = resolve_model_path(str(base["path"]))
+    if not Path(where).expanduser().exists():  # never a hub download at load time
+        raise BundleError(f"bundle {path}: its base weights {base['path']} are not on this machine")
+    try:
+        source = resolve_lm_source(where)
+        digest = weights_digest(source)
+    except SpecError as exc:
+        raise BundleError(f"bundle {path}: its base weights: {exc.message}") from None
+    if digest != base.get("sha256"):
         raise BundleError(
             f"bundle {path}: the base weights at {source.display} are not the ones the "
             "adapter was trained on (their SHA-256 differs)"
@@ -445,11 +467,13 @@ def _write_bundle(out: Path, meta: BundleMeta, write: Any) -> None:
     try:
         write(tmp)
         meta.files = {
-            p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
         }
-        _write_json(tmp / META_FILE, meta.model_dump(mode="json"))
-        _default_permissions(tmp)
-        _replace_dir(tmp, out)
+        write_json(tmp / META_FILE, meta.model_dump(mode="json"))
+        default_permissions(tmp)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

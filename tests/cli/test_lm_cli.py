@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kiln.cli.main import app
-from support import gpt_spec, write_chats
+from support import gpt_spec, tiny_bpe, tiny_llama, write_chats
 
 runner = CliRunner()
 
@@ -142,32 +142,14 @@ def test_import_a_sentence_encoder_matches_sentence_transformers(tmp_path: Path)
 def test_import_a_gguf_makes_a_generation_bundle(tmp_path: Path) -> None:
     """A tiny Llama written as GGUF imports as a generation bundle that generates what the
     original model generates, with kiln's default chat template (it has none)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import kiln
     from gguf_writer import write_llama_gguf
-    from kiln.data.bpe import train_bpe_tokenizer
     from kiln.lm_bundle import LMBundle
     from kiln.runtime.generation import SamplingParams, TorchGenerator
 
-    tok = train_bpe_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300)
+    tok = tiny_bpe()
     tok.chat_template = None
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tok)
     gguf = write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
     out = tmp_path / "tiny"
     result = runner.invoke(app, ["import", str(gguf), "--out", str(out), "--json"])

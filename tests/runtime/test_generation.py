@@ -18,6 +18,8 @@ TEXTS = [
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A plain HF byte-level BPE (no bos, no chat markers), not kiln's: the runtime must
+    not rely on what kiln's tokenizer adds."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -33,6 +35,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(tok: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """Not ``support.tiny_llama``: onnxruntime's GroupQueryAttention (test_genai) needs
+    head_size % 16 == 0 (hidden 64 over 4 heads), and test_genai's checks that greedy
+    decoding meets eos within 20 tokens hold for these seeded weights."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from kiln.errors import Interrupted
 from kiln.lm_bundle import LMBundle
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import DirCheckpoints
-from support import gpt_spec, write_chats
+from support import gpt_spec, offline_json, tiny_bpe, tiny_llama, write_chats
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +80,7 @@ print(json.dumps({"text": done.text, "ids": done.token_ids}))
 def test_reloaded_in_a_fresh_offline_process_it_generates_the_same(trained: LMBundle) -> None:
     prompt = "I want a green kite. Which colour?"
     here = trained.generate(prompt, max_new_tokens=12)
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(trained.path), prompt],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    there = offline_json(RELOAD, str(trained.path), prompt)
     assert there == {"text": here.text, "ids": here.token_ids}
 
 
@@ -158,25 +146,8 @@ def test_a_conversation_with_nothing_left_to_train_on_names_its_line(tmp_path: P
 def test_lora_kept_as_an_adapter_references_its_base(tmp_path: Path, chats: Path) -> None:
     """``lora: {merge: false}``: the bundle holds the adapter and the base's path and
     SHA-256; it reloads on the same base and refuses a changed one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kiln.data.bpe import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer([line for line in chats.read_text().splitlines()], 300)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
+    tok = tiny_bpe(chats.read_text().splitlines())
+    base = tiny_llama(tok)
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
@@ -207,3 +178,18 @@ def test_lora_kept_as_an_adapter_references_its_base(tmp_path: Path, chats: Path
     base.save_pretrained(base_dir)
     with pytest.raises(kiln.BundleError, match="SHA-256 differs"):
         kiln.load(str(out))
+
+
+def test_gradient_accumulation_equals_one_big_batch_in_tokens(chats: Path) -> None:
+    """Micro-batches of 4 accumulated twice step like batches of 8: each micro-batch is
+    weighted by its answer tokens (the loss is a token mean), not by its rows."""
+    spec = gpt_spec(chats, epochs=1)
+    spec["data"]["split"] = {"val": 0.0, "test": 0.0}
+    big = kiln.fit(spec)
+    spec["train"] |= {"batch_size": 4, "gradient_accumulation": 2}
+    small = kiln.fit(spec)
+    for key, value in big.model.state_dict().items():
+        torch.testing.assert_close(small.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    assert big.meta.training.history[0]["train_loss"] == pytest.approx(
+        small.meta.training.history[0]["train_loss"], rel=1e-4
+    )

@@ -52,22 +52,59 @@ def compress(
         return
     # Many columns: do not squeeze them into a non-terminal's default 80 characters.
     wide = console if console.is_terminal else Console(width=240)
+    if chart is None:  # a generation bundle's variants
+        wide.print(_lm_table(table, result.metric))
+        console.print(f"report: {out / 'report.json'}")
+        return
     wide.print(_table(table, result.metric, full=report))
     console.print(f"report: {out / 'report.json'}   Pareto plot: {chart}")
 
 
-def _write_report(result: CompressResult, out: Path) -> tuple[list[dict[str, Any]], Path]:
-    """``out/report.json`` and ``out/pareto.png`` for the source and its variants."""
+def _write_report(result: CompressResult, out: Path) -> tuple[list[dict[str, Any]], Path | None]:
+    """``out/report.json`` and ``out/pareto.png`` for the source and its variants
+    (generation bundles: report.json alone)."""
+    from kiln.compress.lm_report import is_generation, lm_rows
     from kiln.compress.report import plot, rows
 
     names = ["source", *(v.name for v in result.variants)]
     reports = [result.source.report, *(v.report for v in result.variants)]
-    table = rows(reports, names)
+    generation = is_generation(result)
+    table = lm_rows(reports, names) if generation else rows(reports, names)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(
         json.dumps({"metric": result.metric, "variants": table, "reports": reports}, indent=2)
     )
-    return table, plot(table, result.metric, out / "pareto.png")
+    return table, None if generation else plot(table, result.metric, out / "pareto.png")
+
+
+def _lm_table(table: list[dict[str, Any]], metric: str) -> Table:
+    """Generation variants: size, greedy tokens/s at batch 1 and 8, first-token latency,
+    the metric and its drop (relative for perplexity) with its 95% interval."""
+    rows = table[0]["held_out_rows"]
+    view = Table(
+        title=f"compression trade-offs ({metric} on {rows} held-out examples, 95% CI)",
+        title_justify="left",
+    )
+    cols = ["variant", "backend", "parameters", "size", "tok/s b1", "tok/s b8"]
+    cols += ["first token ms", "perplexity", metric, "drop"]
+    cols = list(dict.fromkeys(cols))  # perplexity as the metric: one column
+    for c in cols:
+        view.add_column(c, justify="left" if c in ("variant", "backend") else "right")
+    for r in table:
+        cells = {
+            "variant": r["variant"],
+            "backend": r["backend"],
+            "parameters": f"{r['parameters']:,}",
+            "size": binary_size(r["model_bytes"]),
+            "tok/s b1": f"{r['tokens_per_s_b1']:,.0f}",
+            "tok/s b8": f"{r['tokens_per_s_b8']:,.0f}",
+            "first token ms": f"{r['first_token_ms']:.1f}",
+            "perplexity": f"{r['perplexity']:.3f}",
+            metric: f"{r[metric]:.4f}",
+            "drop": f"{r['drop']:+.4f} [{r['drop_low']:+.3f}, {r['drop_high']:+.3f}]",
+        }
+        view.add_row(*(cells[c] for c in cols))
+    return view
 
 
 def _table(table: list[dict[str, Any]], metric: str, full: bool) -> Table:

@@ -24,11 +24,11 @@ BundleArg = Annotated[Path, typer.Argument(help="Generation bundle directory.", 
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="A system message.")]
 MaxTokens = Annotated[
     int | None,
-    typer.Option("--max-tokens", "-n", min=1, help="New tokens at most [default: the bundle's]."),
+    typer.Option("--max-tokens", "-n", min=1, help="New tokens at most \\[default: the bundle's]."),
 ]
 Temperature = Annotated[
     float | None,
-    typer.Option("--temperature", "-t", min=0.0, help="0 = greedy [default: the bundle's]."),
+    typer.Option("--temperature", "-t", min=0.0, help="0 = greedy \\[default: the bundle's]."),
 ]
 TopP = Annotated[
     float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
@@ -175,7 +175,7 @@ def import_model(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to write.")],
     name: Annotated[
-        str | None, typer.Option("--name", help="Model name [default: from SOURCE].")
+        str | None, typer.Option("--name", help="Model name \\[default: from SOURCE].")
     ] = None,
     max_length: Annotated[
         int | None, typer.Option("--max-length", min=4, help="Tokens per input at most.")

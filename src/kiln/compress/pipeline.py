@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,9 @@ from kiln.spec.load import load_document
 from kiln.spec.spec import Spec, metric_mode
 from kiln.train.recipe import load_table
 
+if TYPE_CHECKING:
+    from kiln.lm_bundle import LMBundle
+
 Events = Callable[[str], None]
 SpecDocument = str | Path | dict[str, Any] | CompressSpec
 """A compress spec: a YAML/JSON file, a mapping, or the validated spec."""
@@ -51,7 +54,7 @@ SpecDocument = str | Path | dict[str, Any] | CompressSpec
 @dataclass
 class Variant:
     name: str
-    bundle: Bundle
+    bundle: Bundle | LMBundle  # an LMBundle for a generation source
     path: Path | None
     report: JSONDocument  # compression.json: a VariantReport as JSON
 
@@ -203,9 +206,19 @@ def compress(
     """Run ``spec``'s steps from its source bundle; variants are saved under ``out``.
 
     ``data_root`` (a server's dataset folder) confines image paths to it. Raises
-    :class:`CompressToleranceError` (with what fitted) when a step cannot fit.
+    :class:`CompressToleranceError` (with what fitted) when a step cannot fit. A
+    generation source runs :func:`kiln.compress.lm_pipeline.compress_lm` instead.
     """
-    ctx = _start(load_compress_spec(spec), Path(out), on_event, measure_runs, data_root)
+    checked = load_compress_spec(spec)
+    from kiln.lm_bundle import manifest_task
+
+    if manifest_task(checked.source) == "generation":
+        from kiln.compress.lm_pipeline import compress_lm
+
+        return compress_lm(
+            checked, out, on_event=on_event, measure_runs=measure_runs, data_root=data_root
+        )
+    ctx = _start(checked, Path(out), on_event, measure_runs, data_root)
     parent = ctx.source
     for index, step in enumerate(ctx.spec.steps, start=1):
         parent = _run_step(ctx, step_for(step), parent, f"{index:02d}")

@@ -216,6 +216,12 @@ class Quantize(CompressStep[QuantizeStep]):
 
     def apply(self, parent: Bundle, splits: Splits, attempt: Attempt) -> Bundle:
         settings = self.spec.quantize
+        if settings.method == "int4_weight":
+            raise SpecError(
+                "steps.quantize.method: int4_weight is for generation bundles "
+                "(onnxruntime-genai); use int8_dynamic here",
+                field="steps.quantize.method",
+            )
         require_fp32(parent, "quantize")
         model = copy.deepcopy(parent.model).cpu().eval()
         onnx = None

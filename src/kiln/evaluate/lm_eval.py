@@ -9,7 +9,7 @@ loss and perplexity only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from kiln.data.dialogs import Example, LMFormat, Message
-from kiln.data.lm_encode import encode_examples, prompt_ids
+from kiln.data.lm_encode import encode_examples
 from kiln.evaluate.generation import ExampleScore, text_scores
 from kiln.evaluate.metrics import Metrics
 from kiln.evaluate.token_loss import mean_token_loss, perplexity
 from kiln.runtime.generation import Generator, SamplingParams
+
+PromptFn = Callable[[list[Message] | str], list[int]]
+"""A question (chat messages before the answer, or a completion's prompt) -> token ids."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,14 @@ def evaluate_lm(
     *,
     max_length: int,
     params: SamplingParams,
-    chat: bool,
+    prompt: PromptFn,
     batch: int = 8,
     budget: bool = True,
 ) -> LMEvaluation:
     """Loss/perplexity (when ``model``, the torch module, is given) and generation scores.
 
-    ``chat`` says whether prompts go through the chat template (a chat bundle). With
+    ``prompt`` turns a question (chat messages or a completion prompt) into token ids
+    exactly as the bundle's own ``generate`` does. With
     ``budget``, answers stop at :func:`answer_budget` new tokens when that is fewer than
     ``params.max_new_tokens``: an answer that long can no longer match its reference.
     """
@@ -80,7 +84,7 @@ def evaluate_lm(
         params = dataclasses.replace(
             params, max_new_tokens=min(params.max_new_tokens, answer_budget(tokenizer, examples))
         )
-    answers = _answer(tokenizer, generator, examples, params, chat=chat, batch=batch)
+    answers = _answer(generator, examples, params, prompt=prompt, batch=batch)
     scores = text_scores([a.prediction for a in answers], [a.reference for a in answers])
     summary = scores.summary()
     for key in ("exact_match", "normalized_match", "rouge_l", "json_match"):
@@ -107,16 +111,15 @@ def question(example: Example) -> tuple[list[Message] | str, str]:
 
 
 def _answer(
-    tokenizer: Any,
     generator: Generator,
     examples: Sequence[Example],
     params: SamplingParams,
     *,
-    chat: bool,
+    prompt: PromptFn,
     batch: int,
 ) -> list[Answered]:
     asked = [question(ex) for ex in examples]
-    ids = [prompt_ids(tokenizer, q, chat=chat and not isinstance(q, str)) for q, _ in asked]
+    ids = [prompt(q) for q, _ in asked]
     answers: list[Answered] = []
     for start in range(0, len(ids), batch):
         done = generator.generate(ids[start : start + batch], params)

@@ -234,6 +234,7 @@ def run_crossval(ctx: JobContext, job: Job, tmp: Path) -> JobResult:
 def run_evaluate(ctx: JobContext, job: Job, tmp: Path) -> VersionResult:
     """Score a registered version on a dataset; registers nothing."""
     from kiln.bundle import Bundle
+    from kiln.lm_bundle import LMBundle, manifest_task
 
     project = job_project(ctx, job)
     name, ref, source = job.spec["model"], job.spec["version"], job.spec["data"]
@@ -242,5 +243,8 @@ def run_evaluate(ctx: JobContext, job: Job, tmp: Path) -> VersionResult:
         version = resolve_version(session, model, ref)
     local, _ = fetch_dataset(ctx, job, source, tmp)
     ctx.store.get_dir(version.artifact_key, tmp / "bundle")
-    metrics = Bundle.load(tmp / "bundle").evaluate(local, data_root=data_dir(tmp))
+    if manifest_task(tmp / "bundle") == "generation":
+        metrics = LMBundle.load(tmp / "bundle").evaluate(local).metrics
+    else:
+        metrics = Bundle.load(tmp / "bundle").evaluate(local, data_root=data_dir(tmp))
     return VersionResult(model=name, version=version.version, metrics=metrics)

@@ -54,8 +54,13 @@ class CausalLM(nn.Module):
         return cast("PreTrainedModel", self.hf)
 
     def hf_config(self) -> dict[str, JsonValue]:
-        """The architecture's config as JSON (what a bundle needs to rebuild it)."""
+        """The architecture's config as JSON (what a bundle needs to rebuild it). A GGUF
+        source's ``quantization_config`` is left out: its weights are dequantised, and
+        the bundle holds them in float."""
         config: dict[str, JsonValue] = self.base_model().config.to_dict()
+        quant = config.get("quantization_config")
+        if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+            del config["quantization_config"]
         return config
 
     def merge_adapters(self) -> None:

@@ -256,16 +256,19 @@ def _first_line(exc: Exception) -> str:
 
 
 def weights_digest(source: LMSource) -> str:
-    """SHA-256 of the source's weights: its GGUF file, or a directory's safetensors files
-    in name order (what lineage records and an adapter bundle checks its base against)."""
+    """SHA-256 of the source's weights: its GGUF file, or a directory's config.json and
+    safetensors files in name order (what lineage records and an adapter bundle checks
+    its base against). A directory without safetensors weights is a SpecError."""
     import hashlib
 
+    if source.gguf_file:
+        files = [source.directory / source.gguf_file]
+    else:
+        files = sorted(source.directory.glob("*.safetensors"))
+        if not files:
+            raise SpecError(f"{source.display} holds no safetensors weights", field=FIELD)
+        files = [source.directory / "config.json", *files]
     digest = hashlib.sha256()
-    files = (
-        [source.directory / source.gguf_file]
-        if source.gguf_file
-        else sorted(source.directory.glob("*.safetensors"))
-    )
     for file in files:
         with file.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

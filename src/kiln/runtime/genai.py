@@ -106,6 +106,7 @@ class GenaiGenerator:
             self.vocab_size = int(model_config["vocab_size"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"{config_path} is not a genai config: {exc}") from exc
+        check_genai_folder(self.folder, config)
         eos = model_config.get("eos_token_id")
         self._folder_eos = [
             int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None
@@ -271,3 +272,43 @@ class GenaiGenerator:
         dec.push(int(event.token))
         if dec.finish is not None:  # our stop rules ended it: free the engine's slot
             requests[i].cancel_turn(turns[i])
+
+
+# What a genai model folder may hold: ONNX graphs, their external data, JSON configs and
+# tokenizer files. Anything else (a shared library above all) is refused before
+# onnxruntime-genai sees the folder.
+_GENAI_SUFFIXES = (".onnx", ".onnx.data", ".data", ".json", ".jinja", ".txt", ".model")
+# Config keys that make onnxruntime-genai load native code or reach outside the folder.
+_FORBIDDEN_KEYS = ("custom_ops_library", "custom_op", "library", "plugin")
+
+
+def check_genai_folder(folder: Path, config: object) -> None:
+    """Refuse a genai model folder that could run code when loaded: a file that is not
+    a graph, its data, JSON or a tokenizer file; a config key that loads a library
+    (``custom_ops_library``); a ``filename`` that is not a plain name inside the folder."""
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            raise BundleError(f"{folder} may hold no sub-folders: {path.name}")
+        if not path.name.endswith(_GENAI_SUFFIXES):
+            raise BundleError(f"{folder} holds a file a genai model has no use for: {path.name}")
+    for key, value in _walk(config):
+        lowered = key.lower()
+        if any(bad in lowered for bad in _FORBIDDEN_KEYS):
+            raise BundleError(f"{folder / 'genai_config.json'}: {key!r} is not allowed")
+        if lowered.endswith("filename") and (
+            not isinstance(value, str) or Path(value).name != value or value in ("", ".", "..")
+        ):
+            raise BundleError(
+                f"{folder / 'genai_config.json'}: {key} must name a file in the folder"
+            )
+
+
+def _walk(node: object, key: str = "") -> Iterator[tuple[str, object]]:
+    """Every (key, value) pair of a JSON document, depth first."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k), v
+            yield from _walk(v, str(k))
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item, key)

@@ -36,15 +36,19 @@ class PruneSettings(StrictModel):
 
 class QuantizeSettings(StrictModel):
     """int8 dynamic quantization (weights int8, activations quantized on the fly), or a
-    half-precision cast for GPUs."""
+    half-precision cast for GPUs. Generation bundles on ``onnxruntime`` get an
+    onnxruntime-genai model instead: ``int4_weight`` (4-bit weights, backing off to 8-bit
+    when out of tolerance) or, for ``int8_dynamic``, 8-bit weight-only quantization."""
 
-    method: Literal["int8_dynamic", "fp16", "bf16"] = "int8_dynamic"
+    method: Literal["int8_dynamic", "int4_weight", "fp16", "bf16"] = "int8_dynamic"
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
 
     @model_validator(mode="after")
     def _backend_applies(self) -> QuantizeSettings:
         if self.method in ("fp16", "bf16") and self.backend != "torch":
             raise ValueError(f"{self.method} runs on the torch backend (a GPU)")
+        if self.method == "int4_weight" and self.backend != "onnxruntime":
+            raise ValueError("int4_weight runs on the onnxruntime backend (onnxruntime-genai)")
         return self
 
 
@@ -92,7 +96,12 @@ MIN_ROWS = 40
 class Tolerance(StrictModel):
     """The largest absolute drop of ``metric`` (vs the source, on the held-out rows:
     validation + test) a variant may show; ``rmse``/``mae``/``mse``/``log_loss`` count a
-    rise as a drop. Fewer held-out rows than ``min_rows`` is refused."""
+    rise as a drop. Fewer held-out rows than ``min_rows`` is refused.
+
+    Generation bundles: ``perplexity`` (the default there) is *relative*: ``max_drop:
+    0.05`` lets the held-out perplexity rise by at most 5% over the source's;
+    ``exact_match`` (greedy answers against the references) is an absolute drop. Rows
+    are held-out examples."""
 
     metric: str = "accuracy"
     max_drop: float = Field(default=0.01, ge=0.0)

@@ -39,7 +39,9 @@ class Split(StrictModel):
 
     test: float = Field(default=0.2, ge=0.0, lt=1.0)
     val: float = Field(default=0.1, ge=0.0, lt=1.0)
-    stratify: bool = Field(default=True, description="Keep class proportions (classification).")
+    stratify: bool = Field(
+        default=True, description="Keep class proportions (classification; else ignored)."
+    )
     seed: int = 0
 
     @model_validator(mode="after")

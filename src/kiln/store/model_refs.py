@@ -81,12 +81,15 @@ def _version(session: Session, project: Project, name: str, ref: str, field: str
     return version
 
 
-def check_server_path(session: Session, project: Project, path: str, *, field: str) -> None:
+def check_server_path(
+    session: Session, project: Project, path: str, *, field: str, model_type: str | None = None
+) -> None:
     """Refuse a model path a server job may not use, with a SpecError naming ``field``.
 
-    Passes ``base:<name>`` of a Hugging Face directory in the catalog, and
-    ``model:<name>[@<version>]`` of a pretrained version of ``project``. Anything else
-    gets :data:`SERVER_PATH_RULE`; nothing here touches the filesystem.
+    Passes ``base:<name>`` of a Hugging Face directory in the catalog (or of a GGUF file
+    when ``model_type`` is ``causal_lm``: GGUF holds a causal LM's weights and
+    tokenizer), and ``model:<name>[@<version>]`` of a pretrained version of ``project``.
+    Anything else gets :data:`SERVER_PATH_RULE`; nothing here touches the filesystem.
     """
     version = _version_ref(path)
     if version is not None:
@@ -103,10 +106,10 @@ def check_server_path(session: Session, project: Project, path: str, *, field: s
             "(GET /api/v1/base-models lists them)",
             field=field,
         ) from None
-    if info.kind != "hf_dir":
+    if info.kind != "hf_dir" and not (info.kind == "gguf" and model_type == "causal_lm"):
         raise SpecError(
-            f"{field}: base:{name} is a {info.kind} file; a pretrained model needs a "
-            "Hugging Face model directory",
+            f"{field}: base:{name} is a {info.kind} file; a {model_type or 'pretrained'} "
+            "model needs a Hugging Face model directory",
             field=field,
         )
 

@@ -71,6 +71,12 @@ def read_splits(spec: Spec) -> LMSplits:
             raise DataError("generation data takes one text column", field="data.text")
         text = text[0]
     corpus = read_corpus(spec.data.source, spec.data.format, text)
+    if text is not None and corpus.format != "text":
+        raise DataError(
+            f"data.text: names the text column, but {spec.data.source} holds {corpus.format} "
+            "records (set data.format: text to read it as text)",
+            field="data.text",
+        )
     keys = pd.Series(np.zeros(len(corpus.examples)))
     return LMSplits(corpus=corpus, parts=holdout(keys, spec.data.split, stratify=False))
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln.data.lm_encode import IGNORE
 from kiln.data.text import is_tokens, trim_padding
 from kiln.errors import Interrupted, TrainingError
 from kiln.evaluate.token_loss import mean_token_loss, perplexity
@@ -145,6 +146,9 @@ class _Run:
     shuffle_gen: torch.Generator = field(init=False)
     batch_hooks: list[Callable[[], None]] = field(init=False)
     token_hooks: list[Callable[[int], None]] = field(init=False)  # tokens per micro-batch
+    # generation: labelled tokens per row (N,); the token loss is a mean over tokens, so
+    # micro-batches are weighted by their tokens, not their rows (None: by rows)
+    row_weights: torch.Tensor | None = field(init=False)
 
     @classmethod
     def start(
@@ -212,11 +216,19 @@ class _Run:
             for cb in self.callbacks
             if type(cb).on_batch_end is not Callback.on_batch_end
         ]
+        self.row_weights = _labelled_tokens(self.y) if self.task == "generation" else None
         self.token_hooks = [
             cb.on_batch_tokens
             for cb in self.callbacks
             if self.tokens and type(cb).on_batch_tokens is not Callback.on_batch_tokens
         ]
+
+
+def _labelled_tokens(y: torch.Tensor) -> torch.Tensor:
+    """Tokens each row's next-token loss is taken on (labels (N, L), or (N, C, L) with
+    the labels first), as float weights (N,)."""
+    labels = y[:, 0] if y.dim() == 3 else y
+    return (labels[:, 1:] != IGNORE).sum(dim=1).to(torch.float32)
 
 
 def _validation_tensors(
@@ -312,11 +324,12 @@ def _epochs(run: _Run, progress: Progress) -> None:
 
 
 def _train_epoch(run: _Run) -> float:
-    """One shuffled pass over the training rows; the mean training loss per row."""
+    """One shuffled pass over the training rows; the mean training loss per row (per
+    labelled token for generation)."""
     run.model.train()
     perm = torch.randperm(len(run.x), generator=run.shuffle_gen).to(run.device)
     total = torch.zeros((), device=run.device)
-    seen = 0
+    seen = 0.0
     run.optimizer.zero_grad(set_to_none=True)
     pending = False  # gradients accumulated since the last optimizer step
     for cb in run.callbacks:
@@ -324,8 +337,12 @@ def _train_epoch(run: _Run) -> float:
     for b in range(run.n_batches):
         idx = perm[b * run.batch : (b + 1) * run.batch]
         if not (run.has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
-            seen += len(idx)
-            total += _backward(run, idx, _group_rows(run, b))
+            if run.row_weights is None:
+                weight, share = float(len(idx)), len(idx) / _group_rows(run, b)
+            else:
+                weight, share = _token_share(run, perm, b)
+            seen += weight
+            total += _backward(run, idx, share) * weight
             pending = True
         if pending and ((b + 1) % run.accum == 0 or b == run.n_batches - 1):
             pending = False
@@ -350,8 +367,20 @@ def _group_rows(run: _Run, b: int) -> int:
     return min(len(run.x), (first + run.accum) * run.batch) - first * run.batch
 
 
-def _backward(run: _Run, idx: torch.Tensor, group_rows: int) -> torch.Tensor:
-    """Forward and backward of the micro-batch ``idx``; its loss summed over rows (detached)."""
+def _token_share(run: _Run, perm: torch.Tensor, b: int) -> tuple[float, float]:
+    """(labelled tokens of micro-batch ``b``, their share of its optimizer step's): the
+    token-mean losses of the micro-batches, weighted so, add up to the token mean of one
+    batch of the whole step."""
+    assert run.row_weights is not None
+    first = (b // run.accum) * run.accum
+    group = perm[first * run.batch : (first + run.accum) * run.batch]
+    mine = float(run.row_weights[perm[b * run.batch : (b + 1) * run.batch]].sum())
+    return mine, mine / max(float(run.row_weights[group].sum()), 1.0)
+
+
+def _backward(run: _Run, idx: torch.Tensor, share: float) -> torch.Tensor:
+    """Forward and backward of the micro-batch ``idx``, its loss scaled by ``share`` (of
+    the optimizer step) for the gradient; returns its mean loss (detached)."""
     xb = run.x[idx]
     if run.tokens:
         xb = trim_padding(xb)
@@ -365,10 +394,9 @@ def _backward(run: _Run, idx: torch.Tensor, group_rows: int) -> torch.Tensor:
     penalty = weight_penalty(run.penalised, reg.l1, reg.l2)
     if penalty is not None:
         objective = objective + penalty
-    share = len(idx) / group_rows
     (objective * share if share < 1 else objective).backward()
-    summed: torch.Tensor = step_loss.detach() * len(idx)
-    return summed
+    mean: torch.Tensor = step_loss.detach()
+    return mean
 
 
 def _optimizer_step(run: _Run) -> None:

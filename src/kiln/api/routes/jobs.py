@@ -91,6 +91,8 @@ def _version_columns(store: ArtifactStore, version: ModelVersion, model: str) ->
         meta = parse_manifest(json.loads(store.get_bytes(key)), key)
     except (KilnError, OSError, ValueError):
         return []  # an unreadable bundle: the job reports it, with the reason
+    if meta.task in ("generation", "embedding"):
+        return []  # chat/completion records, not columns: the job checks them line by line
     of = f"{model} v{version.version}"
     named = [("spec.data", meta.target, f"{of}'s target")]
     return named + [("spec.data", c.name, f"an input of {of}") for c in meta.input_schema]
@@ -163,7 +165,7 @@ def _model_paths(s: Session, project: Project, spec: JSONDocument) -> None:
     or a pretrained version of the project (model:<name>[@<version>]); nothing else may
     name files on the server."""
     for field, model in pinned_models(spec):
-        check_server_path(s, project, model["path"], field=field)
+        check_server_path(s, project, model["path"], field=field, model_type=model.get("type"))
 
 
 def checked_spec(s: Session, store: ArtifactStore, project: Project, body: JobIn) -> JSONDocument:
@@ -199,6 +201,15 @@ def checked_spec(s: Session, store: ArtifactStore, project: Project, body: JobIn
     except SpecError as exc:
         raise _nested(exc) from None
     check_name(spec.name, field="spec.name", what="model name")
+    lora = getattr(spec.model, "lora", None)
+    if spec.task == "generation" and lora is not None and not lora.merge:
+        # an adapter bundle loads its base from where it was trained: on a server that
+        # is a worker's temporary copy of a catalog entry
+        raise SpecError(
+            "spec.model.lora.merge: adapter bundles (merge: false) are trained locally "
+            "for now; on the server LoRA adapters are merged into the saved weights",
+            field="spec.model.lora.merge",
+        )
     _model_paths(s, project, spec.model_dump(mode="json"))
     dataset = _dataset(s, project, spec.data.source, "spec.data.source")
     # generation data (chat/completion JSON lines) is checked record by record by the job
