@@ -31,6 +31,7 @@ quickstart: $(STAMP)
 	@echo "Next: kiln train examples/wine-mlp.yaml --out models/wine-mlp"
 	@echo "      kiln crossval examples/wine-mlp.yaml --folds 5"
 	@echo "      kiln evaluate models/wine-mlp examples/data/wine-holdout.csv"
+	@echo "      kiln train examples/llm-orders.yaml --out models/orders-smollm2   (LoRA on SmolLM2, ~5 min)"
 	@echo "      kiln serve models/digits-int8/01-quantize        (an HTTP endpoint on 127.0.0.1:8080)"
 	@echo "      kiln up                                          (the platform: jobs, registry, keys)"
 	@echo "      (run them as .venv/bin/kiln, or 'source .venv/bin/activate' first)"
@@ -65,6 +66,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/job_queue.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/predict_latency.py
+	$(BIN)/python benchmarks/llm_finetune.py
+	$(BIN)/python benchmarks/llm_generate.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

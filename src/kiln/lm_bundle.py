@@ -81,6 +81,9 @@ class GenerationDefaults(BaseModel):
     prompt_format: Literal["chat", "completion", "text"] = "chat"
     # the tokenizer had no chat template and kiln's plain default was set
     default_chat_template: bool = False
+    # chat bundles: the system message every training chat began with; a prompt that
+    # brings no system message of its own gets it
+    system: str | None = None
 
 
 class LMBundle:
@@ -133,7 +136,8 @@ class LMBundle:
 
     def prompt_ids(self, prompt: Prompt, *, system: str | None = None) -> list[int]:
         """The token ids a prompt becomes: chat messages (or a string, as one user turn)
-        through the chat template for chat bundles, raw text otherwise."""
+        through the chat template for chat bundles, raw text otherwise. A chat without a
+        system message gets ``system``, else the bundle's default one (generation.json)."""
         from kiln.data.lm_encode import prompt_ids
 
         chat = self.generation.prompt_format == "chat"
@@ -141,6 +145,9 @@ class LMBundle:
             text = prompt if system is None else f"{system}\n\n{prompt}"
             return prompt_ids(self.tokenizer, text, chat=False)
         messages = _messages(prompt, system)
+        default = self.generation.system
+        if default is not None and chat and all(m.role != "system" for m in messages):
+            messages = [Message(role="system", content=default), *messages]
         return prompt_ids(self.tokenizer, messages, chat=True)
 
     def params(self, **overrides: Any) -> Any:

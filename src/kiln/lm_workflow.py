@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import JsonValue
 
 from kiln.bundle import new_meta
-from kiln.data.dialogs import LMFormat
+from kiln.data.dialogs import Example, LMFormat
 from kiln.data.lm_encode import ensure_chat_template
 from kiln.errors import DataError
 from kiln.evaluate.metrics import Metrics
@@ -54,7 +54,11 @@ def fit_lm(
     }
     meta = _manifest(spec, trained, metrics, seconds=time.perf_counter() - started)
     defaults = generation_defaults(
-        trained.model, trained.tokenizer, trained.format, trained.template_added
+        trained.model,
+        trained.tokenizer,
+        trained.format,
+        trained.template_added,
+        trained.splits.examples("train"),
     )
     return LMBundle(meta, trained.model, trained.tokenizer, defaults)
 
@@ -65,10 +69,15 @@ def _eval_batch(spec: Spec) -> int:
 
 
 def generation_defaults(
-    model: CausalLM, tokenizer: Any, fmt: LMFormat, template_added: bool
+    model: CausalLM,
+    tokenizer: Any,
+    fmt: LMFormat,
+    template_added: bool,
+    examples: Sequence[Example] = (),
 ) -> GenerationDefaults:
     """Generation defaults: greedy, stopping at the tokenizer's end-of-sequence (and the
-    model's own end tokens where its generation config names others)."""
+    model's own end tokens where its generation config names others); the system
+    message every training chat began with, if they all began with the same one."""
     eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     extra = getattr(getattr(model.base_model(), "generation_config", None), "eos_token_id", None)
     if isinstance(extra, int):
@@ -78,8 +87,20 @@ def generation_defaults(
     if not eos:
         raise DataError("the tokenizer has no end-of-sequence token", field="model.path")
     return GenerationDefaults(
-        eos_ids=sorted(eos), prompt_format=fmt, default_chat_template=template_added
+        eos_ids=sorted(eos),
+        prompt_format=fmt,
+        default_chat_template=template_added,
+        system=shared_system(examples),
     )
+
+
+def shared_system(examples: Sequence[Example]) -> str | None:
+    """The system message all ``examples`` open with; None if any opens otherwise."""
+    firsts = {
+        ex.messages[0].content if ex.messages and ex.messages[0].role == "system" else None
+        for ex in examples
+    }
+    return firsts.pop() if len(firsts) == 1 else None
 
 
 def _manifest(

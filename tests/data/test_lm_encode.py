@@ -379,3 +379,29 @@ def test_chatml_masks_by_token_prefixes_not_the_fallback(tok):
     spans = _assistant_spans(tok, TWO_TURNS, full, line=1)
     assert [full[a:b] for a, b in spans] == ["hello there<|im_end|>\n", "the cat sat<|im_end|>\n"]
     assert _spans_by_prefix(tok, full, ids, spans) is not None
+
+
+def test_a_tokenizer_that_appends_eos_itself_gets_one_eos() -> None:
+    """Some tokenizers (add_eos_token) end every encoding with EOS: a completion's prompt
+    must not, and a text ends with exactly one."""
+    from tokenizers import processors
+
+    fast = bpe_tokenizer()
+    eos = fast.eos_token_id
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    assert fast("hello")["input_ids"][-1] == eos
+    text = encode_examples(
+        fast, [Example(line=1, text="hello")], "text", max_length=64, loss_on="all", packing=False
+    )
+    assert text.input_ids[0].tolist().count(eos) == 1
+    done = encode_examples(
+        fast,
+        [Example(line=1, prompt="Q: two plus two? A:", completion=" four")],
+        "completion",
+        max_length=64,
+        loss_on="assistant",
+        packing=False,
+    )
+    assert done.input_ids[0].tolist().count(eos) == 1

@@ -8,6 +8,7 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from kiln.errors import DataError
 from kiln.runtime.generation import SamplingParams, TextDecoder, TorchGenerator
 
 TEXTS = [
@@ -245,5 +246,31 @@ def test_decoder_holds_back_stop_prefixes(tok: PreTrainedTokenizerFast) -> None:
 
 
 def test_bad_params_refused(gen: TorchGenerator, tok: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(DataError, match="top_p"):
         gen.generate([prompt(tok)], SamplingParams(top_p=0.0))
+
+
+def test_generation_stops_at_the_models_context(
+    gen: TorchGenerator, tok: PreTrainedTokenizerFast
+) -> None:
+    """Prompt + new tokens never run past max_position_embeddings (256 here): the answer
+    is cut with "length"; a prompt that fills the context is refused."""
+    long = [int(t) for t in (prompt(tok) * 100)[:250]]
+    done = gen.generate([long], SamplingParams(max_new_tokens=50, eos_ids=NO_EOS))[0]
+    assert done.completion_tokens == 6 and done.finish_reason == "length"
+    stream = gen.stream(long, SamplingParams(max_new_tokens=50, eos_ids=NO_EOS))
+    assert len(list(stream)) <= 6 and stream.completion.completion_tokens == 6
+    with pytest.raises(DataError, match="context is 256"):
+        gen.generate([long * 2], SamplingParams(max_new_tokens=5))
+
+
+def test_a_seed_gives_a_prompt_the_same_sample_in_a_batch_as_alone(
+    gen: TorchGenerator, tok: PreTrainedTokenizerFast
+) -> None:
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, eos_ids=NO_EOS)
+    a, b = prompt(tok), prompt(tok, "hello")
+    batch = gen.generate([a, b], params)
+    assert [c.token_ids for c in batch] == [
+        gen.generate([a], params)[0].token_ids,
+        gen.generate([b], params)[0].token_ids,
+    ]

@@ -55,6 +55,13 @@ def test_the_bundle_holds_the_documented_files(trained: LMBundle) -> None:
     assert any(f.startswith("tokenizer/") for f in files)
     generation = json.loads((trained.path / "generation.json").read_text())
     assert generation["prompt_format"] == "chat"
+    # every training chat opened with the same system message: prompts without one get it
+    assert generation["system"] == "Answer with the colour only."
+    with_default = trained.prompt_ids("Which colour?")
+    assert with_default == trained.prompt_ids("Which colour?", system=generation["system"])
+    assert with_default != trained.prompt_ids(
+        [{"role": "user", "content": "Which colour?"}], system="Something else."
+    )
     assert generation["eos_ids"] == [trained.tokenizer.eos_token_id]
     assert trained.meta.task == "generation"
 

@@ -172,14 +172,20 @@ def _encode_one(
     if fmt == "completion":
         if example.prompt is None or example.completion is None:
             raise DataError(f"line {example.line}: not a completion example", field="data.source")
-        head = _tokens(tok, example.prompt, special=True)
+        # a tokenizer that adds EOS itself (add_eos_token) must not end the prompt with it
+        head = _without_eos(_tokens(tok, example.prompt, special=True), eos)
         tail = [*_tokens(tok, example.completion, special=False), eos]
         masked = head if loss_on == "all" else [IGNORE] * len(head)
         return [*head, *tail], [*masked, *tail]
     if example.text is None:
         raise DataError(f"line {example.line}: not a text example", field="data.source")
-    ids = [*_tokens(tok, example.text, special=True), eos]
+    ids = [*_without_eos(_tokens(tok, example.text, special=True), eos), eos]
     return ids, list(ids)
+
+
+def _without_eos(ids: list[int], eos: int) -> list[int]:
+    """``ids`` without the EOS some tokenizers append to every encoding."""
+    return ids[:-1] if ids and ids[-1] == eos else ids
 
 
 def _encode_chat(

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from kiln.errors import BundleError, ExportError
+from kiln.errors import BundleError, DataError, ExportError
 from kiln.runtime.generation import (
     Completion,
     SamplingParams,
@@ -68,6 +68,7 @@ def build_genai(hf_dir: Path, out_dir: Path, *, precision: GenaiPrecision) -> No
             tempfile.TemporaryDirectory(prefix="kiln-genai-cache-") as cache,
             contextlib.redirect_stdout(log),
             contextlib.redirect_stderr(log),
+            _quiet_quantizer(),
         ):
             extra = parse_extra_options(
                 None, str(hf_dir), str(out_dir), precision, "cpu", cache, options
@@ -81,6 +82,22 @@ def build_genai(hf_dir: Path, out_dir: Path, *, precision: GenaiPrecision) -> No
         ) from exc
     if not (out_dir / "genai_config.json").is_file():
         raise ExportError(f"onnxruntime-genai wrote no genai_config.json in {out_dir}")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizer logs through its own handlers (not stderr, which is
+    captured above), e.g. an ERROR line for every embedding it leaves in 8 bits while
+    the build goes on; keep those out of the user's terminal."""
+    import logging
+
+    quantizer = logging.getLogger("onnxruntime.quantization")
+    level = quantizer.level
+    quantizer.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        quantizer.setLevel(level)
 
 
 class GenaiGenerator:
@@ -146,10 +163,12 @@ class GenaiGenerator:
     def _checked(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise ValueError("a prompt must have at least one token")
+            raise DataError("a prompt must have at least one token", field="prompt")
         if len(prompt) >= self.context_length:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens; the model's context is {self.context_length}"
+            raise DataError(
+                f"the prompt has {len(prompt)} tokens; "
+                f"the model's context is {self.context_length}",
+                field="prompt",
             )
         return prompt
 

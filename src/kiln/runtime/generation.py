@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from kiln.errors import DataError
 
 FinishReason = Literal["stop", "length"]
 
@@ -226,13 +228,29 @@ def eos_ids_of(
 
 
 def check_params(params: SamplingParams) -> None:
-    """Refuse parameters no backend can honour (ValueError names the field)."""
+    """Refuse parameters no backend can honour (a DataError naming the field)."""
     if params.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
+        raise DataError("max_new_tokens must be at least 1", field="max_new_tokens")
     if params.temperature < 0:
-        raise ValueError("temperature must be >= 0")
+        raise DataError("temperature must be >= 0", field="temperature")
     if not 0.0 < params.top_p <= 1.0:
-        raise ValueError("top_p must be in (0, 1]")
+        raise DataError("top_p must be in (0, 1]", field="top_p")
+
+
+def within_context(
+    params: SamplingParams, prompt_tokens: int, context: int | None
+) -> SamplingParams:
+    """``params`` with max_new_tokens cut to what the model's ``context`` leaves after the
+    longest prompt; a prompt that fills the context is a DataError."""
+    if context is None:
+        return params
+    if prompt_tokens >= context:
+        raise DataError(
+            f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+            field="prompt",
+        )
+    room = context - prompt_tokens
+    return params if params.max_new_tokens <= room else replace(params, max_new_tokens=room)
 
 
 def sample_next(
@@ -268,20 +286,27 @@ class TorchGenerator:
         if pad is None:
             pad = tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.context = int(positions) if isinstance(positions, int) else None
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> TokenStream:
         """Stream one completion (see :class:`TokenStream`)."""
         check_params(params)
         prompt = list(prompt_ids)
+        params = within_context(params, len(prompt), self.context)
         decoder = TextDecoder(self.tokenizer, params, self._eos(params), len(prompt))
         return TokenStream(self._stream_steps(prompt, params, decoder), decoder)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[Completion]:
-        """Complete a left-padded batch in one decode loop."""
+        """Complete a left-padded batch in one decode loop; seeded sampling one prompt at
+        a time, so a seed gives a prompt the same text in a batch as alone."""
         check_params(params)
         rows = [list(p) for p in prompts]
+        if len(rows) > 1 and params.seed is not None and not params.greedy:
+            return [self.generate([row], params)[0] for row in rows]
+        params = within_context(params, max((len(r) for r in rows), default=0), self.context)
         eos = self._eos(params)
         decoders = [TextDecoder(self.tokenizer, params, eos, len(r)) for r in rows]
         for _ in self._decode(rows, params, decoders):
@@ -310,7 +335,7 @@ class TorchGenerator:
         """The decode loop: yields each step's text deltas (one per row) until every
         row is done. Closing it stops before the next forward pass."""
         if any(not r for r in rows):
-            raise ValueError("a prompt must have at least one token")
+            raise DataError("a prompt must have at least one token", field="prompt")
         rng = None
         if params.seed is not None and not params.greedy:
             rng = torch.Generator(device=self.device).manual_seed(params.seed)

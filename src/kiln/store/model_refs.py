@@ -75,7 +75,8 @@ def _version(session: Session, project: Project, name: str, ref: str, field: str
         kind = f"{quantized} " if quantized else ""
         raise SpecError(
             f"{field}: {name} v{version.version} is a {kind}{summary.get('model')} model; "
-            "a pretrained spec continues from a pretrained one",
+            "model:<name> continues from a pretrained encoder version (a causal_lm names a "
+            "base model of the catalog: base:<name>)",
             field=field,
         )
     return version
