@@ -200,3 +200,25 @@ def test_gradient_accumulation_equals_one_big_batch_in_tokens(chats: Path) -> No
     assert big.meta.training.history[0]["train_loss"] == pytest.approx(
         small.meta.training.history[0]["train_loss"], rel=1e-4
     )
+
+
+def test_the_progress_bar_shows_training_tokens_per_second(
+    chats: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A language model's run gets a second bar, over the epoch's batches, with tokens/s."""
+    from kiln.train.callbacks import RichProgress
+
+    class Tokens(Callback):
+        seen = 0
+
+        def on_batch_tokens(self, tokens: int) -> None:
+            Tokens.seen += tokens
+
+    spec = gpt_spec(chats, epochs=1)
+    spec["data"]["split"] = {"val": 0.0, "test": 0.0}
+    progress = RichProgress("training tiny-gpt")
+    bundle = kiln.fit(spec, callbacks=[progress, Tokens()])
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "batches" in err
+    tokens = bundle.meta.training.tokens
+    assert tokens is not None and Tokens.seen == tokens.tokens  # every real token, once
