@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -447,7 +448,10 @@ def _with_adapter(path: Path, meta: BundleMeta) -> nn.Module:
             f"bundle {path}: the base weights at {source.display} are not the ones the "
             "adapter was trained on (their SHA-256 differs)"
         )
-    peft = PeftModel.from_pretrained(load_pretrained_lm(source), str(path / ADAPTER_DIR))
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing (peft's to fix)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft = PeftModel.from_pretrained(load_pretrained_lm(source), str(path / ADAPTER_DIR))
     return CausalLM(peft).eval()
 
 
