@@ -363,6 +363,9 @@ def read_verified_manifest(path: Path) -> BundleMeta:
     if not path.is_dir():
         raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
     meta = parse_manifest(read_json(path / META_FILE), str(path / META_FILE))
+    links = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink()]
+    if links:  # a link would make a listed, hashed name read a file outside the bundle
+        raise BundleError(f"bundle {path} holds links: {links[:5]}")
     for name, expected in meta.files.items():
         file = path / name
         if ".." in Path(name).parts or Path(name).is_absolute():

@@ -179,3 +179,14 @@ def test_a_filename_outside_the_folder_is_refused(
     (folder / "genai_config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="must name a file in the folder"):
         GenaiGenerator(folder, tok)
+
+
+def test_a_link_in_the_folder_is_refused(
+    fp32: GenaiGenerator, tok: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    folder = _copy_folder(fp32, tmp_path)
+    outside = tmp_path / "elsewhere.onnx"
+    (folder / "model.onnx").rename(outside)
+    (folder / "model.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="no links"):
+        GenaiGenerator(folder, tok)

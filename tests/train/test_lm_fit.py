@@ -222,3 +222,18 @@ def test_the_progress_bar_shows_training_tokens_per_second(
     assert "tokens/s" in err and "batches" in err
     tokens = bundle.meta.training.tokens
     assert tokens is not None and Tokens.seen == tokens.tokens  # every real token, once
+
+
+def test_a_bundle_with_a_link_is_refused(trained: LMBundle, tmp_path: Path) -> None:
+    """A listed, hashed file that is a link would read outside the bundle."""
+    import shutil
+
+    assert trained.path is not None
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.path, copy)
+    target = tmp_path / "outside.json"
+    shutil.copy(copy / "generation.json", target)
+    (copy / "generation.json").unlink()
+    (copy / "generation.json").symlink_to(target)  # same bytes, so the hash matches
+    with pytest.raises(kiln.BundleError, match="holds links"):
+        kiln.load(str(copy))

@@ -306,6 +306,8 @@ def check_genai_folder(folder: Path, config: object) -> None:
     a graph, its data, JSON or a tokenizer file; a config key that loads a library
     (``custom_ops_library``); a ``filename`` that is not a plain name inside the folder."""
     for path in folder.rglob("*"):
+        if path.is_symlink():
+            raise BundleError(f"{folder} may hold no links: {path.name}")
         if path.is_dir():
             raise BundleError(f"{folder} may hold no sub-folders: {path.name}")
         if not path.name.endswith(_GENAI_SUFFIXES):
