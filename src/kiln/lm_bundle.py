@@ -348,13 +348,17 @@ class EmbeddingBundle:
 
 
 def _messages(prompt: Prompt, system: str | None) -> list[Message]:
-    """Chat messages for a prompt: a string is one user turn; ``system`` goes first."""
+    """Chat messages for a prompt: a string is one user turn; ``system`` goes first,
+    in place of any system message the prompt holds."""
     if isinstance(prompt, str):
         messages = [Message(role="user", content=prompt)]
     else:
         messages = [m if isinstance(m, Message) else Message.model_validate(m) for m in prompt]
-    if system is not None:
-        messages = [Message(role="system", content=system), *messages]
+    if system is not None:  # replaces the prompt's own system message, if any
+        messages = [
+            Message(role="system", content=system),
+            *(m for m in messages if m.role != "system"),
+        ]
     return messages
 
 

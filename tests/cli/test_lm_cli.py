@@ -164,3 +164,33 @@ def test_import_a_gguf_makes_a_generation_bundle(tmp_path: Path) -> None:
     ours = bundle.generator.generate([ids], params)[0].token_ids
     theirs = TorchGenerator(model, tok).generate([ids], params)[0].token_ids
     assert ours == theirs
+
+
+def test_a_prompt_that_is_not_utf8_is_an_error_not_a_traceback(lm: tuple[Path, Path]) -> None:
+    bundle, _ = lm
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli.main", "generate", str(bundle), "-"],
+        input=b"caf\xe9 \xff\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert b"not valid UTF-8" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_chat_survives_a_turn_past_the_context(lm: tuple[Path, Path]) -> None:
+    """The tiny gpt's context is 64 tokens: a long message is an error for that turn,
+    and the chat goes on."""
+    bundle, _ = lm
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli.main", "chat", str(bundle), "-n", "3"],
+        input="word " * 80 + "\nI want a red pen. Which colour?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "context is 64" in proc.stderr and "/reset starts over" in proc.stderr
+    assert proc.stdout.count("tiny-gpt> ") == 2 and "Traceback" not in proc.stderr

@@ -190,3 +190,20 @@ def test_a_link_in_the_folder_is_refused(
     (folder / "model.onnx").symlink_to(outside)
     with pytest.raises(BundleError, match="no links"):
         GenaiGenerator(folder, tok)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"enable_profiling": "/tmp/kiln-profile"}, {"provider_options": [{"cuda": {}}]}],
+)
+def test_session_options_that_touch_files_are_refused(
+    fp32: GenaiGenerator, tok: PreTrainedTokenizerFast, tmp_path: Path, option: dict[str, object]
+) -> None:
+    """enable_profiling makes onnxruntime write a file where it says: only options that
+    read and write nothing pass."""
+    folder = _copy_folder(fp32, tmp_path)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"].update(option)
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="not allowed"):
+        GenaiGenerator(folder, tok)

@@ -274,3 +274,15 @@ def test_a_seed_gives_a_prompt_the_same_sample_in_a_batch_as_alone(
         gen.generate([a], params)[0].token_ids,
         gen.generate([b], params)[0].token_ids,
     ]
+
+
+def test_a_rows_budget_does_not_depend_on_its_batch_mates(
+    gen: TorchGenerator, tok: PreTrainedTokenizerFast
+) -> None:
+    short = prompt(tok)
+    long = [int(t) for t in (prompt(tok) * 100)[:250]]  # 6 tokens of room in 256
+    params = SamplingParams(max_new_tokens=20, eos_ids=NO_EOS)
+    alone = gen.generate([short], params)[0]
+    together = gen.generate([short, long], params)
+    assert together[0].token_ids == alone.token_ids and alone.completion_tokens == 20
+    assert together[1].completion_tokens == 6

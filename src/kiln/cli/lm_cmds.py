@@ -18,6 +18,7 @@ from kiln.cli.options import JsonOut, flag
 from kiln.cli.render import console, err_console, print_json
 
 if TYPE_CHECKING:
+    from kiln.data.dialogs import Message
     from kiln.lm_bundle import LMBundle
 
 BundleArg = Annotated[Path, typer.Argument(help="Generation bundle directory.", show_default=False)]
@@ -63,7 +64,7 @@ def generate(
     from kiln.settings import apply_threads, get_settings
 
     apply_threads(get_settings())
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _utf8(sys.stdin.read() if prompt == "-" else prompt, "prompt")
     b = load_generation_bundle(bundle)
     stream = b.stream(
         text,
@@ -118,6 +119,7 @@ def chat(
     import contextlib
 
     from kiln.data.dialogs import Message
+    from kiln.errors import KilnError
     from kiln.settings import apply_threads, get_settings
 
     with contextlib.suppress(ImportError):
@@ -149,19 +151,46 @@ def chat(
             continue
         if not line.strip():
             continue
-        history.append(Message(role="user", content=line))
-        sys.stdout.write(f"{b.name}> ")
-        stream = b.stream(history, **settings)  # type: ignore[arg-type]
         try:
-            for delta in stream:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-            stream.close()
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        answer = stream.completion.text if stream.completion is not None else ""
-        history.append(Message(role="assistant", content=answer))
+            answer = _turn(
+                b, [*history, Message(role="user", content=_utf8(line, "input"))], settings
+            )
+        except KilnError as exc:  # e.g. the conversation outgrew the context: say so, go on
+            sys.stdout.write("\n")
+            err_console.print(f"error: {exc.message} (/reset starts over)", highlight=False)
+            continue
+        history += [Message(role="user", content=line), Message(role="assistant", content=answer)]
+
+
+def _turn(b: LMBundle, messages: list[Message], settings: dict[str, float | int | None]) -> str:
+    """Stream one answer to stdout and return it; Ctrl-C stops the answer (what was
+    streamed so far is kept), not the chat."""
+    sys.stdout.write(f"{b.name}> ")
+    stream = b.stream(messages, **settings)  # type: ignore[arg-type]
+    shown: list[str] = []
+    try:
+        for delta in stream:
+            shown.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write(" [stopped]\n")
+        return "".join(shown)
+    sys.stdout.write("\n")
+    return stream.completion.text
+
+
+def _utf8(text: str, field: str) -> str:
+    """``text`` as given, or a DataError when it is not valid UTF-8 (bytes the terminal
+    could not decode)."""
+    from kiln.errors import DataError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"the {field} is not valid UTF-8 text", field=field) from None
+    return text
 
 
 @reports_errors

@@ -322,7 +322,7 @@ def _genai_losses(
     for row in range(len(ids)):
         n = int(mask[row].sum())
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=n + 1)
+        params.set_search_options(max_length=n)  # the prefill alone: logits of all n
         generator = og.Generator(model, params)
         generator.append_tokens(ids[row, :n].numpy().astype(np.int32))
         logits = torch.from_numpy(np.asarray(generator.get_output("logits"))[:, :n])

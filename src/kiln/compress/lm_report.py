@@ -104,7 +104,10 @@ class LMScores:
 
 def generation_speed(bundle: LMBundle, examples: Sequence[Example], rounds: int) -> GenerationSpeed:
     """Greedy tokens/s at batch 1 (``SPEED_PROMPTS`` prompts, one by one) and at batch 8
-    (8 prompts in one call), after a warm-up; first-token latency is the median at batch 1."""
+    (8 prompts in one call), after a warm-up, over at least 3 rounds; first-token
+    latency is the median at batch 1. Rates are end to end (prefill included) over the
+    tokens each answer took until its EOS or ``SPEED_TOKENS``."""
+    rounds = max(rounds, 3)  # one or two rounds of a few prompts swing with the machine
     prompts = [_prompt(bundle, ex) for ex in examples[:8]]
     prompts = [prompts[i % len(prompts)] for i in range(8)]
     params = bundle.params(max_new_tokens=SPEED_TOKENS, temperature=0.0)
@@ -138,8 +141,7 @@ def _prompt(bundle: LMBundle, example: Example) -> list[int]:
     if example.text is not None:  # a text corpus: its opening words
         return prompt_ids(bundle.tokenizer, example.text[:64], chat=False)
     asked, _ = question(example)
-    chat = bundle.generation.prompt_format == "chat" and not isinstance(asked, str)
-    return prompt_ids(bundle.tokenizer, asked, chat=chat)
+    return bundle.prompt_ids(asked)  # as generate prompts it
 
 
 def model_bytes(bundle: LMBundle) -> int:

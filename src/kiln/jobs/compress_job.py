@@ -80,11 +80,12 @@ def _compress_data(data: str | None, source: Path) -> str | None:
     """The data source a compress job measures on: the spec's, else the ``source``
     bundle's own training data when it came from a dataset of this project; None for
     scikit-learn's tables (compress loads them again) and for none at all."""
-    from kiln.bundle import Bundle
+    from kiln.lm_bundle import read_verified_manifest
 
     if data is not None:
         return data
-    trained_on = Bundle.load(source).meta.lineage.data
+    # the manifest alone: a generation bundle has no preprocess.json for Bundle.load
+    trained_on = read_verified_manifest(Path(source)).lineage.data
     data = trained_on.source if trained_on is not None else None
     if data is None or dataset_ref(data) is not None:
         return data

@@ -313,6 +313,8 @@ def check_genai_folder(folder: Path, config: object) -> None:
         if not path.name.endswith(_GENAI_SUFFIXES):
             raise BundleError(f"{folder} holds a file a genai model has no use for: {path.name}")
     for key, value in _walk(config):
+        if key == "session_options":
+            _check_session_options(folder, value)
         lowered = key.lower()
         if any(bad in lowered for bad in _FORBIDDEN_KEYS):
             raise BundleError(f"{folder / 'genai_config.json'}: {key!r} is not allowed")
@@ -322,6 +324,36 @@ def check_genai_folder(folder: Path, config: object) -> None:
             raise BundleError(
                 f"{folder / 'genai_config.json'}: {key} must name a file in the folder"
             )
+
+
+# Session options a CPU model folder may set: none of them reads or writes a file
+# (enable_profiling, for one, writes a profile wherever it says) or loads code.
+_SESSION_OPTIONS = frozenset(
+    {
+        "log_id",
+        "log_severity_level",
+        "intra_op_num_threads",
+        "inter_op_num_threads",
+        "enable_cpu_mem_arena",
+        "enable_mem_pattern",
+        "graph_optimization_level",
+    }
+)
+
+
+def _check_session_options(folder: Path, options: object) -> None:
+    """Only the :data:`_SESSION_OPTIONS` keys, with plain values; no provider options
+    (kiln builds CPU models, and an execution provider's options may name files)."""
+    where = folder / "genai_config.json"
+    if not isinstance(options, dict):
+        raise BundleError(f"{where}: session_options must be an object")
+    if options.get("provider_options", []) != []:
+        raise BundleError(f"{where}: session option(s) ['provider_options'] are not allowed")
+    extra = sorted(set(options) - _SESSION_OPTIONS - {"provider_options"})
+    if extra:
+        raise BundleError(f"{where}: session option(s) {extra} are not allowed")
+    if any(isinstance(v, dict | list) for k, v in options.items() if k != "provider_options"):
+        raise BundleError(f"{where}: session options take plain values")
 
 
 def _walk(node: object, key: str = "") -> Iterator[tuple[str, object]]:

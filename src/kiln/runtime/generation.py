@@ -306,9 +306,12 @@ class TorchGenerator:
         rows = [list(p) for p in prompts]
         if len(rows) > 1 and params.seed is not None and not params.greedy:
             return [self.generate([row], params)[0] for row in rows]
-        params = within_context(params, max((len(r) for r in rows), default=0), self.context)
         eos = self._eos(params)
-        decoders = [TextDecoder(self.tokenizer, params, eos, len(r)) for r in rows]
+        # each row's own budget: a prompt's answer does not depend on its batch-mates
+        decoders = [
+            TextDecoder(self.tokenizer, within_context(params, len(r), self.context), eos, len(r))
+            for r in rows
+        ]
         for _ in self._decode(rows, params, decoders):
             pass
         return [d.completion() for d in decoders]
@@ -353,6 +356,10 @@ class TorchGenerator:
         while True:
             # Positions count real tokens only, so padded rows see the same positions.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            if self.context is not None:
+                # a row that is done may run on past its context while others finish;
+                # its outputs are dropped, its positions must stay valid
+                positions = positions.clamp(max=self.context - 1)
             with torch.inference_mode():
                 out = self.model(
                     input_ids=step_ids,
