@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     {"jobs", "serve", "monitor", "workflow", "lm_workflow"},  # services; workflow is kiln.fit
     {"store"},
     {"compress"},  # operates on bundles
-    {"bundle", "manifest", "lm_bundle"},
+    {"bundle", "manifest", "lm_bundle", "lm_bundle_files"},
     {"train"},  # train may import evaluate, never the reverse
     {"evaluate"},
     {"runtime"},  # device, precision, backends

@@ -79,7 +79,8 @@ def load(directory: str) -> Bundle | LMBundle | EmbeddingBundle:
     :class:`Bundle` (classification, regression), an :class:`LMBundle` (generation) or
     an :class:`EmbeddingBundle` (embedding), by the task its ``kiln.json`` records."""
     from kiln.bundle import Bundle
-    from kiln.lm_bundle import EmbeddingBundle, LMBundle, manifest_task
+    from kiln.lm_bundle import EmbeddingBundle, LMBundle
+    from kiln.lm_bundle_files import manifest_task
 
     task = manifest_task(directory)
     if task == "generation":

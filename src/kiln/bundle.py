@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -283,15 +284,7 @@ class Bundle:
             raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
         meta = parse_manifest(read_json(path / META_FILE), str(path / META_FILE))
         model_spec = meta.model
-        for name in {WEIGHTS_FILE, PREPROCESS_FILE, *meta.files}:
-            file = path / name
-            if ".." in Path(name).parts or Path(name).is_absolute():
-                raise BundleError(f"{path / META_FILE} lists a path outside the bundle: {name}")
-            if not file.is_file():
-                raise BundleError(f"bundle {path} is missing {name}")
-            expected = meta.files.get(name)
-            if expected is None or sha256_file(file) != expected:
-                raise BundleError(f"{file} does not match its checksum in {META_FILE}")
+        verify_files(path, meta, required=(WEIGHTS_FILE, PREPROCESS_FILE))
         try:
             pre = Preprocessor.from_json(read_json(path / PREPROCESS_FILE))
         except ValidationError as exc:
@@ -326,6 +319,20 @@ class Bundle:
         bundle = cls(meta, model, pre, onnx=onnx, report=report)
         bundle.path = path
         return bundle
+
+
+def verify_files(path: Path, meta: BundleMeta, *, required: Iterable[str] = ()) -> None:
+    """Every file ``meta`` lists, and every ``required`` one, lies inside the bundle at
+    ``path``, is there, and matches its SHA-256 in the manifest (a BundleError if not)."""
+    for name in {*required, *meta.files}:
+        file = path / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"{path / META_FILE} lists a path outside the bundle: {name}")
+        if not file.is_file():
+            raise BundleError(f"bundle {path} is missing {name}")
+        expected = meta.files.get(name)
+        if expected is None or sha256_file(file) != expected:
+            raise BundleError(f"{file} does not match its checksum in {META_FILE}")
 
 
 def _check_consistent(path: Path, meta: BundleMeta, pre: Preprocessor, model_spec: Any) -> None:

@@ -26,46 +26,51 @@ their data, JSON and tokenizer files, with no config key that loads a library.
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
+from typing_extensions import Unpack
 
-from kiln.bundle import (
-    META_FILE,
-    REPORT_FILE,
-    TOKENIZER_DIR,
-    WEIGHTS_FILE,
-    check_destination,
-    default_permissions,
-    read_json,
-    replace_dir,
-    sha256_file,
-    write_json,
-)
+from kiln.bundle import REPORT_FILE, TOKENIZER_DIR, WEIGHTS_FILE, read_json, write_json
 from kiln.data.dialogs import Message
-from kiln.errors import BundleError, NotFoundError
-from kiln.manifest import BundleMeta, parse_manifest
-from kiln.models.registry import build
+from kiln.errors import BundleError
+from kiln.lm_bundle_files import (
+    ADAPTER_DIR,
+    adapter_of,
+    build_model,
+    bundle_tokenizer,
+    read_verified_manifest,
+    save_weights,
+    with_adapter,
+    write_bundle,
+)
+from kiln.manifest import BundleMeta
 
 if TYPE_CHECKING:
     from kiln.evaluate.lm_eval import LMEvaluation
     from kiln.evaluate.metrics import Metrics
-    from kiln.runtime.generation import Completion, Generator, TokenStream
+    from kiln.runtime.generation import Completion, Generator, SamplingParams, TokenStream
 
 GENERATION_FILE = "generation.json"
 GENAI_DIR = "genai"
-ADAPTER_DIR = "adapter"
 
 Prompt = str | Sequence[Message] | Sequence[dict[str, str]]
 """A plain prompt, or chat messages (``{"role": ..., "content": ...}``)."""
+
+
+class Sampling(TypedDict, total=False):
+    """Generation settings a call may give; None (or left out) takes generation.json's."""
+
+    max_new_tokens: int | None
+    temperature: float | None  # 0: greedy
+    top_p: float | None
+    seed: int | None  # same seed, same sample
+    stop: Sequence[str] | None
 
 
 class GenerationDefaults(BaseModel):
@@ -151,68 +156,46 @@ class LMBundle:
             messages = [Message(role="system", content=default), *messages]
         return prompt_ids(self.tokenizer, messages, chat=True)
 
-    def params(self, **overrides: Any) -> Any:
-        """SamplingParams from the bundle's defaults, with non-None ``overrides``."""
+    def params(self, **overrides: Unpack[Sampling]) -> SamplingParams:
+        """SamplingParams from the bundle's defaults, with the non-None ``overrides``."""
         from kiln.runtime.generation import SamplingParams
 
         d = self.generation
-        given = {k: v for k, v in overrides.items() if v is not None}
-        stop = tuple(given.pop("stop", d.stop))
+        max_new, temperature, top_p, stop = (
+            overrides.get("max_new_tokens"),
+            overrides.get("temperature"),
+            overrides.get("top_p"),
+            overrides.get("stop"),
+        )
         return SamplingParams(
-            max_new_tokens=given.pop("max_new_tokens", d.max_new_tokens),
-            temperature=given.pop("temperature", d.temperature),
-            top_p=given.pop("top_p", d.top_p),
-            seed=given.pop("seed", None),
-            stop=stop,
+            max_new_tokens=d.max_new_tokens if max_new is None else max_new,
+            temperature=d.temperature if temperature is None else temperature,
+            top_p=d.top_p if top_p is None else top_p,
+            seed=overrides.get("seed"),
+            stop=tuple(d.stop if stop is None else stop),
             eos_ids=tuple(d.eos_ids),
         )
 
     def generate(
-        self,
-        prompt: Prompt,
-        *,
-        system: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        self, prompt: Prompt, *, system: str | None = None, **settings: Unpack[Sampling]
     ) -> Completion:
         """Generate one completion for ``prompt`` (settings default to generation.json)."""
-        params = self.params(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-        )
-        return self.generator.generate([self.prompt_ids(prompt, system=system)], params)[0]
+        ids = self.prompt_ids(prompt, system=system)
+        return self.generator.generate([ids], self.params(**settings))[0]
 
-    def generate_batch(self, prompts: Sequence[Prompt], **settings: Any) -> list[Completion]:
+    def generate_batch(
+        self, prompts: Sequence[Prompt], **settings: Unpack[Sampling]
+    ) -> list[Completion]:
         """One completion per prompt, decoded together in one batch."""
         params = self.params(**settings)
         return self.generator.generate([self.prompt_ids(p) for p in prompts], params)
 
     def stream(
-        self,
-        prompt: Prompt,
-        *,
-        system: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        self, prompt: Prompt, *, system: str | None = None, **settings: Unpack[Sampling]
     ) -> TokenStream:
         """Text deltas as they are generated; the stream's ``completion`` once exhausted."""
-        params = self.params(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-        )
-        return self.generator.stream(self.prompt_ids(prompt, system=system), params)
+        ids = self.prompt_ids(prompt, system=system)
+        return self.generator.stream(ids, self.params(**settings))
 
     def evaluate(
         self,
@@ -251,11 +234,11 @@ class LMBundle:
         out = Path(directory)
 
         def write(tmp: Path) -> None:
-            adapter = _adapter_of(self.model) if self.model is not None else None
+            adapter = adapter_of(self.model) if self.model is not None else None
             if adapter is not None:
                 adapter.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True)
             elif self.model is not None:
-                _save_weights(self.model, tmp / WEIGHTS_FILE)
+                save_weights(self.model, tmp / WEIGHTS_FILE)
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             write_json(tmp / GENERATION_FILE, self.generation.model_dump(mode="json"))
             if self.genai is not None:
@@ -263,7 +246,7 @@ class LMBundle:
             if self.report is not None:
                 write_json(tmp / REPORT_FILE, self.report)
 
-        _write_bundle(out, self.meta, write)
+        write_bundle(out, self.meta, write)
         self.path = out
         if self.genai is not None:
             self.genai = out / GENAI_DIR
@@ -278,13 +261,13 @@ class LMBundle:
             raise BundleError(f"bundle {path} is a {meta.task} bundle, not a generation one")
         has_adapter = f"{ADAPTER_DIR}/adapter_config.json" in meta.files
         model = (
-            _with_adapter(path, meta)
+            with_adapter(path, meta)
             if has_adapter
-            else _build(path, meta)
+            else build_model(path, meta)
             if WEIGHTS_FILE in meta.files
             else None
         )
-        tokenizer = _tokenizer(path, meta)
+        tokenizer = bundle_tokenizer(path, meta)
         try:
             generation = GenerationDefaults.model_validate(read_json(path / GENERATION_FILE))
         except ValidationError as exc:
@@ -329,10 +312,10 @@ class EmbeddingBundle:
         out = Path(directory)
 
         def write(tmp: Path) -> None:
-            _save_weights(self.model, tmp / WEIGHTS_FILE)
+            save_weights(self.model, tmp / WEIGHTS_FILE)
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
 
-        _write_bundle(out, self.meta, write)
+        write_bundle(out, self.meta, write)
         self.path = out
         return out
 
@@ -342,7 +325,7 @@ class EmbeddingBundle:
         meta = read_verified_manifest(path)
         if meta.task != "embedding":
             raise BundleError(f"bundle {path} is a {meta.task} bundle, not an embedding one")
-        bundle = cls(meta, _build(path, meta), _tokenizer(path, meta))
+        bundle = cls(meta, build_model(path, meta), bundle_tokenizer(path, meta))
         bundle.path = path
         return bundle
 
@@ -360,148 +343,3 @@ def _messages(prompt: Prompt, system: str | None) -> list[Message]:
             *(m for m in messages if m.role != "system"),
         ]
     return messages
-
-
-def read_verified_manifest(path: Path) -> BundleMeta:
-    """The manifest of the bundle at ``path``, after every listed file matched its hash."""
-    if not path.is_dir():
-        raise NotFoundError(f"bundle directory not found: {path}", field="bundle")
-    meta = parse_manifest(read_json(path / META_FILE), str(path / META_FILE))
-    links = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink()]
-    if links:  # a link would make a listed, hashed name read a file outside the bundle
-        raise BundleError(f"bundle {path} holds links: {links[:5]}")
-    for name, expected in meta.files.items():
-        file = path / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise BundleError(f"{path / META_FILE} lists a path outside the bundle: {name}")
-        if not file.is_file():
-            raise BundleError(f"bundle {path} is missing {name}")
-        if sha256_file(file) != expected:
-            raise BundleError(f"{file} does not match its checksum in {META_FILE}")
-    unlisted = [
-        p.relative_to(path).as_posix()
-        for p in path.rglob("*")
-        if p.is_file() and p.relative_to(path).as_posix() not in {META_FILE, *meta.files}
-    ]
-    if unlisted:
-        raise BundleError(f"bundle {path} holds files {META_FILE} does not list: {unlisted[:5]}")
-    # an onnxruntime-genai variant may run its genai/ model alone, without torch weights;
-    # an adapter bundle holds its LoRA adapter instead
-    adapter = f"{ADAPTER_DIR}/adapter_config.json" in meta.files
-    if (
-        WEIGHTS_FILE not in meta.files
-        and meta.runtime.backend != "onnxruntime-genai"
-        and not adapter
-    ):
-        raise BundleError(f"bundle {path} is missing {WEIGHTS_FILE}")
-    return meta
-
-
-def _build(path: Path, meta: BundleMeta) -> nn.Module:
-    """The architecture from its recorded config, with the bundle's weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    if "hf_config" not in meta.model_context:
-        # without its config the builder would load from model.path: outside the bundle
-        raise BundleError(f"bundle {path}: the model's config is missing from {META_FILE}")
-    try:
-        model = build(meta.model, meta.n_inputs, meta.n_outputs, **meta.model_context)
-    except Exception as exc:  # a manifest that describes no buildable model
-        raise BundleError(f"{path / META_FILE} describes no valid model: {exc}") from None
-    try:
-        load_model(model, str(path / WEIGHTS_FILE), strict=True)
-    except (SafetensorError, RuntimeError) as exc:
-        raise BundleError(f"{path / WEIGHTS_FILE} does not fit the model: {exc}") from None
-    return model
-
-
-def _adapter_of(model: nn.Module) -> Any:
-    """The peft model inside a CausalLM whose LoRA adapters were kept (merge: false)."""
-    hf = getattr(model, "hf", None)
-    return hf if hf is not None and type(hf).__module__.startswith("peft") else None
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
-
-
-def _with_adapter(path: Path, meta: BundleMeta) -> nn.Module:
-    """An adapter bundle: the base weights it references (a local path or ``pkg:``, never
-    a hub id; checked against their SHA-256), with the bundle's LoRA adapter on top
-    (peft reads its JSON config and safetensors weights, nothing else)."""
-    from peft import PeftModel
-
-    from kiln.errors import SpecError
-    from kiln.models.causal_lm import CausalLM
-    from kiln.models.lm_source import load_pretrained_lm, resolve_lm_source, weights_digest
-    from kiln.models.pretrained import resolve_model_path
-
-    others = [p.name for p in (path / ADAPTER_DIR).iterdir() if p.name not in ADAPTER_FILES]
-    if others:
-        raise BundleError(f"bundle {path}: {ADAPTER_DIR}/ may not hold {others}")
-    base = meta.model_context.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
-        raise BundleError(f"bundle {path}: an adapter bundle must name its base weights")
-    where = resolve_model_path(str(base["path"]))
-    if not Path(where).expanduser().exists():  # never a hub download at load time
-        raise BundleError(f"bundle {path}: its base weights {base['path']} are not on this machine")
-    try:
-        source = resolve_lm_source(where)
-        digest = weights_digest(source)
-    except SpecError as exc:
-        raise BundleError(f"bundle {path}: its base weights: {exc.message}") from None
-    if digest != base.get("sha256"):
-        raise BundleError(
-            f"bundle {path}: the base weights at {source.display} are not the ones the "
-            "adapter was trained on (their SHA-256 differs)"
-        )
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated is_gradient_checkpointing (peft's to fix)
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-        peft = PeftModel.from_pretrained(load_pretrained_lm(source), str(path / ADAPTER_DIR))
-    return CausalLM(peft).eval()
-
-
-def _tokenizer(path: Path, meta: BundleMeta) -> Any:
-    from kiln.data.text import load_tokenizer
-
-    if not any(f.startswith(f"{TOKENIZER_DIR}/") for f in meta.files):
-        raise BundleError(f"bundle {path} has no tokenizer")
-    return load_tokenizer(path / TOKENIZER_DIR, for_bundle=True)
-
-
-def _save_weights(model: nn.Module, file: Path) -> None:
-    """safetensors of the fp32 tensors; tied tensors (embeddings = LM head) once."""
-    from safetensors.torch import save_model
-
-    save_model(model, str(file), metadata={"format": "kiln.bundle"})
-
-
-def _write_bundle(out: Path, meta: BundleMeta, write: Any) -> None:
-    """Write files with ``write(tmp)``, hash them into ``meta``, then swap into ``out``."""
-    check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        meta.files = {
-            p.relative_to(tmp).as_posix(): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        write_json(tmp / META_FILE, meta.model_dump(mode="json"))
-        default_permissions(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def manifest_task(directory: str | Path) -> str | None:
-    """The task a bundle's ``kiln.json`` records (None when unreadable)."""
-    try:
-        doc = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    task = doc.get("task") if isinstance(doc, dict) else None
-    return task if isinstance(task, str) else None

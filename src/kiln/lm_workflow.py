@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import JsonValue
+from torch import nn
 
 from kiln.bundle import new_meta
 from kiln.data.dialogs import Example, LMFormat
 from kiln.data.lm_encode import ensure_chat_template
+from kiln.data.sources import absolute_source
 from kiln.errors import DataError
 from kiln.evaluate.metrics import Metrics
 from kiln.lm_bundle import EmbeddingBundle, GenerationDefaults, LMBundle
@@ -28,7 +30,7 @@ from kiln.manifest import (
 from kiln.models.causal_lm import CausalLM
 from kiln.models.registry import build
 from kiln.models.summary import count_parameters
-from kiln.spec.model import CausalLMSpec, SentenceEncoderSpec
+from kiln.spec.model import CausalLMSpec, ModelSpec, SentenceEncoderSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
@@ -103,23 +105,52 @@ def shared_system(examples: Sequence[Example]) -> str | None:
     return firsts.pop() if len(firsts) == 1 else None
 
 
+def lm_meta(
+    name: str,
+    spec: ModelSpec,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    context: dict[str, JsonValue],
+    metrics: dict[str, Metrics] | None = None,
+    training: TrainingRecord | None = None,
+    lineage: Lineage | None = None,
+    parent: ParentRecord | None = None,
+) -> BundleMeta:
+    """The manifest of a language-model bundle: ``embedding`` for a sentence encoder
+    (vectors of its width), else ``generation`` (text in, tokens out); an imported model's
+    lineage is its ``parent``, the weights it came from."""
+    embedding = isinstance(spec, SentenceEncoderSpec)
+    vocab = len(tokenizer)
+    return new_meta(
+        name=name,
+        task="embedding" if embedding else "generation",
+        model=spec.model_dump(mode="json"),
+        input_schema=[{"name": "input" if embedding else "prompt", "kind": "text"}],
+        target="",
+        labels=None,
+        n_inputs=vocab,
+        n_outputs=getattr(model, "dimensions", vocab) if embedding else vocab,
+        model_context=context,
+        parameters=count_parameters(model),
+        metrics=metrics or {},
+        training=training or TrainingRecord(),
+        lineage=lineage or Lineage(parent=parent),
+    )
+
+
 def _manifest(
     spec: Spec, trained: LMTrained, metrics: dict[str, Metrics], *, seconds: float
 ) -> BundleMeta:
     result, parts = trained.result, trained.splits.parts
     train_enc = trained.encoded["train"]
     history = result.history
-    return new_meta(
-        name=spec.name,
-        task="generation",
-        model=spec.model.model_dump(mode="json"),
-        input_schema=[{"name": "prompt", "kind": "text"}],
-        target="",
-        labels=None,
-        n_inputs=len(trained.tokenizer),
-        n_outputs=len(trained.tokenizer),
-        model_context=trained.context,
-        parameters=count_parameters(trained.model),
+    return lm_meta(
+        spec.name,
+        spec.model,
+        trained.model,
+        trained.tokenizer,
+        context=trained.context,
         metrics=metrics,
         training=TrainingRecord(
             epochs_run=result.epochs_run,
@@ -140,7 +171,7 @@ def _manifest(
         lineage=Lineage(
             spec=spec.model_dump(mode="json"),
             data=DataRecord(
-                source=_absolute(spec.data.source),
+                source=absolute_source(spec.data.source),
                 fingerprint=trained.splits.corpus.fingerprint,
                 rows_read=len(trained.splits.corpus.examples),
                 rows_dropped=0,
@@ -148,12 +179,6 @@ def _manifest(
             split=SplitRecord(train=len(parts.train), val=len(parts.val), test=len(parts.test)),
         ),
     )
-
-
-def _absolute(source: str) -> str:
-    if "://" in source or not Path(source).exists():
-        return source
-    return str(Path(source).resolve())
 
 
 def import_pretrained(
@@ -185,20 +210,7 @@ def import_pretrained(
     positions = getattr(model.base_model().config, "max_position_embeddings", None)
     if max_length is None and isinstance(positions, int):
         spec = spec.model_copy(update={"max_length": min(positions, 8192)})
-    meta = new_meta(
-        name=bundle_name,
-        task="generation",
-        model=spec.model_dump(mode="json"),
-        input_schema=[{"name": "prompt", "kind": "text"}],
-        target="",
-        labels=None,
-        n_inputs=len(tokenizer),
-        n_outputs=len(tokenizer),
-        model_context=context,
-        parameters=count_parameters(model),
-        metrics={},
-        lineage=Lineage(parent=parent),
-    )
+    meta = lm_meta(bundle_name, spec, model, tokenizer, context=context, parent=parent)
     defaults = generation_defaults(model, tokenizer, "chat", template_added)
     return LMBundle(meta, model, tokenizer, defaults)
 
@@ -211,20 +223,11 @@ def _import_encoder(
     spec = SentenceEncoderSpec(path=source, max_length=max_length or 256)
     model = build(spec, len(tokenizer), 1)
     assert isinstance(model, SentenceEncoder)
-    meta = new_meta(
-        name=name,
-        task="embedding",
-        model=spec.model_dump(mode="json"),
-        input_schema=[{"name": "input", "kind": "text"}],
-        target="",
-        labels=None,
-        n_inputs=len(tokenizer),
-        n_outputs=model.dimensions,
-        model_context={"hf_config": model.hf_config(), "pad_id": int(tokenizer.pad_token_id)},
-        parameters=count_parameters(model),
-        metrics={},
-        lineage=Lineage(parent=parent),
-    )
+    context: dict[str, JsonValue] = {
+        "hf_config": model.hf_config(),
+        "pad_id": int(tokenizer.pad_token_id),
+    }
+    meta = lm_meta(name, spec, model, tokenizer, context=context, parent=parent)
     return EmbeddingBundle(meta, model, tokenizer)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.bundle import Bundle, check_destination, new_meta
+from kiln.data.sources import absolute_source
 from kiln.data.split import Holdout, holdout
 from kiln.evaluate.metrics import Metrics
 from kiln.manifest import BundleMeta, DataRecord, JSONDocument, Lineage, SplitRecord, TrainingRecord
@@ -162,7 +163,7 @@ def _lineage(spec: Spec, table: Table, parts: Holdout) -> Lineage:
     return Lineage(
         spec=spec.model_dump(mode="json"),
         data=DataRecord(
-            source=_absolute(spec.data.source),
+            source=absolute_source(spec.data.source),
             fingerprint=table.fingerprint,
             rows_read=table.rows_read,
             rows_dropped=table.rows_dropped,
@@ -198,10 +199,3 @@ def _manifest(
         training=training,
         lineage=_lineage(spec, table, frames.parts),
     )
-
-
-def _absolute(source: str) -> str:
-    """Local paths become absolute (so the lineage still finds them from elsewhere)."""
-    if "://" in source or source.startswith("sklearn:") or not Path(source).exists():
-        return source
-    return str(Path(source).resolve())

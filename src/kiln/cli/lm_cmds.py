@@ -19,7 +19,7 @@ from kiln.cli.render import console, err_console, print_json
 
 if TYPE_CHECKING:
     from kiln.data.dialogs import Message
-    from kiln.lm_bundle import LMBundle
+    from kiln.lm_bundle import LMBundle, Sampling
 
 BundleArg = Annotated[Path, typer.Argument(help="Generation bundle directory.", show_default=False)]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="A system message.")]
@@ -131,7 +131,7 @@ def chat(
         f"chatting with [bold]{b.name}[/] (/reset starts over, Ctrl-D leaves)", highlight=False
     )
     history: list[Message] = [] if system is None else [Message(role="system", content=system)]
-    settings = {
+    settings: Sampling = {
         "max_new_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
@@ -162,11 +162,11 @@ def chat(
         history += [Message(role="user", content=line), Message(role="assistant", content=answer)]
 
 
-def _turn(b: LMBundle, messages: list[Message], settings: dict[str, float | int | None]) -> str:
+def _turn(b: LMBundle, messages: list[Message], settings: Sampling) -> str:
     """Stream one answer to stdout and return it; Ctrl-C stops the answer (what was
     streamed so far is kept), not the chat."""
     sys.stdout.write(f"{b.name}> ")
-    stream = b.stream(messages, **settings)  # type: ignore[arg-type]
+    stream = b.stream(messages, **settings)
     shown: list[str] = []
     try:
         for delta in stream:

@@ -59,7 +59,7 @@ def evaluate(
     to each example's last turn.
     """
     from kiln.bundle import Bundle
-    from kiln.lm_bundle import manifest_task
+    from kiln.lm_bundle_files import manifest_task
 
     require_local_input(data, field="data")
     if manifest_task(bundle) == "generation":
@@ -168,7 +168,7 @@ def _encoded(bundle: Any) -> str:
 def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     """Summarise a bundle: layers, shapes, parameter counts, metrics, lineage."""
     from kiln.bundle import Bundle
-    from kiln.lm_bundle import manifest_task
+    from kiln.lm_bundle_files import manifest_task
     from kiln.manifest import DataRecord
     from kiln.models.summary import summarize
 
@@ -231,7 +231,7 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
 def _inspect_lm(bundle: Path, *, json_out: bool) -> None:
     """``kiln inspect`` of a generation or embedding bundle (no layer table: an LM's
     hundreds of layers say less than its config)."""
-    from kiln.lm_bundle import read_verified_manifest
+    from kiln.lm_bundle_files import read_verified_manifest
 
     meta = read_verified_manifest(bundle)
     config = meta.model_context.get("hf_config", {})

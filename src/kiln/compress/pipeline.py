@@ -210,7 +210,7 @@ def compress(
     generation source runs :func:`kiln.compress.lm_pipeline.compress_lm` instead.
     """
     checked = load_compress_spec(spec)
-    from kiln.lm_bundle import manifest_task
+    from kiln.lm_bundle_files import manifest_task
 
     if manifest_task(checked.source) == "generation":
         from kiln.compress.lm_pipeline import compress_lm

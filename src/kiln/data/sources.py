@@ -116,3 +116,13 @@ def fingerprint(frame: pd.DataFrame) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def absolute_source(source: str) -> str:
+    """A local path made absolute (so a bundle's lineage still finds it from elsewhere);
+    URIs, ``sklearn:`` names and paths that do not exist as given."""
+    from pathlib import Path
+
+    if "://" in source or source.startswith("sklearn:") or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())

@@ -80,7 +80,7 @@ def _compress_data(data: str | None, source: Path) -> str | None:
     """The data source a compress job measures on: the spec's, else the ``source``
     bundle's own training data when it came from a dataset of this project; None for
     scikit-learn's tables (compress loads them again) and for none at all."""
-    from kiln.lm_bundle import read_verified_manifest
+    from kiln.lm_bundle_files import read_verified_manifest
 
     if data is not None:
         return data

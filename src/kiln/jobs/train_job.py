@@ -234,7 +234,8 @@ def run_crossval(ctx: JobContext, job: Job, tmp: Path) -> JobResult:
 def run_evaluate(ctx: JobContext, job: Job, tmp: Path) -> VersionResult:
     """Score a registered version on a dataset; registers nothing."""
     from kiln.bundle import Bundle
-    from kiln.lm_bundle import LMBundle, manifest_task
+    from kiln.lm_bundle import LMBundle
+    from kiln.lm_bundle_files import manifest_task
 
     project = job_project(ctx, job)
     name, ref, source = job.spec["model"], job.spec["version"], job.spec["data"]

@@ -9,7 +9,6 @@ engine trains on token inputs (B, 2, L) against labels (B, L).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +26,12 @@ from kiln.evaluate.metrics import Metrics
 from kiln.evaluate.token_loss import mean_token_loss, perplexity
 from kiln.models.causal_lm import CausalLM
 from kiln.models.registry import build
-from kiln.spec.load import dump_spec
 from kiln.spec.model import CausalLMSpec, GPTSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
 from kiln.train.loop import FitResult, TensorData, fit_model
+from kiln.train.recipe import run_id
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def train_lm(
         callbacks=callbacks,
         checkpoints=checkpoints,
         resume=resume,
-        run_id=lm_run_id(spec, splits.corpus),
+        run_id=run_id(spec, splits.corpus.fingerprint),
     )
     lora = getattr(model_spec, "lora", None)
     if lora is None or lora.merge:
@@ -187,12 +186,6 @@ def token_context(tokenizer: Any) -> dict[str, JsonValue]:
         "bos_id": None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
         "eos_id": None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id),
     }
-
-
-def lm_run_id(spec: Spec, corpus: Corpus) -> str:
-    """Same spec (wherever the data lies) and same examples: the same run, for resume."""
-    unlocated = spec.model_copy(update={"data": spec.data.model_copy(update={"source": ""})})
-    return hashlib.sha256((dump_spec(unlocated) + corpus.fingerprint).encode()).hexdigest()[:16]
 
 
 def score_encoded(model: CausalLM, encoded: Encoded, batch: int = 8) -> Metrics:

@@ -20,21 +20,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from kiln.data.lm_encode import IGNORE
 from kiln.data.text import is_tokens, trim_padding
 from kiln.errors import Interrupted, TrainingError
-from kiln.evaluate.token_loss import mean_token_loss, perplexity
-from kiln.runtime.placement import Placement, predict_outputs
+from kiln.runtime.placement import Placement
 from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
 from kiln.train.callbacks import Callback, TrainSummary
 from kiln.train.checkpoint import CheckpointState, CheckpointStore, EpochEntry, Progress
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
+from kiln.train.validation import Validator
 
 
 @dataclass
@@ -146,6 +145,7 @@ class _Run:
     shuffle_gen: torch.Generator = field(init=False)
     batch_hooks: list[Callable[[], None]] = field(init=False)
     token_hooks: list[Callable[[int], None]] = field(init=False)  # tokens per micro-batch
+    validator: Validator = field(init=False)  # the epoch's val_* logs
     # generation: labelled tokens per row (N,); the token loss is a mean over tokens, so
     # micro-batches are weighted by their tokens, not their rows (None: by rows)
     row_weights: torch.Tensor | None = field(init=False)
@@ -217,6 +217,14 @@ class _Run:
             if type(cb).on_batch_end is not Callback.on_batch_end
         ]
         self.row_weights = _labelled_tokens(self.y) if self.task == "generation" else None
+        self.validator = Validator(
+            task=self.task,
+            loss_fn=self.loss_fn,
+            autocast=self.autocast,
+            monitor=self.monitor,
+            target_scale=self.target_scale,
+            batch=self.batch,
+        )
         self.token_hooks = [
             cb.on_batch_tokens
             for cb in self.callbacks
@@ -426,7 +434,7 @@ def _epoch_logs(run: _Run, epoch: int, train_loss: float) -> EpochEntry:
         "lr": run.optimizer.param_groups[0]["lr"],
     }
     if run.val is not None:
-        logs.update(_validate(run, *run.val))
+        logs.update(run.validator(run.model, *run.val))
     return logs
 
 
@@ -475,46 +483,3 @@ def _finish(run: _Run, progress: Progress, started: float, start_epoch: int) -> 
     for cb in run.callbacks:
         cb.on_train_end(summary)
     return result
-
-
-def _validate(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """val_loss and the headline metric every epoch; the full set only when monitored.
-
-    Kept lean on purpose: this runs every epoch and is part of the engine's overhead.
-    """
-    from kiln.evaluate.metrics import (
-        SCALAR_REGRESSION,
-        classification_metrics,
-        metric_value,
-        regression_metrics,
-    )
-
-    if run.task == "generation":
-        return _validate_tokens(run, x, y)
-    out = predict_outputs(run.model, x, run.autocast)
-    logs = {"val_loss": float(run.loss_fn(out, y))}
-    if run.task == "classification":
-        from sklearn.metrics import accuracy_score
-
-        true = y.cpu().numpy()
-        logs["val_accuracy"] = float(accuracy_score(true, out.argmax(dim=1).cpu().numpy()))
-        monitor = run.monitor
-        if monitor is not None and monitor not in logs and monitor != "train_loss":
-            proba = torch.softmax(out, dim=1).cpu().numpy()
-            full = classification_metrics(true, proba, n_classes=out.shape[1])
-            logs[monitor] = metric_value(full, monitor.removeprefix("val_"))
-    else:
-        pred = out.squeeze(-1).cpu().numpy().astype(np.float64) * run.target_scale
-        true = y.cpu().numpy().astype(np.float64) * run.target_scale
-        scores = regression_metrics(true, pred)
-        for key in SCALAR_REGRESSION:
-            if key in scores:
-                logs[f"val_{key}"] = metric_value(scores, key)
-    return logs
-
-
-def _validate_tokens(run: _Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """A causal LM's val_loss (mean over every labelled token) and val_perplexity,
-    in training-sized batches: the logits (B, L, V) of a whole split would not fit."""
-    loss = mean_token_loss(run.model, x, y, run.batch, run.autocast)
-    return {"val_loss": loss, "val_perplexity": perplexity(loss)}

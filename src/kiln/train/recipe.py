@@ -140,14 +140,15 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_id(spec: Spec, table: Table) -> str:
-    """Identifies a run for resuming: same spec and same data give the same id.
+def run_id(spec: Spec, fingerprint: str) -> str:
+    """Identifies a run for resuming: same spec and same data (by ``fingerprint``, a
+    table's or a generation corpus's) give the same id.
 
     The data counts by content (its fingerprint), not by where it was read from: a
     queued job's worker reads its dataset from a fresh temporary copy on every attempt.
     """
     unlocated = spec.model_copy(update={"data": spec.data.model_copy(update={"source": ""})})
-    return hashlib.sha256((dump_spec(unlocated) + table.fingerprint).encode()).hexdigest()[:16]
+    return hashlib.sha256((dump_spec(unlocated) + fingerprint).encode()).hexdigest()[:16]
 
 
 def train_frames(
@@ -191,7 +192,7 @@ def train_frames(
         callbacks=callbacks,
         checkpoints=checkpoints,
         resume=resume,
-        run_id=run_id(spec, table),
+        run_id=run_id(spec, table.fingerprint),
         augment=augment,
     )
     merge = getattr(model, "merge_adapters", None)
