@@ -8,6 +8,7 @@
     weights.safetensors  the model's tensors
     preprocess.json      fitted preprocessing state
     tokenizer/           text models: the tokenizer's JSON files
+    booster.txt          gbdt (LightGBM): the model text; booster.ubj for XGBoost (UBJSON)
     model.onnx           optional: the ONNX graph (served by onnxruntime when
                          ``runtime.backend`` says so, e.g. int8 variants)
     compression.json     optional: measurements of a compressed variant
@@ -42,6 +43,7 @@ from kiln.data.preprocess_state import JSONScalar
 from kiln.errors import BundleError, ConflictError, DataError, NotFoundError
 from kiln.evaluate.metrics import Metrics
 from kiln.manifest import FORMAT, BundleMeta, JSONDocument, parse_manifest
+from kiln.models.gbdt import GBDTModel
 from kiln.models.registry import build
 from kiln.runtime import Backend
 from kiln.runtime.placement import half_dtype
@@ -252,6 +254,8 @@ class Bundle:
                 for k, v in self.model.state_dict().items()
             }
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            if isinstance(self.model, GBDTModel):  # trees: the library's own format
+                (tmp / self.model.booster_file).write_bytes(self.model.booster_bytes())
             write_json(tmp / PREPROCESS_FILE, self.preprocessor.to_json())
             if self.preprocessor.tokenizer is not None:
                 self.preprocessor.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -314,6 +318,10 @@ class Bundle:
             model.load_state_dict(state, strict=True)
         except (SafetensorError, RuntimeError) as exc:
             raise BundleError(f"{path / WEIGHTS_FILE} does not fit the model: {exc}") from None
+        if isinstance(model, GBDTModel):
+            if model.booster_file not in meta.files:
+                raise BundleError(f"bundle {path}: {META_FILE} lists no {model.booster_file}")
+            model.load_booster((path / model.booster_file).read_bytes())
         onnx = (path / ONNX_FILE).read_bytes() if ONNX_FILE in meta.files else None
         report = read_json(path / REPORT_FILE) if REPORT_FILE in meta.files else None
         bundle = cls(meta, model, pre, onnx=onnx, report=report)

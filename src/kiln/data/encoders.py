@@ -65,7 +65,8 @@ class NumericBatch:
         self.center = np.array([f.center for f in features], dtype=np.float64)
         self.scale = np.array([f.scale for f in features], dtype=np.float64)
         self.fill = np.array([np.nan if f.fill is None else f.fill for f in features])
-        self.refused = np.array([f.fill is None for f in features])  # missing: drop
+        # missing: drop refuses a missing value; missing: native keeps it NaN
+        self.refused = np.array([not f.accepts_missing for f in features])
 
     def values(self, frame: pd.DataFrame) -> np.ndarray | None:
         """The features of ``frame`` as float64 (N, F); None when one is missing or not of
@@ -178,7 +179,7 @@ class TabularEncoder:
 def _encode_numeric(series: pd.Series, feat: NumericFeature) -> np.ndarray:
     values = numeric_column(series, feat.name)
     nan = np.isnan(values)
-    if nan.any():
+    if nan.any() and not feat.native_missing:
         if feat.fill is None:
             _refuse_missing(series, nan, feat.name)
         values = np.where(nan, feat.fill, values)
@@ -188,10 +189,14 @@ def _encode_numeric(series: pd.Series, feat: NumericFeature) -> np.ndarray:
 
 def _encode_categorical(series: pd.Series, feat: CategoricalFeature) -> np.ndarray:
     nan = series.isna().to_numpy()
-    if nan.any() and feat.fill is None:
+    if nan.any() and not feat.accepts_missing:
         _refuse_missing(series, nan, feat.name)
     values = series.astype(object).where(~nan, feat.fill).map(category)
     index = {c: i for i, c in enumerate(feat.categories)}
+    if feat.encoding == "native":  # missing and unseen go to the trees as missing
+        codes_f = np.array(values.map(index).to_numpy(dtype=np.float64, na_value=np.nan))
+        codes_f[nan] = np.nan
+        return codes_f[:, None]
     # Categories never seen in training: all-zero one-hot, or code -1 for ordinal.
     codes = values.map(index).fillna(-1).to_numpy(dtype=np.int64)
     if feat.encoding == "ordinal":

@@ -47,12 +47,19 @@ def _fit_numeric(frame: pd.DataFrame, name: str, options: Preprocessing) -> Nume
     filled = np.where(np.isnan(values), fill if fill is not None else np.nan, values)
     center, scale = _center_scale(filled[~np.isnan(filled)], options)
     # A constant column would divide by zero; it carries no signal either way.
-    return NumericFeature(name=name, fill=fill, center=center, scale=scale or 1.0)
+    return NumericFeature(
+        name=name,
+        fill=fill,
+        center=center,
+        scale=scale or 1.0,
+        native_missing=options.missing == "native",
+    )
 
 
 def _numeric_fill(present: np.ndarray, name: str, options: Preprocessing) -> float | None:
-    """The value a missing number becomes; None under ``missing: drop`` (refused)."""
-    if options.missing == "drop":
+    """The value a missing number becomes; None under ``missing: drop`` (refused) and
+    ``missing: native`` (kept missing)."""
+    if options.missing in ("drop", "native"):
         return None
     if options.missing == "mean":
         return float(present.mean())
@@ -83,7 +90,7 @@ def _fit_categorical(series: pd.Series, name: str, options: Preprocessing) -> Ca
     if present.empty:
         raise DataError(f"column {name!r} has no values in the training split", field=name)
     fill: str | None
-    if options.missing == "drop":
+    if options.missing in ("drop", "native"):
         fill = None
     elif options.missing == "constant":
         fill = str(options.fill_value)
@@ -91,7 +98,11 @@ def _fit_categorical(series: pd.Series, name: str, options: Preprocessing) -> Ca
         fill = str(present.mode().iloc[0])
     categories = sorted(set(present) | ({fill} if fill is not None else set()))
     return CategoricalFeature(
-        name=name, categories=categories, fill=fill, encoding=options.categorical
+        name=name,
+        categories=categories,
+        fill=fill,
+        encoding=options.categorical,
+        native_missing=options.missing == "native",
     )
 
 

@@ -19,9 +19,16 @@ InputKind = Literal["tabular", "text", "image"]
 class NumericFeature(BaseModel):
     kind: Literal["numeric"] = "numeric"
     name: str
-    fill: float | None  # None: missing values are rejected (missing: drop)
+    fill: float | None  # None: missing values are rejected (missing: drop) or kept (native)
     center: float
     scale: float
+    # missing: native: a missing value stays NaN for the model (trees split on it)
+    native_missing: bool = False
+
+    @property
+    def accepts_missing(self) -> bool:
+        """Whether a missing value is filled or passed on (else it is refused)."""
+        return self.fill is not None or self.native_missing
 
 
 class CategoricalFeature(BaseModel):
@@ -29,7 +36,15 @@ class CategoricalFeature(BaseModel):
     name: str
     categories: list[str]
     fill: str | None
-    encoding: Literal["onehot", "ordinal"]
+    # native: float codes into ``categories`` for the model's own categorical splits,
+    # with missing and unseen values as NaN
+    encoding: Literal["onehot", "ordinal", "native"]
+    native_missing: bool = False
+
+    @property
+    def accepts_missing(self) -> bool:
+        """Whether a missing value is filled or passed on (else it is refused)."""
+        return self.fill is not None or self.native_missing
 
 
 Feature = Annotated[NumericFeature | CategoricalFeature, Field(discriminator="kind")]

@@ -55,6 +55,7 @@ def _load_builtins() -> None:
     from kiln.models import (  # noqa: F401
         causal_lm,
         cnn,
+        gbdt,
         linear,
         mlp,
         pretrained,

@@ -76,9 +76,10 @@ class ServedModel:
         # a tenth of a millisecond
         self._column_index = pd.Index(self.feature_order)
         self._numeric_only = all(kind == "numeric" for _, kind in self.columns)
-        # the columns whose missing values the preprocessing fills (missing: mean...)
+        # the columns whose missing values the preprocessing fills (missing: mean...) or
+        # passes on as missing (native: trees)
         features = self.bundle.preprocessor.state.features
-        self.imputed = frozenset(f.name for f in features if f.fill is not None)
+        self.imputed = frozenset(f.name for f in features if f.accepts_missing)
         self._refused = np.array([name not in self.imputed for name in self.feature_order])
         self.warm_up()
         # A served model lives as long as its server. Everything alive now (the model,

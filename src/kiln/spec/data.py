@@ -16,16 +16,21 @@ DATASET_PREFIX = "dataset:"  # a server's stored dataset (kiln.store.datasets.PR
 class Preprocessing(StrictModel):
     """How feature columns become numbers. Fitted on the training split only."""
 
-    missing: Literal["drop", "mean", "median", "mode", "constant"] = Field(
+    missing: Literal["drop", "mean", "median", "mode", "constant", "native"] = Field(
         default="mean",
         description="Missing values: drop the row (training) / reject it (prediction), "
-        "or impute. Categorical columns use the mode for mean/median.",
+        "impute (categorical columns use the mode for mean/median), or native: kept "
+        "missing, for models that handle them (gbdt, its default).",
     )
     fill_value: float | str | None = Field(
         default=None, description="The value used by missing: constant."
     )
     scale: Literal["standard", "minmax", "none"] = "standard"
-    categorical: Literal["onehot", "ordinal"] = "onehot"
+    categorical: Literal["onehot", "ordinal", "native"] = Field(
+        default="onehot",
+        description="onehot or ordinal codes; native: the model's own categorical "
+        "splits (gbdt, its default).",
+    )
 
     @model_validator(mode="after")
     def _constant_needs_value(self) -> Preprocessing:

@@ -193,6 +193,64 @@ class SentenceEncoderSpec(StrictModel):
     normalize: bool = True
 
 
+class GBDTSpec(StrictModel):
+    """Gradient-boosted decision trees (LightGBM or XGBoost) on a table.
+
+    Categorical columns go to the library's own categorical splits and missing values
+    in as missing (``data.preprocessing`` defaults to ``missing: native`` and
+    ``categorical: native`` for this model). L1/L2 come from ``train.regularization``;
+    ``train.early_stopping`` stops boosting after ``patience`` rounds without
+    improvement on the validation split and keeps the best round.
+    """
+
+    type: Literal["gbdt"] = "gbdt"
+    library: Literal["lightgbm", "xgboost"] = "lightgbm"
+    n_estimators: int = Field(default=500, ge=1, le=100_000, description="Boosting rounds.")
+    learning_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    num_leaves: int = Field(default=31, ge=2, le=131_072, description="Leaves per tree.")
+    max_depth: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Depth limit; default: none for lightgbm, 6 for xgboost.",
+    )
+    min_child_samples: int = Field(default=20, ge=1, description="Rows a leaf must hold.")
+    subsample: float = Field(default=1.0, gt=0.0, le=1.0, description="Row fraction per round.")
+    colsample: float = Field(default=1.0, gt=0.0, le=1.0, description="Column fraction per tree.")
+    class_weight: Literal["balanced"] | dict[str, Annotated[float, Field(gt=0.0)]] | None = Field(
+        default=None,
+        description="classification: balanced (inverse class frequency) or a weight per label.",
+    )
+    threads: int | None = Field(default=None, ge=1, description="Default: torch's CPU threads.")
+
+
+AutoCandidate = Literal["linear", "mlp", "gbdt"]
+AUTO_CANDIDATES: tuple[AutoCandidate, ...] = ("linear", "mlp", "gbdt")
+
+
+class AutoSpec(StrictModel):
+    """Model selection for tables: train each candidate (with its defaults) and keep the
+    one with the best validation score (k-fold cross-validation on the training rows
+    when the table is small); every candidate's score is reported."""
+
+    type: Literal["auto"] = "auto"
+    candidates: list[AutoCandidate] = Field(
+        default_factory=lambda: list(AUTO_CANDIDATES), min_length=1
+    )
+    folds: int = Field(
+        default=5, ge=2, le=20, description="k for tables under small_rows training rows."
+    )
+    small_rows: int = Field(
+        default=2000, ge=0, description="Below this many training rows, compare by k-fold."
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AutoSpec:
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates are listed twice")
+        return self
+
+
 ModelSpec = Annotated[
     LinearSpec
     | MLPSpec
@@ -201,8 +259,11 @@ ModelSpec = Annotated[
     | PretrainedSpec
     | CausalLMSpec
     | GPTSpec
-    | SentenceEncoderSpec,
+    | SentenceEncoderSpec
+    | GBDTSpec
+    | AutoSpec,
     Field(discriminator="type"),
 ]
+TREE_MODELS = ("gbdt",)
 TEXT_MODELS = ("transformer", "pretrained")
 LM_MODELS = ("causal_lm", "gpt")

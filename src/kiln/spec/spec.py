@@ -7,9 +7,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kiln.spec.base import StrictModel
-from kiln.spec.data import DATASET_PREFIX, FOLDER_LABEL, DataSpec
-from kiln.spec.model import LM_MODELS, TEXT_MODELS, ModelSpec
-from kiln.spec.train import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, TrainSpec
+from kiln.spec.data import DATASET_PREFIX, FOLDER_LABEL, DataSpec, Preprocessing
+from kiln.spec.model import LM_MODELS, TEXT_MODELS, TREE_MODELS, ModelSpec
+from kiln.spec.train import (
+    CLASSIFICATION_LOSSES,
+    REGRESSION_LOSSES,
+    LRSchedule,
+    OptimizerSpec,
+    TrainSpec,
+)
 
 Task = Literal["classification", "regression", "generation"]
 
@@ -63,6 +69,17 @@ class Spec(StrictModel):
             self.task, "mse"
         )
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """``data.preprocessing`` as the model uses it: trees keep missing values and
+        categories native, and unscaled, unless the spec says otherwise."""
+        given = self.data.preprocessing
+        if self.model.type not in TREE_MODELS:
+            return given
+        tree_defaults = {"missing": "native", "categorical": "native", "scale": "none"}
+        update = {k: v for k, v in tree_defaults.items() if k not in given.model_fields_set}
+        return given.model_copy(update=update)
+
 
 def _check_generation(spec: Spec) -> None:
     """A generation spec: a causal LM or a gpt, trained with the token loss."""
@@ -115,6 +132,7 @@ def _check_predictive(spec: Spec) -> None:
             f"model.type: data.text needs a text model (transformer or pretrained), "
             f"not {spec.model.type}"
         )
+    _check_tables_only(spec)
     is_image = spec.data.image is not None or spec.data.is_image_folder
     if is_image and spec.model.type not in ("cnn", "mlp", "linear"):
         raise ValueError(
@@ -125,6 +143,61 @@ def _check_predictive(spec: Spec) -> None:
     if spec.model.type == "cnn" and not maybe_image and spec.model.input_shape is None:
         raise ValueError(
             "model.input_shape: a cnn on table columns needs [C, H, W] (images give it themselves)"
+        )
+
+
+# Engine settings a tree model has no use for, at their defaults (a dumped spec holds
+# every default, so only other values are refused).
+_TORCH_ONLY = {
+    "optimizer": OptimizerSpec(),
+    "batch_size": 32,
+    "epochs": 20,
+    "lr_schedule": LRSchedule(),
+    "grad_clip": None,
+    "gradient_accumulation": 1,
+}
+TREE_METRICS = (
+    "val_loss",
+    "train_loss",
+    "val_accuracy",
+    "val_log_loss",
+    "val_mse",
+    "val_rmse",
+    "val_mae",
+    "val_r2",
+)
+
+
+def _check_tables_only(spec: Spec) -> None:
+    """gbdt and auto: tables only; settings of the torch engine do not apply to trees."""
+    model = spec.model
+    pre = spec.data.preprocessing
+    native = [k for k in ("missing", "categorical") if getattr(pre, k) == "native"]
+    if native and model.type not in TREE_MODELS:
+        raise ValueError(
+            f"data.preprocessing.{native[0]}: native is for tree models (gbdt); "
+            f"{model.type} needs numbers (impute, onehot or ordinal)"
+        )
+    if model.type not in (*TREE_MODELS, "auto"):
+        return
+    if spec.data.text is not None or spec.data.image is not None or spec.data.is_image_folder:
+        raise ValueError(f"model.type: {model.type} is for tables, not text or images")
+    if model.type == "auto":
+        return
+    for key, default in _TORCH_ONLY.items():
+        if getattr(spec.train, key) != default:
+            raise ValueError(
+                f"train.{key}: does not apply to gbdt (boosting rounds: model.n_estimators)"
+            )
+    if spec.train.loss in ("hinge",):
+        raise ValueError("train.loss: hinge does not apply to gbdt")
+    if model.type == "gbdt" and model.class_weight is not None and spec.task != "classification":
+        raise ValueError("model.class_weight: applies to classification only")
+    es = spec.train.early_stopping
+    if es is not None and es.metric not in TREE_METRICS:
+        raise ValueError(
+            f"train.early_stopping.metric: {es.metric!r} is not one gbdt tracks per round; "
+            f"use one of {[m for m in TREE_METRICS if m in monitorable_metrics(spec.task)]}"
         )
 
 

@@ -73,7 +73,7 @@ def load_table(spec: Spec, *, data_root: Path | None = None) -> Table:
     frame = frame[[*names, spec.data.target]]
     rows_read = len(frame)
     keep = frame[spec.data.target].notna()
-    if spec.data.preprocessing.missing == "drop":
+    if spec.preprocessing.missing == "drop":
         keep &= frame[names].notna().all(axis=1)
     # Rows keep their table index (splits select by position), so errors name the row
     # the user can find in the file.
@@ -161,7 +161,15 @@ def train_frames(
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
 ) -> Trained:
-    """Fit preprocessing on ``train``, build the model, train it (validating on ``val``)."""
+    """Fit preprocessing on ``train``, build the model, train it (validating on ``val``).
+
+    Tree models are boosted by their library (:mod:`kiln.train.tree_recipe`; they keep
+    no checkpoints: a resumed run boosts again from the start).
+    """
+    if spec.model.type == "gbdt":
+        from kiln.train.tree_recipe import train_trees
+
+        return train_trees(spec, table, train, val, callbacks=callbacks)
     pre, context = _fit_preprocessing(spec, table, train)
     data = TensorData(
         x_train=torch.from_numpy(pre.transform(train)),
@@ -225,7 +233,7 @@ def _fit_preprocessing(
         )
         return pre, {"input_shape": pre.input_shape}
     pre = Preprocessor.fit(
-        train, table.columns, target, spec.task, data.preprocessing, labels=table.labels
+        train, table.columns, target, spec.task, spec.preprocessing, labels=table.labels
     )
     return pre, {}
 
@@ -246,6 +254,7 @@ def score_frame(model: nn.Module, pre: Preprocessor, frame: pd.DataFrame, target
     """Metrics of ``model`` on ``frame`` (which holds the target column)."""
     x = torch.from_numpy(pre.transform(frame))
     y = pre.transform_target(frame[target])
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)  # tree models have no parameters: CPU
+    device = first.device if first is not None else torch.device("cpu")
     outputs = predict_outputs(model, x.to(device)).cpu()
     return score(pre, outputs, np.asarray(y))
