@@ -24,7 +24,7 @@ from kiln.data.preprocess_state import JSONScalar
 from kiln.data.schema import Column
 from kiln.errors import BundleError
 from kiln.evaluate.metrics import Metrics
-from kiln.spec.model import ModelSpec
+from kiln.spec.model import AutoCandidate, ModelSpec
 
 FORMAT = "kiln.bundle"
 FORMAT_VERSION = 2
@@ -78,6 +78,43 @@ class TokenRecord(_Record):
     truncated_lines: list[int] = []  # the first 20 of their lines in the data file
 
 
+class CandidateRecord(_SparseRecord):
+    """One candidate of ``model.type: auto``: its validation score (the mean over
+    folds for k-fold, with their sample std) and, for classification, its log loss
+    (the tie-break)."""
+
+    type: AutoCandidate
+    score: float
+    std: float | None = None
+    log_loss: float | None = None
+    seconds: float | None = None
+
+
+class SelectionRecord(_SparseRecord):
+    """How ``model.type: auto`` chose the model: by ``metric`` (accuracy or r2) over
+    k-fold cross-validation of the non-test rows or on the validation split."""
+
+    metric: Literal["accuracy", "r2"]
+    method: Literal["kfold", "holdout"]
+    folds: int | None = None  # k-fold only
+    candidates: list[CandidateRecord]
+    winner: AutoCandidate
+
+
+class EpochChoiceRecord(_Record):
+    """How k-fold early stopping chose the epoch count: the best epoch of the folds'
+    mean ``metric`` curve (``mean_curve[t - 1]``: after epoch t), then one fit on
+    train+val for that many epochs; ``seconds``: the fold runs."""
+
+    by: Literal["kfold"] = "kfold"
+    folds: int
+    metric: str
+    best_epoch: int
+    best_value: float
+    mean_curve: list[float]
+    seconds: float
+
+
 class TrainingRecord(_Record):
     """How the weights were fitted (empty for a variant that was not trained)."""
 
@@ -91,12 +128,15 @@ class TrainingRecord(_Record):
     # one entry per epoch: epoch, train_loss, lr, val_* metrics, seconds
     history: list[dict[str, int | float]] = []
     tokens: TokenRecord | None = None  # language models only
+    selection: SelectionRecord | None = None  # model.type: auto only
+    epoch_choice: EpochChoiceRecord | None = None  # k-fold early stopping only
 
     @model_serializer(mode="wrap")
     def _tokens_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if self.tokens is None:
-            data.pop("tokens", None)
+        for key in ("tokens", "selection", "epoch_choice"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
 

@@ -12,7 +12,17 @@ from kiln.bundle import Bundle, check_destination, new_meta
 from kiln.data.sources import absolute_source
 from kiln.data.split import Holdout, holdout
 from kiln.evaluate.metrics import Metrics
-from kiln.manifest import BundleMeta, DataRecord, JSONDocument, Lineage, SplitRecord, TrainingRecord
+from kiln.manifest import (
+    BundleMeta,
+    CandidateRecord,
+    DataRecord,
+    EpochChoiceRecord,
+    JSONDocument,
+    Lineage,
+    SelectionRecord,
+    SplitRecord,
+    TrainingRecord,
+)
 from kiln.models.summary import count_parameters
 from kiln.monitor.drift import reference_stats
 from kiln.spec.load import load_spec
@@ -25,6 +35,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from kiln.lm_bundle import LMBundle
+    from kiln.train.auto import Selection
+    from kiln.train.early_stopping import EpochChoice
 
 
 SplitMetrics = dict[str, Metrics]
@@ -65,13 +77,37 @@ def fit(
     table = load_table(spec, data_root=data_root)
     frames = _Frames.split(spec, table)
     store = _checkpoint_store(checkpoints, out)
-    trained = train_frames(
-        spec, table, frames.train, frames.val, callbacks=callbacks, checkpoints=store, resume=resume
-    )
+    written, selection = spec, None
+    if spec.model.type == "auto":  # select on the non-test rows, then train the winner
+        from kiln.train.auto import train_selected
+
+        trained, selection = train_selected(
+            spec,
+            table,
+            frames.train,
+            frames.val,
+            callbacks=callbacks,
+            checkpoints=store,
+            resume=resume,
+        )
+        spec = selection.spec
+    else:
+        trained = train_frames(
+            spec,
+            table,
+            frames.train,
+            frames.val,
+            callbacks=callbacks,
+            checkpoints=store,
+            resume=resume,
+            kfold_epochs=True,
+        )
     metrics = _score(trained, frames, spec.data.target)
     trained.model.cpu()
     training = _training_record(spec, trained, seconds=time.perf_counter() - started)
-    meta = _manifest(spec, table, frames, trained, metrics, training)
+    if selection is not None:
+        training.selection = _selection_record(selection)
+    meta = _manifest(spec, table, frames, trained, metrics, training, written=written)
     bundle = Bundle(meta, trained.model, trained.preprocessor)
     if out is not None:
         bundle.save(out)
@@ -140,7 +176,8 @@ def _score(trained: Trained, frames: _Frames, target: str) -> SplitMetrics:
     model, pre = trained.model, trained.preprocessor
     if frames.test is not None:
         metrics["test"] = score_frame(model, pre, frames.test, target)
-    if frames.val is not None:
+    # after k-fold early stopping the model trained on the val rows: not validation
+    if frames.val is not None and trained.result.epoch_choice is None:
         metrics["val"] = score_frame(model, pre, frames.val, target)
     return metrics
 
@@ -156,6 +193,7 @@ def _training_record(spec: Spec, trained: Trained, *, seconds: float) -> Trainin
         device=result.device,
         loss=spec.resolved_loss,
         history=result.history,
+        epoch_choice=_epoch_choice_record(result.epoch_choice),
     )
 
 
@@ -180,8 +218,12 @@ def _manifest(
     trained: Trained,
     metrics: SplitMetrics,
     training: TrainingRecord,
+    *,
+    written: Spec | None = None,
 ) -> BundleMeta:
-    """The trained bundle's manifest: its schema, metrics, training record and lineage."""
+    """The trained bundle's manifest: its schema, metrics, training record and lineage
+    (whose spec is ``written``, the spec as given, where it differs from ``spec``, the
+    one trained: an auto spec and its winner)."""
     columns = table.columns
     return new_meta(
         name=spec.name,
@@ -197,5 +239,35 @@ def _manifest(
         parameters=count_parameters(trained.model),
         metrics=metrics,
         training=training,
-        lineage=_lineage(spec, table, frames.parts),
+        lineage=_lineage(written or spec, table, frames.parts),
+    )
+
+
+def _selection_record(selection: Selection) -> SelectionRecord:
+    """An auto spec's model selection as the manifest's ``training.selection``."""
+    return SelectionRecord(
+        metric=selection.metric,
+        method=selection.method,
+        folds=selection.folds,
+        candidates=[
+            CandidateRecord(
+                type=c.type, score=c.score, std=c.std, log_loss=c.log_loss, seconds=c.seconds
+            )
+            for c in selection.candidates
+        ],
+        winner=selection.winner,
+    )
+
+
+def _epoch_choice_record(choice: EpochChoice | None) -> EpochChoiceRecord | None:
+    """k-fold early stopping's choice as the manifest's ``training.epoch_choice``."""
+    if choice is None:
+        return None
+    return EpochChoiceRecord(
+        folds=choice.folds,
+        metric=choice.metric,
+        best_epoch=choice.best_epoch,
+        best_value=choice.best_value,
+        mean_curve=choice.mean_curve,
+        seconds=round(choice.seconds, 3),
     )

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from kiln.cli.errors import reports_errors
 from kiln.cli.options import JsonOut, require_local_input
-from kiln.cli.render import confusion_table, console, err_console, metrics_table, print_json
+from kiln.cli.render import (
+    confusion_table,
+    console,
+    err_console,
+    metrics_table,
+    print_json,
+    rounds_word,
+)
+
+if TYPE_CHECKING:
+    from kiln.models.gbdt import TreeSummary
+    from kiln.models.summary import LayerRow
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory.", show_default=False)]
 OutCsv = Annotated[
@@ -170,13 +181,15 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
     from kiln.bundle import Bundle
     from kiln.lm_bundle_files import manifest_task
     from kiln.manifest import DataRecord
+    from kiln.models.gbdt import GBDTModel
     from kiln.models.summary import summarize
 
     if manifest_task(bundle) in ("generation", "embedding"):
         _inspect_lm(bundle, json_out=json_out)
         return
     b = Bundle.load(bundle)
-    rows = summarize(b.model, b.example_input())
+    trees = b.model.summary() if isinstance(b.model, GBDTModel) else None
+    rows = [] if trees is not None else summarize(b.model, b.example_input())
     meta = b.meta
     if json_out:
         print_json(
@@ -184,6 +197,7 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
                 **meta.model_dump(mode="json", exclude={"training"}),
                 "training": meta.training.model_dump(mode="json", exclude={"history"}),
                 "layers": [r.__dict__ for r in rows],
+                **({"trees": _trees_doc(trees)} if trees is not None else {}),
             }
         )
         return
@@ -200,18 +214,14 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
         + f") -> {_encoded(b)}; target {meta.target!r}"
         + (f" with {len(meta.labels)} classes" if meta.labels else "")
     )
-    layers = Table(title="layers", title_justify="left")
-    for col, just in (
-        ("layer", "left"),
-        ("type", "left"),
-        ("output shape", "right"),
-        ("parameters", "right"),
-    ):
-        layers.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in rows:
-        layers.add_row(r.name, r.kind, str(r.output_shape), f"{r.params:,}")
-    layers.add_row("", "[bold]total[/]", "", f"[bold]{meta.parameters:,}[/]")
-    console.print(layers)
+    if trees is not None:  # a layer table says nothing about trees
+        console.print(
+            f"trees: {trees.library}, {trees.rounds} rounds, {trees.trees} trees, "
+            f"{trees.leaves:,} leaves"
+        )
+        console.print(_importance_table(trees))
+    else:
+        console.print(_layer_table(rows, meta.parameters))
     splits = {k: v for k, v in meta.metrics.items() if isinstance(v, dict)}
     if splits:
         console.print(metrics_table("metrics", splits))
@@ -222,10 +232,55 @@ def inspect(bundle: BundleArg, json_out: JsonOut = False) -> None:
         f"data: {data.source} ({(data.fingerprint or '')[:19]}…), split train/val/test = "
         + (f"{split.train}/{split.val}/{split.test}" if split else "None/None/None")
     )
+    unit = rounds_word(meta.model.type)
     console.print(
-        f"training: {t.epochs_run} epochs, loss {t.loss}, "
-        f"best epoch {t.best_epoch}, {t.seconds}s on {t.device}"
+        f"training: {t.epochs_run} {unit}s, loss {t.loss}, "
+        f"best {unit} {t.best_epoch}, {t.seconds}s on {t.device}"
     )
+
+
+# Features shown in ``kiln inspect``'s importance table; --json lists every one.
+SHOWN_FEATURES = 20
+
+
+def _layer_table(rows: list[LayerRow], parameters: int) -> Table:
+    layers = Table(title="layers", title_justify="left")
+    for col, just in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("output shape", "right"),
+        ("parameters", "right"),
+    ):
+        layers.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        layers.add_row(r.name, r.kind, str(r.output_shape), f"{r.params:,}")
+    layers.add_row("", "[bold]total[/]", "", f"[bold]{parameters:,}[/]")
+    return layers
+
+
+def _importance_table(trees: TreeSummary) -> Table:
+    """The top features by total split gain, with their share of all gain."""
+    total = sum(gain for _, gain in trees.importance) or 1.0
+    table = Table(title="importance (total gain)", title_justify="left")
+    table.add_column("feature", justify="left")
+    table.add_column("gain", justify="right")
+    table.add_column("share", justify="right")
+    for name, gain in trees.importance[:SHOWN_FEATURES]:
+        table.add_row(name, f"{gain:,.4g}", f"{gain / total:.1%}")
+    if len(trees.importance) > SHOWN_FEATURES:
+        table.add_row(f"... {len(trees.importance) - SHOWN_FEATURES} more", "", "")
+    return table
+
+
+def _trees_doc(trees: TreeSummary) -> dict[str, object]:
+    """``kiln inspect --json``'s ``trees``: the booster's size and every feature's gain."""
+    return {
+        "library": trees.library,
+        "rounds": trees.rounds,
+        "trees": trees.trees,
+        "leaves": trees.leaves,
+        "importance": [{"feature": name, "gain": gain} for name, gain in trees.importance],
+    }
 
 
 def _inspect_lm(bundle: Path, *, json_out: bool) -> None:
@@ -267,8 +322,9 @@ def _inspect_lm(bundle: Path, *, json_out: bool) -> None:
     t = meta.training
     if t.epochs_run:
         tokens = f", {t.tokens.trained:,} trained tokens per epoch" if t.tokens else ""
+        unit = rounds_word(meta.model.type)
         console.print(
-            f"training: {t.epochs_run} epochs{tokens}, best epoch {t.best_epoch}, "
+            f"training: {t.epochs_run} {unit}s{tokens}, best {unit} {t.best_epoch}, "
             f"{t.seconds}s on {t.device}"
         )
     parent = meta.lineage.parent

@@ -84,3 +84,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def rounds_word(model_type: str) -> str:
+    """What a model's training history counts: boosting rounds for trees, else epochs."""
+    return "round" if model_type == "gbdt" else "epoch"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kiln.cli.errors import reports_errors
 from kiln.cli.options import JsonOut, flag
-from kiln.cli.render import console, err_console, metrics_table, print_json
+from kiln.cli.render import console, err_console, metrics_table, print_json, rounds_word
+
+if TYPE_CHECKING:
+    from kiln.manifest import SelectionRecord
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (YAML or JSON).", show_default=False)]
 Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress bar.")]
@@ -49,6 +52,10 @@ def train(
     callbacks: list[Callback] = []
     if not quiet and not json_out:
         metric = parsed.train.early_stopping.metric if parsed.train.early_stopping else None
+        if parsed.model.type == "auto":  # a line per candidate, then the winner's bar
+            from kiln.train.auto import CandidateLines, primary_metric
+
+            callbacks.append(CandidateLines(primary_metric(parsed.task)))
         callbacks.append(RichProgress(f"training {parsed.name}", metric=metric))
     if not quiet:
         callbacks.append(ResumeHint(checkpoint_dir(out)))  # after the bar, which stops first
@@ -69,11 +76,14 @@ def train(
         print_json({"bundle": str(out), **bundle.metrics, "training": record})
         return
     training = bundle.meta.training
-    note = f", early stop (best epoch {training.best_epoch})" if training.stopped_early else ""
+    unit = rounds_word(bundle.meta.model.type)
+    note = f", early stop (best {unit} {training.best_epoch})" if training.stopped_early else ""
     console.print(
         f"trained [bold]{bundle.name}[/] in {training.seconds or 0:.1f}s, "
-        f"{training.epochs_run} epochs{note}, on {training.device}"
+        f"{training.epochs_run} {unit}s{note}, on {training.device}"
     )
+    if training.selection is not None:
+        _print_selection(training.selection)
     splits = {k: v for k, v in bundle.metrics.items() if isinstance(v, dict)}
     if splits:
         console.print(metrics_table("held-out metrics", splits))
@@ -82,6 +92,20 @@ def train(
         test = metric_value(bundle.metrics["test"], headline)
         console.print(f"test {headline}: [bold]{test:.4f}[/]")
     console.print(f"saved bundle: [bold]{out}[/]")
+
+
+def _print_selection(selection: SelectionRecord) -> None:
+    """The candidates of ``model.type: auto`` with their scores, and the winner."""
+    from kiln.cli.render import table
+
+    how = f"{selection.folds}-fold cv" if selection.method == "kfold" else "validation split"
+    out = table("model selection", "candidate", selection.metric, "std")
+    for c in selection.candidates:
+        mark = " (winner)" if c.type == selection.winner else ""
+        std = f"{c.std:.4f}" if c.std is not None else "-"
+        out.add_row(f"{c.type}{mark}", f"{c.score:.4f}", std)
+    console.print(out)
+    console.print(f"selected model: [bold]{selection.winner}[/] (by {selection.metric}, {how})")
 
 
 def _say_replacing(out: Path, held: str | None, name: str) -> None:
@@ -129,7 +153,9 @@ def crossval(
 
         def on_fold(i: int, metrics: Metrics) -> None:
             value = metric_value(metrics, headline)
-            progress.update(task, advance=1, status=f"fold {i + 1}: {headline} {value:.4f}")
+            chose = f" ({metrics['selected']})" if "selected" in metrics else ""
+            status = f"fold {i + 1}{chose}: {headline} {value:.4f}"
+            progress.update(task, advance=1, status=status)
 
         result = run_crossval(parsed, folds, on_fold=on_fold)
     if json_out:

@@ -3,20 +3,31 @@
 Classification: ``alpha * KL(softmax(t/T) || softmax(s/T)) * T² + (1 - alpha) * CE(s, y)``;
 regression: ``alpha * MSE(s, teacher) + (1 - alpha) * MSE(s, y)``. The teacher runs once,
 in inference mode, over the training inputs; its outputs travel with the labels.
+
+A teacher whose inputs are native (gbdt: NaN for missing values, category codes) gets
+a student with its own fitted preprocessing (:func:`student_preprocessor`), since a
+network needs imputed, scaled numbers and one-hot categories.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the conventional name
 
+from kiln.data.preprocess import Preprocessor
+from kiln.data.preprocess_fit import fit_features
+from kiln.data.preprocess_state import CategoricalFeature, PreprocessState
+from kiln.data.schema import Column
 from kiln.errors import SpecError
 from kiln.models.registry import build
 from kiln.spec.compress import DistillSettings
+from kiln.spec.data import Preprocessing
 from kiln.spec.model import TEXT_MODELS, TransformerSpec
 from kiln.spec.train import TrainSpec
 from kiln.train.loop import FitResult, TensorData, fit_model
@@ -108,3 +119,38 @@ def distill(
         student, data, train, task, loss, criterion=criterion, target_scale=target_scale
     )
     return student, result
+
+
+def native_inputs(pre: Preprocessor) -> bool:
+    """Whether ``pre`` hands the model native inputs (missing kept, category codes)."""
+    return any(
+        f.native_missing or (isinstance(f, CategoricalFeature) and f.encoding == "native")
+        for f in pre.state.features
+    )
+
+
+def student_preprocessor(
+    teacher: Preprocessor, spec: Mapping[str, Any] | None, train: pd.DataFrame
+) -> Preprocessor:
+    """Preprocessing for a network student of a native-input teacher, fitted on the
+    training rows ``train``: the teacher spec's ``data.preprocessing`` (``spec`` is its
+    lineage document) with each ``native`` setting replaced by the default for networks
+    (impute the mean, one-hot categories; scaling as the spec says, standard by
+    default). Same columns, same target encoding as the teacher."""
+    data = (spec or {}).get("data") or {}
+    given = Preprocessing.model_validate(data.get("preprocessing") or {})
+    defaults = Preprocessing()
+    options = given.model_copy(
+        update={
+            key: getattr(defaults, key)
+            for key in ("missing", "categorical")
+            if getattr(given, key) == "native"
+        }
+    )
+    columns = [
+        Column(name=f.name, kind="categorical" if isinstance(f, CategoricalFeature) else "numeric")
+        for f in teacher.state.features
+    ]
+    features = fit_features(train, columns, options)
+    state = PreprocessState(features=features, target=teacher.state.target, missing=options.missing)
+    return Preprocessor(state)

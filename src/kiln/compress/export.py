@@ -17,9 +17,7 @@ def export_bundle(directory: str | Path, out: str | Path | None = None) -> tuple
     bundle = Bundle.load(directory)
     if bundle.meta.runtime.quantization:
         raise ExportError("this variant is quantized; export its fp32 parent instead")
-    example = bundle.example_input()
-    onnx = export_onnx(bundle.model, example)
-    diff = check_parity(bundle.model, onnx, random_inputs(bundle, 8))
+    onnx, diff = _export(bundle)
     if out is not None:
         target = Path(out)
         if target.is_dir():
@@ -33,6 +31,21 @@ def export_bundle(directory: str | Path, out: str | Path | None = None) -> tuple
     bundle.onnx = onnx
     bundle.save(directory)
     return Path(directory) / ONNX_FILE, diff
+
+
+def _export(bundle: Bundle) -> tuple[bytes, float]:
+    """The model as ONNX and its parity: traced torch, or for gbdt an onnxmltools
+    conversion checked against the booster on native rows (NaN, category codes)."""
+    from kiln.models.gbdt import GBDTModel
+
+    if isinstance(bundle.model, GBDTModel):
+        from kiln.runtime.trees import check_tree_parity, export_trees, tree_samples
+
+        onnx = export_trees(bundle.model)
+        samples = tree_samples(bundle.preprocessor.state.features, 256)
+        return onnx, check_tree_parity(bundle.model, onnx, samples)
+    onnx = export_onnx(bundle.model, bundle.example_input())
+    return onnx, check_parity(bundle.model, onnx, random_inputs(bundle, 8))
 
 
 def random_inputs(bundle: Bundle, rows: int, seed: int = 0) -> np.ndarray:

@@ -21,9 +21,10 @@ import pandas as pd
 import torch
 
 from kiln.bundle import Bundle, new_meta
-from kiln.compress.distill import check_student, distill
+from kiln.compress.distill import check_student, distill, native_inputs, student_preprocessor
 from kiln.compress.prune import sparsity, structured, unstructured_masks
 from kiln.compress.quantize import ort_int8, sensitivity
+from kiln.data.preprocess import Preprocessor
 from kiln.errors import SpecError
 from kiln.manifest import ParentRecord, Runtime, StepRecord, TrainingRecord
 from kiln.models.summary import count_parameters
@@ -31,7 +32,7 @@ from kiln.runtime.onnx import check_parity, export_onnx
 from kiln.runtime.placement import require_cuda_for
 from kiln.runtime.quantized import torch_int8
 from kiln.spec.compress import DistillStep, PruneStep, QuantizeStep
-from kiln.spec.model import ModelSpec
+from kiln.spec.model import TREE_MODELS, ModelSpec
 from kiln.spec.train import TrainSpec
 from kiln.train.loop import TensorData, fit_model
 
@@ -98,22 +99,35 @@ class Distill(CompressStep[DistillStep]):
             parent.meta.model.type,
             text.max_length if text is not None else 0,
         )
+        if settings.student.type in TREE_MODELS:
+            raise SpecError(
+                "a gbdt student is boosted, not distilled: train it on the data itself",
+                field="steps.distill.student.type",
+            )
         x, y = encode(parent, splits.train)
+        teacher_out = parent.backend.forward(x)
+        # a native-input teacher (gbdt: NaN, category codes): the student fits its own
+        # imputing, scaling, one-hot preprocessing on the same training rows
+        pre = parent.preprocessor
+        context = {k: v for k, v in parent.meta.model_context.items() if k != "hf_config"}
+        if native_inputs(pre):
+            pre = student_preprocessor(pre, parent.meta.lineage.spec, splits.train)
+            x, context = pre.transform(splits.train), {}
+        target = parent.meta.target
         student, result = distill(
             settings,
             parent.meta.task,
-            parent.meta.n_inputs,
+            pre.n_outputs,
             parent.meta.n_outputs,
-            parent.meta.model_context,
+            context,
             x,
             y,
-            parent.backend.forward(x),
-            encode(parent, splits.val),
+            teacher_out,
+            (pre.transform(splits.val), pre.transform_target(splits.val[target])),
             seed=0,
             target_scale=_target_scale(parent),
             device=splits.device,
         )
-        context = {k: v for k, v in parent.meta.model_context.items() if k != "hf_config"}
         return derive(
             parent,
             student,
@@ -121,6 +135,7 @@ class Distill(CompressStep[DistillStep]):
             context=context,
             step=StepRecord(kind="distill", settings=settings.model_dump(mode="json")),
             training=TrainingRecord(epochs_run=result.epochs_run, history=result.history),
+            preprocessor=pre,
         )
 
 
@@ -140,6 +155,12 @@ class Prune(CompressStep[PruneStep]):
         settings = self.spec.prune
         amount = attempt.amount
         assert amount is not None
+        refuse_trees(
+            parent,
+            "prune",
+            "a gbdt model has no weights to prune; train fewer or smaller trees instead "
+            "(model.n_estimators, model.num_leaves)",
+        )
         require_fp32(parent, "prune")
         model_spec = parent.meta.model
         model = copy.deepcopy(parent.model).cpu()
@@ -222,6 +243,13 @@ class Quantize(CompressStep[QuantizeStep]):
                 "(onnxruntime-genai); use int8_dynamic here",
                 field="steps.quantize.method",
             )
+        refuse_trees(
+            parent,
+            "quantize",
+            "a gbdt model has no weight matrices to quantize (onnxruntime int8 leaves a "
+            "tree ensemble as it is; torch and half precision do not run trees); for an "
+            "onnxruntime copy of the trees use `kiln export`",
+        )
         require_fp32(parent, "quantize")
         model = copy.deepcopy(parent.model).cpu().eval()
         onnx = None
@@ -278,6 +306,12 @@ def sensitive_layers(parent: Bundle, splits: Splits) -> list[str]:
     return [name for name, _ in sensitivity(fp32, sample)]
 
 
+def refuse_trees(parent: Bundle, kind: str, why: str) -> None:
+    """A step on weights: SpecError naming ``steps.<kind>`` for a gbdt parent."""
+    if parent.meta.model.type in TREE_MODELS:
+        raise SpecError(f"steps.{kind}: {why}", field=f"steps.{kind}")
+
+
 def require_fp32(parent: Bundle, what: str) -> None:
     """Pruning and quantizing start from full-precision weights."""
     if parent.meta.runtime.quantization:
@@ -301,10 +335,13 @@ def derive(
     training: TrainingRecord | None = None,
     runtime: Runtime | None = None,
     onnx: bytes | None = None,
+    preprocessor: Preprocessor | None = None,
 ) -> Bundle:
     """A variant bundle of ``parent``: same data, preprocessing and lineage, new model;
-    its lineage names ``parent`` and the ``step`` that made it."""
+    its lineage names ``parent`` and the ``step`` that made it. ``preprocessor``: the
+    variant's own (a student of a native-input teacher), in place of the parent's."""
     meta = parent.meta
+    pre = preprocessor or parent.preprocessor
     parent_record = ParentRecord(
         name=meta.name,
         path=str(parent.path) if parent.path else None,
@@ -321,7 +358,7 @@ def derive(
         reference=meta.reference,  # same inputs, same training data
         target=meta.target,
         labels=meta.labels,
-        n_inputs=meta.n_inputs,
+        n_inputs=meta.n_inputs if preprocessor is None else pre.n_outputs,
         n_outputs=meta.n_outputs,
         model_context=dict(context),
         parameters=count_parameters(model),
@@ -330,4 +367,4 @@ def derive(
         lineage=lineage,
         runtime=runtime or Runtime(),
     )
-    return Bundle(new, model.cpu().eval(), parent.preprocessor, onnx=onnx)
+    return Bundle(new, model.cpu().eval(), pre, onnx=onnx)

@@ -36,7 +36,8 @@ class Metrics(TypedDict, total=False):
     when defined) and ``confusion_matrix`` (rows: true class, columns: predicted);
     regression the :data:`SCALAR_REGRESSION` ones; generation ``loss``, ``perplexity`` and
     ``tokens``, and from generated answers the match rates. ``rows``/``rows_skipped`` are added
-    by ``Bundle.evaluate``, ``epochs_run`` by cross-validation's folds.
+    by ``Bundle.evaluate``, ``epochs_run`` (and, for ``model.type: auto``, the model type
+    ``selected``) by cross-validation's folds.
     """
 
     accuracy: float
@@ -56,6 +57,7 @@ class Metrics(TypedDict, total=False):
     rows: int
     rows_skipped: int
     epochs_run: int
+    selected: str
     # generation: next-token loss over the answer tokens, exp(loss), and, from generated
     # text, the share of exact, normalised-text and JSON-equal answers and ROUGE-L (F)
     loss: float

@@ -9,7 +9,7 @@ the types here say what the runner writes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from kiln.evaluate.metrics import Metrics
 from kiln.manifest import JSONDocument
@@ -49,6 +49,7 @@ class TrainedVersionSummary(TypedDict):
     epochs_run: int
     seconds: float | None
     device: str | None
+    importance: NotRequired[list[tuple[str, float]]]  # gbdt: (column, total gain), largest first
 
 
 class VariantSummary(TypedDict):

@@ -128,7 +128,7 @@ def run_train(ctx: JobContext, job: Job, tmp: Path) -> None:
     out = bundle.save(tmp / "bundle")
     prefix = safe_key("projects", project.name, "models", bundle.meta.name, job.id)
     ctx.store.put_dir(prefix, out)
-    stored = _StoredBundle(bundle.meta, prefix, folder_size(out))
+    stored = _StoredBundle(bundle.meta, prefix, folder_size(out), _importance(bundle.model))
     dataset_id = dataset.id if dataset else None
     try:
         registering(
@@ -172,6 +172,17 @@ class _StoredBundle:
     meta: BundleMeta
     prefix: str
     size_bytes: int
+    importance: list[tuple[str, float]] | None = None  # gbdt: (column, gain), largest first
+
+
+def _importance(model: object) -> list[tuple[str, float]] | None:
+    """A tree model's feature importances for the version's summary (the dashboard
+    draws them); None for other models."""
+    from kiln.models.gbdt import GBDTModel
+
+    if not isinstance(model, GBDTModel):
+        return None
+    return model.summary().importance
 
 
 def _register_trained(
@@ -192,6 +203,8 @@ def _register_trained(
         seconds=meta.training.seconds,
         device=meta.training.device,
     )
+    if stored.importance is not None:
+        summary["importance"] = stored.importance
     version = register_version(
         session,
         project,

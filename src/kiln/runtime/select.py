@@ -6,7 +6,8 @@ The one place that turns a bundle's runtime record (``kiln.json`` ``runtime``) i
 - ``torch`` with no quantization: the fp32 model, eager, on the CPU;
 - ``torch`` + ``int8_dynamic``: the fp32 weights quantized again at load (CPU);
 - ``torch`` + ``fp16``/``bf16``: half weights on CUDA (refused without a GPU);
-- ``onnxruntime``: the bundle's ``model.onnx``.
+- ``onnxruntime``: the bundle's ``model.onnx``;
+- a gbdt model's ``torch`` record: the booster's own predictor (``kiln.runtime.trees``).
 
 The library runs what the record names (:func:`recorded_backend`); a server may instead
 serve an fp32 model through a fresh ONNX export when it agrees with torch
@@ -16,6 +17,7 @@ serve an fp32 model through a fresh ONNX export when it agrees with torch
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,10 +48,13 @@ class RuntimeRecord(Protocol):
 @dataclass(frozen=True)
 class Selection:
     """The backend chosen, and the torch/onnxruntime parity of an ONNX export made for
-    it (max relative difference; None when no export was made)."""
+    it (max relative difference; None when no export was made). ``timings``: for a
+    choice made by measurement (gbdt), median seconds per call by batch size under
+    each backend's name."""
 
     backend: Backend
     parity: float | None = None
+    timings: Mapping[str, Mapping[int, float]] | None = None
 
 
 def runtime_model(model: nn.Module, runtime: RuntimeRecord) -> nn.Module:
@@ -93,6 +98,12 @@ def recorded_backend(
         if onnx is None:
             raise BundleError("runtime.backend is onnxruntime but there is no model.onnx")
         return OnnxBackend(onnx, threads, spinning=spinning)
+    from kiln.models.gbdt import GBDTModel
+
+    if isinstance(model, GBDTModel):  # trees run on their own library, never torch
+        from kiln.runtime.trees import TreeBackend
+
+        return TreeBackend(model)
     return torch_backend(model, runtime)
 
 
@@ -112,7 +123,10 @@ def select_backend(
     fp32 model runs on torch for ``torch`` (and for ``auto`` on CUDA); otherwise it is
     exported (traced on ``example``) and served by onnxruntime if it agrees with torch
     on ``samples``. A failed export falls back to torch for ``auto``, and is a SpecError
-    naming ``backend`` for ``onnx``.
+    naming ``backend`` for ``onnx``. A gbdt model has no torch runtime: ``torch``
+    means its own (the booster's predictor) and ``auto`` the faster of that and an
+    onnxmltools export, measured on ``samples`` (native rows; see
+    :func:`kiln.runtime.trees.choose_tree_backend`).
     """
     # Between batches onnxruntime's threads would spin, busy-waiting for the next run
     # on cores the event loop needs (and slowing torch's softmax after each run from
@@ -124,6 +138,10 @@ def select_backend(
                 field="backend",
             )
         return Selection(recorded_backend(model, runtime, onnx, spinning=False))
+    from kiln.models.gbdt import GBDTModel
+
+    if isinstance(model, GBDTModel):
+        return _select_trees(model, choice, samples)
     on_gpu = choice == "auto" and cuda_available()
     if choice == "torch" or runtime.quantization is not None or on_gpu:
         return Selection(torch_backend(model, runtime))
@@ -138,6 +156,32 @@ def select_backend(
         return Selection(torch_backend(model, runtime))
     backend = OnnxBackend(graph, threads=torch.get_num_threads(), spinning=False)
     return Selection(backend, diff)
+
+
+def _select_trees(model: nn.Module, choice: ServingChoice, samples: np.ndarray) -> Selection:
+    """A gbdt model: ``torch`` means the model's own runtime (the booster's predictor),
+    ``onnx`` an onnxmltools export checked against it (SpecError naming ``backend``
+    if it fails or disagrees), ``auto`` the faster of the two as measured here."""
+    from kiln.models.gbdt import GBDTModel
+    from kiln.runtime.onnx import OnnxBackend
+    from kiln.runtime.trees import (
+        TreeBackend,
+        check_tree_parity,
+        choose_tree_backend,
+        export_trees,
+    )
+
+    assert isinstance(model, GBDTModel)
+    if choice == "torch":
+        return Selection(TreeBackend(model))
+    if choice == "auto":
+        return choose_tree_backend(model, samples)
+    try:
+        graph = export_trees(model)
+        diff = check_tree_parity(model, graph, samples)
+    except ExportError as exc:
+        raise SpecError(f"backend onnx: {exc.message}", field="backend") from None
+    return Selection(OnnxBackend(graph, threads=model.threads, spinning=False), diff)
 
 
 def recorded_generator(

@@ -98,6 +98,12 @@ class ServedModel:
         """Random inputs shaped like real ones, several rows, for the parity check."""
         import torch
 
+        from kiln.models.gbdt import GBDTModel
+
+        if isinstance(self.bundle.model, GBDTModel):  # native rows: NaN and category codes
+            from kiln.runtime.trees import tree_samples
+
+            return tree_samples(self.bundle.preprocessor.state.features)
         example = self.bundle.example_input()
         generator = torch.Generator().manual_seed(0)
         if example.dtype == torch.long:  # tokens (N, 2, L): ids and mask

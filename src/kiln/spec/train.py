@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -77,6 +77,23 @@ class EarlyStopping(StrictModel):
     )
     min_delta: float = Field(default=0.0, ge=0.0)
     restore_best: bool = True
+    smoothing: Literal["auto", "none"] | Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default="auto",
+        description="Compare an exponential moving average of the metric, s = a*v + "
+        "(1-a)*s, for the best epoch and the patience count: a float is the weight a "
+        "in (0, 1]; auto = 0.3 for a val_* metric on fewer than 200 validation rows, "
+        "else none (raw values). Logged per epoch as <metric>_smoothed.",
+    )
+    folds: Literal["auto", "none"] | Annotated[int, Field(ge=2)] = Field(
+        default="none",
+        description="k-fold early stopping (costs about k+1 trainings): choose the "
+        "epoch count on k folds of train+val (stratified for classification; the best "
+        "epoch of the folds' mean val_* curve, patience applied to it), then train on "
+        "all of train+val for that many epochs (no val metrics are reported). An int = "
+        "k folds for any val_* metric; auto = 5 folds on fewer than 200 validation "
+        "rows, else none; none (default) = stop on the validation split (smoothing "
+        "applies).",
+    )
 
 
 class TrainSpec(StrictModel):

@@ -2,7 +2,9 @@
 
 Each fold fits its own preprocessing on its own training rows. When the spec has a
 validation fraction, it is carved out of each fold's training rows (for early
-stopping), never out of the held-out fold.
+stopping), never out of the held-out fold. For ``model.type: auto`` the whole
+selection runs inside each fold (nested: the held-out fold never takes part in it),
+and each fold's metrics name the model it chose (``selected``).
 """
 
 from __future__ import annotations
@@ -79,11 +81,21 @@ def crossval(
             val_df = table.frame.iloc[np.sort(val_pos)]
         train_df = table.frame.iloc[np.sort(train_pos)]
         test_df = table.frame.iloc[test_idx]
-        trained = train_frames(
-            spec, table, train_df, val_df, callbacks=callbacks(i) if callbacks else ()
-        )
+        fold_callbacks = callbacks(i) if callbacks else ()
+        selected = None
+        if spec.model.type == "auto":
+            from kiln.train.auto import train_selected
+
+            trained, selection = train_selected(
+                spec, table, train_df, val_df, callbacks=fold_callbacks
+            )
+            selected = selection.winner
+        else:
+            trained = train_frames(spec, table, train_df, val_df, callbacks=fold_callbacks)
         metrics = score_frame(trained.model, trained.preprocessor, test_df, target)
         metrics["epochs_run"] = trained.result.epochs_run
+        if selected is not None:
+            metrics["selected"] = selected
         results.append(metrics)
         if on_fold is not None:
             on_fold(i, metrics)

@@ -31,6 +31,7 @@ from kiln.spec.spec import metric_mode
 from kiln.spec.train import TrainSpec
 from kiln.train.callbacks import Callback, TrainSummary
 from kiln.train.checkpoint import CheckpointState, CheckpointStore, EpochEntry, Progress
+from kiln.train.early_stopping import EpochChoice, monitored_value, smoothing_factor
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
 from kiln.train.validation import Validator
@@ -57,6 +58,8 @@ class FitResult:
     seconds: float
     device: str
     resumed_from: int = 0
+    # set by k-fold early stopping: how the epoch count was chosen (None: by this run)
+    epoch_choice: EpochChoice | None = None
 
 
 def fit_model(
@@ -443,7 +446,9 @@ def _track_best(run: _Run, progress: Progress, logs: EpochEntry) -> None:
     stopping = run.train.early_stopping
     if stopping is None or run.monitor is None:
         return
-    value = float(logs[run.monitor])
+    val_rows = len(run.val[0]) if run.val is not None else None
+    alpha = smoothing_factor(stopping.smoothing, run.monitor, val_rows)
+    value = monitored_value(logs, run.monitor, progress.history, alpha)
     if _improved(value, progress.best_value, metric_mode(run.monitor), stopping.min_delta):
         progress.best_value, progress.best_epoch = value, int(logs["epoch"])
         progress.bad_epochs = 0

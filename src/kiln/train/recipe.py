@@ -35,6 +35,7 @@ from kiln.spec.model import PretrainedSpec, TransformerSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
+from kiln.train.early_stopping import kfold_folds, train_kfold
 from kiln.train.loop import FitResult, TensorData, fit_model
 
 
@@ -160,16 +161,33 @@ def train_frames(
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
+    kfold_epochs: bool = False,
 ) -> Trained:
     """Fit preprocessing on ``train``, build the model, train it (validating on ``val``).
 
     Tree models are boosted by their library (:mod:`kiln.train.tree_recipe`; they keep
     no checkpoints: a resumed run boosts again from the start).
+
+    ``kfold_epochs``: allow k-fold early stopping (``train.early_stopping.folds``),
+    which trains the returned model on ``train`` AND ``val`` (so a caller that scores
+    on ``val`` afterwards must leave it off; ``kiln.fit`` turns it on).
     """
     if spec.model.type == "gbdt":
         from kiln.train.tree_recipe import train_trees
 
         return train_trees(spec, table, train, val, callbacks=callbacks)
+    folds = kfold_folds(spec, train, val) if kfold_epochs else None
+    if folds is not None:
+        return train_kfold(
+            spec,
+            table,
+            train,
+            val,
+            folds,
+            callbacks=callbacks,
+            checkpoints=checkpoints,
+            resume=resume,
+        )
     pre, context = _fit_preprocessing(spec, table, train)
     data = TensorData(
         x_train=torch.from_numpy(pre.transform(train)),

@@ -37,6 +37,8 @@ class Axis(TypedDict, total=False):
     dtick: float  # the step between ticks
     tickmode: Literal["auto", "sync"]  # "sync": an overlaying axis' ticks on the grid below
     showgrid: bool
+    autorange: Literal["reversed"]  # a category axis listed top to bottom
+    automargin: bool  # room for long tick labels (feature names)
 
 
 class Margin(TypedDict):
@@ -78,6 +80,7 @@ class Trace(TypedDict, total=False):
     """One trace (a bar or scatter series)."""
 
     type: Literal["bar", "scatter"]
+    orientation: Literal["h", "v"]  # "h": bars along x, one per y category
     mode: str  # "lines", "markers+text", ...
     name: str
     x: Values
@@ -426,6 +429,35 @@ def _value_axis(title: str, span: list[float]) -> Axis:
     if span:
         axis["range"] = span
     return axis
+
+
+IMPORTANCE_TOP = 20
+"""Features drawn in the importance chart (the largest gains)."""
+
+
+def importance(gains: Sequence[tuple[str, float]]) -> Figure:
+    """A tree model's feature importances: one horizontal bar per feature (total split
+    gain), the largest ``IMPORTANCE_TOP`` first, from the top down."""
+    top = sorted(((name, g) for name, g in gains if math.isfinite(g)), key=lambda kv: -kv[1])[
+        :IMPORTANCE_TOP
+    ]
+    trace: Trace = {
+        "type": "bar",
+        "orientation": "h",
+        "name": "total gain",
+        "x": [g for _, g in top],
+        "y": [name for name, _ in top],
+        "showlegend": False,
+    }
+    layout = _layout("Feature importance", "total gain", "feature")
+    layout |= {
+        "height": max(240, 60 + 22 * len(top)),
+        "hovermode": "closest",
+        "showlegend": False,
+        "xaxis": {"title": {"text": "total gain"}, "rangemode": "tozero"},
+        "yaxis": {"title": {"text": "feature"}, "autorange": "reversed", "automargin": True},
+    }
+    return {"data": [trace], "layout": layout}
 
 
 def traffic(series: Sequence[SeriesPoint]) -> Figure:

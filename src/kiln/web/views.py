@@ -387,9 +387,29 @@ def version_page(request: Request, name: str, version: str, who: ViewerDep) -> R
         job=job,
         tree=tree,
         metrics=flatten(row.metrics),
-        summary=[(k, v) for k, v in flatten(row.summary) if not k.startswith("report.")],
+        summary=[
+            (k, v)
+            for k, v in flatten(row.summary)
+            if not k.startswith("report.") and k != "importance"
+        ],
         report=flatten(row.summary.get("report")) if row.summary.get("report") else [],
+        importance=importance_figure(row.summary.get("importance")),
+        config=charts.CONFIG,
     )
+
+
+def importance_figure(value: Any) -> charts.Figure | None:
+    """A gbdt version's feature importances (``summary.importance``: [name, gain]
+    pairs) as a bar chart; None when the version has none."""
+    if not isinstance(value, list):
+        return None
+    gains: list[tuple[str, float]] = []
+    for pair in value:
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            gain = _number(pair[1])
+            if gain is not None:
+                gains.append((str(pair[0]), gain))
+    return charts.importance(gains) if gains else None
 
 
 # ---- datasets ----------------------------------------------------------------------
