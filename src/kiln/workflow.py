@@ -198,8 +198,18 @@ def _training_record(spec: Spec, trained: Trained, *, seconds: float) -> Trainin
 
 
 def _lineage(spec: Spec, table: Table, parts: Holdout) -> Lineage:
+    doc = spec.model_dump(mode="json")
+    # The recorded spec must train the same model again: the preprocessing the model
+    # was fitted with (gbdt: native defaults where unset); for auto, only what was set
+    # (each candidate takes its own defaults for the rest); for gbdt, only the model
+    # settings given (xgboost's defaults depend on which are set).
+    auto = spec.model.type == "auto"
+    doc["data"]["preprocessing"] = spec.preprocessing.model_dump(mode="json", exclude_unset=auto)
+    if spec.model.type == "gbdt":
+        given = spec.model.model_dump(mode="json", exclude_unset=True)
+        doc["model"] = {"type": "gbdt", **given}
     return Lineage(
-        spec=spec.model_dump(mode="json"),
+        spec=doc,
         data=DataRecord(
             source=absolute_source(spec.data.source),
             fingerprint=table.fingerprint,

@@ -1,4 +1,4 @@
-"""The CLI with a gbdt spec: train (rounds as epochs, --json), inspect (importances
+"""The CLI with a gbdt spec: train (rounds in the history, --json), inspect (importances
 instead of layers), predict, crossval."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_train_shows_rounds_in_the_progress_bar(tmp_path: Path) -> None:
         app, ["train", str(_spec(tmp_path, "lightgbm")), "--out", str(tmp_path / "b")]
     )
     assert result.exit_code == 0, result.output
-    assert f"{ROUNDS} epochs" in result.output  # "trained trees in ...s, 15 epochs"
+    assert f"{ROUNDS} rounds" in result.output  # "trained trees in ...s, 15 rounds"
     assert "test accuracy" in result.output
 
 

@@ -159,7 +159,8 @@ def export(
         Path | None, typer.Option("--out", "-o", help="Write here instead of into the bundle.")
     ] = None,
 ) -> None:
-    """Export a bundle's model to ONNX (parity-checked against torch)."""
+    """Export a bundle's model to ONNX (parity-checked against torch, or for boosted
+    trees against the library's own predictor)."""
     from kiln.compress.export import export_bundle
 
     if format != "onnx":
@@ -167,4 +168,13 @@ def export(
 
         raise SpecError(f"unknown export format {format!r}; supported: onnx", field="format")
     path, diff = export_bundle(bundle, out)
-    console.print(f"wrote {path} (max relative difference to torch {diff:.1e})")
+    ref = "the booster" if _is_trees(bundle) else "torch"
+    console.print(f"wrote {path} (max relative difference to {ref} {diff:.1e})")
+
+
+def _is_trees(bundle: Path) -> bool:
+    from kiln.bundle import META_FILE, read_json
+    from kiln.manifest import parse_manifest
+
+    meta = parse_manifest(read_json(bundle / META_FILE), str(bundle / META_FILE))
+    return meta.model.type == "gbdt"

@@ -199,6 +199,12 @@ def _check_tables_only(spec: Spec) -> None:
             f"train.early_stopping.metric: {es.metric!r} is not one gbdt tracks per round; "
             f"use one of {[m for m in TREE_METRICS if m in monitorable_metrics(spec.task)]}"
         )
+    # boosting stops on the raw per-round value; these would be silently ignored
+    if es is not None and (es.folds != "none" or es.smoothing not in ("auto", "none")):
+        raise ValueError(
+            "train.early_stopping.folds/smoothing: do not apply to gbdt (it stops on the "
+            "raw validation value of each round); leave them unset"
+        )
 
 
 def monitorable_metrics(task: str) -> tuple[str, ...]:

@@ -144,7 +144,8 @@ def fit_gbdt(
     run = len(rounds.history)
     stopped = train.early_stopping is not None and run < spec.n_estimators
     keep = rounds.best_round if train.early_stopping is not None else None
-    model.load_booster(_truncated(model, keep))
+    restore = train.early_stopping is not None and train.early_stopping.restore_best
+    model.load_booster(_truncated(model, keep if restore else None))
     result = FitResult(
         history=rounds.history,
         epochs_run=run,

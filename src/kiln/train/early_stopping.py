@@ -162,11 +162,14 @@ def kfold_folds(spec: Spec, train: pd.DataFrame, val: pd.DataFrame | None) -> in
     """The folds :func:`train_kfold` should use for ``spec``, or None for a plain fit.
 
     None without early stopping, with a plateau schedule (it steps on a validation
-    metric the final fit has none of), or under ``auto`` when a class of train+val has
-    fewer rows than folds (stratified folds need one per class per fold).
+    metric the final fit has none of) or a schedule spread over ``epochs`` (cosine,
+    linear, warmup: the final fit's shorter run would follow another learning-rate
+    curve than the folds whose epoch it copies), or under ``auto`` when a class of
+    train+val has fewer rows than folds (stratified folds need one per class per fold).
     """
     stopping = spec.train.early_stopping
-    if stopping is None or spec.train.lr_schedule.name == "plateau":
+    schedule = spec.train.lr_schedule
+    if stopping is None or schedule.name in ("plateau", "cosine", "linear") or schedule.warmup:
         return None
     k = fold_count(stopping.folds, stopping.metric, len(val) if val is not None else None)
     if k is None or stopping.folds != "auto" or spec.task != "classification":
