@@ -4,7 +4,10 @@ The same application as ``kiln up`` answers (``/api/v1/deployments/{name}/predic
 the KServe v2 routes, ``/metrics``, ``/healthz``, ``/readyz``), over a throwaway
 platform: a temporary ``KILN_HOME`` (database, artifacts, model cache) that is
 removed when the server stops. The bundle is registered there as version 1 of its
-model and deployed under the same name once the server starts.
+model and deployed under the same name once the server starts. A generation or an
+embedding bundle is answered by the OpenAI-compatible routes (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings``; the deployment's name is the request's
+``model``), and ``--max-batch-size`` is the sequences its engine decodes at once.
 
 The only credential is one static key (``--api-key``, ``KILN_SERVE_API_KEY``, or a
 random one printed once) whose principal holds the ``predict`` and ``read`` scopes
@@ -39,13 +42,15 @@ if TYPE_CHECKING:
     from kiln.bundle import Bundle
     from kiln.data.preprocess_state import JSONScalar
     from kiln.manifest import BundleMeta
-    from kiln.serve.deployments import Live, NewDeployment
+    from kiln.serve.deployments import Live, Loaded, NewDeployment
     from kiln.services import Services
     from kiln.store.tables import Project
 
 MIN_KEY_LENGTH = 16
 VERSION_PREFIX = "serve"
 """The artifact key's last segment for the bundle (``projects/default/models/<name>/serve``)."""
+LM_TASKS = frozenset({"generation", "embedding"})
+"""Bundles answered by the OpenAI-compatible routes (``/v1/...``) instead of predict."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ def serve(
     export) after the server stopped again.
     """
     from kiln.bundle import Bundle
+    from kiln.lm_bundle_files import manifest_task, read_verified_manifest
     from kiln.store.projects import check_name
 
     out = echo or _print
@@ -84,8 +90,11 @@ def serve(
     generated = key is None
     key = check_key(key) if key is not None else secrets.token_urlsafe(32)
     path = Path(bundle_dir)
-    bundle = Bundle.load(path)
-    name = options.name or bundle.meta.name
+    # a language model is only checked here (manifest and hashes): the server loads it
+    lm = manifest_task(path) in LM_TASKS
+    bundle = None if lm else Bundle.load(path)
+    meta = read_verified_manifest(path) if bundle is None else bundle.meta
+    name = options.name or meta.name
     check_name(
         name,
         field="name",
@@ -96,7 +105,7 @@ def serve(
     home = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
     try:
         with _term_as_interrupt():
-            _run(path, bundle, name, key, generated, sock, home, base, options, out)
+            _run(path, meta, bundle, name, key, generated, sock, home, base, options, out)
     finally:
         sock.close()
         shutil.rmtree(home, ignore_errors=True)
@@ -144,7 +153,8 @@ class _Startup:
 
 def _run(
     bundle_dir: Path,
-    bundle: Bundle,
+    meta: BundleMeta,
+    bundle: Bundle | None,  # None: a generation or embedding bundle
     name: str,
     key: str,
     generated: bool,
@@ -165,7 +175,7 @@ def _run(
     )
     services = build_services(settings)
     try:
-        project = register(services, bundle_dir, bundle.meta, name)
+        project = register(services, bundle_dir, meta, name)
         services.static_key = key
         app = create_app(settings, services=services)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -185,7 +195,13 @@ def _run(
 
         def ready(live: Live) -> None:
             if not server.should_exit:
-                for line in banner(options, name, bundle, live, key if generated else None):
+                new_key = key if generated else None
+                lines = (
+                    lm_banner(options, name, live, new_key)
+                    if bundle is None
+                    else banner(options, name, bundle, live, new_key)
+                )
+                for line in lines:
                     out(line)
 
         _deploy_on_startup(app, project, spec, server, startup, ready)
@@ -276,7 +292,8 @@ def banner(
     model = route.batcher.model
     host = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{host}:{options.port}"
-    parity = f", max |onnx - torch| {model.parity:.1e}" if model.parity is not None else ""
+    ref = "booster" if bundle.meta.model.type == "gbdt" else "torch"
+    parity = f", max |onnx - {ref}| {model.parity:.1e}" if model.parity is not None else ""
     meta = bundle.meta
     lines = [
         f"kiln serve: {meta.name} ({meta.task}, {len(meta.input_schema)} inputs) on "
@@ -304,6 +321,67 @@ def banner(
         f"Health: {url}/healthz, {url}/readyz (no key); Prometheus: {url}/metrics (the key). "
         "Ctrl-C stops.",
     ]
+    return lines
+
+
+def lm_banner(options: ServeOptions, name: str, live: Live, new_key: str | None) -> list[str]:
+    """The banner of a generation or embedding bundle: examples of the OpenAI-compatible
+    routes (chat or completions, embeddings) instead of predict and KServe v2."""
+    served = live.routes[0].served
+    meta = served.meta
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    url = f"http://{host}:{options.port}"
+    if meta.task == "generation":
+        what = f"up to {options.max_batch_size} sequences decoded at once"
+    else:
+        what = f"{meta.n_outputs}-dimensional vectors"
+    lines = [
+        f"kiln serve: {meta.name} ({meta.task}, {meta.parameters:,} parameters) on "
+        f"{served.backend_name}; {what}",
+        f"  URL:         {url}  (OpenAPI: {url}/docs; OpenAI-compatible: {url}/v1)",
+        f"  deployment:  {name}  (the requests' model)",
+    ]
+    if new_key is not None:
+        lines.append(
+            f"  API key:     {new_key}  (generated, shown once; choose one with --api-key "
+            "or KILN_SERVE_API_KEY)"
+        )
+    else:
+        lines.append("  API key:     the one given (--api-key or KILN_SERVE_API_KEY)")
+    auth = '-H "Authorization: Bearer $KEY" -H "Content-Type: application/json"'
+    lines += [
+        f"{_lm_title(served)} (with KEY set to the API key):",
+        *_lm_example(url, name, served, auth),
+        f"  or any OpenAI client: OpenAI(base_url={url + '/v1'!r}, api_key=KEY)",
+        f"Health: {url}/healthz, {url}/readyz (no key); Prometheus: {url}/metrics (the key). "
+        "Ctrl-C stops.",
+    ]
+    return lines
+
+
+def _lm_title(served: Loaded) -> str:
+    from kiln.serve.lm import ServedLM
+
+    if not isinstance(served, ServedLM):
+        return "Embeddings"
+    return "Chat" if served.bundle.generation.prompt_format == "chat" else "Completions"
+
+
+def _lm_example(url: str, name: str, served: Loaded, auth: str) -> list[str]:
+    """The curl command of one request to the route that serves ``served``."""
+    from kiln.serve.lm import ServedLM
+
+    body: dict[str, object]
+    if not isinstance(served, ServedLM):
+        route, body = "embeddings", {"model": name, "input": ["some text"]}
+    elif served.bundle.generation.prompt_format == "chat":
+        route = "chat/completions"
+        body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}
+    else:
+        route, body = "completions", {"model": name, "prompt": "Hello", "max_tokens": 32}
+    lines = [f"  curl -s {url}/v1/{route} {auth} \\", f"    -d {shlex.quote(json.dumps(body))}"]
+    if isinstance(served, ServedLM):
+        lines.append('  (add "stream": true for server-sent events)')
     return lines
 
 

@@ -30,6 +30,7 @@ from kiln.api.routes import (
     deployments,
     jobs,
     models,
+    openai,
     projects,
     usage,
     v2,
@@ -46,7 +47,7 @@ JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
 # deployments first: routes are matched in order, and its predict route is the one
 # called thousands of times a second (the routers' paths do not overlap)
 ROUTERS = (deployments, projects, datasets, jobs, models, audit, usage, base_models)
-INFERENCE = {"deployments.predict", "v2.infer"}
+INFERENCE = {"deployments.predict", "v2.infer", *openai.ROUTE_NAMES}
 """Routes that are metered as requests (Prometheus), not audited: they change nothing."""
 
 
@@ -90,6 +91,7 @@ def create_api(settings: Settings, *, lifespan: Lifespan[FastAPI] | None = None)
     for module in ROUTERS:
         app.include_router(module.router, prefix=API)
     app.include_router(v2.router)
+    app.include_router(openai.router, prefix=openai.PREFIX)  # the OpenAI-compatible API
     _health(app)
     return app
 
@@ -137,6 +139,8 @@ def _errors(app: FastAPI) -> None:
         request.state.error_code = code
         if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
             return JSONResponse({"error": message}, status_code=status)
+        if request.url.path.startswith(f"{openai.PREFIX}/"):  # OpenAI's error shape
+            return openai.error_response(status, code, message, field)
         return error_response(status, code, message, field)
 
     @app.exception_handler(KilnError)
@@ -229,8 +233,9 @@ async def _audit(scope: Scope, status: int) -> None:
     """A mutating request's response starts: meter it (inference) or audit it."""
     name = getattr(scope.get("route"), "name", None)
     if name in INFERENCE:  # read from the scope: no Request built on the hot path
-        deployment = scope.get("path_params", {}).get("name", "")
         state = scope.get("state", {})
+        # the OpenAI routes name the deployment in the body (``model``)
+        deployment = state.get("served_deployment") or scope.get("path_params", {}).get("name", "")
         version = state.get("served_version", "")
         project = state.get("served_project") or ""  # "": refused before the key was known
         metrics = scope["app"].state.deployments.metrics

@@ -1,9 +1,10 @@
 """Rate limits: requests per second or minute, per API key and per project, counted
 separately on inference and on the management API.
 
-Lanes: ``inference`` is predict and v2 infer (:data:`INFERENCE_ROUTES`); ``api`` is
-every other route under ``/api/v1`` and ``/v2`` but the v2 health routes (which need no
-key). ``/metrics``, ``/healthz`` and the dashboard are not limited.
+Lanes: ``inference`` is predict, v2 infer and the OpenAI routes under ``/v1``
+(:data:`INFERENCE_ROUTES`); ``api`` is every other route under ``/api/v1``, ``/v2`` and
+``/v1`` but the v2 health routes (which need no key). ``/metrics``, ``/healthz`` and the
+dashboard are not limited.
 
 - Per key: ``KILN_RATE_LIMIT_API`` and ``KILN_RATE_LIMIT_INFERENCE`` (on by default; one
   or more limits in the ``limits`` notation, ``20/second;600/minute``, or ``off``).
@@ -49,9 +50,11 @@ from kiln.monitor.usage import RATE_KINDS, rate_quotas
 from kiln.store.db import Database
 from kiln.store.keys import Principal
 
-INFERENCE_ROUTES = frozenset({"deployments.predict", "v2.infer"})
+INFERENCE_ROUTES = frozenset(
+    {"deployments.predict", "v2.infer", "openai.chat", "openai.completions", "openai.embeddings"}
+)
 UNLIMITED_ROUTES = frozenset({"v2.live", "v2.ready"})
-LIMITED_PREFIXES = ("/api/v1/", "/v2/")
+LIMITED_PREFIXES = ("/api/v1/", "/v2/", "/v1/")
 KIND_OF_LANE = {"api": "requests_api", "inference": "requests_inference"}
 """The quota kind that holds a project's limits of each lane."""
 SETTING_OF_LANE = {"api": "KILN_RATE_LIMIT_API", "inference": "KILN_RATE_LIMIT_INFERENCE"}

@@ -334,6 +334,12 @@ class RouteOut(BaseModel):
 class DeploymentOut(BaseModel):
     name: str
     model: str
+    task: str | None = Field(
+        default=None,
+        description="What the served model does: classification, regression (predict, "
+        "KServe v2), generation (/v1/chat/completions, /v1/completions) or embedding "
+        "(/v1/embeddings); null while no version is loaded.",
+    )
     state: str
     error: str | None
     routes: list[RouteOut]

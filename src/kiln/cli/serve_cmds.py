@@ -109,7 +109,13 @@ def serve(
         ),
     ] = "auto",
     max_batch_size: Annotated[
-        int, typer.Option("--max-batch-size", min=1, max=4096, help="Rows a batch closes at.")
+        int,
+        typer.Option(
+            "--max-batch-size",
+            min=1,
+            max=4096,
+            help="Rows a batch closes at; a generation model: sequences decoded at once.",
+        ),
     ] = 32,
     max_delay_ms: Annotated[
         float,
@@ -117,6 +123,9 @@ def serve(
     ] = 5.0,
 ) -> None:
     """Serve one bundle over HTTP, alone: the platform's predict, KServe v2 and metrics routes.
+
+    A generation or embedding bundle is served on the OpenAI-compatible routes
+    (/v1/chat/completions, /v1/completions, /v1/embeddings) instead.
 
     Nothing is kept: the server's database and artifacts live in a temporary folder,
     removed when it stops. Requests need the one API key, which may predict and read

@@ -190,6 +190,11 @@ class TokenStream(Iterator[str]):
             close()
 
     @property
+    def generated(self) -> int:
+        """Tokens generated so far (the end-of-sequence id included once produced)."""
+        return len(self._decoder.token_ids)
+
+    @property
     def completion(self) -> Completion:
         """The finished completion; RuntimeError before the stream is exhausted."""
         return self._decoder.completion()

@@ -9,6 +9,14 @@ what they already queued: no request fails because of a swap. A loaded model is 
 for as long as some deployment routes to it (two deployments of one version share it);
 once a swap or a delete leaves it unused, nothing keeps it, in memory or on local disk.
 
+A version of a generation or an embedding model (the task its manifest records) is
+served by a :class:`~kiln.serve.lm.ServedLM` (its generation engine admits and
+schedules requests: no batcher) or a :class:`~kiln.serve.lm.ServedEmbedder`; the
+OpenAI-compatible routes reach them through :meth:`DeploymentManager.language_model`
+and :meth:`DeploymentManager.embedder`, and predict refuses them (409). A retired
+language model's engine closes in the background once the sequences it was decoding,
+or had queued, have finished (:meth:`DeploymentManager.wait_retired`).
+
 Every prediction is monitored by one :class:`~kiln.monitor.serving.DeploymentMonitor`,
 which the manager asks to admit each request (quotas) and tells once how it ended:
 each deployment's window of recent requests and batches (:meth:`DeploymentManager.window`),
@@ -26,18 +34,21 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from kiln.errors import ConflictError, KilnError, NotFoundError
+from kiln.errors import ConflictError, KilnError, NotFoundError, SpecError
 from kiln.lifecycle import DeploymentState
+from kiln.lm_bundle_files import manifest_task
 from kiln.monitor.live import DeploymentWindow
 from kiln.monitor.metrics import ServingMetrics
 from kiln.monitor.serving import Answer, DeploymentMonitor, DeploymentWatch, Served
 from kiln.serve.batcher import Batcher, Closed
+from kiln.serve.lm import ServedEmbedder, ServedLM
 from kiln.serve.model import Output, ServedModel
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
@@ -60,6 +71,24 @@ from kiln.store.tables import Project
 
 log = logging.getLogger("kiln.serve")
 T = TypeVar("T")
+
+Loaded = ServedModel | ServedLM | ServedEmbedder
+"""What serves one version: a classic model (behind a batcher), or a language model."""
+
+ENDPOINTS = {
+    "generation": "/v1/chat/completions or /v1/completions",
+    "embedding": "/v1/embeddings",
+}
+"""Where requests to a language model go (the OpenAI-compatible routes), by task."""
+
+
+def wrong_endpoint(name: str | None, task: str) -> str:
+    """Why deployment ``name`` (None: unnamed), serving a ``task`` model, refuses a
+    request, and where requests to it go."""
+    article = "an" if task[:1] in "aeiou" else "a"
+    where = ENDPOINTS.get(task, f"/api/v1/deployments/{name or '{name}'}/predict")
+    who = f"deployment {name}" if name else "this deployment"
+    return f"{who} serves {article} {task} model; use {where}"
 
 
 class NewDeployment(BaseModel):
@@ -98,9 +127,34 @@ class DeploymentChange(BaseModel):
 
 @dataclass
 class Route:
+    """A version a deployment routes to, its ``weight``, and what serves it: a classic
+    model behind its ``queue`` (a :class:`Batcher`), or a language model (a ServedLM
+    with its engine, or a ServedEmbedder) with no queue of the route's own."""
+
     version: int
     weight: int
-    batcher: Batcher
+    served: Loaded
+    queue: Batcher | None = None
+
+    @property
+    def batcher(self) -> Batcher:
+        """The classic model's batcher; a ConflictError (409) for a language model."""
+        if self.queue is None:
+            raise ConflictError(wrong_endpoint(None, self.served.meta.task), field="name")
+        return self.queue
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting: for a batch, or for one of the engine's decoding slots."""
+        if self.queue is not None:
+            return self.queue.depth
+        if isinstance(self.served, ServedLM):
+            return self.served.engine.stats().waiting
+        return 0
+
+    @property
+    def backend_name(self) -> str:
+        return self.served.backend_name
 
 
 @dataclass
@@ -122,6 +176,11 @@ class Live:
         self.watch = (
             shared_watch if shared_watch is not None else DeploymentWatch(self.project, self.name)
         )
+
+    @property
+    def task(self) -> str | None:
+        """The task of the model it serves (every route's); None while it has no routes."""
+        return self.routes[0].served.meta.task if self.routes else None
 
     def pick(self) -> Route:
         if not self.routes:
@@ -149,7 +208,9 @@ class DeploymentManager:
         self.metrics = metrics
         self.settings = settings or Settings()
         self.live: dict[tuple[int, str], Live] = {}
-        self._models: dict[tuple[str, str], ServedModel] = {}  # (version id, backend)
+        # (version id, backend); a language model's key also holds its engine's limits
+        self._models: dict[tuple[str, str], Loaded] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # retired language models closing
         self._lock = asyncio.Lock()
         self.monitor = DeploymentMonitor(
             db,
@@ -184,11 +245,17 @@ class DeploymentManager:
         return all(d.state == DeploymentState.ready for d in self.live.values())
 
     async def close(self) -> None:
-        """Close every batcher (they answer what they queued), then write the last
-        metered usage and prediction log records."""
+        """Close every batcher (they answer what they queued) and every language
+        model (its engine finishes its sequences), then write the last metered usage
+        and prediction log records."""
         for live in self.live.values():
             for route in live.routes:
-                await route.batcher.close()
+                if route.queue is not None:
+                    await route.queue.close()
+        for model in list(self._models.values()):
+            if not isinstance(model, ServedModel):
+                await model.close()
+        await self.wait_retired()
         self.live.clear()
         self._models.clear()
         # the decrypted copies of bundles live only while they are served
@@ -199,6 +266,12 @@ class DeploymentManager:
         """Write the metered usage and the prediction log's buffers now."""
         await self.monitor.flush()
 
+    async def wait_retired(self) -> None:
+        """Until every retired language model has closed (its engine finished the
+        sequences it had and its thread stopped)."""
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
     # ---- API --------------------------------------------------------------------
 
     def get(self, project_id: int, name: str) -> Live:
@@ -206,6 +279,37 @@ class DeploymentManager:
         if live is None:
             raise NotFoundError(f"deployment {name!r} not found", field="name")
         return live
+
+    def classic(self, project_id: int, name: str) -> Live:
+        """The deployment, for predict and KServe v2: a ConflictError (409) naming the
+        OpenAI-compatible route to use when it serves a language model."""
+        live = self.get(project_id, name)
+        task = live.task
+        if task in ENDPOINTS:
+            raise ConflictError(wrong_endpoint(name, task), field="name")
+        return live
+
+    def language_model(self, project_id: int, name: str) -> tuple[Live, Route, ServedLM]:
+        """The deployment, the route picked for one request (by weight) and its
+        generation model. NotFoundError for an unknown name; ConflictError (409) while
+        it has no routes (loading, failed) or when it serves another kind of model.
+
+        Submit to ``served.engine`` without an ``await`` in between: a route retired
+        meanwhile closes its engine (``submit`` then raises QueueFull, a 503).
+        """
+        live = self.get(project_id, name)
+        route = live.pick()
+        if not isinstance(route.served, ServedLM):
+            raise ConflictError(wrong_endpoint(name, route.served.meta.task), field="model")
+        return live, route, route.served
+
+    def embedder(self, project_id: int, name: str) -> tuple[Live, Route, ServedEmbedder]:
+        """As :meth:`language_model`, for a deployment of an embedding model."""
+        live = self.get(project_id, name)
+        route = live.pick()
+        if not isinstance(route.served, ServedEmbedder):
+            raise ConflictError(wrong_endpoint(name, route.served.meta.task), field="model")
+        return live, route, route.served
 
     def of_project(self, project_id: int) -> list[Live]:
         return sorted(
@@ -286,9 +390,10 @@ class DeploymentManager:
 
         The project's prediction quotas are checked first (QuotaError, 429). Every call
         on an existing deployment is told to the monitor once, with its HTTP-equivalent
-        status (see :meth:`DeploymentMonitor.observe`).
+        status (see :meth:`DeploymentMonitor.observe`). A deployment of a language
+        model refuses (ConflictError, 409: see :meth:`classic`).
         """
-        live = self.get(project_id, name)
+        live = self.classic(project_id, name)
         started = time.perf_counter()
         n = len(matrix) if matrix is not None else len(rows) if isinstance(rows, list) else 0
         status, version, admitted, answer = 500, None, False, None
@@ -326,7 +431,7 @@ class DeploymentManager:
         batch sizes, queue depth and per-version counts over the last ``seconds``, and
         ``series``, one point per 5 s over the last 5 minutes, for live charts."""
         live = self.get(project_id, name)
-        depth = sum(route.batcher.depth for route in live.routes)
+        depth = sum(route.depth for route in live.routes)
         summary = live.watch.window.summary(seconds, queue_depth=depth)
         return {
             "deployment": live.name,
@@ -349,7 +454,7 @@ class DeploymentManager:
             self.monitor.follow(live.watch, None, {})
             return
         top = max(live.routes, key=lambda r: r.weight)
-        reference = top.batcher.model.meta.reference or {}
+        reference = top.served.meta.reference or {}
         self.monitor.follow(live.watch, top.version, reference)
 
     def predictions(self, project_id: int, name: str, limit: int = 100) -> dict[str, Any]:
@@ -385,7 +490,8 @@ class DeploymentManager:
         """
         while routes:
             route = routes.pop()
-            await route.batcher.close()
+            if route.queue is not None:
+                await route.queue.close()
             if route.version not in kept:
                 self.metrics.forget(live.project, live.name, route.version)
             del route
@@ -395,13 +501,17 @@ class DeploymentManager:
     def _evict_unused(self) -> None:
         """Drop every cached model that no route of a deployment uses (swapped out,
         deleted, or loaded by a change that failed), and its local copy of the bundle.
-        The caller holds ``_lock`` and has closed the batchers of those routes."""
-        used = {id(r.batcher.model) for live in self.live.values() for r in live.routes}
+        The caller holds ``_lock`` and has closed the batchers of those routes; a
+        language model's engine closes in the background (:meth:`wait_retired`)."""
+        used = {id(r.served) for live in self.live.values() for r in live.routes}
         gone = [key for key, model in self._models.items() if id(model) not in used]
         if not gone:
             return
         for key in gone:
-            del self._models[key]
+            model = self._models.pop(key)
+            if not isinstance(model, ServedModel):
+                self._close_later(model)
+            del model
         still = {version_id for version_id, _ in self._models}
         for version_id in {version_id for version_id, _ in gone} - still:
             # decrypted bundle bytes: not left behind on disk either
@@ -413,30 +523,55 @@ class DeploymentManager:
         gc.collect()
         gc.freeze()
 
+    def _close_later(self, model: ServedLM | ServedEmbedder) -> None:
+        """Close a retired language model in the background: its engine finishes the
+        sequences it is decoding and those it queued first (:meth:`wait_retired`)."""
+        task = asyncio.get_running_loop().create_task(_close_retired(model))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _build_routes(self, live: Live, resolved: list[ResolvedRoute]) -> list[Route]:
-        routes = []
-        for r in resolved:
-            model = await self._load(r, live)
-            batcher = Batcher(
-                model,
-                max_batch_size=live.config.max_batch_size,
-                max_delay_ms=live.config.max_delay_ms,
-                max_queue=live.config.max_queue,
-                on_batch=self.monitor.batches(live.watch, r.version),
+        """Every route's model loaded and warm (all of one kind: a SpecError naming
+        ``routes`` otherwise); classic models behind a new batcher each."""
+        models = [await self._load(r, live) for r in resolved]
+        if len({_kind(model) for model in models}) > 1:
+            raise SpecError(
+                "routes: every version of a deployment must be of one task "
+                f"(got {', '.join(sorted({m.meta.task for m in models}))})",
+                field="routes",
             )
+        routes = []
+        for r, model in zip(resolved, models, strict=True):
+            route = Route(r.version, r.weight, model)
+            if isinstance(model, ServedModel):
+                route.queue = Batcher(
+                    model,
+                    max_batch_size=live.config.max_batch_size,
+                    max_delay_ms=live.config.max_delay_ms,
+                    max_queue=live.config.max_queue,
+                    on_batch=self.monitor.batches(live.watch, r.version),
+                )
             labels = (live.project, live.name, str(r.version))
-            self.metrics.queue_depth.labels(*labels).set_function(_depth_of(batcher))
-            routes.append(Route(r.version, r.weight, batcher))
+            self.metrics.queue_depth.labels(*labels).set_function(_depth_of(route))
+            routes.append(route)
         return routes
 
-    async def _load(self, route: ResolvedRoute, live: Live) -> ServedModel:
+    async def _load(self, route: ResolvedRoute, live: Live) -> Loaded:
+        """The route's version loaded (or the one already loaded for another route),
+        by the task its manifest records: generation -> ServedLM (max_batch_size as
+        its max_num_seqs, max_queue as its queue bound), embedding -> ServedEmbedder,
+        else ServedModel."""
         version_id, backend = route.version_id, live.config.backend
         labels = (live.project, live.name, str(route.version))
         load_seconds = self.metrics.load_seconds.labels(*labels)
-        cached = self._models.get((version_id, backend))
-        if cached is not None:  # loaded for another deployment: its load time is this one's
-            load_seconds.set(cached.load_seconds)
-            return cached
+        # a generation model's engine is built for the deployment's limits
+        config = live.config
+        engine_key = f"{backend} max_num_seqs={config.max_batch_size} max_queue={config.max_queue}"
+        for key in ((version_id, backend), (version_id, engine_key)):
+            cached = self._models.get(key)
+            if cached is not None:  # loaded for another deployment: its load time is this one's
+                load_seconds.set(cached.load_seconds)
+                return cached
         local = self.cache_dir / version_id
         try:
             if not local.is_dir():
@@ -444,7 +579,23 @@ class DeploymentManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 await asyncio.to_thread(self.store.get_dir, route.key, tmp)
                 tmp.rename(local)
-            model = await asyncio.to_thread(ServedModel, local, backend)
+            task = manifest_task(local)
+            key = (version_id, engine_key if task == "generation" else backend)
+            model: Loaded
+            if task == "generation":
+                model = await asyncio.to_thread(
+                    partial(
+                        ServedLM,
+                        local,
+                        max_num_seqs=config.max_batch_size,
+                        max_queue=config.max_queue,
+                        backend=backend,
+                    )
+                )
+            elif task == "embedding":
+                model = await asyncio.to_thread(partial(ServedEmbedder, local, backend=backend))
+            else:
+                model = await asyncio.to_thread(ServedModel, local, backend)
         except BaseException:
             # no decrypted copy outlives a failed load (nor a half-fetched one)
             shutil.rmtree(self.cache_dir / f".{version_id}.tmp", ignore_errors=True)
@@ -452,9 +603,26 @@ class DeploymentManager:
                 shutil.rmtree(local, ignore_errors=True)
             raise
         load_seconds.set(model.load_seconds)
-        self._models[(version_id, backend)] = model
+        self._models[key] = model
         return model
 
 
-def _depth_of(batcher: Batcher) -> Callable[[], float]:
-    return lambda: float(batcher.depth)
+def _depth_of(route: Route) -> Callable[[], float]:
+    return lambda: float(route.depth)
+
+
+def _kind(model: Loaded) -> str:
+    """What a model answers: rows (predict, KServe v2), text, or embeddings."""
+    return "rows" if isinstance(model, ServedModel) else model.meta.task
+
+
+async def _close_retired(model: ServedLM | ServedEmbedder) -> None:
+    """Close a retired language model, then free its memory (see ``_evict_unused``)."""
+    try:
+        await model.close()
+    except Exception:  # a failed engine must not stop the others closing
+        log.exception("closing a retired %s model failed", model.meta.task)
+    del model
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -31,11 +31,29 @@ class DeploymentConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Backend = "auto"
-    max_batch_size: int = 32
-    max_delay_ms: float = 5.0  # the longest a request waits for its batch to fill
-    max_queue: int = 256  # requests waiting beyond it are refused (503)
-    timeout_ms: float = 10_000.0  # a request not answered by then is a 504
+    backend: Backend = Field(
+        default="auto",
+        description="auto: onnxruntime on CPU when it agrees with torch. A generation "
+        "model runs on the runtime its bundle records and an embedding model on torch: "
+        "auto, or that runtime's name.",
+    )
+    max_batch_size: int = Field(
+        default=32,
+        description="Rows a batch closes at; for a generation model, the sequences its "
+        "engine decodes at once (max_num_seqs).",
+    )
+    max_delay_ms: float = Field(
+        default=5.0,
+        description="The longest a request waits for its batch to fill (classic models).",
+    )
+    max_queue: int = Field(
+        default=256,
+        description="Requests waiting beyond it are refused (503); for a generation "
+        "model, the sequences waiting for a decoding slot (the engine's queue bound).",
+    )
+    timeout_ms: float = Field(
+        default=10_000.0, description="A request not answered by then is a 504."
+    )
 
 
 CONFIG_FIELDS = tuple(DeploymentConfig.model_fields)

@@ -166,7 +166,7 @@ class LivePanel(TypedDict):
 def live_panel(manager: DeploymentManager, live: Live) -> LivePanel:
     """The live panel: the window's recent figures when there is a window, else the
     Prometheus totals since start (requests/s then come from two polls, in the page)."""
-    depth = sum(r.batcher.depth for r in live.routes)
+    depth = sum(r.depth for r in live.routes)
     totals = prometheus_stats(manager.metrics, live.project, live.name)
     window = window_stats(manager, live)
     if window is not None:

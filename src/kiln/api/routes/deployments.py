@@ -31,14 +31,15 @@ def deployment_out(live: Live) -> DeploymentOut:
     return DeploymentOut(
         name=live.name,
         model=live.model,
+        task=live.task,
         state=live.state.value,
         error=live.error,
         routes=[
             {
                 "version": r.version,
                 "weight": r.weight,
-                "backend": r.batcher.model.backend_name,
-                "queue_depth": r.batcher.depth,
+                "backend": r.backend_name,
+                "queue_depth": r.depth,
             }
             for r in live.routes
         ],

@@ -29,7 +29,7 @@ def ready(deployments: Manager) -> dict[str, bool]:
 
 @router.get("/models/{name}", name="v2.metadata")
 def metadata(name: str, project_id: InferenceProject, deployments: Manager) -> dict[str, Any]:
-    live = deployments.get(project_id, name)
+    live = deployments.classic(project_id, name)  # a language model: 409 naming /v1
     route = live.pick()
     return v2.metadata(name, [r.version for r in live.routes], route.batcher.model)
 
@@ -50,7 +50,7 @@ async def infer(
     body = v2.parse_body(
         await request.body(), request.headers.get("inference-header-content-length")
     )
-    live = deployments.get(project_id, name)
+    live = deployments.classic(project_id, name)  # a language model: 409 naming /v1
     rows, matrix = v2.to_rows_or_matrix(body, live.pick().batcher.model)
     output, version = await deployments.predict(project_id, name, rows, matrix=matrix)
     deployments.metrics.total.labels(live.project, name).observe(time.perf_counter() - started)
