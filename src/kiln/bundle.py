@@ -8,7 +8,7 @@
     weights.safetensors  the model's tensors
     preprocess.json      fitted preprocessing state
     tokenizer/           text models: the tokenizer's JSON files
-    booster.txt          gbdt (LightGBM): the model text; booster.ubj for XGBoost (UBJSON)
+    booster.txt          gbdt (LightGBM): the model text; booster.json for XGBoost (its JSON)
     model.onnx           optional: the ONNX graph (served by onnxruntime when
                          ``runtime.backend`` says so, e.g. int8 variants)
     compression.json     optional: measurements of a compressed variant

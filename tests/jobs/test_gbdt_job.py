@@ -57,7 +57,7 @@ def test_a_gbdt_train_job_registers_a_loadable_version(
     assert version.summary["epochs_run"] == ROUNDS
     names = [name for name, _ in version.summary["importance"]]
     assert len(names) == 13 and "proline" in names  # wine's 13 columns, by gain
-    booster = "booster.txt" if library == "lightgbm" else "booster.ubj"
+    booster = "booster.txt" if library == "lightgbm" else "booster.json"
     files = platform.store.list(version.artifact_key)
     assert booster in {key.rsplit("/", 1)[-1] for key in files}
 

@@ -66,7 +66,7 @@ def test_bundle_lists_and_hashes_the_booster(saved: Path) -> None:
     if booster.endswith(".txt"):
         assert (saved / booster).read_text().startswith("tree")  # LightGBM model text
     else:
-        assert (saved / booster).read_bytes()[:1] == b"{"  # UBJSON object
+        assert (saved / booster).read_bytes()[:1] == b"{"  # XGBoost JSON
 
 
 def test_predictions_identical_in_a_fresh_process_without_unpickling(saved: Path) -> None:

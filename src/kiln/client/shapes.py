@@ -241,6 +241,7 @@ class DeploymentOut(TypedDict):
     max_delay_ms: float
     max_queue: int
     timeout_ms: float
+    task: str | None  # classification | regression | generation | embedding; None while loading
 
 
 class PredictOut(TypedDict):
@@ -264,6 +265,8 @@ class UsageItem(TypedDict):
     kind: str
     device: str  # cpu or cuda for compute_seconds; empty otherwise
     quantity: float
+    deployment: str | None  # with by=deployment: what served predictions or tokens
+    key: str | None  # with by=key: the API key id of token usage ("" if none is known)
 
 
 UsageOut = TypedDict(
@@ -273,6 +276,7 @@ UsageOut = TypedDict(
         "from": str | None,  # a keyword in Python: hence the functional form
         "to": str | None,  # exclusive
         "group_by": str,
+        "by": list[str],  # deployment and/or key
         "items": list[UsageItem],
         "totals": dict[str, float],  # per kind, over the whole range
         "quotas": list[QuotaOut],

@@ -7,7 +7,8 @@ and distillation treat it like any model. Classification gives logits (binary:
 ``[0, margin]``, whose softmax is the booster's probability; multiclass: one margin
 per class); regression gives the prediction in the preprocessor's scaled target
 units. The booster is saved in the library's own format (LightGBM model text,
-XGBoost UBJSON), which parses without executing or unpickling anything.
+XGBoost JSON), which parses without executing or unpickling anything; its structure
+is checked in Python before the library sees it (:mod:`kiln.models.booster_check`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 from torch import nn
 
 from kiln.errors import BundleError
+from kiln.models.booster_check import check_booster
 from kiln.models.registry import register
 from kiln.spec.model import GBDTSpec
 
 Library = Literal["lightgbm", "xgboost"]
-BOOSTER_FILES: dict[str, str] = {"lightgbm": "booster.txt", "xgboost": "booster.ubj"}
+BOOSTER_FILES: dict[str, str] = {"lightgbm": "booster.txt", "xgboost": "booster.json"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,20 @@ class GBDTModel(nn.Module):
         self.task = task
         self.categorical = list(categorical or [])
         self.feature_names = list(feature_names or [f"x{i}" for i in range(n_inputs)])
+        # a bundle's model_context says these: an inconsistent one is refused here, not
+        # met later as an IndexError (summary) or a wrong decoding
+        if task not in ("classification", "regression"):
+            raise BundleError(f"gbdt task {task!r}", field="model_context.task")
+        if len(self.feature_names) != n_inputs:
+            raise BundleError(
+                f"{len(self.feature_names)} feature names for {n_inputs} inputs",
+                field="model_context.feature_names",
+            )
+        if not all(isinstance(i, int) and 0 <= i < n_inputs for i in self.categorical):
+            raise BundleError(
+                f"categorical columns {self.categorical} not all of 0..{n_inputs - 1}",
+                field="model_context.categorical",
+            )
         self.booster: Any = None
         self.threads = spec.threads or torch.get_num_threads()
 
@@ -98,10 +114,12 @@ class GBDTModel(nn.Module):
             raise BundleError("the gbdt model has no booster to save")
         if self.library == "lightgbm":
             return str(self.booster.model_to_string()).encode("utf-8")
-        return bytes(self.booster.save_raw(raw_format="ubj"))
+        return bytes(self.booster.save_raw(raw_format="json"))
 
     def load_booster(self, data: bytes) -> None:
-        """Parse a booster saved by :meth:`booster_bytes` (text/UBJSON: no code runs)."""
+        """Parse a booster saved by :meth:`booster_bytes` (text/JSON: no code runs).
+        Its structure is checked first (booster_check): the native parsers trust it."""
+        check_booster(self.library, data, self._trees_per_round(), self.booster_file)
         try:
             self.booster = parse_booster(self.library, data)
         except Exception as exc:  # each library raises its own error type
@@ -115,6 +133,26 @@ class GBDTModel(nn.Module):
                 f"{self.booster_file} takes {trees_inputs} inputs, the manifest says "
                 f"{self.n_inputs}"
             )
+        # A booster with other outputs than the manifest's labels would mis-decode (or,
+        # with a huge class count, stall predict allocating its outputs).
+        try:
+            per_round = self.booster_trees_per_round()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.booster_file}: no class count ({exc})") from None
+        if per_round != self._trees_per_round():
+            raise BundleError(
+                f"{self.booster_file} grows {per_round} trees per round, the manifest's "
+                f"{self.task} with {self.n_outputs} outputs needs {self._trees_per_round()}"
+            )
+
+    def booster_trees_per_round(self) -> int:
+        """Trees per boosting round of the booster (its class count for multiclass)."""
+        if self.library == "lightgbm":
+            return int(self.booster.num_model_per_iteration())
+        import json
+
+        config = json.loads(self.booster.save_config())
+        return max(1, int(config["learner"]["learner_model_param"]["num_class"]))
 
     def booster_inputs(self) -> int:
         """How many input columns the booster was trained on."""
@@ -162,7 +200,7 @@ def as_outputs(margins: np.ndarray, n_outputs: int) -> np.ndarray:
 
 
 def parse_booster(library: str, data: bytes) -> Any:
-    """A booster from its saved bytes (LightGBM model text or XGBoost UBJSON)."""
+    """A booster from its saved bytes (LightGBM model text or XGBoost JSON)."""
     if library == "lightgbm":
         import lightgbm as lgb
 

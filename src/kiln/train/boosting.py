@@ -216,7 +216,7 @@ def _truncated(model: GBDTModel, best_round: int | None) -> bytes:
         return model.booster_bytes()
     if model.library == "lightgbm":
         return str(booster.model_to_string(num_iteration=best_round)).encode("utf-8")
-    return bytes(booster[:best_round].save_raw(raw_format="ubj"))
+    return bytes(booster[:best_round].save_raw(raw_format="json"))
 
 
 # ---- LightGBM ------------------------------------------------------------------------
