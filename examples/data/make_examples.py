@@ -1,6 +1,6 @@
 """Regenerate the example tables from scikit-learn's bundled datasets (offline).
 
-    python examples/data/make_examples.py
+python examples/data/make_examples.py
 """
 
 from pathlib import Path

@@ -29,11 +29,17 @@ API = "/api/v1"
 
 
 def check_error_shape(response: httpx.Response) -> None:
-    """A 4xx body is exactly ``{"error": {"code", "message", "field"}}``."""
+    """A 4xx body is exactly ``{"error": {"code", "message", "field"}}``; on the
+    OpenAI-compatible routes (``/v1/``) OpenAI's ``{"error": {"message", "type", "param",
+    "code"}}``, which its client reads."""
     assert response.headers["content-type"].startswith("application/json"), response.text
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
+    if response.request.url.path.startswith("/v1/"):
+        assert set(error) == {"message", "type", "param", "code"}, body
+        assert isinstance(error["message"], str) and error["message"], body
+        return
     assert set(error) == {"code", "message", "field"}, body
     assert isinstance(error["code"], str) and error["code"], body
     assert isinstance(error["message"], str) and error["message"], body

@@ -301,9 +301,9 @@ def test_each_error_class(server: Server) -> None:
             chat.create(model=model, messages=messages, **kwargs)
         assert bad.value.body["param"] == param, bad.value.body  # type: ignore[index]
 
-    refused("presence_penalty", presence_penalty=0.5)
-    refused("response_format", response_format={"type": "json_object"})
-    refused("logprobs", logprobs=True)
+    refused("presence_penalty", presence_penalty=2.5)
+    refused("response_format", response_format={"type": "json_schema"})  # no schema
+    refused("top_logprobs", top_logprobs=2)  # without logprobs: true
     refused("wibble", extra_body={"wibble": 1})  # unknown fields, as OpenAI refuses them
     refused("temperature", temperature=3)
     refused("messages", messages=[])
@@ -401,3 +401,104 @@ def test_past_the_inference_rate_limit_the_client_gets_a_rate_limit_error(
             assert limited.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
     finally:
         svc.db.dispose()
+
+
+# ---- structured output, penalties and logprobs ----------------------------------------
+
+THING: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "count": {"type": "integer"},
+        "color": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "count", "color"],
+    "additionalProperties": False,
+}
+
+
+def test_chat_json_schema_streamed_and_not(server: Server) -> None:
+    import json
+
+    chat = server.client().chat.completions
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "thing", "schema": THING}}
+    ask: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_tokens": 200, "n": 2}
+    whole = chat.create(model=CHAT, messages=MESSAGES, response_format=fmt, **ask)
+    for choice in whole.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        value = json.loads(choice.message.content or "")
+        assert set(value) == {"name", "count", "color"}
+        assert value["color"] in ("red", "green", "blue")
+        assert isinstance(value["name"], str) and type(value["count"]) is int
+    texts = ["", ""]
+    finishes: list[str | None] = [None, None]
+    for chunk in chat.create(
+        model=CHAT, messages=MESSAGES, response_format=fmt, stream=True, **ask
+    ):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [c.message.content for c in whole.choices]  # same seeds, same answers
+    assert finishes == ["stop", "stop"]
+    bad: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat.create(model=CHAT, messages=MESSAGES, response_format=bad)
+    assert refused.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+def test_chat_logprobs_streamed_and_not(server: Server) -> None:
+    chat = server.client().chat.completions
+    ask: dict[str, Any] = {"temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    whole = chat.create(model=CHAT, messages=MESSAGES, **ask)
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert whole.usage is not None
+    eos = 1 if choice.finish_reason == "stop" else 0  # the end token has no record
+    assert len(content) in (whole.usage.completion_tokens - eos, whole.usage.completion_tokens)
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy
+        assert entry.bytes is not None and bytes(entry.bytes).decode(errors="replace")
+    joined = b"".join(bytes(e.bytes or []) for e in content).decode(errors="replace")
+    assert joined.startswith(choice.message.content or "")
+    streamed = []
+    for chunk in chat.create(model=CHAT, messages=MESSAGES, stream=True, **ask):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = chat.create(model=CHAT, messages=MESSAGES, temperature=0, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == choice.message.content
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat.create(model=CHAT, messages=MESSAGES, top_logprobs=2)
+    assert refused.value.body["param"] == "top_logprobs"  # type: ignore[index]
+
+
+def test_completion_logprobs_and_penalties(server: Server) -> None:
+    client = server.client()
+    done = client.completions.create(
+        model=CHAT, prompt="hello world", max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert lp.text_offset is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    streamed: list[str] = []
+    for chunk in client.completions.create(
+        model=CHAT, prompt="hello world", max_tokens=5, temperature=0, logprobs=2, stream=True
+    ):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.tokens:
+                streamed.extend(c.logprobs.tokens)
+    assert streamed == lp.tokens
+    ask: dict[str, Any] = {"prompt": "hello world", "max_tokens": 30, "temperature": 0}
+    free = client.completions.create(model=CHAT, **ask)
+    penalised = client.completions.create(model=CHAT, frequency_penalty=2.0, **ask)
+    assert free.choices[0].text != penalised.choices[0].text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=CHAT, presence_penalty=2.5, **ask)
+    assert refused.value.body["param"] == "presence_penalty"  # type: ignore[index]

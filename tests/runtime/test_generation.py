@@ -286,3 +286,24 @@ def test_a_rows_budget_does_not_depend_on_its_batch_mates(
     together = gen.generate([short, long], params)
     assert together[0].token_ids == alone.token_ids and alone.completion_tokens == 20
     assert together[1].completion_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
+        ("json_schema", "{}"),
+        ("logprobs", 0),
+    ],
+)
+def test_what_only_the_serving_engine_applies_is_refused_not_ignored(
+    gen: TorchGenerator, tok: PreTrainedTokenizerFast, field: str, value: object
+) -> None:
+    params = SamplingParams(max_new_tokens=2, **{field: value})  # type: ignore[arg-type]
+    ids = tok("hello")["input_ids"]
+    with pytest.raises(DataError) as refused:
+        gen.generate([ids], params)
+    assert refused.value.field == field
+    with pytest.raises(DataError):
+        gen.stream(ids, params)

@@ -31,6 +31,8 @@ from kiln.api.routes import (
     jobs,
     models,
     openai,
+    openai_files,
+    openai_finetune,
     projects,
     usage,
     v2,
@@ -49,6 +51,7 @@ JSON_BODY_LIMIT = 8 << 20  # bytes; specs and small requests, not uploads
 ROUTERS = (deployments, projects, datasets, jobs, models, audit, usage, base_models)
 INFERENCE = {"deployments.predict", "v2.infer", *openai.ROUTE_NAMES}
 """Routes that are metered as requests (Prometheus), not audited: they change nothing."""
+UPLOAD_PATHS = (f"{API}/datasets", f"{openai.PREFIX}/files")  # KILN_MAX_UPLOAD_MB bodies
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -92,6 +95,8 @@ def create_api(settings: Settings, *, lifespan: Lifespan[FastAPI] | None = None)
         app.include_router(module.router, prefix=API)
     app.include_router(v2.router)
     app.include_router(openai.router, prefix=openai.PREFIX)  # the OpenAI-compatible API
+    app.include_router(openai_files.router, prefix=openai.PREFIX)  # its Files API
+    app.include_router(openai_finetune.router, prefix=openai.PREFIX)  # its fine-tuning API
     _health(app)
     return app
 
@@ -242,7 +247,8 @@ async def _audit(scope: Scope, status: int) -> None:
         metrics.requests.labels(project, deployment, str(version), str(status)).inc()
         return
     request = Request(scope)
-    if request.url.path.startswith(API):
+    # /v1's files and fine-tuning jobs are audited as /api/v1's datasets and jobs are
+    if request.url.path.startswith((API, f"{openai.PREFIX}/")):
         action = _route_name(request)
         target = getattr(request.state, "audit_target", None) or "/".join(
             f"{k}={v}" for k, v in request.path_params.items()
@@ -298,7 +304,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = scope["method"] == "POST" and scope["path"] == f"{API}/datasets"
+        upload = scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS
         limit = self.upload_limit if upload else JSON_BODY_LIMIT
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")

@@ -1,7 +1,8 @@
 """``kiln usage`` and ``kiln quotas``: what a project consumed, and the limits on it.
 
 Quantities print in their units: compute in seconds, minutes or hours, storage in
-binary bytes (KiB, MiB, ...), predictions as counts; ``--json`` prints the server's
+binary bytes (KiB, MiB, ...), predictions and tokens as counts; ``--by deployment``
+and/or ``--by key`` split the rows by deployment and API key; ``--json`` prints the server's
 numbers as they are (seconds, bytes, counts). A quota's limit may be given with a
 unit: ``2h``, ``90min``, ``500MB``, ``1.5GiB``. Rate limits are quotas of the kinds
 ``inference`` and ``api`` (``requests_inference``, ``requests_api``), set with
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
     from kiln.client.shapes import QuotaOut
 
 KINDS_HELP = (
-    "compute_seconds, stored_bytes, prediction_requests or prediction_rows; for a rate "
-    "limit, inference or api (requests_inference, requests_api)"
+    "compute_seconds, stored_bytes, prediction_requests, prediction_rows, tokens "
+    "(prompt + completion), prompt_tokens or completion_tokens; for a rate limit, "
+    "inference or api (requests_inference, requests_api)"
 )
 Period = Annotated[
     str,
@@ -108,23 +110,32 @@ def usage(
     group_by: Annotated[
         str, typer.Option("--group-by", help="day, month or total.", case_sensitive=False)
     ] = "day",
+    by: Annotated[
+        list[str] | None,
+        typer.Option("--by", help="Also split by deployment and/or key (repeatable)."),
+    ] = None,
     *,
     remote: Remote,
     json_out: JsonOut = False,
 ) -> None:
-    """What the project used: compute seconds by device, bytes stored, predictions."""
+    """What the project used: compute seconds by device, bytes stored, predictions,
+    language-model tokens."""
+    split = [b.strip().lower() for part in by or [] for b in part.split(",") if b.strip()]
     with remote.client() as client:
-        doc = client.usage(from_=from_, to=to, group_by=group_by.lower())
+        doc = client.usage(from_=from_, to=to, group_by=group_by.lower(), by=split)
     if json_out:
         print_json(doc)
         return
     span = f"from {doc['from'] or 'the start'} to {doc['to'] or 'now'}"
-    out = table(f"usage of {doc['project']} ({span})", "period", "kind", "device", "quantity")
+    columns = ["period", "kind", "device", *split, "quantity"]
+    out = table(f"usage of {doc['project']} ({span})", *columns)
     for item in doc["items"]:
+        groups = {"deployment": item.get("deployment"), "key": item.get("key")}
         out.add_row(
             item["period"],
             item["kind"],
             item["device"] or "",
+            *(escape(groups.get(column) or "") for column in split),
             amount(item["kind"], item["quantity"]),
         )
     if doc["items"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -87,15 +87,19 @@ class Client:
         from_: str | date | datetime | None = None,
         to: str | date | datetime | None = None,
         group_by: str = "day",
+        by: Sequence[str] = (),
     ) -> UsageOut:
-        """The project's metered usage: ``{project, from, to, group_by, items: [{period,
-        kind, device, quantity}], totals: {kind: quantity}, quotas: [{kind, period, limit,
-        used}]}``.
+        """The project's metered usage: ``{project, from, to, group_by, by, items:
+        [{period, kind, device, quantity, deployment, key}], totals: {kind: quantity},
+        quotas: [{kind, period, limit, used}]}``.
 
         ``from_`` and ``to`` (exclusive) are dates or datetimes (naive means UTC) or ISO
-        strings; ``group_by`` is ``day``, ``month`` or ``total``.
+        strings; ``group_by`` is ``day``, ``month`` or ``total``; ``by`` splits the items
+        by ``deployment`` and/or ``key`` (else those are None).
         """
         params: dict[str, str] = {"group_by": group_by}
+        if by:
+            params["by"] = ",".join(by)
         if from_ is not None:
             params["from"] = from_.isoformat() if isinstance(from_, date) else from_
         if to is not None:

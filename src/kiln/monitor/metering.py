@@ -1,4 +1,5 @@
-"""Prediction metering: requests and rows served, counted in memory, written in batches.
+"""Prediction and token metering: requests, rows and language-model tokens served,
+counted in memory, written in batches.
 
 The serving path never waits on the database: :meth:`PredictionMeter.reserve` checks a
 project's ``prediction_requests`` and ``prediction_rows`` quotas against a cached
@@ -8,6 +9,12 @@ slip past a limit). :meth:`PredictionMeter.flush`, run every few seconds by the
 deployment manager, writes the counts as usage events (``subject`` = the deployment)
 and refreshes the cache of the projects that were active; a project the cache has not
 seen for a while is read once, off the event loop, by :meth:`PredictionMeter.prepare`.
+
+Tokens (``/v1``, see :mod:`kiln.monitor.token_meter`) go the same way: a request
+holds its tokens against the ``tokens`` quotas (:meth:`PredictionMeter.reserve_tokens`,
+:meth:`PredictionMeter.hold_tokens`), :meth:`PredictionMeter.tokens_reached` says when a
+quota is reached mid-stream, and :meth:`PredictionMeter.commit_tokens` counts what was
+used, written as ``prompt_tokens`` / ``completion_tokens`` events per (deployment, key).
 
 A quota set on this server applies at its next request
 (:meth:`PredictionMeter.invalidate_on_commit`); other servers sharing the database
@@ -24,20 +31,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from kiln.errors import QuotaError
 from kiln.monitor import usage
+from kiln.monitor.usage import TOKENS
 from kiln.store.db import Database
 from kiln.store.tables import Quota
 
 log = logging.getLogger("kiln.monitor")
 
 REQUESTS, ROWS = "prediction_requests", "prediction_rows"
-KINDS = (REQUESTS, ROWS)
+PROMPT, COMPLETION = usage.TOKEN_KINDS
+KINDS = (REQUESTS, ROWS, TOKENS)
+"""The quota kinds the meter enforces from its cache."""
 
 
 @dataclass
@@ -51,13 +61,20 @@ class _Limits:
     until: float = math.inf  # epoch seconds: when the first of these periods ends
 
 
+K = TypeVar("K")
+TokenKey = tuple[str, str | None]
+"""(deployment, API key id) of metered tokens."""
+
+
 @dataclass
 class _Unwritten:
-    """Requests and rows this process counted (or reserved) and has not written yet."""
+    """Requests, rows and tokens this process counted (or reserved) and has not written."""
 
     requests: float = 0.0
     rows: float = 0.0
     by_deployment: dict[str, list[float]] = field(default_factory=dict)  # answered: [req, rows]
+    tokens: float = 0.0  # held by requests in flight + counted, not written yet
+    by_key: dict[TokenKey, list[float]] = field(default_factory=dict)  # [prompt, completion]
 
 
 class PredictionMeter:
@@ -113,6 +130,69 @@ class PredictionMeter:
         counts[0] += 1
         counts[1] += rows
 
+    def reserve_tokens(self, project_id: int, tokens: float) -> None:
+        """Check ``tokens`` more (a request's prompt; prompt + max_tokens unstreamed)
+        against the project's ``tokens`` quotas and hold them as counted; QuotaError
+        (429) names the quota they would pass. The request then adjusts its hold
+        (:meth:`hold_tokens`) and ends with :meth:`commit_tokens`."""
+        self._touched.add(project_id)
+        pending = self._pending(project_id)
+        limits = self._limits.get(project_id)
+        if limits is not None and limits.quotas:
+            _check(limits, TOKENS, tokens, pending.tokens)
+        pending.tokens += tokens
+
+    def hold_tokens(self, project_id: int, tokens: float) -> None:
+        """Hold ``tokens`` more without a check (tokens being generated); a negative
+        number releases a hold."""
+        self._pending(project_id).tokens += tokens
+
+    def tokens_reached(self, project_id: int) -> QuotaError | None:
+        """The error of the first ``tokens`` quota that the project's usage (written,
+        counted and held) has reached, or None."""
+        limits = self._limits.get(project_id)
+        if limits is None or not limits.quotas:
+            return None
+        try:
+            _check(limits, TOKENS, 0, self._pending(project_id).tokens)
+        except QuotaError as exc:
+            return exc
+        return None
+
+    def tokens_left(self, project_id: int) -> float | None:
+        """Tokens the project may still use before its first ``tokens`` quota (written,
+        counted and held usage deducted; 0 or less once reached); None without one."""
+        limits = self._limits.get(project_id)
+        if limits is None:
+            return None
+        pending = self._pending(project_id).tokens
+        left = [
+            limit - _used(limits, kind, period) - pending
+            for kind, period, limit in limits.quotas
+            if kind == TOKENS
+        ]
+        return min(left, default=None)
+
+    def commit_tokens(
+        self, project_id: int, deployment: str, key_id: str | None, prompt: int, completion: int
+    ) -> None:
+        """Tokens a request used (already held, see :meth:`hold_tokens`): written at the
+        next flush as ``prompt_tokens`` and ``completion_tokens`` of (deployment, key)."""
+        counts = self._pending(project_id).by_key.setdefault((deployment, key_id), [0.0, 0.0])
+        counts[0] += prompt
+        counts[1] += completion
+
+    def pending_tokens(self, project_id: int) -> float:
+        """Tokens of the project held or counted and not in the database yet."""
+        unwritten = self._unwritten.get(project_id)
+        return 0.0 if unwritten is None else unwritten.tokens
+
+    def _pending(self, project_id: int) -> _Unwritten:
+        pending = self._unwritten.get(project_id)
+        if pending is None:
+            pending = self._unwritten[project_id] = _Unwritten()
+        return pending
+
     def pending(self, project_id: int) -> dict[str, float]:
         """What the project used that is not in the database yet."""
         unwritten = self._unwritten.get(project_id, _Unwritten())
@@ -165,11 +245,11 @@ class PredictionMeter:
     async def flush(self) -> None:
         """Write the answered counts as usage events and refresh the active projects'
         quotas and usage; on a database error the counts wait for the next flush."""
-        batch: dict[int, dict[str, list[float]]] = {}
+        batch: dict[int, _Batch] = {}
         for project_id, unwritten in self._unwritten.items():
-            if unwritten.by_deployment:
-                batch[project_id] = unwritten.by_deployment
-                unwritten.by_deployment = {}
+            if unwritten.by_deployment or unwritten.by_key:
+                batch[project_id] = _Batch(unwritten.by_deployment, unwritten.by_key)
+                unwritten.by_deployment, unwritten.by_key = {}, {}
         refresh = self._touched | set(batch)
         self._touched = set()
         generations = dict(self._generation)
@@ -181,35 +261,60 @@ class PredictionMeter:
             log.error("prediction usage could not be written (will retry): %s", exc)
             for project_id, counts in batch.items():
                 unwritten = self._unwritten[project_id]
-                for name, (requests, rows) in counts.items():
-                    again = unwritten.by_deployment.setdefault(name, [0.0, 0.0])
-                    again[0] += requests
-                    again[1] += rows
+                _add_into(unwritten.by_deployment, counts.predictions)
+                _add_into(unwritten.by_key, counts.tokens)
             self._touched |= refresh
             return
         # in one step on the event loop: what was written leaves the pending counts as
         # the refreshed usage (which includes it) arrives
         for project_id, counts in batch.items():
             unwritten = self._unwritten[project_id]
-            for requests, rows in counts.values():
+            for requests, rows in counts.predictions.values():
                 unwritten.requests -= requests
                 unwritten.rows -= rows
+            unwritten.tokens -= sum(p + c for p, c in counts.tokens.values())
         self._limits.update(
             (pid, limits)
             for pid, limits in fresh.items()
             if self._generation.get(pid, 0) == generations.get(pid, 0)  # no change raced it
         )
 
-    def _write(
-        self, batch: dict[int, dict[str, list[float]]], refresh: set[int]
-    ) -> dict[int, _Limits]:
+    def _write(self, batch: dict[int, _Batch], refresh: set[int]) -> dict[int, _Limits]:
         with self.db.session() as s:
             for project_id, counts in batch.items():
-                for name, (requests, rows) in counts.items():
+                for name, (requests, rows) in counts.predictions.items():
                     usage.record(s, project_id, REQUESTS, requests, subject=name)
                     usage.record(s, project_id, ROWS, rows, subject=name)
+                for (name, key_id), (prompt, completion) in counts.tokens.items():
+                    for kind, quantity in ((PROMPT, prompt), (COMPLETION, completion)):
+                        if quantity:
+                            usage.record(s, project_id, kind, quantity, subject=name, key_id=key_id)
         with self.db.session() as s:
             return {project_id: self._read(s, project_id) for project_id in refresh}
+
+
+@dataclass
+class _Batch:
+    """One project's counts taken for one write."""
+
+    predictions: dict[str, list[float]]  # deployment -> [requests, rows]
+    tokens: dict[TokenKey, list[float]]  # (deployment, key) -> [prompt, completion]
+
+
+def _add_into(into: dict[K, list[float]], counts: dict[K, list[float]]) -> None:
+    """Put counts that could not be written back (summing with newer ones)."""
+    for key, values in counts.items():
+        again = into.setdefault(key, [0.0] * len(values))
+        for i, value in enumerate(values):
+            again[i] += value
+
+
+def _used(limits: _Limits, kind: str, period: str) -> float:
+    """The cached usage of ``kind`` in the current ``period``."""
+    # a new day or month began since the cache was read: nothing of it is used yet
+    if time.time() >= limits.until and usage.period_start(period) != limits.starts[period]:
+        return 0.0
+    return limits.used[(kind, period)]
 
 
 def _check(limits: _Limits, kind: str, adding: float, pending: float) -> None:
@@ -217,16 +322,12 @@ def _check(limits: _Limits, kind: str, adding: float, pending: float) -> None:
     for quota_kind, period, limit in limits.quotas:
         if quota_kind != kind:
             continue
-        used = limits.used[(kind, period)]
-        # a new day or month began since the cache was read: nothing of it is used yet
-        if time.time() >= limits.until and usage.period_start(period) != limits.starts[period]:
-            used = 0.0
-        so_far = used + pending
+        so_far = _used(limits, kind, period) + pending
         if so_far + adding > limit or (adding == 0 and so_far >= limit):
             per = "in total" if period == "total" else f"per {period}"
+            needs = f", this needs {adding:g} more" if adding else ""
             raise QuotaError(
-                f"quota exceeded: {kind} {per} is {limit:g}; "
-                f"{so_far:g} used, this needs {adding:g} more",
+                f"quota exceeded: {kind} {per} is {limit:g}; {so_far:g} used{needs}",
                 field=kind,
             )
 

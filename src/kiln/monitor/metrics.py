@@ -100,6 +100,8 @@ class ServingMetrics:
             registry=r,
         )
 
+        self.llm = LLMMetrics(r)
+
     def render(self, project: str | None = None) -> bytes:
         """The text format: every series, or with ``project`` only that project's
         ``kiln_*`` series (and the process-wide ones, which belong to no project)."""
@@ -110,7 +112,7 @@ class ServingMetrics:
     def forget(self, project: str, deployment: str, version: int) -> None:
         """Drop the gauges of a version a deployment no longer routes to (its queue-depth
         gauge would otherwise keep the closed batcher, and its last value, forever)."""
-        for gauge in (self.queue_depth, self.load_seconds):
+        for gauge in (self.queue_depth, self.load_seconds, *self.llm.gauges):
             with suppress(KeyError):
                 gauge.remove(project, deployment, str(version))
 
@@ -118,6 +120,78 @@ class ServingMetrics:
         """Expose the drift reports ``reports()`` yields, as (project, deployment, report),
         at each scrape (see :class:`DriftCollector`)."""
         self.registry.register(DriftCollector(reports))
+
+
+# time to first token: a prefill of a long prompt on a CPU takes seconds
+FIRST_TOKEN = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LLMMetrics:
+    """The language-model series of ``/v1`` (fed by :mod:`kiln.monitor.token_meter`),
+    all labelled ``{project, deployment, version}``:
+
+    - ``kiln_llm_time_to_first_token_seconds`` (histogram): submission to first token,
+      per sequence, as the engine measured it;
+    - ``kiln_llm_inter_token_latency_seconds`` (histogram): per generated token after
+      the first, the time since the sequence's previous tokens reached the server's
+      answer (a step that released k tokens at once counts k times dt/k);
+    - ``kiln_llm_prompt_tokens_total``, ``kiln_llm_completion_tokens_total``
+      (counters), counted as they are submitted and generated. Output tokens per
+      second: ``sum by (deployment) (rate(kiln_llm_completion_tokens_total[1m]))``;
+    - ``kiln_llm_running_sequences``, ``kiln_llm_waiting_sequences``,
+      ``kiln_llm_kv_cache_tokens``, ``kiln_llm_kv_cache_budget_tokens`` (gauges), set
+      by the engine's ``on_step`` hook after every step. An engine that serves several
+      deployments (one version, same limits) reports the same numbers under each.
+      KV-cache use: ``kiln_llm_kv_cache_tokens / kiln_llm_kv_cache_budget_tokens``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["project", "deployment", "version"]
+        r = registry
+        self.first_token = Histogram(
+            "kiln_llm_time_to_first_token_seconds",
+            "Time from a sequence's submission to its first generated token.",
+            labels,
+            buckets=FIRST_TOKEN,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "kiln_llm_inter_token_latency_seconds",
+            "Time between a sequence's generated tokens after the first.",
+            labels,
+            buckets=INTER_TOKEN,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kiln_llm_prompt_tokens", "Prompt tokens submitted.", labels, registry=r
+        )
+        self.completion_tokens = Counter(
+            "kiln_llm_completion_tokens", "Completion tokens generated.", labels, registry=r
+        )
+        self.running = Gauge(
+            "kiln_llm_running_sequences", "Sequences decoding now.", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "kiln_llm_waiting_sequences", "Sequences waiting for a slot.", labels, registry=r
+        )
+        self.kv_tokens = Gauge(
+            "kiln_llm_kv_cache_tokens",
+            "KV-cache tokens (prompt + generated) of the running sequences.",
+            labels,
+            registry=r,
+        )
+        self.kv_budget = Gauge(
+            "kiln_llm_kv_cache_budget_tokens",
+            "The engine's KV-cache budget in tokens (absent when unbounded).",
+            labels,
+            registry=r,
+        )
+
+    @property
+    def gauges(self) -> tuple[Gauge, ...]:
+        """The per-version gauges (dropped with the version, see ``forget``)."""
+        return (self.running, self.waiting, self.kv_tokens, self.kv_budget)
 
 
 class ProjectView:

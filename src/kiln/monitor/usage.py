@@ -1,10 +1,14 @@
 """Usage metering: durable events per project, aggregated on demand, and quotas.
 
 Kinds (units): ``compute_seconds`` (wall seconds a job's attempt ran, by device),
-``prediction_requests`` and ``prediction_rows`` (served), ``stored_bytes`` (datasets
-and model versions written to the artifact store). Events are only appended; totals
-are sums over a time range. A quota caps one kind per ``day`` or ``month`` (UTC
-calendar periods), or in ``total``; past it the call is refused with 429.
+``prediction_requests`` and ``prediction_rows`` (served), ``prompt_tokens`` and
+``completion_tokens`` (the language-model tokens of ``/v1`` requests, by deployment
+and API key; an embeddings request's input counts as prompt tokens, as OpenAI's usage
+does), ``stored_bytes`` (datasets and model versions written to the artifact store).
+Events are only appended; totals are sums over a time range. A quota caps one kind per
+``day`` or ``month`` (UTC calendar periods), or in ``total``; past it the call is
+refused with 429. The quota kind ``tokens`` caps prompt + completion tokens together
+(``kiln.monitor.token_meter`` enforces it, mid-stream too).
 
 Where each kind is written: ``compute_seconds`` when a job's attempt ends, whatever
 its outcome (``kiln.jobs.resources``; an event's time is the attempt's end, so an
@@ -24,7 +28,7 @@ or ``minute`` cap the requests a project's keys make; they are enforced in memor
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +39,22 @@ from kiln.errors import QuotaError, SpecError
 from kiln.lifecycle import JobState
 from kiln.store.tables import Job, Quota, UsageEvent, utcnow
 
-KINDS = ("compute_seconds", "prediction_requests", "prediction_rows", "stored_bytes")
+KINDS = (
+    "compute_seconds",
+    "prediction_requests",
+    "prediction_rows",
+    "prompt_tokens",
+    "completion_tokens",
+    "stored_bytes",
+)
+TOKEN_KINDS = ("prompt_tokens", "completion_tokens")
+TOKENS = "tokens"
+"""The quota kind that caps ``prompt_tokens`` + ``completion_tokens``."""
+QUOTA_KINDS = (*KINDS, TOKENS)
+SERVED_KINDS = ("prediction_requests", "prediction_rows", *TOKEN_KINDS)
+"""Kinds whose ``subject`` is the deployment that served them."""
+GROUPS = ("deployment", "key")
+"""What :func:`summary` may split its items by, besides period, kind and device."""
 PERIODS = ("day", "month", "total")
 RATE_KINDS = ("requests_api", "requests_inference")
 RATE_PERIODS = ("second", "minute")
@@ -49,6 +68,7 @@ def record(
     *,
     device: str = "",
     subject: str = "",
+    key_id: str | None = None,
     time: datetime | None = None,
 ) -> None:
     if kind not in KINDS:
@@ -60,6 +80,7 @@ def record(
             quantity=float(quantity),
             device=device,
             subject=subject[:128],
+            key_id=key_id,
             time=time or utcnow(),
         )
     )
@@ -76,8 +97,10 @@ def period_start(period: str, now: datetime | None = None) -> datetime | None:
 
 
 def used(session: Session, project_id: int, kind: str, since: datetime | None) -> float:
+    """The project's usage of ``kind`` since ``since`` (``tokens``: prompt + completion)."""
+    kinds = TOKEN_KINDS if kind == TOKENS else (kind,)
     query = select(func.coalesce(func.sum(UsageEvent.quantity), 0.0)).where(
-        UsageEvent.project_id == project_id, UsageEvent.kind == kind
+        UsageEvent.project_id == project_id, UsageEvent.kind.in_(kinds)
     )
     if since is not None:
         query = query.where(UsageEvent.time >= since)
@@ -167,8 +190,8 @@ def set_quota(
             raise SpecError(
                 "limit: a rate limit is a whole number of requests, 1 or more", field="limit"
             )
-    elif kind not in KINDS:
-        raise SpecError(f"kind must be one of {', '.join(KINDS + RATE_KINDS)}", field="kind")
+    elif kind not in QUOTA_KINDS:
+        raise SpecError(f"kind must be one of {', '.join(QUOTA_KINDS + RATE_KINDS)}", field="kind")
     elif period not in PERIODS:
         raise SpecError(f"period must be one of {', '.join(PERIODS)}", field="period")
     row = session.scalar(
@@ -220,31 +243,51 @@ def summary(
     start: datetime | None,
     end: datetime | None,
     group_by: str,
+    by: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Sums per period (``day``, ``month`` or ``total``), kind and device, and overall totals."""
+    """Sums per period (``day``, ``month`` or ``total``), kind and device, and overall totals.
+
+    ``by`` splits the items further: ``deployment`` (the deployment that served
+    predictions or tokens; empty for other kinds) and/or ``key`` (the API key id of
+    token usage; empty when no key is known). Items then carry ``deployment`` and
+    ``key``; without ``by`` they do not.
+    """
     if group_by not in PERIODS:
         raise SpecError(f"group_by must be one of {', '.join(PERIODS)}", field="group_by")
-    query = select(UsageEvent.time, UsageEvent.kind, UsageEvent.device, UsageEvent.quantity).where(
-        UsageEvent.project_id == project_id
-    )
+    unknown = [b for b in by if b not in GROUPS]
+    if unknown:
+        raise SpecError(f"by: {', '.join(unknown)} is not one of {', '.join(GROUPS)}", field="by")
+    query = select(
+        UsageEvent.time,
+        UsageEvent.kind,
+        UsageEvent.device,
+        UsageEvent.quantity,
+        UsageEvent.subject,
+        UsageEvent.key_id,
+    ).where(UsageEvent.project_id == project_id)
     if start is not None:
         query = query.where(UsageEvent.time >= start)
     if end is not None:
         query = query.where(UsageEvent.time < end)
-    buckets: dict[tuple[str, str, str], float] = defaultdict(float)
+    buckets: dict[tuple[str, str, str, str, str], float] = defaultdict(float)
     totals: dict[str, float] = defaultdict(float)
     # summed in Python: one portable code path for SQLite and PostgreSQL date handling
-    for time, kind, device, quantity in session.execute(query):
+    for time, kind, device, quantity, subject, key_id in session.execute(query):
         if group_by == "day":
             period = time.strftime("%Y-%m-%d")
         elif group_by == "month":
             period = time.strftime("%Y-%m")
         else:
             period = "total"
-        buckets[(period, kind, device)] += quantity
+        served = kind in SERVED_KINDS
+        deployment = subject if served and "deployment" in by else ""
+        key = (key_id or "") if "key" in by else ""
+        buckets[(period, kind, device, deployment, key)] += quantity
         totals[kind] += quantity
-    items = [
-        {"period": p, "kind": k, "device": d, "quantity": q}
-        for (p, k, d), q in sorted(buckets.items())
-    ]
+    items: list[dict[str, Any]] = []
+    for (p, k, d, deployment, key), q in sorted(buckets.items()):
+        item: dict[str, Any] = {"period": p, "kind": k, "device": d, "quantity": q}
+        if by:
+            item.update(deployment=deployment, key=key)
+        items.append(item)
     return {"group_by": group_by, "items": items, "totals": dict(totals)}

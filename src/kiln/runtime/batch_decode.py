@@ -15,9 +15,15 @@ Two implement it:
   ``prefill_chunk`` tokens, one chunk budget per step, so a long prompt does not stall
   the running rows) and merged into the batch once its prompt is in. Greedy output equals
   :meth:`TorchGenerator.generate` of the prompt alone; a seed draws from the sequence's own
-  ``torch.Generator``, so it gives the same text in a batch as alone.
+  ``torch.Generator``, so it gives the same text in a batch as alone. A sequence whose
+  params ask for penalties, a JSON schema or logprobs has its own
+  :class:`~kiln.runtime.logits_processing.SequenceProcessor` over its row's logits
+  (the other rows' logits are sampled untouched); a grammar that admits no further
+  token ends the sequence (:meth:`~BatchDecoder.ended`, ``"stop"``).
 - :class:`GenaiBatchDecoder` over onnxruntime-genai's ``og.Engine`` (its own continuous
   batching and prefill scheduling); a request per sequence, added between ``run`` calls.
+  A JSON schema is enforced by the engine's own guidance (llguidance, the same grammar);
+  penalties and logprobs are refused there (its engine has neither).
 """
 
 from __future__ import annotations
@@ -42,6 +48,13 @@ from kiln.runtime.generation import (
     eos_ids_of,
     sample_next,
     within_context,
+)
+from kiln.runtime.logits_processing import (
+    SequenceProcessor,
+    TokenBridge,
+    TokenLogprob,
+    check_processing,
+    needs_processing,
 )
 
 if TYPE_CHECKING:
@@ -78,8 +91,14 @@ class BatchDecoder(Protocol):
         ...
 
     def ended(self) -> list[tuple[int, FinishReason]]:
-        """Sequences the backend ended on its own without a token since the last call
-        (its length cap, say); the caller ends their text and removes them."""
+        """Sequences the backend ended on its own since the last call (its length cap,
+        a grammar that admits no further token after the last one); the caller ends
+        their text and removes them."""
+        ...
+
+    def logprobs(self) -> dict[int, TokenLogprob]:
+        """The last :meth:`step`'s logprob records by sequence, for sequences whose
+        params ask for ``logprobs`` (an end-of-sequence token has none)."""
         ...
 
     def remove(self, seq_id: int) -> None:
@@ -103,6 +122,7 @@ class _Row:
     seq_id: int
     params: SamplingParams
     rng: torch.Generator | None
+    proc: SequenceProcessor | None  # None: logits sampled as the model gave them
     next_id: int  # the last sampled token: the next step's input
 
 
@@ -114,6 +134,7 @@ class _Prefill:
     prompt: list[int]
     params: SamplingParams
     rng: torch.Generator | None
+    proc: SequenceProcessor | None
     done: int = 0  # prompt tokens already in ``cache``
     cache: DynamicCache = field(default_factory=DynamicCache)
 
@@ -149,24 +170,21 @@ class TorchBatchDecoder:
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
         self._prefills: list[_Prefill] = []
+        self._bridge: TokenBridge | None = None  # made for the first processed sequence
+        self._ended: list[tuple[int, FinishReason]] = []
+        self._logprobs: dict[int, TokenLogprob] = {}
 
     # -- the protocol ------------------------------------------------------------------
 
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         check_params(params)
+        check_processing(params)
         if not prompt_ids:
             raise DataError("a prompt must have at least one token", field="prompt")
         return within_context(params, len(prompt_ids), self.context)
 
     def text_decoder(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextDecoder:
-        gen_config = getattr(self.model, "generation_config", None)
-        eos = eos_ids_of(
-            self.tokenizer,
-            params,
-            getattr(gen_config, "eos_token_id", None),
-            getattr(self.model.config, "eos_token_id", None),
-        )
-        return TextDecoder(self.tokenizer, params, eos, len(prompt_ids))
+        return TextDecoder(self.tokenizer, params, self._eos(params), len(prompt_ids))
 
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         if self._find(seq_id):
@@ -176,13 +194,17 @@ class TorchBatchDecoder:
         rng = None
         if params.seed is not None and not params.greedy:
             rng = torch.Generator(device=self.device).manual_seed(params.seed)
-        self._prefills.append(_Prefill(seq_id, list(prompt_ids), params, rng))
+        proc = None
+        if needs_processing(params):
+            proc = SequenceProcessor(params, self._token_bridge())
+        self._prefills.append(_Prefill(seq_id, list(prompt_ids), params, rng, proc))
 
     def step(self) -> list[tuple[int, int]]:
         """Decode the running rows one token, then spend up to ``prefill_chunk`` prompt
         tokens on the waiting prefills (oldest first); a prompt that is complete yields
         its first token and joins the batch for the next step."""
         out: list[tuple[int, int]] = []
+        self._logprobs = {}
         with torch.inference_mode():
             if self._rows:
                 out.extend(self._decode_step())
@@ -199,10 +221,15 @@ class TorchBatchDecoder:
         return out
 
     def ended(self) -> list[tuple[int, FinishReason]]:
-        return []  # the torch loop never stops a sequence by itself
+        done, self._ended = self._ended, []  # grammars that admit no further token
+        return done
+
+    def logprobs(self) -> dict[int, TokenLogprob]:
+        return self._logprobs
 
     def remove(self, seq_id: int) -> None:
         self._prefills = [p for p in self._prefills if p.seq_id != seq_id]
+        self._ended = [e for e in self._ended if e[0] != seq_id]
         keep = [i for i, r in enumerate(self._rows) if r.seq_id != seq_id]
         if len(keep) == len(self._rows):
             return
@@ -223,6 +250,23 @@ class TorchBatchDecoder:
         return int(self._mask.sum()) + sum(p.done for p in self._prefills)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _eos(self, params: SamplingParams) -> frozenset[int]:
+        gen_config = getattr(self.model, "generation_config", None)
+        return eos_ids_of(
+            self.tokenizer,
+            params,
+            getattr(gen_config, "eos_token_id", None),
+            getattr(self.model.config, "eos_token_id", None),
+        )
+
+    def _token_bridge(self) -> TokenBridge:
+        """The llguidance view of the tokenizer, with the model's own eos ids (a
+        sequence's custom ``eos_ids`` end it in its TextDecoder; the grammar's eos stays
+        the model's)."""
+        if self._bridge is None:
+            self._bridge = TokenBridge(self.tokenizer, self._eos(SamplingParams()))
+        return self._bridge
 
     def _find(self, seq_id: int) -> bool:
         return any(r.seq_id == seq_id for r in self._rows) or any(
@@ -251,12 +295,30 @@ class TorchBatchDecoder:
         return [(r.seq_id, t) for r, t in zip(self._rows, tokens, strict=True)]
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row | _Prefill]) -> list[int]:
-        """One token per row from last-position logits (B, V), each with its params."""
+        """One token per row from last-position logits (B, V), each with its params
+        (through the row's processor when it has one)."""
         picks = logits.argmax(dim=-1).tolist()  # (B,) the greedy rows' answer
         for i, row in enumerate(rows):
-            if not row.params.greedy:
+            if row.proc is not None:
+                picks[i] = self._processed_pick(logits[i], row, row.proc)
+            elif not row.params.greedy:
                 picks[i] = int(sample_next(logits[i : i + 1], row.params, row.rng)[0])
         return [int(t) for t in picks]
+
+    def _processed_pick(
+        self, logits: torch.Tensor, row: _Row | _Prefill, proc: SequenceProcessor
+    ) -> int:
+        """Sample one row's token from its processed logits (V,); record its logprob
+        and note a grammar that has ended."""
+        processed = proc.process(logits)  # (V,) float32
+        token = int(sample_next(processed.unsqueeze(0), row.params, row.rng)[0])
+        record = proc.record(token, processed)
+        if record is not None:
+            self._logprobs[row.seq_id] = record
+        proc.accept(token, processed)
+        if proc.stopped:
+            self._ended.append((row.seq_id, "stop"))
+        return token
 
     def _prefill_chunk(self, pre: _Prefill, n: int) -> int | None:
         """Feed the next ``n`` prompt tokens; the first generated token once the prompt
@@ -282,7 +344,7 @@ class TorchBatchDecoder:
     def _join(self, pre: _Prefill, token: int) -> None:
         """Merge a prefilled sequence's cache (1, H, L, D) into the batch (B, H, T, D):
         left-pad the narrower one to max(T, L) along time, concatenate along batch."""
-        row = _Row(pre.seq_id, pre.params, pre.rng, token)
+        row = _Row(pre.seq_id, pre.params, pre.rng, pre.proc, token)
         new_mask = torch.ones((1, pre.done), dtype=torch.long, device=self.device)
         if self._cache is None:
             self._cache, self._mask, self._rows = pre.cache, new_mask, [row]
@@ -367,8 +429,22 @@ class GenaiBatchDecoder:
 
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         check_params(params)
+        check_processing(params)
         if not prompt_ids:
             raise DataError("a prompt must have at least one token", field="prompt")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name):
+                raise DataError(
+                    f"{name} is not available on an onnxruntime-genai model: its engine has "
+                    "only a multiplicative repetition penalty, not OpenAI's",
+                    field=name,
+                )
+        if params.logprobs is not None:
+            raise DataError(
+                "logprobs are not available on an onnxruntime-genai model: its engine "
+                "reports no token probabilities",
+                field="logprobs",
+            )
         if params.seed is not None and not params.greedy:
             raise DataError(
                 "this onnxruntime-genai model cannot honour a seed in a batch", field="seed"
@@ -391,6 +467,8 @@ class GenaiBatchDecoder:
             options.set_temperature(params.temperature)
             options.set_top_p(params.top_p)
             options.set_top_k(0)  # 0 disables top-k: pure nucleus sampling
+        if params.json_schema is not None:
+            options.set_guidance("json_schema", params.json_schema)  # llguidance inside
         turn = request.begin_turn(np.asarray(prompt_ids, dtype=np.int32), options)
         self._requests[seq_id] = _Request(request, turn, len(prompt_ids))
         self._by_request[id(request)] = seq_id
@@ -432,6 +510,9 @@ class GenaiBatchDecoder:
     def ended(self) -> list[tuple[int, FinishReason]]:
         done, self._ended = self._ended, []
         return done
+
+    def logprobs(self) -> dict[int, TokenLogprob]:
+        return {}  # refused at prepare: the engine reports no probabilities
 
     def remove(self, seq_id: int) -> None:
         held = self._requests.pop(seq_id, None)

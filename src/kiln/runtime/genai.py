@@ -37,6 +37,7 @@ from kiln.runtime.generation import (
     TextDecoder,
     TokenStream,
     check_params,
+    check_plain,
     eos_ids_of,
 )
 
@@ -139,6 +140,7 @@ class GenaiGenerator:
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> TokenStream:
         """Stream one completion (see :class:`~kiln.runtime.generation.TokenStream`)."""
         check_params(params)
+        check_plain(params)
         prompt = self._checked(prompt_ids)
         decoder = TextDecoder(self.tokenizer, params, self._eos(params), len(prompt))
         return TokenStream(self._steps(prompt, params, decoder), decoder)
@@ -149,6 +151,7 @@ class GenaiGenerator:
         """Complete every prompt: on the Engine for several prompts, except seeded
         sampling (run one by one, so a seed gives the same text every time)."""
         check_params(params)
+        check_plain(params)
         rows = [self._checked(p) for p in prompts]
         if len(rows) > 1 and (params.greedy or params.seed is None):
             return self._engine_batch(rows, params)

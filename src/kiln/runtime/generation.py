@@ -38,7 +38,13 @@ _REPLACEMENT = "\ufffd"
 class SamplingParams:
     """How to generate: ``temperature`` 0 is greedy, otherwise temperature + nucleus
     (``top_p``) sampling seeded by ``seed`` (same seed, same text; None draws a fresh
-    one). ``eos_ids`` empty means the tokenizer's and the model's end-of-sequence ids."""
+    one). ``eos_ids`` empty means the tokenizer's and the model's end-of-sequence ids.
+
+    Applied by the serving decoders (``kiln.runtime.batch_decode``, see
+    ``kiln.runtime.logits_processing``), not by :meth:`Generator.generate`: OpenAI's
+    ``presence_penalty``/``frequency_penalty`` (in [-2, 2]; 0 is off), ``json_schema``
+    (the text of a JSON schema the output must match; None is free text) and
+    ``logprobs`` (None: none; k: each token's log-probability and its top k)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -46,6 +52,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     eos_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: str | None = None
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -242,6 +252,24 @@ def check_params(params: SamplingParams) -> None:
         raise DataError("top_p must be in (0, 1]", field="top_p")
 
 
+def check_plain(params: SamplingParams) -> None:
+    """Refuse what only the serving engine applies (penalties, JSON schemas, logprobs:
+    ``kiln.serve.engine``): the library's one-shot generators would ignore them."""
+    given = {
+        "presence_penalty": params.presence_penalty != 0,
+        "frequency_penalty": params.frequency_penalty != 0,
+        "json_schema": params.json_schema is not None,
+        "logprobs": params.logprobs is not None,
+    }
+    for name, on in given.items():
+        if on:
+            raise DataError(
+                f"{name} is applied by the serving engine (kiln serve, the /v1 routes), "
+                "not by this generator",
+                field=name,
+            )
+
+
 def within_context(
     params: SamplingParams, prompt_tokens: int, context: int | None
 ) -> SamplingParams:
@@ -297,6 +325,7 @@ class TorchGenerator:
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> TokenStream:
         """Stream one completion (see :class:`TokenStream`)."""
         check_params(params)
+        check_plain(params)
         prompt = list(prompt_ids)
         params = within_context(params, len(prompt), self.context)
         decoder = TextDecoder(self.tokenizer, params, self._eos(params), len(prompt))
@@ -308,6 +337,7 @@ class TorchGenerator:
         """Complete a left-padded batch in one decode loop; seeded sampling one prompt at
         a time, so a seed gives a prompt the same text in a batch as alone."""
         check_params(params)
+        check_plain(params)
         rows = [list(p) for p in prompts]
         if len(rows) > 1 and params.seed is not None and not params.greedy:
             return [self.generate([row], params)[0] for row in rows]

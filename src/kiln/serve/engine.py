@@ -18,6 +18,11 @@ Admission is bounded: at most ``max_num_seqs`` sequences decode at once and at m
 ``max_queue`` wait; past that :meth:`~GenerationEngine.submit` raises
 :class:`~kiln.errors.QueueFull` (503 with ``Retry-After``). A sequence past its
 ``deadline`` ends with ``finish_reason`` ``"length"`` and what it produced so far.
+
+Per-sequence logits processing (``SamplingParams`` penalties, ``json_schema``,
+``logprobs``; see :mod:`kiln.runtime.logits_processing`) happens in the batch decoder;
+a grammar that admits no further token ends its sequence with ``"stop"``, and each
+event carries the logprob records of the tokens it covers (:attr:`TokenEvent.logprobs`).
 :class:`SequentialEngine` is the one-at-a-time baseline with the same interface (for
 benchmarks).
 """
@@ -38,6 +43,7 @@ from typing import Literal
 from kiln.errors import DataError, QueueFull
 from kiln.runtime.batch_decode import BatchDecoder, batch_decoder_for
 from kiln.runtime.generation import Generator, SamplingParams, TextDecoder
+from kiln.runtime.logits_processing import TokenLogprob, needs_processing
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -46,13 +52,17 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class TokenEvent:
     """What one step gave a sequence: ``text`` (possibly empty: a held-back tail) and
     the tokens generated so far; ``finish_reason`` on the sequence's last event.
-    ``first_token_s`` is seconds from submission to the first token."""
+    ``first_token_s`` is seconds from submission to the first token. ``logprobs``
+    (when the params ask for them) holds one record per token generated since the
+    previous event, in order (a token whose text was held back comes with the event
+    that streams it; an end-of-sequence token has none)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
     first_token_s: float | None = None  # set on the first event that carries a token
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,10 +130,17 @@ class _Live:
     text: TextDecoder
     reserved: int  # prompt + max_new_tokens, in KV tokens
     first_token_s: float | None = None
+    pending: list[TokenLogprob] = field(default_factory=list)  # not yet in an event
 
     def event(self, delta: str, finish: FinishReason | None = None) -> TokenEvent:
+        records, self.pending = tuple(self.pending), []
         return TokenEvent(
-            delta, self.text.prompt_tokens, len(self.text.token_ids), finish, self.first_token_s
+            delta,
+            self.text.prompt_tokens,
+            len(self.text.token_ids),
+            finish,
+            self.first_token_s,
+            records,
         )
 
 
@@ -274,12 +291,17 @@ class GenerationEngine:
         return ended
 
     def _step(self) -> None:
-        for seq_id, token in self.decoder.step():
+        tokens = self.decoder.step()
+        records = self.decoder.logprobs()
+        for seq_id, token in tokens:
             live = self._live.get(seq_id)
             if live is None:
                 continue
             if live.first_token_s is None:
                 live.first_token_s = time.perf_counter() - live.seq.submitted
+            record = records.get(seq_id)
+            if record is not None:
+                live.pending.append(record)
             delta = live.text.push(token)
             if delta:
                 live.seq.emit(live.event(delta))
@@ -349,7 +371,14 @@ class SequentialEngine:
         *,
         deadline: float | None = None,
     ) -> SequenceStream:
-        """Queue one sequence (call from the event loop); QueueFull when full."""
+        """Queue one sequence (call from the event loop); QueueFull when full. Penalties,
+        a JSON schema or logprobs are a DataError: the generator's own loop has none."""
+        if needs_processing(params):
+            raise DataError(
+                "the sequential engine samples unprocessed logits: no penalties, "
+                "json_schema or logprobs",
+                field="params",
+            )
         if self._closed:
             raise QueueFull("the model is shutting down; retry shortly")
         if self._waiting.qsize() >= self.max_queue:

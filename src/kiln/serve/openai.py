@@ -23,10 +23,26 @@ choices and the usage; then ``data: [DONE]``. However the answer ends (a finishe
 stream, a client that went away, an error), every sequence of the request is
 cancelled, so its engine slot is free at the next step.
 
-Refused for now (400 naming the param): ``response_format`` other than ``text``,
-non-zero ``presence_penalty``/``frequency_penalty``, ``logit_bias``, ``logprobs``,
-``tools``, ``echo``, ``suffix``, ``best_of`` > n. Embeddings refuse ``dimensions``
-other than the model's own.
+Structured output: ``response_format`` ``json_object`` (any JSON object) or
+``json_schema`` (its ``schema``) is enforced during decoding by llguidance, on the torch
+engine and on onnxruntime-genai's (its own guidance) alike; the answer is compact JSON
+(no free whitespace) and ends once the grammar is complete, so it parses, unless
+``max_tokens`` cuts it first: then ``finish_reason`` is ``"length"`` and the text may
+not parse (OpenAI's behaviour too). A schema llguidance cannot enforce is a 400 naming
+``response_format``.
+
+``presence_penalty``/``frequency_penalty`` follow OpenAI's definition over the tokens
+generated so far. ``logprobs`` (chat: ``logprobs: true`` + ``top_logprobs`` 0..20;
+completions: ``logprobs`` 0..5 alternatives) are ``log_softmax`` of the processed
+logits at temperature 1 (penalties and the grammar mask applied, temperature and top_p
+not; see ``kiln.runtime.logits_processing``); an end-of-sequence token has none, and a
+streamed chunk carries the records of the tokens it streams. Completions'
+``text_offset`` counts characters of the token texts from the start of the choice's
+text. An onnxruntime-genai deployment refuses penalties and logprobs (400 naming the
+param: its engine has neither).
+
+Refused (400 naming the param): ``logit_bias``, ``tools``, ``echo``, ``suffix``,
+``best_of`` > n. Embeddings refuse ``dimensions`` other than the model's own.
 """
 
 from __future__ import annotations
@@ -45,7 +61,9 @@ from pydantic import BaseModel
 from kiln.data.dialogs import Message
 from kiln.errors import DataError
 from kiln.lm_bundle import EmbeddingBundle, LMBundle
+from kiln.monitor import token_meter
 from kiln.runtime.generation import SamplingParams, check_params, within_context
+from kiln.runtime.logits_processing import TokenLogprob, check_processing, json_schema_text
 from kiln.serve.engine import GenerationEngine, SequenceStream, TokenEvent
 from kiln.serve.openai_schemas import (
     AssistantMessage,
@@ -54,16 +72,21 @@ from kiln.serve.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CreateEmbeddingResponse,
     Embedding,
     EmbeddingRequest,
     EmbeddingUsage,
     FinishReason,
+    ResponseFormat,
+    TopLogprob,
     Usage,
 )
 
@@ -111,6 +134,7 @@ class _Plan:
     prompts: list[list[int]]
     choices: list[tuple[int, SamplingParams]]  # (prompt index, params), by choice index
     max_field: str  # the request's name of max_new_tokens (max_tokens, ...)
+    logprobs_field: str = "logprobs"  # the request's name of SamplingParams.logprobs
 
 
 # ---- chat completions -----------------------------------------------------------------
@@ -142,8 +166,13 @@ async def chat_completion(
     plan = _chat_plan(lm, request)
     results = await _collect_all(_submit(lm.engine, plan))
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=_finish(last))
-        for i, (text, last) in enumerate(results)
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=text),
+            finish_reason=_finish(last),
+            logprobs=_chat_logprobs(records) if request.logprobs else None,
+        )
+        for i, (text, last, records) in enumerate(results)
     ]
     return ChatCompletion(
         id=_id("chatcmpl"),
@@ -151,7 +180,7 @@ async def chat_completion(
         model=who.model,
         system_fingerprint=who.fingerprint,
         choices=choices,
-        usage=_usage(plan, [last for _, last in results]),
+        usage=_usage(plan, [last for _, last, _ in results]),
     )
 
 
@@ -165,22 +194,47 @@ def chat_stream(lm: LanguageModel, request: ChatCompletionRequest, who: Answerin
 
 def _chat_plan(lm: LanguageModel, request: ChatCompletionRequest) -> _Plan:
     _refuse_unsupported(request)
-    if request.response_format is not None and request.response_format.type != "text":
-        raise DataError(
-            f"response_format {request.response_format.type!r} is not supported yet; "
-            "only {'type': 'text'}",
-            field="response_format",
-        )
-    if request.logprobs:
-        raise DataError("logprobs are not supported yet", field="logprobs")
-    if request.top_logprobs:
-        raise DataError("top_logprobs are not supported yet", field="top_logprobs")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise DataError("top_logprobs needs logprobs: true", field="top_logprobs")
     if request.tools or request.tool_choice not in (None, "none"):
         raise DataError("tools are not supported", field="tools")
     ids = chat_prompt(lm, request.messages)
     limit = request.max_completion_tokens or request.max_tokens
     field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-    return _plan(lm, [ids], request, limit, "messages", field)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    schema = response_schema(request.response_format)
+    return _plan(lm, [ids], request, limit, "messages", field, schema, logprobs, "top_logprobs")
+
+
+def response_schema(response_format: ResponseFormat | None) -> str | None:
+    """The JSON schema text ``response_format`` asks the answer to match (None: free
+    text); a json_schema without a schema is a 400 naming response_format."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_schema_text({"type": "object"})
+    spec = response_format.json_schema
+    if spec is None or spec.json_schema is None:
+        raise DataError(
+            "response_format json_schema needs json_schema.schema", field="response_format"
+        )
+    return json_schema_text(spec.json_schema)
+
+
+def _chat_logprobs(records: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=r.token,
+                logprob=r.logprob,
+                bytes=list(r.bytes),
+                top_logprobs=[
+                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in r.top
+                ],
+            )
+            for r in records
+        ]
+    )
 
 
 async def _chat_chunks(
@@ -203,8 +257,10 @@ async def _chat_chunks(
     async for i, event in _merged(streams):
         if event.finish_reason == "cancelled":  # the server closes: nothing more comes
             return
-        if event.text:
-            yield chunk([ChunkChoice(index=i, delta=ChunkDelta(content=event.text))])
+        if event.text or (request.logprobs and event.logprobs):
+            logprobs = _chat_logprobs(event.logprobs) if request.logprobs else None
+            delta = ChunkDelta(content=event.text)
+            yield chunk([ChunkChoice(index=i, delta=delta, logprobs=logprobs)])
         if event.finish_reason is not None:
             lasts[i] = event
             yield chunk([ChunkChoice(index=i, delta=ChunkDelta(), finish_reason=_finish(event))])
@@ -242,9 +298,15 @@ async def completion(lm: LanguageModel, request: CompletionRequest, who: Answeri
     """The whole answer of a non-streamed completion request."""
     plan = _completion_plan(lm, request)
     results = await _collect_all(_submit(lm.engine, plan))
+    want = request.logprobs is not None
     choices = [
-        CompletionChoice(index=i, text=text, finish_reason=_finish(last))
-        for i, (text, last) in enumerate(results)
+        CompletionChoice(
+            index=i,
+            text=text,
+            finish_reason=_finish(last),
+            logprobs=_completion_logprobs(records, 0) if want else None,
+        )
+        for i, (text, last, records) in enumerate(results)
     ]
     return Completion(
         id=_id("cmpl"),
@@ -252,7 +314,7 @@ async def completion(lm: LanguageModel, request: CompletionRequest, who: Answeri
         model=who.model,
         system_fingerprint=who.fingerprint,
         choices=choices,
-        usage=_usage(plan, [last for _, last in results]),
+        usage=_usage(plan, [last for _, last, _ in results]),
     )
 
 
@@ -269,12 +331,27 @@ def _completion_plan(lm: LanguageModel, request: CompletionRequest) -> _Plan:
         raise DataError("echo is not supported yet", field="echo")
     if request.suffix:
         raise DataError("suffix is not supported", field="suffix")
-    if request.logprobs:
-        raise DataError("logprobs are not supported yet", field="logprobs")
     if request.best_of is not None and request.best_of != request.n:
         raise DataError("best_of other than n is not supported", field="best_of")
     prompts = completion_prompts(lm, request)
-    return _plan(lm, prompts, request, request.max_tokens, "prompt", "max_tokens")
+    return _plan(
+        lm, prompts, request, request.max_tokens, "prompt", "max_tokens", None, request.logprobs
+    )
+
+
+def _completion_logprobs(records: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """Legacy logprobs of ``records``; ``offset``: characters of the choice's text before
+    the first of them."""
+    offsets = []
+    for r in records:
+        offsets.append(offset)
+        offset += len(r.token)
+    return CompletionLogprobs(
+        tokens=[r.token for r in records],
+        token_logprobs=[r.logprob for r in records],
+        top_logprobs=[{t.token: t.logprob for t in r.top} for r in records],
+        text_offset=offsets,
+    )
 
 
 async def _completion_chunks(
@@ -292,11 +369,15 @@ async def _completion_chunks(
         return _sse(template.model_copy(update={"choices": choices, "usage": usage}))
 
     lasts: list[TokenEvent | None] = [None] * len(streams)
+    offsets = [0] * len(streams)  # characters of token text streamed per choice
+    want = request.logprobs is not None
     async for i, event in _merged(streams):
         if event.finish_reason == "cancelled":
             return
-        if event.text:
-            yield chunk([CompletionChoice(index=i, text=event.text)])
+        if event.text or (want and event.logprobs):
+            logprobs = _completion_logprobs(event.logprobs, offsets[i]) if want else None
+            offsets[i] += sum(len(r.token) for r in event.logprobs)
+            yield chunk([CompletionChoice(index=i, text=event.text, logprobs=logprobs)])
         if event.finish_reason is not None:
             lasts[i] = event
             yield chunk([CompletionChoice(index=i, text="", finish_reason=_finish(event))])
@@ -444,9 +525,6 @@ def _sse(chunk: BaseModel) -> str:
 
 
 def _refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) != 0:
-            raise DataError(f"{name} is not supported yet; only 0", field=name)
     if request.logit_bias:
         raise DataError("logit_bias is not supported", field="logit_bias")
     if request.stream_options is not None and not request.stream:
@@ -460,23 +538,32 @@ def _plan(
     max_tokens: int | None,
     prompt_field: str,
     max_field: str,
+    json_schema: str | None = None,
+    logprobs: int | None = None,
+    logprobs_field: str = "logprobs",
 ) -> _Plan:
     """SamplingParams per choice, within the model's context (see the module docstring)."""
     bundle = lm.bundle
     extra = request.stop_strings() or []
     stop = list(dict.fromkeys([*bundle.generation.stop, *(s for s in extra if s)]))
-    base = bundle.params(
-        max_new_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        stop=stop,
+    base = replace(
+        bundle.params(
+            max_new_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=stop,
+        ),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        json_schema=json_schema,
+        logprobs=logprobs,
     )
     try:
         check_params(base)
+        check_processing(base)
     except DataError as exc:
-        field = max_field if exc.field == "max_new_tokens" else exc.field
-        raise DataError(exc.message, field=field) from None
+        raise DataError(exc.message, field=_field(exc.field, max_field, logprobs_field)) from None
     context = model_context(lm)
     choices = []
     for p, ids in enumerate(prompts):
@@ -491,7 +578,17 @@ def _plan(
             i = p * request.n + j
             seed = None if base.seed is None else base.seed + i
             choices.append((p, replace(fitted, seed=seed)))
-    return _Plan(prompts, choices, max_field)
+    return _Plan(prompts, choices, max_field, logprobs_field)
+
+
+def _field(field: str | None, max_field: str, logprobs_field: str) -> str | None:
+    """A SamplingParams field as the request names it."""
+    names = {
+        "max_new_tokens": max_field,
+        "json_schema": "response_format",
+        "logprobs": logprobs_field,
+    }
+    return names.get(field or "", field)
 
 
 def model_context(lm: LanguageModel) -> int | None:
@@ -506,31 +603,44 @@ def model_context(lm: LanguageModel) -> int | None:
 
 def _submit(engine: GenerationEngine, plan: _Plan) -> list[SequenceStream]:
     """Every choice's sequence, or none: a refusal (QueueFull, or a DataError over the
-    engine's KV budget) cancels those submitted."""
+    engine's KV budget) cancels those submitted. A metered request (its route's
+    :func:`kiln.monitor.token_meter.current`) is checked against the tokens quota first
+    (QuotaError, 429) and its sequences are counted as they generate."""
+    use = token_meter.current()
+    if use is not None:
+        use.admit([len(ids) for ids in plan.prompts], [c.max_new_tokens for _, c in plan.choices])
     streams: list[SequenceStream] = []
     try:
         for p, params in plan.choices:
+            if use is not None:  # a stream stops where the quota does
+                params = replace(params, max_new_tokens=use.budget(params.max_new_tokens))
             streams.append(engine.submit(plan.prompts[p], params))
     except BaseException as exc:
         for stream in streams:
             stream.cancel()
-        if isinstance(exc, DataError) and exc.field == "max_new_tokens":
-            raise DataError(exc.message, field=plan.max_field) from None
+        if isinstance(exc, DataError) and exc.field in ("max_new_tokens", "json_schema"):
+            field = _field(exc.field, plan.max_field, plan.logprobs_field)
+            raise DataError(exc.message, field=field) from None
         raise
-    return streams
+    return streams if use is None else use.watch(streams)
 
 
-async def _collect_all(streams: list[SequenceStream]) -> list[tuple[str, TokenEvent]]:
-    """Every stream's text and last event; cancelled all if this is (a caller gone)."""
+async def _collect_all(
+    streams: list[SequenceStream],
+) -> list[tuple[str, TokenEvent, list[TokenLogprob]]]:
+    """Every stream's text, last event and logprob records; cancelled all if this is
+    (a caller gone)."""
 
-    async def collect(stream: SequenceStream) -> tuple[str, TokenEvent]:
+    async def collect(stream: SequenceStream) -> tuple[str, TokenEvent, list[TokenLogprob]]:
         parts: list[str] = []
+        records: list[TokenLogprob] = []
         last: TokenEvent | None = None
         async for event in stream:
             parts.append(event.text)
+            records.extend(event.logprobs)
             last = event
         assert last is not None  # a stream ends with its finish event
-        return "".join(parts), last
+        return "".join(parts), last, records
 
     try:
         return list(await asyncio.gather(*(collect(s) for s in streams)))

@@ -2,9 +2,10 @@
 
 The request models accept what the official ``openai`` client sends for chat
 completions, completions and embeddings. Unknown fields are refused (400 naming the
-param, as OpenAI answers); fields this slice cannot honour yet are accepted in shape
-and refused with a clear 400 by :mod:`kiln.serve.openai` (``response_format`` other
-than ``text``, non-zero penalties, ``logprobs``, ``tools``, ``echo``, ``suffix``).
+param, as OpenAI answers); fields kiln cannot honour are accepted in shape and refused
+with a clear 400 by :mod:`kiln.serve.openai` (``tools``, ``echo``, ``suffix``,
+``logit_bias``). ``response_format`` (text, json_object, json_schema), the penalties and
+``logprobs`` are served.
 
 The response models serialise exactly as OpenAI's (``object`` tags, ``created`` in
 Unix seconds, ``usage``), so the client parses them into its own types.
@@ -62,12 +63,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ResponseFormat(BaseModel):
-    """``{"type": "text"}``; the JSON types are refused until structured decoding lands."""
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must match. ``strict`` is
+    accepted and changes nothing: the schema is always enforced during decoding."""
 
-    model_config = ConfigDict(extra="allow")  # json_schema carries its schema
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, object] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}`` (free text), ``{"type": "json_object"}`` (any JSON object)
+    or ``{"type": "json_schema", "json_schema": {name, schema, strict}}``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
@@ -153,11 +168,43 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    """A candidate token: text, log-probability, UTF-8 bytes (as OpenAI's)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token with its ``top_logprobs`` alternatives (best first)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs`` of a chat answer (or of one streamed delta)."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of a legacy completion: per generated token its text, its
+    log-probability, its top alternatives (text -> logprob) and its character offset in
+    the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -186,7 +233,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -203,7 +250,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -233,6 +233,8 @@ class UsageEvent(Base):
     quantity: Mapped[float] = mapped_column(Float)
     device: Mapped[str] = mapped_column(String(16), default="")  # cpu | cuda, for compute
     subject: Mapped[str] = mapped_column(String(128), default="")  # job id, deployment, dataset
+    # the API key whose requests used the tokens; None: a session, or kiln serve's own key
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Quota(Base):

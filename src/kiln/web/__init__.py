@@ -53,7 +53,7 @@ def static(
 
 def mount(app: FastAPI) -> None:
     """Add the dashboard's routes and its in-memory state (sessions, profiles) to ``app``."""
-    from kiln.web import auth, deployments, views
+    from kiln.web import auth, deployments, playground, views
     from kiln.web.pages import WebState
     from kiln.web.profile import ProfileCache
 
@@ -65,5 +65,7 @@ def mount(app: FastAPI) -> None:
         views.router,
         deployments.api,
         deployments.router,
+        playground.api,
+        playground.router,
     ):
         app.include_router(module_router)

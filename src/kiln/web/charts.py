@@ -511,8 +511,37 @@ USAGE_UNITS = {
     "compute_seconds": "seconds",
     "prediction_requests": "requests",
     "prediction_rows": "rows",
+    "prompt_tokens": "tokens",
+    "completion_tokens": "tokens",
     "stored_bytes": "bytes",
 }
+TOKEN_KINDS = ("prompt_tokens", "completion_tokens")
+
+
+def tokens_by_deployment(summary: dict[str, Any], days: list[str]) -> Figure | None:
+    """Prompt + completion tokens per day, one bar per deployment (``summary``:
+    kiln.monitor.usage.summary split ``by`` deployment); None without token usage."""
+    per_deployment: dict[str, dict[str, float]] = {}
+    for item in summary["items"]:
+        if item["kind"] in TOKEN_KINDS:
+            per_day = per_deployment.setdefault(item["deployment"], {})
+            per_day[item["period"]] = per_day.get(item["period"], 0.0) + item["quantity"]
+    if not per_deployment:
+        return None
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "name": name or "(none)",
+                "x": days,
+                "y": [per_deployment[name].get(d, 0.0) for d in days],
+            }
+            for name in sorted(per_deployment)
+        ],
+        "layout": _layout(
+            "tokens by deployment", "day (UTC)", "tokens", height=300, yaxis=_counted("tokens")
+        ),
+    }
 
 
 def usage(summary: dict[str, Any], days: list[str]) -> list[Figure]:

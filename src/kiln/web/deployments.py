@@ -232,6 +232,35 @@ def drift_rows(report: Mapping[str, Any]) -> DriftTable:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineRow:
+    """A generation route's engine right now (``GenerationEngine.stats()``): sequences
+    decoding and waiting, KV-cache tokens in use against the budget (None: unbounded)."""
+
+    version: int
+    running: int
+    waiting: int
+    kv_tokens: int
+    kv_budget: int | None
+
+
+def engine_rows(live: Live) -> list[EngineRow]:
+    """The engine statistics of every route serving a generation model (none for a
+    classic or embedding deployment)."""
+    from kiln.serve.lm import ServedLM
+
+    rows = []
+    for route in live.routes:
+        if isinstance(route.served, ServedLM):
+            stats = route.served.engine.stats()
+            rows.append(
+                EngineRow(
+                    route.version, stats.running, stats.waiting, stats.kv_tokens, stats.kv_budget
+                )
+            )
+    return rows
+
+
 def served_version(live: Live) -> int | None:
     """The version taking the most traffic (the one a hot swap starts from)."""
     return max(live.routes, key=lambda r: r.weight).version if live.routes else None
@@ -274,6 +303,7 @@ def _deployment_page(
         served=served_version(live),
         drift=drift_rows(manager.drift(who.project.id, name)),
         panel=live_panel(manager, live),
+        engines=engine_rows(live),
         config=charts.CONFIG,
         max_routes=MAX_ROUTES,
         error=error,

@@ -172,6 +172,7 @@ def size(value: float | None) -> str:
 STATIC_FILES = {
     "kiln.css": ("text/css; charset=utf-8", STATIC / "kiln.css"),
     "kiln.js": ("text/javascript; charset=utf-8", STATIC / "kiln.js"),
+    "playground.js": ("text/javascript; charset=utf-8", STATIC / "playground.js"),
 }
 
 

@@ -21,6 +21,8 @@ from kiln.errors import ForbiddenError, KilnError
 from kiln.jobs import queue
 from kiln.lifecycle import FINAL_STATES, JobState
 from kiln.manifest import JSONDocument
+from kiln.serve.openai_finetune import OPTION as FINE_TUNE_OPTION
+from kiln.serve.openai_finetune import FineTuneRecord
 from kiln.store import datasets, registry
 from kiln.store.db import MAX_OFFSET
 from kiln.store.tables import AuditEvent, Dataset, Job, JobLog, Model, ModelVersion
@@ -84,6 +86,7 @@ def jobs_page(
                 job_name(job.spec, job.result),
                 results.versions_of(job.result),
                 results.progress_bar(job.state, job.progress),
+                fine_tune_of(job.options),
             )
             for job in jobs
         ],
@@ -91,6 +94,20 @@ def jobs_page(
         states=[value.value for value in JobState],
         page=pager(offset, len(jobs), total),
     )
+
+
+def fine_tune_of(options: JSONDocument) -> FineTuneRecord | None:
+    """The OpenAI fine-tuning record of a job made through ``/v1/fine_tuning/jobs``
+    (``Job.options["openai"]``); None for any other job, or a record of another shape."""
+    from pydantic import ValidationError
+
+    raw = options.get(FINE_TUNE_OPTION)
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return FineTuneRecord.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def job_name(spec: JSONDocument, result: JSONDocument) -> str | None:
@@ -194,6 +211,7 @@ def job_page(request: Request, job_id: str, who: ViewerDep) -> Response:
         dataset_id=dataset_of(out.spec),
         outcome=results.result_view(out.kind, out.result),
         resources=results.resource_facts(out.resources),
+        fine_tune=fine_tune_of(out.options),
         config=charts.CONFIG,
     )
 
@@ -470,7 +488,11 @@ def usage_page(request: Request, who: ViewerDep) -> Response:
     days = [(start + timedelta(days=i)).strftime("%Y-%m-%d") for i in range(USAGE_DAYS)]
     with who.services.db.session() as s:
         recent = summary(s, who.project.id, start=start, end=None, group_by="day")
+        per_day = summary(
+            s, who.project.id, start=start, end=None, group_by="day", by=("deployment",)
+        )
         limits = quotas(s, who.project.id)
+    tokens = charts.tokens_by_deployment(per_day, days)
     return render(
         request,
         "usage.html",
@@ -485,9 +507,34 @@ def usage_page(request: Request, who: ViewerDep) -> Response:
             for q in limits
         ],
         figures=charts.usage(recent, days),
+        token_rows=_token_rows(per_day["items"]),
+        token_figure=tokens,
         days=USAGE_DAYS,
         config=charts.CONFIG,
     )
+
+
+class TokenRow(TypedDict):
+    """One deployment's language-model tokens on the usage page."""
+
+    deployment: str
+    prompt: str
+    completion: str
+
+
+def _token_rows(items: list[dict[str, Any]]) -> list[TokenRow]:
+    """Per deployment (usage items split by deployment): prompt and completion tokens."""
+    from kiln.monitor.units import count
+
+    totals: dict[str, list[float]] = {}
+    for item in items:
+        if item["kind"] in charts.TOKEN_KINDS:
+            pair = totals.setdefault(item["deployment"], [0.0, 0.0])
+            pair[charts.TOKEN_KINDS.index(item["kind"])] += item["quantity"]
+    return [
+        {"deployment": name, "prompt": count(prompt), "completion": count(completion)}
+        for name, (prompt, completion) in sorted(totals.items())
+    ]
 
 
 @router.get("/audit", name="web.audit")

@@ -15,6 +15,11 @@ Errors on these paths are in OpenAI's shape, ``{"error": {"message", "type", "pa
 "code"}}`` (:func:`error_response`), with the statuses the client maps to its own
 exception classes: 400 (kiln's 409 and 422 too), 401, 403, 404, 429, 503 with
 ``Retry-After``.
+
+Tokens are metered per (deployment, key) and the project's ``tokens`` quota enforced by
+:mod:`kiln.monitor.token_meter`: a request past it is a 429 (``insufficient_quota``);
+a stream that reaches it ends with ``finish_reason`` ``"length"``, the usage chunk and
+an error event before ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -34,7 +40,9 @@ from starlette.types import Receive, Scope, Send
 from kiln.api.deps import principal
 from kiln.api.routes.deployments import Manager
 from kiln.errors import KilnError, NotFoundError
+from kiln.monitor import token_meter
 from kiln.serve import openai as service
+from kiln.serve import openai_finetune
 from kiln.serve.deployments import DeploymentManager, Live
 from kiln.serve.openai_schemas import (
     ChatCompletion,
@@ -143,10 +151,12 @@ ReaderProject = Annotated[int, Depends(reader_project)]
 
 @router.get("/models", name="openai.models")
 async def list_models(project_id: ReaderProject, deployments: Manager) -> ModelList:
-    """The project's generation and embedding deployments, by name."""
+    """The project's generation and embedding deployments, by name, and its fine-tuned
+    models by their ``ft:`` ids (deployed on first use: :mod:`kiln.serve.openai_finetune`)."""
     lives = [d for d in deployments.of_project(project_id) if d.task in LM_TASKS]
     created = await run_in_threadpool(_created, deployments, project_id)
-    return ModelList(data=[_model(d, created) for d in lives])
+    tuned = await run_in_threadpool(openai_finetune.fine_tuned_models, deployments.db, project_id)
+    return ModelList(data=[_model(d, created) for d in lives] + tuned)
 
 
 @router.get("/models/{model_id}", name="openai.model")
@@ -206,14 +216,19 @@ async def chat_completions(
     request: Request,
 ) -> ChatCompletion | EventStream:
     """A chat completion; ``stream: true`` sends ``chat.completion.chunk`` events."""
+    await token_meter.prepare(deployments.monitor.meter, project_id)
     with _model_param(body.model):
-        live, route, lm = deployments.language_model(project_id, body.model)
+        key_id = request.state.principal.key_id  # ft:<...>: deployed on first use
+        name = await openai_finetune.served_name(deployments, project_id, body.model, key_id=key_id)
+        live, route, lm = deployments.language_model(project_id, name)
         _served(request, live, route.version)
         who = service.Answering(body.model, route.version)
+        use = _token_use(request, deployments, live, route.version, lm, streamed=body.stream)
         # no await between the pick and the submit (a retired engine refuses)
         if body.stream:
-            return EventStream(service.chat_stream(lm, body, who))
-        return await service.chat_completion(lm, body, who)
+            start = partial(service.chat_stream, lm, body, who)
+            return EventStream(token_meter.streamed(use, start))
+        return await token_meter.answered(use, service.chat_completion(lm, body, who))
 
 
 @router.post(
@@ -229,13 +244,18 @@ async def completions(
     request: Request,
 ) -> Completion | EventStream:
     """A text completion of raw ``prompt`` text (or token ids); streamed as SSE too."""
+    await token_meter.prepare(deployments.monitor.meter, project_id)
     with _model_param(body.model):
-        live, route, lm = deployments.language_model(project_id, body.model)
+        key_id = request.state.principal.key_id  # ft:<...>: deployed on first use
+        name = await openai_finetune.served_name(deployments, project_id, body.model, key_id=key_id)
+        live, route, lm = deployments.language_model(project_id, name)
         _served(request, live, route.version)
         who = service.Answering(body.model, route.version)
+        use = _token_use(request, deployments, live, route.version, lm, streamed=body.stream)
         if body.stream:
-            return EventStream(service.completion_stream(lm, body, who))
-        return await service.completion(lm, body, who)
+            start = partial(service.completion_stream, lm, body, who)
+            return EventStream(token_meter.streamed(use, start))
+        return await token_meter.answered(use, service.completion(lm, body, who))
 
 
 @router.post("/embeddings", name="openai.embeddings")
@@ -246,12 +266,33 @@ async def embeddings(
     request: Request,
 ) -> CreateEmbeddingResponse:
     """Pooled, normalised vectors of ``input``; ``encoding_format`` float or base64."""
+    await token_meter.prepare(deployments.monitor.meter, project_id)
     with _model_param(body.model):
         live, route, embedder = deployments.embedder(project_id, body.model)
         _served(request, live, route.version)
-        return await service.embeddings(
-            embedder, body, service.Answering(body.model, route.version)
-        )
+        use = _token_use(request, deployments, live, route.version, None, streamed=True)
+        who = service.Answering(body.model, route.version)
+        return await token_meter.embedded(use, partial(service.embeddings, embedder, body, who))
+
+
+def _token_use(
+    request: Request,
+    deployments: DeploymentManager,
+    live: Live,
+    version: int,
+    lm: service.LanguageModel | None,
+    *,
+    streamed: bool,
+) -> token_meter.TokenUse:
+    """The request's token metering (:mod:`kiln.monitor.token_meter`); the engine of
+    ``lm`` reports its gauges under the deployment from now on."""
+    who: Principal = request.state.principal
+    key = token_meter.key_of(who.key_id)
+    by = token_meter.ServedBy(live.project_id, live.project, live.name, version, key)
+    llm = deployments.metrics.llm
+    if lm is not None:
+        token_meter.watch_engine(lm.engine, llm, by.labels)
+    return token_meter.TokenUse(deployments.monitor.meter, llm, by, streamed=streamed)
 
 
 def _served(request: Request, live: Live, version: int) -> None:

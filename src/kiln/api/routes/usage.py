@@ -27,6 +27,16 @@ class UsageItem(BaseModel):
     kind: str
     device: str = Field(description="cpu or cuda for compute_seconds; empty otherwise.")
     quantity: float
+    deployment: str | None = Field(
+        default=None,
+        description="With by=deployment: the deployment that served predictions or "
+        "tokens (empty for other kinds).",
+    )
+    key: str | None = Field(
+        default=None,
+        description="With by=key: the API key id whose requests used the tokens (empty "
+        "when none is known: a session, kiln serve's key, other kinds).",
+    )
 
 
 class QuotaOut(BaseModel):
@@ -44,6 +54,7 @@ class UsageOut(BaseModel):
     from_: datetime | None = Field(alias="from")
     to: datetime | None = Field(description="Exclusive.")
     group_by: str
+    by: list[str] = Field(description="What the items are split by besides period and kind.")
     items: list[UsageItem]
     totals: dict[str, float] = Field(description="Per kind, over the whole range.")
     quotas: list[QuotaOut]
@@ -56,8 +67,8 @@ class QuotaIn(BaseModel):
         default=None, description="Default: ?project=, else the default project."
     )
     kind: str = Field(
-        description=", ".join(usage.KINDS)
-        + "; rate limits: "
+        description=", ".join(usage.QUOTA_KINDS)
+        + " (tokens: prompt + completion tokens); rate limits: "
         + ", ".join(usage.RATE_KINDS)
         + " (requests made with the project's keys)."
     )
@@ -81,17 +92,24 @@ def summary(
     ] = None,
     to: Annotated[str | None, Query(description="Exclusive; ISO date or datetime.")] = None,
     group_by: Annotated[str, Query(description="day, month or total.")] = "day",
+    by: Annotated[
+        str,
+        Query(description="Also split by deployment and/or key (comma-separated)."),
+    ] = "",
 ) -> UsageOut:
-    """The project's metered usage per period, kind and device; totals; its quotas."""
+    """The project's metered usage per period, kind and device (and deployment and/or
+    API key with ``by``); totals; its quotas."""
     start, end = usage.parse_bound(from_, "from"), usage.parse_bound(to, "to")
     if start is not None and end is not None and end <= start:
         raise SpecError("to: must be later than from", field="to")
-    result = usage.summary(s, project.id, start=start, end=end, group_by=group_by)
+    split = [b.strip() for b in by.split(",") if b.strip()]
+    result = usage.summary(s, project.id, start=start, end=end, group_by=group_by, by=split)
     return UsageOut(
         project=project.name,
         **{"from": start},
         to=end,
         group_by=group_by,
+        by=split,
         items=[UsageItem(**item) for item in result["items"]],
         totals=result["totals"],
         quotas=[QuotaOut(project=project.name, **q) for q in usage.quotas(s, project.id)],
