@@ -193,6 +193,58 @@ def test_genai_batch_greedy_equals_solo(
         decoder.prepare(prompts[0], SamplingParams(temperature=1.0, seed=1))
 
 
+def test_the_engine_serves_a_genai_model_from_its_own_thread(
+    genai_model: Path, tok: PreTrainedTokenizerFast, prompts: list[list[int]]
+) -> None:
+    """onnxruntime-genai answers an Engine only on the thread that created it: the
+    engine is built on the event loop's thread and decodes on its scheduler thread."""
+    from kiln.runtime.genai import GenaiGenerator
+
+    generator = GenaiGenerator(genai_model / "genai", tok)
+    params = SamplingParams(max_new_tokens=12, eos_ids=NO_EOS)
+    want = [generator.generate([p], params)[0].text for p in prompts[:3]]
+
+    async def main() -> list[tuple[str, list[TokenEvent]]]:
+        engine = GenerationEngine(generator, max_num_seqs=4)
+        try:
+            streams = [engine.submit(p, params) for p in prompts[:3]]
+            return await asyncio.gather(*(drain(s) for s in streams))
+        finally:
+            await engine.close()
+
+    assert [text for text, _ in run(main)] == want
+
+
+def test_a_sequence_the_backend_refuses_fails_alone(
+    gen: TorchGenerator, prompts: list[list[int]]
+) -> None:
+    """A backend error while a sequence starts reaches that stream; the engine lives on."""
+    params = SamplingParams(max_new_tokens=6, eos_ids=NO_EOS)
+
+    async def main() -> tuple[str, str]:
+        engine = GenerationEngine(gen, max_num_seqs=4)
+        add = engine.decoder.add
+        refused = prompts[0]
+
+        def failing_add(seq_id: int, prompt_ids: list[int], p: SamplingParams) -> None:
+            if prompt_ids == refused:
+                raise RuntimeError("the backend refused this prompt")
+            add(seq_id, prompt_ids, p)
+
+        engine.decoder.add = failing_add  # type: ignore[method-assign]
+        try:
+            bad = engine.submit(refused, params)
+            with pytest.raises(RuntimeError, match="refused"):
+                await drain(bad)
+            good, _ = await drain(engine.submit(prompts[1], params))
+            return good, solo(gen, prompts[1], params).text
+        finally:
+            await engine.close()
+
+    got, want = run(main)
+    assert got == want
+
+
 # -- the engine --------------------------------------------------------------------------
 
 

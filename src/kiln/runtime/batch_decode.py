@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -413,16 +413,16 @@ class GenaiBatchDecoder:
     begun between ``run`` calls; each :meth:`step` is one ``engine.run``. The engine does
     its own prefill scheduling and KV management. Seeds are not honoured per request (the
     CPU builder's engine has no paged attention; see ``kiln.runtime.genai``): a seeded
-    sampled sequence is a DataError at :meth:`prepare`."""
+    sampled sequence is a DataError at :meth:`prepare`.
+
+    onnxruntime-genai answers an ``og.Engine`` only on the thread that created it, so
+    the engine is created by the first :meth:`add` (the scheduler's thread), not here."""
 
     def __init__(self, generator: GenaiGenerator) -> None:
-        import onnxruntime_genai as og
-
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.context: int | None = generator.context_length
-        self._engine = og.Engine(generator.model)
-        self._buffer = self._engine.create_event_buffer(256)
+        self._og: Any = None  # (og.Engine, its event buffer), on the owner thread
         self._requests: dict[int, _Request] = {}
         self._by_request: dict[int, int] = {}  # id(og.Request) -> seq_id
         self._ended: list[tuple[int, FinishReason]] = []
@@ -454,12 +454,21 @@ class GenaiBatchDecoder:
     def text_decoder(self, prompt_ids: Sequence[int], params: SamplingParams) -> TextDecoder:
         return TextDecoder(self.tokenizer, params, self.generator._eos(params), len(prompt_ids))
 
+    def _owned(self) -> Any:
+        """The engine and its event buffer, created on the calling (owner) thread once."""
+        if self._og is None:
+            import onnxruntime_genai as og
+
+            engine = og.Engine(self.generator.model)
+            self._og = (engine, engine.create_event_buffer(256))
+        return self._og
+
     def add(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         import onnxruntime_genai as og
 
         if seq_id in self._requests:
             raise DataError(f"sequence {seq_id} is already decoding", field="seq_id")
-        request = self._engine.create_request()
+        request = self._owned()[0].create_request()
         options = og.TurnOptions(request)
         options.set_max_generated_tokens(params.max_new_tokens)
         options.set_do_sample(not params.greedy)
@@ -476,12 +485,13 @@ class GenaiBatchDecoder:
     def step(self) -> list[tuple[int, int]]:
         import onnxruntime_genai as og
 
-        if not self._engine.has_pending_requests():
+        if self._og is None or not self._og[0].has_pending_requests():
             return []
-        self._engine.run(self._buffer)
+        engine, buffer = self._og
+        engine.run(buffer)
         out: list[tuple[int, int]] = []
-        for k in range(len(self._buffer)):
-            event = self._buffer[k]
+        for k in range(len(buffer)):
+            event = buffer[k]
             seq_id = self._by_request.get(id(event.request))
             if seq_id is None or seq_id not in self._requests:
                 continue  # a removed sequence's last events

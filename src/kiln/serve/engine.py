@@ -232,19 +232,28 @@ class GenerationEngine:
 
     def _work(self) -> None:
         while True:
-            if self._sweep() and not self._live:
-                self._publish()  # the engine goes idle: its stats must say so now
-            admitted = self._admit()  # after the sweep: a freed slot goes to a waiting one
-            if admitted is None:
-                return
-            for seq in admitted:
-                self._start(seq)
-            if self.decoder.active():
-                try:
-                    self._step()
-                except Exception as exc:  # the backend failed: every running stream hears
-                    self._fail_all(exc)
-            self._publish()
+            try:
+                if not self._iterate():
+                    return
+            except Exception as exc:  # the thread must live on: every running stream hears
+                self._fail_all(exc)
+
+    def _iterate(self) -> bool:
+        """One scheduling round: sweep, admit, start, step; False once closed and drained."""
+        if self._sweep() and not self._live:
+            self._publish()  # the engine goes idle: its stats must say so now
+        admitted = self._admit()  # after the sweep: a freed slot goes to a waiting one
+        if admitted is None:
+            return False
+        for seq in admitted:
+            self._start(seq)
+        if self.decoder.active():
+            try:
+                self._step()
+            except Exception as exc:  # the backend failed: every running stream hears
+                self._fail_all(exc)
+        self._publish()
+        return True
 
     def _admit(self) -> list[_Sequence] | None:
         """Wait for work; take waiting sequences that fit (FIFO, up to max_num_seqs and
@@ -271,10 +280,17 @@ class GenerationEngine:
             return taken
 
     def _start(self, seq: _Sequence) -> None:
+        """Begin decoding ``seq``; if the backend refuses it, that stream alone hears why."""
         seq_id = next(self._ids)
-        text = self.decoder.text_decoder(seq.prompt_ids, seq.params)
+        try:
+            text = self.decoder.text_decoder(seq.prompt_ids, seq.params)
+            self.decoder.add(seq_id, seq.prompt_ids, seq.params)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.decoder.remove(seq_id)
+            seq.emit(exc)
+            return
         self._live[seq_id] = _Live(seq, text, _reservation(seq))
-        self.decoder.add(seq_id, seq.prompt_ids, seq.params)
 
     def _sweep(self) -> bool:
         """End cancelled and past-deadline sequences before the next step; whether any."""
