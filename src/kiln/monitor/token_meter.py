@@ -192,6 +192,11 @@ class TokenUse:
             return max_new_tokens
         return max(1, int(left))
 
+    def refused(self) -> None:
+        """The request's sequences were refused before any ran (QueueFull, the KV
+        budget): it used nothing, so :meth:`settle` releases its hold and counts none."""
+        self.prompt = 0
+
     def watch(self, streams: list[S]) -> list[S]:
         """The request's submitted sequences, counted as they generate: each one is
         wrapped in a :class:`MeteredStream`, which has a stream's whole interface
@@ -367,7 +372,7 @@ def streamed(use: TokenUse, start: Callable[[], A]) -> A:
         except BaseException:
             use.settle()
             raise
-    answer.chunks = _lines(answer.chunks, use)
+    answer.chunks = _Settling(answer.chunks, use)
     return answer
 
 
@@ -382,6 +387,33 @@ async def _lines(chunks: AsyncGenerator[str, None], use: TokenUse) -> AsyncGener
     finally:
         use.settle()
         await chunks.aclose()
+
+
+class _Settling(AsyncGenerator[str, None]):
+    """:func:`_lines` of ``chunks``, whose :meth:`aclose` settles ``use`` and closes
+    ``chunks`` even before the first line (an async generator closed before it started
+    never runs its ``finally``: the response could not start, say)."""
+
+    def __init__(self, chunks: AsyncGenerator[str, None], use: TokenUse) -> None:
+        self._chunks = chunks
+        self._use = use
+        self._lines = _lines(chunks, use)
+
+    async def __anext__(self) -> str:
+        return await self._lines.__anext__()
+
+    async def asend(self, value: None) -> str:
+        return await self._lines.asend(value)
+
+    async def athrow(self, *args: Any) -> str:
+        return await self._lines.athrow(*args)
+
+    async def aclose(self) -> None:
+        try:
+            await self._lines.aclose()
+        finally:
+            self._use.settle()
+            await self._chunks.aclose()
 
 
 async def embedded(use: TokenUse, start: Callable[[], Awaitable[R]]) -> R:

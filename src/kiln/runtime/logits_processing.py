@@ -148,7 +148,13 @@ class TokenBridge:
                     "structured output needs a fast (tokenizers) tokenizer", field="json_schema"
                 )
             eos = sorted(self.eos_ids) or None
-            self._ll = from_tokenizer(self.tokenizer, eos_token=eos)
+            try:
+                self._ll = from_tokenizer(self.tokenizer, eos_token=eos)
+            except ValueError as exc:  # a tokenizer llguidance cannot read (WordLevel, ...)
+                raise DataError(
+                    f"structured output is not available for this model's tokenizer: {exc}",
+                    field="json_schema",
+                ) from None
         return self._ll
 
     def token_bytes(self, token_id: int) -> bytes:

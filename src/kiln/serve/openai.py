@@ -66,6 +66,7 @@ from kiln.runtime.generation import SamplingParams, check_params, within_context
 from kiln.runtime.logits_processing import TokenLogprob, check_processing, json_schema_text
 from kiln.serve.engine import GenerationEngine, SequenceStream, TokenEvent
 from kiln.serve.openai_schemas import (
+    MAX_SEQUENCES,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -279,6 +280,12 @@ def completion_prompts(lm: LanguageModel, prompt: CompletionRequest) -> list[lis
     texts = _items(prompt.prompt)
     if not texts:
         raise DataError("prompt must not be empty", field="prompt")
+    if len(texts) * prompt.n > MAX_SEQUENCES:
+        raise DataError(
+            f"{len(texts)} prompts x n={prompt.n} is more than the {MAX_SEQUENCES} sequences "
+            "one request may ask for; send them in several requests",
+            field="prompt",
+        )
     vocab = len(lm.bundle.tokenizer)
     prompts = []
     for item in texts:
@@ -498,20 +505,25 @@ async def _merged(streams: list[SequenceStream]) -> AsyncIterator[tuple[int, Tok
         async for event in streams[0]:
             yield 0, event
         return
-    events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, TokenEvent | Exception]] = asyncio.Queue()
 
     async def pump(i: int, stream: SequenceStream) -> None:
-        async for event in stream:
-            await events.put((i, event))
+        try:
+            async for event in stream:
+                await events.put((i, event))
+        except Exception as exc:  # a failed choice: its reader hears it (not a silent task)
+            await events.put((i, exc))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         finished = 0
         while finished < len(streams):
-            i, event = await events.get()
-            if event.finish_reason is not None:
+            i, got = await events.get()
+            if isinstance(got, Exception):
+                raise got
+            if got.finish_reason is not None:
                 finished += 1
-            yield i, event
+            yield i, got
     finally:
         for task in tasks:
             task.cancel()
@@ -618,6 +630,8 @@ def _submit(engine: GenerationEngine, plan: _Plan) -> list[SequenceStream]:
     except BaseException as exc:
         for stream in streams:
             stream.cancel()
+        if use is not None:  # nothing ran: the refused request (a 503 retried) is not billed
+            use.refused()
         if isinstance(exc, DataError) and exc.field in ("max_new_tokens", "json_schema"):
             field = _field(exc.field, plan.max_field, plan.logprobs_field)
             raise DataError(exc.message, field=field) from None

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 8  # choices per request: each one is a sequence in the engine
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI allows
+MAX_SEQUENCES = 64  # prompts x n of one completion request: each is a sequence in the engine
 
 FinishReason = Literal["stop", "length"]
 
@@ -97,7 +98,8 @@ class _Sampling(_Request):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop = None
-    seed: int | None = None
+    # int64, as OpenAI's; choice i samples with seed + i, which torch's generators take
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
