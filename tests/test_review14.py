@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -263,3 +264,41 @@ def test_a_completion_asking_for_too_many_sequences_is_a_bad_request() -> None:
     with pytest.raises(DataError) as refused:
         completion_prompts(None, request)  # type: ignore[arg-type]  # refused before the model
     assert refused.value.field == "prompt"
+
+
+def test_bodies_refused_before_routing_answer_in_openais_shape_on_v1(tmp_path: Path) -> None:
+    """413 (the body limit) and 422 (NUL in text) are answered by middleware before any
+    route runs; on /v1 they still come in OpenAI's shape, which its client reads."""
+    from fastapi.testclient import TestClient
+
+    from kiln.app import create_app
+    from kiln.settings import Settings
+
+    with TestClient(create_app(Settings(home=tmp_path / "home"))) as client:
+        _refused_in_both_shapes(client)
+
+
+def _refused_in_both_shapes(client: Any) -> None:
+    nul = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "m\\u0000", "messages": []}',
+        headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+    )
+    assert nul.status_code == 400 and set(nul.json()["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    big = client.post(
+        "/v1/chat/completions",
+        content=b"x" * (9 << 20),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+    )
+    assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+    kiln_shape = client.post(
+        "/api/v1/jobs",
+        content=b"x" * (9 << 20),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+    )
+    assert kiln_shape.status_code == 413 and kiln_shape.json()["error"]["field"] == "body"

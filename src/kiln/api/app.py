@@ -340,8 +340,14 @@ class BodyLimit:
             f"request body over the limit of {limit / (1 << 20):.3g} MiB", field="body"
         )
         scope.setdefault("state", {})["error_code"] = exc.code  # for the audit record
-        response = error_response(exc.http_status, exc.code, exc.message, exc.field)
+        shape = openai.error_response if _is_openai(scope) else error_response
+        response = shape(exc.http_status, exc.code, exc.message, exc.field)
         await response(scope, receive, send)
+
+
+def _is_openai(scope: Scope) -> bool:
+    """A request to the OpenAI-compatible routes: its errors take OpenAI's shape."""
+    return str(scope.get("path", "")).startswith(f"{openai.PREFIX}/")
 
 
 class _TooLarge(Exception):  # noqa: N818 - internal signal

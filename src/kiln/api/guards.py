@@ -23,6 +23,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kiln.api.routes import openai
+
 # \u0000 and \uD800-\uDFFF escapes in JSON text; valid surrogate pairs match too and
 # come out of json.loads joined, so they pass the walk below
 _JSON_SUSPECT = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
@@ -172,4 +174,7 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, field: str) -> Non
     }
     if scope["path"].startswith("/v2/"):  # the Open Inference Protocol's error shape
         body = {"error": message}
+    if scope["path"].startswith(f"{openai.PREFIX}/"):  # OpenAI's shape, which its client reads
+        await openai.error_response(422, "invalid_request", message, field)(scope, receive, send)
+        return
     await JSONResponse(body, status_code=422)(scope, receive, send)
