@@ -176,7 +176,12 @@ def _manifest(
                 rows_read=len(trained.splits.corpus.examples),
                 rows_dropped=0,
             ),
-            split=SplitRecord(train=len(parts.train), val=len(parts.val), test=len(parts.test)),
+            # val: the data.validation source's examples where the spec names one
+            split=SplitRecord(
+                train=len(parts.train),
+                val=len(trained.splits.examples("val")),
+                test=len(parts.test),
+            ),
         ),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pytest
@@ -325,3 +326,27 @@ def test_unknown_job_is_404(world) -> None:
         assert r.status_code == 404
         assert r.json()["error"]["field"] == "job_id"
     assert world.post("/jobs/job_0000000000000000/cancel", key).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "validation", ["/etc/passwd.jsonl", "../../x.jsonl", "dataset:ds_0000000000000000"]
+)
+def test_a_generation_specs_validation_source_is_checked_at_submission(
+    platform, validation
+) -> None:
+    """``data.validation`` is a dataset of the project, checked like ``data.source``: by
+    its form before any spec check, and its existence, at submission (a 422, no job)."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat = (json.dumps({"messages": turns}) + "\n").encode()
+    r = platform.upload(platform.admin, chat * 8, "chats.jsonl")
+    assert r.status_code == 201, r.text
+    spec = {
+        "name": "tiny-gpt",
+        "task": "generation",
+        "data": {"source": r.json()["ref"], "validation": validation, "split": {"val": 0.0}},
+        "model": {"type": "gpt", "layers": 1, "heads": 2, "dim": 16, "vocab_size": 300},
+    }
+    r = platform.submit(platform.admin, "train", spec)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "spec.data.validation", r.text
+    assert platform.count(Job) == 0

@@ -149,8 +149,8 @@ def test_an_unknown_base_model_or_a_validation_file_is_refused(
         jobs.create(model="no-such-base", training_file=training_file)
     assert unknown.value.param == "model"
     assert "no-such-base" in str(unknown.value.message)
-    with pytest.raises(openai.BadRequestError) as validation:
-        jobs.create(model=BASE, training_file=training_file, validation_file=training_file)
+    with pytest.raises(openai.NotFoundError) as validation:
+        jobs.create(model=BASE, training_file=training_file, validation_file="file-ds_nothing")
     assert validation.value.param == "validation_file"
     with pytest.raises(openai.NotFoundError) as missing:
         jobs.create(model=BASE, training_file="file-ds_nothing")
@@ -240,6 +240,133 @@ def test_a_fine_tune_trains_lists_its_events_and_answers_chat(
         client.chat.completions.create(
             model=f"ft:{BASE}:other:{kiln_job}", messages=MESSAGES, max_tokens=2
         )
+
+
+VALIDATION_CHATS = [
+    ("Is the sky blue or green?", "blue"),
+    ("Pick a colour for grass.", "green"),
+    ("Which colour is a ripe tomato?", "red"),
+]
+
+
+def _other_project(server: Server) -> openai.OpenAI:
+    """A client acting on project ``other`` (the global admin key, with OpenAI-Project)."""
+    r = server.api("POST", "/projects", json={"name": "other"})
+    assert r.status_code in (201, 409), r.text
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key=server.admin, project="other", max_retries=0
+    )
+
+
+def test_a_validation_file_of_another_project_is_a_404(server: Server, training_file: str) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    theirs = _other_project(server).files.create(
+        file=("theirs.jsonl", json.dumps(chat).encode()), purpose="fine-tune"
+    )
+    with pytest.raises(openai.NotFoundError) as refused:
+        server.client().fine_tuning.jobs.create(
+            model=BASE, training_file=training_file, validation_file=theirs.id
+        )
+    assert refused.value.param == "validation_file"
+    assert "validation_file" in str(refused.value.message)
+
+
+def test_a_fine_tune_with_a_validation_file_reports_validation_loss(
+    server: Server, training_file: str
+) -> None:
+    from kiln.bundle import META_FILE
+    from kiln.serve.openai_finetune import Hyperparameters, fine_tune_spec, resolve
+    from kiln.serve.openai_schemas import Model
+
+    client = server.client()
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer with the colour only."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a},
+                ]
+            }
+        )
+        for q, a in VALIDATION_CHATS
+    ]
+    validation = client.files.create(
+        file=("chats.jsonl", "\n".join(lines).encode()), purpose="fine-tune"
+    )  # the training file's name: the worker keeps the two copies apart
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=training_file,
+        validation_file=validation.id,
+        hyperparameters={"n_epochs": 2, "batch_size": 8},
+        seed=3,
+    )
+    assert (job.training_file, job.validation_file) == (training_file, validation.id)
+    # on the server a validation set is a dataset: a path names a file of the server
+    local = fine_tune_spec(
+        name="local-validation",
+        base=BASE,
+        dataset_id=training_file.removeprefix("file-"),
+        hp=resolve(Hyperparameters(n_epochs=1)),
+        seed=0,
+    )
+    data = local["data"]
+    assert isinstance(data, dict)
+    data["validation"] = __file__
+    submitted = server.api("POST", "/jobs", json={"kind": "train", "spec": local})
+    assert submitted.status_code == 201, submitted.text
+
+    worker = server.work()
+
+    def finished() -> Any:
+        got = client.fine_tuning.jobs.retrieve(job.id)
+        return got if got.status in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_for(finished, timeout=120, interval=0.2, what="the fine-tune to finish")
+    worker.join(60)
+    assert done.status == "succeeded", done.error
+    assert done.validation_file == validation.id
+
+    refused = server.api("GET", f"/jobs/{submitted.json()['id']}").json()
+    assert refused["state"] == "failed"
+    assert refused["error"]["field"] == "spec.data.validation"
+
+    metrics = [
+        e
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        if e.type == "metrics"
+    ]
+    assert len(metrics) == 2
+    for event in metrics:
+        assert ", validation loss=" in event.message
+        assert isinstance(event.data, dict) and event.data["valid_loss"] > 0
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert checkpoint.metrics.valid_loss is not None and checkpoint.metrics.valid_loss > 0
+
+    kiln_job = job.id.removeprefix("ftjob-")
+    with server.svc.db.session() as s:
+        version = s.scalar(select(ModelVersion).where(ModelVersion.job_id == kiln_job))
+        assert version is not None
+        assert version.dataset_id == training_file.removeprefix("file-")  # the training data
+        manifest = json.loads(server.svc.store.get_bytes(f"{version.artifact_key}/{META_FILE}"))
+    # the lineage names the datasets, not the worker's copies; val: exactly that file
+    assert manifest["lineage"]["spec"]["data"]["validation"] == "dataset:" + validation.id[5:]
+    assert manifest["lineage"]["split"]["val"] == len(VALIDATION_CHATS)
+    assert manifest["metrics"]["val"]["rows"] == len(VALIDATION_CHATS)
+    assert manifest["training"]["history"][-1]["val_loss"] == pytest.approx(
+        checkpoint.metrics.valid_loss
+    )
+
+    # GET /v1/models/{ft:...}: the object the list shows; another project's is a 404
+    assert done.fine_tuned_model is not None
+    listed = [m for m in client.models.list() if m.id == done.fine_tuned_model]
+    got = server.client(server.reader).models.retrieve(done.fine_tuned_model)
+    assert Model.model_validate(got.model_dump()) == Model.model_validate(listed[0].model_dump())
+    assert got.owned_by == "default"
+    with pytest.raises(openai.NotFoundError):
+        _other_project(server).models.retrieve(done.fine_tuned_model)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(f"ft:{BASE}:other:{kiln_job}")
 
 
 def test_a_file_over_the_upload_limit_is_a_413(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from kiln.compress.pipeline import (
 )
 from kiln.compress.report import Interval
 from kiln.compress.steps import Attempt
-from kiln.data.dialogs import Example, read_corpus
+from kiln.data.dialogs import Example, LMFormat, read_corpus
 from kiln.data.lm_encode import IGNORE, encode_examples
 from kiln.data.split import holdout
 from kiln.errors import BundleError, DataError, SpecError
@@ -217,15 +217,28 @@ def lm_data(source: LMBundle, override: str | None) -> LMData:
                 field="data",
             )
     parts = holdout(pd.Series(np.zeros(len(corpus.examples))), split, stratify=False)
-    if len(parts.val) == 0:
-        raise DataError("compression needs validation examples (data.split.val)", field="data")
 
     def pick(idx: np.ndarray) -> list[Example]:
         return [corpus.examples[i] for i in idx]
 
-    return LMData(
-        corpus.format, pick(parts.train), pick(parts.val), pick(parts.test), loss_on, device
-    )
+    val = pick(parts.val)
+    if override is None and lineage.spec is not None and spec.data.validation is not None:
+        val = _validation_examples(spec.data.validation, corpus.format)
+    if not val:
+        raise DataError("compression needs validation examples (data.split.val)", field="data")
+    return LMData(corpus.format, pick(parts.train), val, pick(parts.test), loss_on, device)
+
+
+def _validation_examples(source: str, fmt: LMFormat) -> list[Example]:
+    """The examples of a separate validation set the source was trained with
+    (``data.validation``); a server dataset is not at hand here: give ``data:``."""
+    if source.startswith("dataset:"):
+        raise DataError(
+            f"the source was validated on {source}, a server dataset; give the data to use "
+            "as data:",
+            field="data",
+        )
+    return list(read_corpus(source, fmt).examples)
 
 
 def _generation_spec(doc: JSONDocument) -> JSONDocument:

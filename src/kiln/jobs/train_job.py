@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from kiln.errors import ConflictError, DataError
+from kiln.errors import ConflictError, DataError, NotFoundError, SpecError
 from kiln.jobs.checkpoints import ArtifactCheckpoints
 from kiln.jobs.context import (
     JobContext,
@@ -34,6 +34,7 @@ from kiln.jobs.results import JobResult, TrainedVersionSummary, VersionResult
 from kiln.lifecycle import JobState
 from kiln.manifest import BundleMeta, JSONDocument
 from kiln.store.artifacts import ArtifactStore, safe_key
+from kiln.store.datasets import dataset_ref
 from kiln.store.model_refs import Pins, pin_spec
 from kiln.store.registry import get_model, register_version, registering, resolve_version
 from kiln.store.tables import Job, Project
@@ -115,6 +116,7 @@ def run_train(ctx: JobContext, job: Job, tmp: Path) -> None:
     # base:<name> / model:<name>@<v> -> a verified local folder
     pins = pin_spec(ctx.db, ctx.store, spec, tmp, project_id=job.project_id)
     spec["data"]["source"], dataset = fetch_dataset(ctx, job, spec["data"]["source"], tmp)
+    _fetch_validation(ctx, job, spec, tmp)
     checkpoints = _JobCheckpoints(ctx.store, checkpoint_key(project.name, job.id))
     bundle = fit(
         spec,
@@ -142,15 +144,46 @@ def run_train(ctx: JobContext, job: Job, tmp: Path) -> None:
     checkpoints.clear()
 
 
+VALIDATION_FIELD = "spec.data.validation"
+
+
+def _fetch_validation(ctx: JobContext, job: Job, spec: JSONDocument, tmp: Path) -> None:
+    """Point ``spec``'s ``data.validation`` (if any) at a local copy of its dataset, in
+    a folder of its own (its file may share the training file's name).
+
+    On the server it must be a ``dataset:<id>`` of the job's project, as the training
+    data is: any other path names a file of the server and is refused.
+    """
+    data = _mapping(spec["data"])
+    validation = data.get("validation")
+    if validation is None:
+        return
+    if not isinstance(validation, str) or dataset_ref(validation) is None:
+        raise SpecError(
+            f"{VALIDATION_FIELD}: on the server, the validation set is an uploaded "
+            "dataset (dataset:<id>, see POST /api/v1/datasets)",
+            field=VALIDATION_FIELD,
+        )
+    try:
+        data["validation"], _ = fetch_dataset(ctx, job, validation, tmp / "validation")
+    except NotFoundError as exc:
+        raise NotFoundError(f"{VALIDATION_FIELD}: {exc.message}", field=VALIDATION_FIELD) from None
+
+
 def _name_sources(meta: BundleMeta, job: Job, project: Project, pins: Pins) -> None:
-    """Point the trained bundle's manifest at what the job named: the dataset and the
-    base model, not the worker's temporary copies of them; and at the job."""
-    source = job.spec["data"]["source"]
+    """Point the trained bundle's manifest at what the job named: the dataset (and the
+    validation dataset) and the base model, not the worker's temporary copies of them;
+    and at the job."""
+    named = _mapping(job.spec["data"])
+    source = named["source"]
     lineage = meta.lineage
     if lineage.data is not None:
-        lineage.data.source = source
+        lineage.data.source = str(source)
     if lineage.spec is not None:
-        lineage.spec["data"] = {**_mapping(lineage.spec["data"]), "source": source}
+        recorded = {**_mapping(lineage.spec["data"]), "source": source}
+        if named.get("validation") is not None:
+            recorded["validation"] = named["validation"]
+        lineage.spec["data"] = recorded
     meta.lineage = pins.restore_model(lineage)
     meta.model = pins.restore_model(meta.model)
     pins.restore(meta.model_context)

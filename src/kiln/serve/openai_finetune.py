@@ -12,9 +12,11 @@ no held-out split), and the hyperparameters:
   (``auto``: 1);
 - ``seed`` -> ``train.seed`` and the split's seed (unset: a random one, reported).
 
-``validation_file`` is refused (400, param ``validation_file``): a kiln generation spec
-holds one data source and takes its validation set as a split of it. ``method`` may
-only be ``supervised``; ``integrations`` are refused.
+``validation_file`` (a file of the project, checked as chat JSON lines when uploaded)
+becomes ``data.validation: dataset:<id>``: the validation loss is measured on it after
+every epoch (the events' "validation loss=…", the checkpoint's ``valid_loss``) and in
+the bundle's ``val`` metrics. ``method`` may only be ``supervised``; ``integrations``
+are refused.
 
 The job's OpenAI facts (base model, files, resolved hyperparameters, seed, suffix, the
 fine-tuned model's id) are kept in ``Job.options["openai"]`` (:class:`FineTuneRecord`);
@@ -132,6 +134,7 @@ class FineTuneRecord(BaseModel):
 
     base: str
     training_file: str
+    validation_file: str | None = None
     hyperparameters: ResolvedHyperparameters
     seed: int
     suffix: str | None = None
@@ -243,12 +246,6 @@ class JobCheckpointList(BaseModel):
 
 def check_request(body: FineTuningJobCreate) -> None:
     """Refuse what kiln does not do (yet), naming the parameter."""
-    if body.validation_file is not None:
-        raise DataError(
-            "validation_file is not supported yet: a kiln fine-tune trains on every "
-            "example of training_file; omit validation_file",
-            field="validation_file",
-        )
     if body.integrations:
         raise DataError("integrations are not supported", field="integrations")
 
@@ -285,17 +282,27 @@ def fine_tuned_id(base: str, suffix: str | None, job_id: str) -> str:
 
 
 def fine_tune_spec(
-    *, name: str, base: str, dataset_id: str, hp: ResolvedHyperparameters, seed: int
+    *,
+    name: str,
+    base: str,
+    dataset_id: str,
+    hp: ResolvedHyperparameters,
+    seed: int,
+    validation_id: str | None = None,
 ) -> JSONDocument:
-    """The kiln train spec of a fine-tuning job (see the module for the mapping)."""
+    """The kiln train spec of a fine-tuning job (see the module for the mapping);
+    ``validation_id``: the validation file's dataset."""
+    data: JSONDocument = {
+        "source": f"dataset:{dataset_id}",
+        "format": "chat",
+        "split": {"test": 0.0, "val": 0.0, "seed": seed},
+    }
+    if validation_id is not None:
+        data["validation"] = f"dataset:{validation_id}"
     return {
         "name": name,
         "task": "generation",
-        "data": {
-            "source": f"dataset:{dataset_id}",
-            "format": "chat",
-            "split": {"test": 0.0, "val": 0.0, "seed": seed},
-        },
+        "data": data,
         "model": {"type": "causal_lm", "path": f"base:{base}", "lora": dict(LORA)},
         "train": {
             "epochs": hp.n_epochs,
@@ -367,6 +374,7 @@ def job_out(
         hyperparameters=rec.hyperparameters,
         method=MethodOut(supervised=SupervisedOut(hyperparameters=rec.hyperparameters)),
         training_file=rec.training_file,
+        validation_file=rec.validation_file,
         trained_tokens=trained_tokens(session, store, job) if succeeded else None,
         error=error,
         seed=rec.seed,
@@ -608,3 +616,13 @@ def fine_tuned_models(db: Database, project_id: int) -> list[Model]:
             for job, rec in jobs
             if job.state == JobState.succeeded
         ]
+
+
+def fine_tuned_model(db: Database, project_id: int, model: str) -> Model:
+    """The project's fine-tuned model ``model`` (an ``ft:`` id) as ``/v1/models`` lists
+    it (blocking); a NotFoundError (field ``model``) for any other, another project's too."""
+    with db.session() as s:
+        project, _, _ = _fine_tuned_version(s, project_id, model)
+        job = s.get(Job, _parse_fine_tuned(model))
+        assert job is not None  # _fine_tuned_version found it
+        return Model(id=model, created=unix(job.finished_at) or 0, owned_by=project.name)

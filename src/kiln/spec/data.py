@@ -102,6 +102,13 @@ class DataSpec(StrictModel):
         description="generation data: chat (messages), completion (prompt/completion) or "
         "text (a text column); inferred from the first record when left out.",
     )
+    validation: str | None = Field(
+        default=None,
+        min_length=1,
+        description="generation data: a separate validation set (a path, fsspec URI or "
+        "dataset:<id>, in the training data's format); it replaces the val split "
+        "(data.split.val is then 0).",
+    )
 
     @property
     def text_columns(self) -> list[str]:
@@ -122,6 +129,23 @@ class DataSpec(StrictModel):
         if self.image_size is not None and min(self.image_size) < 1:
             raise ValueError("image_size must be positive")
         return self
+
+    @model_validator(mode="after")
+    def _validation_replaces_val_split(self) -> DataSpec:
+        if self.validation is None or self.split.val == 0:
+            return self
+        if "val" in self.split.model_fields_set:
+            raise ValueError(
+                "data.split.val: must be 0 with data.validation (that source is the validation set)"
+            )
+        # the default fraction: the validation source takes its place
+        self.split = self.split.model_copy(update={"val": 0.0})
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        """A validation set: a val split of the source, or a separate validation source."""
+        return self.split.val > 0 or self.validation is not None
 
     @property
     def is_image_folder(self) -> bool:

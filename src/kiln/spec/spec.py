@@ -51,11 +51,12 @@ class Spec(StrictModel):
                 raise ValueError(
                     f"train.early_stopping.metric: {es.metric!r} is not one of {list(allowed)}"
                 )
-            if es.metric.startswith("val_") and self.data.split.val == 0:
+            if es.metric.startswith("val_") and not self.data.has_validation:
                 raise ValueError(
-                    "train.early_stopping.metric: needs a validation split (data.split.val > 0)"
+                    "train.early_stopping.metric: needs a validation split (data.split.val > 0"
+                    " or, for generation, data.validation)"
                 )
-        if self.train.lr_schedule.name == "plateau" and self.data.split.val == 0:
+        if self.train.lr_schedule.name == "plateau" and not self.data.has_validation:
             raise ValueError("train.lr_schedule: plateau needs a validation split (data.split.val)")
         return self
 
@@ -107,6 +108,10 @@ def _check_predictive(spec: Spec) -> None:
         raise ValueError("data.target: required key is missing (only an image folder may omit it)")
     if spec.data.format is not None:
         raise ValueError("data.format: applies to task generation only")
+    if spec.data.validation is not None:
+        raise ValueError(
+            "data.validation: applies to task generation only (tables use data.split.val)"
+        )
     # non-default values only: a dumped spec (lineage, dump_spec) holds every default
     if spec.train.loss_on != "assistant" or spec.train.packing:
         key = "packing" if spec.train.packing else "loss_on"

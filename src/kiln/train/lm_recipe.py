@@ -9,6 +9,7 @@ engine trains on token inputs (B, 2, L) against labels (B, L).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from pydantic import JsonValue
 from kiln.data.dialogs import Corpus, Example, LMFormat, read_corpus
 from kiln.data.lm_encode import Encoded, encode_examples, ensure_chat_template
 from kiln.data.split import Holdout, holdout
-from kiln.errors import DataError
+from kiln.errors import DataError, NotFoundError
 from kiln.evaluate.metrics import Metrics
 from kiln.evaluate.token_loss import mean_token_loss, perplexity
 from kiln.models.causal_lm import CausalLM
@@ -33,16 +34,30 @@ from kiln.train.checkpoint import CheckpointStore
 from kiln.train.loop import FitResult, TensorData, fit_model
 from kiln.train.recipe import run_id
 
+VALIDATION = "data.validation"  # the spec field of a separate validation source
+
 
 @dataclass(frozen=True)
 class LMSplits:
-    """The corpus split by example: positions into ``corpus.examples``."""
+    """The corpus split by example: positions into ``corpus.examples``; with a separate
+    validation source (``data.validation``) its examples are the val split instead."""
 
     corpus: Corpus
     parts: Holdout
+    validation: Corpus | None = None
 
     def examples(self, part: str) -> list[Example]:
+        if part == "val" and self.validation is not None:
+            return list(self.validation.examples)
         return [self.corpus.examples[i] for i in getattr(self.parts, part)]
+
+    @property
+    def fingerprint(self) -> str:
+        """The training corpus's fingerprint, joined with the validation source's."""
+        if self.validation is None:
+            return self.corpus.fingerprint
+        joined = f"{self.corpus.fingerprint}+validation:{self.validation.fingerprint}"
+        return "sha256:" + hashlib.sha256(joined.encode()).hexdigest()
 
 
 @dataclass
@@ -63,7 +78,8 @@ class LMTrained:
 
 
 def read_splits(spec: Spec) -> LMSplits:
-    """Read and validate the examples, then split them (a seeded shuffle, no strata)."""
+    """Read and validate the examples, then split them (a seeded shuffle, no strata);
+    ``data.validation`` is read with the same checks, in the training data's format."""
     text = spec.data.text
     if isinstance(text, list):
         if len(text) != 1:
@@ -77,7 +93,22 @@ def read_splits(spec: Spec) -> LMSplits:
             field="data.text",
         )
     keys = pd.Series(np.zeros(len(corpus.examples)))
-    return LMSplits(corpus=corpus, parts=holdout(keys, spec.data.split, stratify=False))
+    parts = holdout(keys, spec.data.split, stratify=False)
+    validation = None
+    if spec.data.validation is not None:
+        validation = _read_validation(spec.data.validation, corpus.format, text)
+    return LMSplits(corpus=corpus, parts=parts, validation=validation)
+
+
+def _read_validation(source: str, fmt: LMFormat, text: str | None) -> Corpus:
+    """The validation source's examples, in the training data's format (DataError, or
+    NotFoundError for a missing file, naming ``data.validation``)."""
+    try:
+        return read_corpus(source, fmt, text)
+    except DataError as exc:
+        raise DataError(f"data.validation: {exc.message}", field=VALIDATION) from None
+    except NotFoundError as exc:
+        raise NotFoundError(f"data.validation: {exc.message}", field=VALIDATION) from None
 
 
 def train_lm(
@@ -114,7 +145,7 @@ def train_lm(
         callbacks=callbacks,
         checkpoints=checkpoints,
         resume=resume,
-        run_id=run_id(spec, splits.corpus.fingerprint),
+        run_id=run_id(_unlocated(spec), splits.fingerprint),
     )
     lora = getattr(model_spec, "lora", None)
     if lora is None or lora.merge:
@@ -135,6 +166,14 @@ def train_lm(
         encoded=encoded,
         template_added=template_added,
     )
+
+
+def _unlocated(spec: Spec) -> Spec:
+    """``spec`` without where its validation set is (a job's worker reads a fresh copy
+    on every attempt): it counts by content, in :attr:`LMSplits.fingerprint`."""
+    if spec.data.validation is None:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"validation": "-"})})
 
 
 def _tokenizer(model: CausalLMSpec | GPTSpec, train: list[Example]) -> Any:

@@ -193,9 +193,10 @@ def checked_spec(s: Session, store: ArtifactStore, project: Project, body: JobIn
     if body.kind == "compress":
         return _checked_compress(s, project, body.spec)
     data = body.spec.get("data")
-    source = data.get("source") if isinstance(data, dict) else None
-    if isinstance(source, str):
-        _server_source(source, "spec.data.source")
+    for key in ("source", "validation"):  # by their form, before any spec check
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, str):
+            _server_source(value, f"spec.data.{key}")
     try:
         spec = load_spec(body.spec)
     except SpecError as exc:
@@ -212,6 +213,8 @@ def checked_spec(s: Session, store: ArtifactStore, project: Project, body: JobIn
         )
     _model_paths(s, project, spec.model_dump(mode="json"))
     dataset = _dataset(s, project, spec.data.source, "spec.data.source")
+    if spec.data.validation is not None:  # a generation spec's separate validation set
+        _dataset(s, project, spec.data.validation, "spec.data.validation")
     # generation data (chat/completion JSON lines) is checked record by record by the job
     if dataset is not None and spec.task != "generation":
         _check_columns(dataset, _spec_columns(spec.data))

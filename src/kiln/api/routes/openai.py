@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes under ``/v1`` (the official ``openai`` client works as is).
 
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the project's deployments of generation
-  and embedding models (``id`` is the deployment's name, ``owned_by`` the project).
+  and embedding models (``id`` is the deployment's name, ``owned_by`` the project), and
+  its fine-tuned models by their ``ft:`` ids.
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: generation deployments,
   streamed (Server-Sent Events) or not; see :mod:`kiln.serve.openai`.
 - ``POST /v1/embeddings``: embedding deployments.
@@ -161,6 +162,12 @@ async def list_models(project_id: ReaderProject, deployments: Manager) -> ModelL
 
 @router.get("/models/{model_id}", name="openai.model")
 async def get_model(model_id: str, project_id: ReaderProject, deployments: Manager) -> Model:
+    """A deployment by name, or a fine-tuned model of the project by its ``ft:`` id (as
+    the list shows it; a 404 for another project's)."""
+    if model_id.startswith(openai_finetune.FT_PREFIX):
+        return await run_in_threadpool(
+            openai_finetune.fine_tuned_model, deployments.db, project_id, model_id
+        )
     live = _lm_deployment(deployments, project_id, model_id)
     created = await run_in_threadpool(_created, deployments, project_id)
     return _model(live, created)

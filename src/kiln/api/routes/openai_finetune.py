@@ -1,7 +1,8 @@
 """OpenAI's fine-tuning API under ``/v1`` (:mod:`kiln.serve.openai_finetune`).
 
 - ``POST /v1/fine_tuning/jobs`` (scope ``train``, as submitting a train job): checks the
-  base model (the catalog's), the training file (a file of the project) and the spec
+  base model (the catalog's), the training file and the optional validation file
+  (files of the project) and the spec
   kiln builds, as ``POST /api/v1/jobs`` does, within the compute quota; queues a kiln
   train job and answers it as a ``fine_tuning.job`` (``ftjob-<job id>``).
 - ``GET /v1/fine_tuning/jobs``, ``GET …/{id}``, ``GET …/{id}/events``,
@@ -61,14 +62,26 @@ def create_job(
         dataset = get_file(s, project, body.training_file)
     except NotFoundError as exc:
         raise NotFoundError(f"training_file: {exc.message}", field="training_file") from None
+    validation_id = _validation_dataset(s, project, body.validation_file)
     hp = ft.resolve(body.chosen())
     seed = ft.new_seed(body.seed)
-    row = _queued(s, svc, project, who.key_id, body, dataset.id, hp, seed)
+    row = _queued(s, svc, project, who.key_id, body, (dataset.id, validation_id), hp, seed)
     request.state.audit_target = f"job:{row.id}"
     queue.add_log(s, row.id, 0, "info", f"Created fine-tuning job: {ft.JOB_PREFIX}{row.id}")
     rec = ft.record_of(row)
     assert rec is not None
     return ft.job_out(s, svc.store, row, rec, project.name)
+
+
+def _validation_dataset(s: Session, project: Project, validation_file: str | None) -> str | None:
+    """The dataset id of the request's ``validation_file`` (a file of the project, as
+    ``training_file``); a 404 naming ``validation_file`` for any other."""
+    if validation_file is None:
+        return None
+    try:
+        return get_file(s, project, validation_file).id
+    except NotFoundError as exc:
+        raise NotFoundError(f"validation_file: {exc.message}", field="validation_file") from None
 
 
 def _queued(
@@ -77,17 +90,24 @@ def _queued(
     project: Project,
     key_id: str | None,
     body: ft.FineTuningJobCreate,
-    dataset_id: str,
+    datasets: tuple[str, str | None],
     hp: ft.ResolvedHyperparameters,
     seed: int,
 ) -> Job:
-    """The train job, its spec checked as ``POST /api/v1/jobs`` checks one (a 400
-    naming the part of the request it came from), within the compute quota."""
+    """The train job on ``datasets`` (training, validation or None), its spec checked
+    as ``POST /api/v1/jobs`` checks one (a 400 naming the part of the request it came
+    from), within the compute quota."""
+    dataset_id, validation_id = datasets
 
     def spec_for(job_id: str) -> JSONDocument:
         name = ft.registered_name(body.model, body.suffix, job_id)
         return ft.fine_tune_spec(
-            name=name, base=body.model, dataset_id=dataset_id, hp=hp, seed=seed
+            name=name,
+            base=body.model,
+            dataset_id=dataset_id,
+            hp=hp,
+            seed=seed,
+            validation_id=validation_id,
         )
 
     # the name holds the job's id, not known yet: a stand-in of the same form is checked
@@ -110,6 +130,7 @@ def _queued(
     record = ft.FineTuneRecord(
         base=body.model,
         training_file=file_id(dataset_id),
+        validation_file=None if validation_id is None else file_id(validation_id),
         hyperparameters=hp,
         seed=seed,
         suffix=body.suffix,
