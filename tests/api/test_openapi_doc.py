@@ -64,6 +64,19 @@ def test_what_the_document_calls_public_needs_no_key_and_the_rest_does(
                 assert r.status_code == 401, (method, path, r.text)
 
 
+def _check_openai_errors(method: str, path: str, operation: dict[str, Any]) -> None:
+    """An invalid request is OpenAI's 400 (no 422), each error in OpenAI's body."""
+    responses = operation["responses"]
+    assert {"400", "401", "403", "404", "429"} <= set(responses), (method, path)
+    assert "422" not in responses, (method, path)
+    if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        assert "503" in responses, (method, path)
+    for code, response in responses.items():
+        if code.startswith(("4", "5")):
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/OpenAIErrorOut"}, (method, path, code)
+
+
 def test_error_statuses_are_declared_with_the_error_body(document: dict[str, Any]) -> None:
     error_ref = {"$ref": "#/components/schemas/ErrorOut"}
     assert document["components"]["schemas"]["ErrorOut"]["required"] == ["error"]
@@ -72,6 +85,9 @@ def test_error_statuses_are_declared_with_the_error_body(document: dict[str, Any
     for method, path, operation in operations(document):
         responses = operation["responses"]
         if path in PUBLIC:
+            continue
+        if path.startswith("/v1/"):  # the OpenAI-compatible routes: OpenAI's errors
+            _check_openai_errors(method, path, operation)
             continue
         for code in ("401", "403", "404", "422", "429"):
             assert code in responses, (method, path, code)

@@ -4,11 +4,14 @@ FastAPI documents a 200 and a 422 of its own shape. :func:`install` replaces tha
 
 - the bearer scheme (``Authorization: Bearer <API key>``) on every route but health;
 - every error status a route can answer, each with the one error body (:class:`ErrorOut`;
-  the KServe v2 routes use their protocol's ``{"error": "..."}``, :class:`V2ErrorOut`);
+  the KServe v2 routes use their protocol's ``{"error": "..."}``, :class:`V2ErrorOut`, and
+  the OpenAI-compatible routes under ``/v1`` OpenAI's ``{"error": {"message", "type",
+  "param", "code"}}``, where an invalid request is a 400, as OpenAI answers it);
 - the patterns that names, ids and versions in paths must match (what ``check_name``,
   ``safe_segment`` and the id formats enforce; others are refused as not found), and
   the dataset upload form's ``name``;
-- that no text may hold a NUL (``kiln.api.guards`` refuses it), as a pattern on strings;
+- that no text may hold a NUL (``kiln.api.guards`` refuses it), as a pattern on strings
+  and on the keys of free-form objects;
 - ``text/plain`` for ``/metrics``.
 
 The fuzzer in CI (``make fuzz``) holds the server to this document.
@@ -24,6 +27,7 @@ from pydantic import JsonValue
 
 from kiln.api.schemas import NAME_PATTERN, SEGMENT_PATTERN, ErrorOut, V2ErrorOut
 from kiln.monitor.usage import PERIODS
+from kiln.serve.openai_schemas import ErrorBody as OpenAIErrorOut
 
 SCHEME = "bearer"
 PUBLIC = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -69,6 +73,10 @@ _EXTRA: dict[tuple[str, str], set[int]] = {
     ("post", "/v2/models/{name}/infer"): {503, 504},
 }
 _MUTATING = {"post", "put", "patch", "delete"}
+OPENAI = "/v1/"
+OPENAI_ERROR = "OpenAIErrorOut"
+_ENGINE_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+"""OpenAI routes a full engine queue answers with 503 (and Retry-After)."""
 
 
 Node = dict[str, JsonValue]
@@ -98,6 +106,11 @@ def statuses(method: str, path: str, operation: Container[str]) -> set[int]:
     """The error statuses one operation can answer (``operation``: its keys)."""
     if path in PUBLIC:
         return {503} if path == "/readyz" else set()
+    if path.startswith(OPENAI):  # invalid requests and conflicts are OpenAI's 400
+        codes = {400, 401, 403, 404, 429}
+        if "requestBody" in operation:
+            codes.add(413)
+        return codes | ({503} if path in _ENGINE_PATHS else set())
     codes = {401, 403, 404, 422, 429}
     if "requestBody" in operation:
         codes |= {400, 413}
@@ -116,6 +129,11 @@ def amend(document: Node) -> Node:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    # OpenAI's body under a name of its own: kiln's ErrorOut already holds an "ErrorBody"
+    schema = OpenAIErrorOut.model_json_schema(ref_template="#/components/schemas/OpenAI{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        schemas[f"OpenAI{name}"] = sub
+    schemas[OPENAI_ERROR] = schema
     components["securitySchemes"] = {
         SCHEME: {
             "type": "http",
@@ -146,8 +164,12 @@ def _amend_operation(method: str, path: str, operation: Node) -> None:
     if path not in PUBLIC:
         operation["security"] = [{SCHEME: []}]
     error = "V2ErrorOut" if path.startswith("/v2/") else "ErrorOut"
+    if path.startswith(OPENAI):
+        error = OPENAI_ERROR
     body: JsonValue = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}
     responses = _child(operation, "responses")
+    if path.startswith(OPENAI):
+        responses.pop("422", None)  # FastAPI's own; these routes answer an invalid one 400
     for code in sorted(statuses(method, path, operation)):
         response: Node = {"description": _DESCRIPTIONS[code], "content": body}
         if code == 429:
@@ -202,6 +224,8 @@ def _no_nul(schema: JsonValue) -> None:
             _no_nul(sub)
     for key in ("items", "additionalProperties"):
         _no_nul(schema.get(key))  # only an object is walked
+    if schema.get("type") == "object" and schema.get("additionalProperties") is not False:
+        schema.setdefault("propertyNames", {"pattern": NO_NUL})  # keys are text too
 
 
 def install(app: FastAPI) -> None:

@@ -113,7 +113,9 @@ class FineTuningJobCreate(_Request):
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list[JSONDocument] | None = None
+    integrations: list[JSONDocument] | None = Field(
+        default=None, max_length=0, description="Not supported: null or an empty list."
+    )
 
     def chosen(self) -> Hyperparameters:
         """The hyperparameters, from ``method.supervised`` or the top-level field."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 8  # choices per request: each one is a sequence in the engine
 MAX_STOP = 4  # stop strings, as OpenAI allows
@@ -98,14 +98,24 @@ class _Sampling(_Request):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop = None
-    # int64, as OpenAI's; choice i samples with seed + i, which torch's generators take
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    # +-(2^53 - 1): exact in any JSON reader's numbers (2^63 - 1 is not a double), and
+    # choice i samples with seed + i, which torch's generators take
+    seed: int | None = Field(default=None, ge=-(2**53 - 1), le=2**53 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=0, description="Not supported: null or {}."
+    )
     user: str | None = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _no_logit_bias(cls, value: object) -> object:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
 
     def stop_strings(self) -> list[str] | None:
         """``stop`` as a list (None: the bundle's own stop strings)."""
@@ -122,9 +132,18 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, object]] | None = None
-    tool_choice: str | dict[str, object] | None = None
+    tools: list[dict[str, object]] | None = Field(
+        default=None, max_length=0, description="Not supported: null or []."
+    )
+    tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _no_tools(cls, value: object) -> object:
+        if value and value != "none":
+            raise ValueError("tools are not supported")
+        return value
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

@@ -75,7 +75,9 @@ def _intake(s: Session, svc: Services, project: Project) -> datasets.Intake:
 @router.post("/files", name="openai.files.create")
 def create_file(
     file: Annotated[UploadFile, File(description="JSON lines in OpenAI's chat format.")],
-    purpose: Annotated[str, Form(description="fine-tune (the only purpose kiln takes).")],
+    purpose: Annotated[
+        Literal["fine-tune"], Form(description="fine-tune (the only purpose kiln takes).")
+    ],
     _who: Trainer,
     project: OpenAIProject,
     s: SessionDep,
