@@ -26,11 +26,11 @@ an error event before ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -209,6 +209,9 @@ def _no_model(name: str) -> NotFoundError:
 
 # ---- inference --------------------------------------------------------------------------
 
+Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest)
+Resp = TypeVar("Resp", ChatCompletion, Completion)
+
 
 @router.post(
     "/chat/completions",
@@ -223,19 +226,9 @@ async def chat_completions(
     request: Request,
 ) -> ChatCompletion | EventStream:
     """A chat completion; ``stream: true`` sends ``chat.completion.chunk`` events."""
-    await token_meter.prepare(deployments.monitor.meter, project_id)
-    with _model_param(body.model):
-        key_id = request.state.principal.key_id  # ft:<...>: deployed on first use
-        name = await openai_finetune.served_name(deployments, project_id, body.model, key_id=key_id)
-        live, route, lm = deployments.language_model(project_id, name)
-        _served(request, live, route.version)
-        who = service.Answering(body.model, route.version)
-        use = _token_use(request, deployments, live, route.version, lm, streamed=body.stream)
-        # no await between the pick and the submit (a retired engine refuses)
-        if body.stream:
-            start = partial(service.chat_stream, lm, body, who)
-            return EventStream(token_meter.streamed(use, start))
-        return await token_meter.answered(use, service.chat_completion(lm, body, who))
+    return await _generate(
+        body, project_id, deployments, request, service.chat_stream, service.chat_completion
+    )
 
 
 @router.post(
@@ -251,18 +244,33 @@ async def completions(
     request: Request,
 ) -> Completion | EventStream:
     """A text completion of raw ``prompt`` text (or token ids); streamed as SSE too."""
+    return await _generate(
+        body, project_id, deployments, request, service.completion_stream, service.completion
+    )
+
+
+async def _generate(
+    body: Req,
+    project_id: int,
+    deployments: DeploymentManager,
+    request: Request,
+    stream: Callable[[service.LanguageModel, Req, service.Answering], service.SSEAnswer],
+    answer: Callable[[service.LanguageModel, Req, service.Answering], Awaitable[Resp]],
+) -> Resp | EventStream:
+    """Pick the deployment's route (an ``ft:`` model is deployed on first use), meter its
+    tokens, then stream the answer as SSE or return it whole."""
     await token_meter.prepare(deployments.monitor.meter, project_id)
     with _model_param(body.model):
-        key_id = request.state.principal.key_id  # ft:<...>: deployed on first use
+        key_id = request.state.principal.key_id
         name = await openai_finetune.served_name(deployments, project_id, body.model, key_id=key_id)
         live, route, lm = deployments.language_model(project_id, name)
         _served(request, live, route.version)
         who = service.Answering(body.model, route.version)
         use = _token_use(request, deployments, live, route.version, lm, streamed=body.stream)
+        # no await between the pick and the submit (a retired engine refuses)
         if body.stream:
-            start = partial(service.completion_stream, lm, body, who)
-            return EventStream(token_meter.streamed(use, start))
-        return await token_meter.answered(use, service.completion(lm, body, who))
+            return EventStream(token_meter.streamed(use, partial(stream, lm, body, who)))
+        return await token_meter.answered(use, answer(lm, body, who))
 
 
 @router.post("/embeddings", name="openai.embeddings")
