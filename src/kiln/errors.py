@@ -232,3 +232,12 @@ ERRORS_BY_CODE: dict[str, type[KilnError]] = {
     )
 }
 """Error classes by their ``code``: the client turns an API error back into its class."""
+
+
+class ResourcesUnavailableError(ServiceError):
+    """A job asked for more than its cluster could give in time (Ray workers: CPUs,
+    GPUs); the message names what was asked and what the cluster has."""
+
+    code = "resources_unavailable"
+    http_status = 503
+    exit_code = 20

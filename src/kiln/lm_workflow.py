@@ -34,6 +34,7 @@ from kiln.spec.model import CausalLMSpec, ModelSpec, SentenceEncoderSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
+from kiln.train.executor import Executor
 from kiln.train.lm_recipe import LMTrained, read_splits, score_encoded, token_context, train_lm
 
 
@@ -43,11 +44,20 @@ def fit_lm(
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
+    executor: Executor | None = None,
 ) -> LMBundle:
-    """Train the LM ``spec`` describes; loss and perplexity measured on val and test."""
+    """Train the LM ``spec`` describes (on ``executor`` when it sets ``train.resources``);
+    loss and perplexity measured on val and test."""
     started = time.perf_counter()
     splits = read_splits(spec)
-    trained = train_lm(spec, splits, callbacks=callbacks, checkpoints=checkpoints, resume=resume)
+    trained = train_lm(
+        spec,
+        splits,
+        callbacks=callbacks,
+        checkpoints=checkpoints,
+        resume=resume,
+        executor=executor,
+    )
     trained.model.cpu()
     metrics: dict[str, Metrics] = {
         part: score_encoded(trained.model, trained.encoded[part], batch=_eval_batch(spec))

@@ -155,12 +155,16 @@ def up(settings: Settings, *, host: str, port: int, workers: int) -> None:
             flush=True,
         )
     preregister(services)
-    supervisor = Supervisor(workers)
+    env = None
+    if settings.ray_address:  # the workers read their settings from the environment
+        env = {**os.environ, "KILN_RAY_ADDRESS": settings.ray_address}
+    supervisor = Supervisor(workers, env)
     supervisor.start()
     print(
         f"kiln on http://{host}:{port}  (dashboard: /, OpenAPI: /docs)  workers: {workers}  "
         f"database: {_redacted(settings.resolved_database_url)}  "
-        f"artifacts: {settings.resolved_artifacts}",
+        f"artifacts: {settings.resolved_artifacts}"
+        + (f"  ray: {settings.ray_address}" if settings.ray_address else ""),
         flush=True,
     )
     app = create_app(settings, services=services)

@@ -36,6 +36,23 @@ class Settings(BaseSettings):
         description="KILN_ARTIFACTS: a directory or s3://bucket/prefix; "
         "default: $KILN_HOME/artifacts.",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="KILN_RAY_ADDRESS: a Ray cluster (host:port, ray://host:10001 or auto); "
+        "workers then train specs with train.resources on it (Ray Train, DDP).",
+    )
+    ray_resource_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="KILN_RAY_RESOURCE_TIMEOUT: seconds a job waits for the Ray workers it "
+        "asked for (an autoscaler may add nodes) before it fails.",
+    )
+    ray_max_failures: int = Field(
+        default=3,
+        ge=0,
+        description="KILN_RAY_MAX_FAILURES: restarts of a job's Ray workers after a lost "
+        "worker or node (each resumes from the last checkpoint).",
+    )
     s3_endpoint_url: str | None = Field(
         default=None, description="KILN_S3_ENDPOINT_URL for S3-compatible servers (MinIO, ...)."
     )

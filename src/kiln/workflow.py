@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from kiln.lm_bundle import LMBundle
     from kiln.train.auto import Selection
     from kiln.train.early_stopping import EpochChoice
+    from kiln.train.executor import Executor
 
 
 SplitMetrics = dict[str, Metrics]
@@ -57,6 +58,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     checkpoints: str | Path | CheckpointStore | None = None,
     data_root: Path | None = None,
+    executor: Executor | None = None,
 ) -> Bundle | LMBundle:
     """Train the model a spec describes and return its bundle (an :class:`LMBundle` for
     ``task: generation``).
@@ -66,13 +68,16 @@ def fit(
     (atomically) and a checkpoint is written after every epoch to ``checkpoints``
     (a directory or any ``CheckpointStore``; default: a hidden sibling of ``out``),
     removed once the bundle is saved; ``resume=True`` continues from it. ``data_root``
-    (a server's dataset folder) confines image paths to it.
+    (a server's dataset folder) confines image paths to it. With an ``executor`` (a Ray
+    cluster), a spec with ``train.resources`` trains there, data-parallel.
     """
     spec = load_spec(spec)
     if out is not None:
         check_destination(Path(out))  # fail before training, not after
     if spec.task == "generation":
-        return _fit_generation(spec, out, resume, callbacks, checkpoints)
+        return _fit_generation(spec, out, resume, callbacks, checkpoints, executor)
+    if spec.data.streaming:  # out-of-core Parquet (kiln.train.stream_recipe)
+        return _fit_streaming(spec, out, resume, callbacks, checkpoints, executor)
     started = time.perf_counter()
     table = load_table(spec, data_root=data_root)
     frames = _Frames.split(spec, table)
@@ -101,6 +106,7 @@ def fit(
             checkpoints=store,
             resume=resume,
             kfold_epochs=True,
+            executor=executor,
         )
     metrics = _score(trained, frames, spec.data.target)
     trained.model.cpu()
@@ -122,11 +128,66 @@ def _fit_generation(
     resume: bool,
     callbacks: Sequence[Callback],
     checkpoints: str | Path | CheckpointStore | None,
+    executor: Executor | None,
 ) -> LMBundle:
     from kiln.lm_workflow import fit_lm
 
     store = _checkpoint_store(checkpoints, out)
-    bundle = fit_lm(spec, callbacks=callbacks, checkpoints=store, resume=resume)
+    bundle = fit_lm(spec, callbacks=callbacks, checkpoints=store, resume=resume, executor=executor)
+    if out is not None:
+        bundle.save(out)
+        if store is not None:
+            store.clear()
+    return bundle
+
+
+def _fit_streaming(
+    spec: Spec,
+    out: str | Path | None,
+    resume: bool,
+    callbacks: Sequence[Callback],
+    checkpoints: str | Path | CheckpointStore | None,
+    executor: Executor | None,
+) -> Bundle:
+    """``data.streaming``: train from the Parquet source in batches; the manifest is
+    the holdout one's, its reference from a sample of training rows."""
+    from kiln.train.stream_recipe import fit_streaming
+
+    started = time.perf_counter()
+    store = _checkpoint_store(checkpoints, out)
+    fitted = fit_streaming(
+        spec, callbacks=callbacks, checkpoints=store, resume=resume, executor=executor
+    )
+    trained, columns, counts = fitted.trained, fitted.columns, fitted.counts
+    trained.model.cpu()
+    lineage = Lineage(
+        spec=spec.model_dump(mode="json"),
+        data=DataRecord(
+            source=absolute_source(spec.data.source),
+            fingerprint=fitted.fingerprint,
+            rows_read=fitted.rows_read,
+            rows_dropped=fitted.rows_dropped,
+        ),
+        split=SplitRecord(train=counts.train, val=counts.val, test=counts.test),
+        parent=None,
+    )
+    meta = new_meta(
+        name=spec.name,
+        task=spec.task,
+        model=spec.model.model_dump(mode="json"),
+        input_schema=columns,
+        reference=reference_stats(fitted.reference, [(c.name, c.kind) for c in columns]),
+        target=spec.data.target,
+        labels=fitted.labels,
+        n_inputs=trained.preprocessor.n_outputs,
+        model_context=trained.context,
+        n_outputs=len(fitted.labels) if fitted.labels is not None else 1,
+        parameters=count_parameters(trained.model),
+        metrics=fitted.metrics,
+        training=_training_record(spec, trained, seconds=time.perf_counter() - started),
+        lineage=lineage,
+    )
+    bundle = Bundle(meta, trained.model, trained.preprocessor)
     if out is not None:
         bundle.save(out)
         if store is not None:

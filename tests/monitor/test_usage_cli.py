@@ -127,3 +127,59 @@ def test_the_help_of_usage_and_quotas_imports_nothing_heavy() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+RAY = {
+    "kind": "ray",
+    "address": "ray://ray-head:10001",
+    "ray_job_id": "03000000",
+    "worker_seconds": 150.0,
+    "workers": [
+        {"rank": 0, "node_id": "a1", "node_ip": "10.0.0.5", "pid": 4242, "cpus": 1.0, "gpus": 0.0},
+        {"rank": 1, "node_id": "b2", "node_ip": "10.0.0.6", "pid": 5150, "cpus": 2.0, "gpus": 1.0},
+        {"rank": 2, "node_id": "b2", "node_ip": "10.0.0.6", "pid": 5151, "cpus": 2.0, "gpus": 0.5},
+    ],
+}
+
+
+def test_worker_seconds_is_a_usage_kind_in_seconds() -> None:
+    from kiln.monitor.usage import KINDS, QUOTA_KINDS
+
+    assert "worker_seconds" in KINDS
+    assert "worker_seconds" not in QUOTA_KINDS  # metered; compute_seconds quotas cap jobs
+    assert amount("worker_seconds", 5400.0) == "90.0 min"
+    assert amount("worker_seconds", 9.0 * 3600) == "9.0 h"
+
+
+def test_jobs_show_says_where_a_job_trained_on_ray(live: Platform) -> None:
+    from sqlalchemy import select
+
+    from kiln.jobs import queue
+    from kiln.lifecycle import JobState
+    from kiln.store.tables import Project
+
+    figures = {"wall_seconds": 40.0, "cpu_seconds": 4.0, "peak_rss_bytes": 1 << 20}
+    with live.services.db.session() as s:
+        project = s.scalar(select(Project).where(Project.name == "default"))
+        assert project is not None
+        job = queue.new_job(s, project, "train", {"name": "wine"}, max_attempts=1)
+        job.state, job.attempts = JobState.succeeded, 1
+        attempt = {"attempt": 1, "state": "succeeded", **figures, "device": "cpu", "executor": RAY}
+        job.resources = {**figures, "device": "cpu", "executor": RAY, "attempts": [attempt]}
+        job_id = job.id
+
+    code, out = kiln(live, "jobs", "show", job_id)
+    assert code == 0, out
+    lines = out.splitlines()
+    at = lines.index(
+        "ran on Ray ray://ray-head:10001, Ray job 03000000, 3 workers on 2 nodes, "
+        "2.5 min worker time"
+    )
+    assert lines[at - 1].startswith("resources: 40.0 s wall, 4.0 s CPU")
+    assert lines[at + 1 : at + 4] == [
+        "  worker 0: node 10.0.0.5, pid 4242, 1 CPU, 0 GPUs",
+        "  worker 1: node 10.0.0.6, pid 5150, 2 CPUs, 1 GPU",
+        "  worker 2: node 10.0.0.6, pid 5151, 2 CPUs, 0.50 GPUs",
+    ]
+    code, out = kiln(live, "jobs", "show", job_id, "--json")
+    assert code == 0 and json.loads(out)["resources"]["executor"] == RAY

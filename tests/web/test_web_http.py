@@ -492,6 +492,79 @@ def test_an_early_stopped_job_shows_a_full_bar_and_its_resources(site: Site) -> 
     assert resources is not None
     for fact in ("101.9 s", "2.0 h", "308.6 MiB", "cpu"):
         assert f"<dd>{fact}</dd>" in resources.group(0), fact
+    assert "ran on" not in resources.group(0) and "ray-workers" not in resources.group(0)
+
+
+def ray_record(job: str, workers: list[tuple[str, str, int, float, float]]) -> dict[str, Any]:
+    """A kiln.jobs.placement.ExecutorRecord: Ray job ``job``; workers (node id, node ip,
+    pid, CPUs, GPUs) in rank order, 60 s each."""
+    return {
+        "kind": "ray",
+        "address": "ray://ray-head:10001",
+        "ray_job_id": job,
+        "worker_seconds": 60.0 * len(workers),
+        "workers": [
+            {"rank": r, "node_id": n, "node_ip": ip, "pid": pid, "cpus": c, "gpus": g}
+            for r, (n, ip, pid, c, g) in enumerate(workers)
+        ],
+    }
+
+
+def test_a_job_that_trained_on_ray_names_its_cluster_and_workers(site: Site) -> None:
+    from kiln.jobs import queue
+    from kiln.lifecycle import JobState
+    from kiln.store.tables import Project
+
+    first = ray_record("02000000", [("a1", "10.0.0.5", 4100, 2.0, 0.0)] * 2)
+    latest = ray_record(
+        "03000000",
+        [("a1", "10.0.0.5", 4242, 2.0, 0.0), ("b2", "10.0.0.6", 5150, 2.0, 0.5),
+         ("b2", "10.0.0.6", 5151, 2.0, 0.5)],
+    )  # fmt: skip
+    figures = {"wall_seconds": 30.0, "cpu_seconds": 3.0, "peak_rss_bytes": 1 << 20}
+    with site.services.db.session() as s:
+        alpha = s.get(Project, site.ids["alpha"])
+        assert alpha is not None
+        job = queue.new_job(s, alpha, "train", {"name": "wine"}, max_attempts=2)
+        job.state, job.attempts = JobState.succeeded, 2
+        job.resources = {
+            "wall_seconds": 60.0, "cpu_seconds": 6.0, "peak_rss_bytes": 1 << 20,
+            "device": "cpu", "executor": latest,
+            "attempts": [
+                {"attempt": 1, "state": "lost", **figures, "device": "cpu", "executor": first},
+                {"attempt": 2, "state": "succeeded", **figures, "device": "cpu",
+                 "executor": latest},
+            ],
+        }  # fmt: skip
+        job_id = job.id
+
+    # the API sends the records as the worker wrote them
+    sent = site.api("GET", f"/jobs/{job_id}", site.keys["alpha_admin"]).json()["resources"]
+    assert sent["executor"] == latest and sent["attempts"][0]["executor"] == first
+
+    client = site.client()
+    sign_in(client, site.keys["alpha_read"])
+    html = client.get(f"/jobs/{job_id}").text
+    found = re.search(r'<section id="job-resources".*?</section>', html, flags=re.S)
+    assert found is not None
+    section = found.group(0)
+    assert (
+        "<dt>ran on</dt><dd>Ray ray://ray-head:10001, Ray job 03000000, 3 workers on 2 nodes</dd>"
+        in section
+    )
+    assert "<dt>worker time</dt><dd>3.0 min</dd>" in section  # 3 workers x 60 s
+    assert (
+        "<dt>attempt 1 ran on</dt><dd>Ray ray://ray-head:10001, Ray job 02000000, "
+        "2 workers on 1 node</dd>" in section
+    )
+    rows = re.findall(r'<tr data-rank="(\d+)">(.*?)</tr>', section, flags=re.S)
+    cells = {rank: re.findall(r"<td[^>]*>([^<]*)</td>", row) for rank, row in rows}
+    assert cells == {
+        "0": ["0", "10.0.0.5", "4242", "2", "0"],
+        "1": ["1", "10.0.0.6", "5150", "2", "0.5"],
+        "2": ["2", "10.0.0.6", "5151", "2", "0.5"],
+    }
+    assert 'title="node b2"' in section
 
 
 def test_the_jobs_list_names_jobs_and_a_compress_jobs_variants(site: Site) -> None:

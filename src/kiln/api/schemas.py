@@ -198,7 +198,10 @@ class JobOut(BaseModel):
     resources: Resources = Field(
         default_factory=Resources,
         description="wall_seconds, cpu_seconds (sums), peak_rss_bytes, gpu_peak_bytes (maxima), "
-        "device, and attempts: [{attempt, state, ...}] of every attempt (see kiln.jobs.resources).",
+        "device, and attempts: [{attempt, state, ...}] of every attempt (see kiln.jobs.resources); "
+        "executor (an attempt's too) when it trained on Ray: {kind, address, ray_job_id, "
+        "worker_seconds, workers: [{rank, node_id, node_ip, pid, cpus, gpus}]} "
+        "(see kiln.jobs.placement).",
     )
 
 

@@ -179,6 +179,8 @@ def jobs_show(
         console.print(f"progress {done}/{total}  {escape(_status(job))}")
     if job.get("resources"):
         console.print(resources_line(job["resources"]))
+        for line in executor_lines(job["resources"]):
+            console.print(escape(line), highlight=False, soft_wrap=True)  # one line each
     if job["state"] in FINAL_STATES:
         _print_outcome(job)
 
@@ -331,6 +333,37 @@ def resources_line(res: JobResources) -> str:
     attempts = len(res.get("attempts", []))
     tail = f" ({attempts} attempts)" if attempts > 1 else ""
     return f"resources: {', '.join(parts)} on {res.get('device', '?')}{tail}"
+
+
+def executor_lines(res: JobResources) -> list[str]:
+    """Where the latest attempt trained when that was on Ray, then one line per worker::
+
+        ran on Ray ray://head:10001, Ray job 02000000, 2 workers on 2 nodes, 1.5 min worker time
+          worker 0: node 10.0.0.5, pid 4242, 2 CPUs, 1 GPU
+
+    Empty for a job that trained in its worker process."""
+    from kiln.jobs.placement import node_count
+    from kiln.monitor.units import amount, count
+
+    ray = res.get("executor")
+    if not ray:
+        return []
+    workers = ray["workers"]
+    head = (
+        f"ran on Ray {ray['address']}, Ray job {ray['ray_job_id']}, "
+        f"{_plural(len(workers), 'worker')} on {_plural(node_count(ray), 'node')}, "
+        f"{amount('worker_seconds', ray['worker_seconds'])} worker time"
+    )
+    return [head] + [
+        f"  worker {w['rank']}: node {w['node_ip']}, pid {w['pid']}, "
+        f"{count(w['cpus'])} CPU{'' if w['cpus'] == 1 else 's'}, "
+        f"{count(w['gpus'])} GPU{'' if w['gpus'] == 1 else 's'}"
+        for w in workers
+    ]
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def exit_code(job: JobOut) -> int:

@@ -24,29 +24,52 @@ def up(
     workers: Annotated[
         int, typer.Option("--workers", "-w", min=0, help="Worker processes that run jobs.")
     ] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="A Ray cluster (host:port, ray://host:10001, auto) for specs with "
+            "train.resources; default: KILN_RAY_ADDRESS.",
+        ),
+    ] = None,
 ) -> None:
     """Run the API server and its workers (database and artifacts under KILN_HOME).
 
     The first start creates the 'default' project and an admin API key (shown once).
     The key is also written to $KILN_HOME/admin.key, readable by you only.
     Ctrl-C drains the workers: running jobs finish. A second Ctrl-C stops them now.
+    With --ray, the workers train specs that set train.resources on that Ray cluster.
     """
     from kiln.server import up as run_up
     from kiln.settings import Settings
 
-    run_up(Settings(), host=host, port=port, workers=workers)
+    settings = Settings() if ray is None else Settings(ray_address=ray)
+    run_up(settings, host=host, port=port, workers=workers)
 
 
 @reports_errors
-def worker() -> None:
+def worker(
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="A Ray cluster (host:port, ray://host:10001, auto) for specs with "
+            "train.resources; default: KILN_RAY_ADDRESS.",
+        ),
+    ] = None,
+) -> None:
     """Run one worker: take jobs from the queue in the database KILN_DATABASE_URL names.
 
-    Workers on other machines share one KILN_DATABASE_URL and KILN_ARTIFACTS.
+    Workers on other machines share one KILN_DATABASE_URL and KILN_ARTIFACTS (and
+    KILN_RAY_ADDRESS, or --ray, to train specs with train.resources on a Ray cluster).
     SIGTERM or Ctrl-C drains (the running job finishes); a second signal stops it.
     """
     from kiln.jobs.worker import main
+    from kiln.settings import Settings
 
-    main()
+    main(Settings() if ray is None else Settings(ray_address=ray))
 
 
 @reports_errors

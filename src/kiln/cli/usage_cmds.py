@@ -1,6 +1,7 @@
 """``kiln usage`` and ``kiln quotas``: what a project consumed, and the limits on it.
 
-Quantities print in their units: compute in seconds, minutes or hours, storage in
+Quantities print in their units: compute (and Ray worker-seconds) in seconds, minutes
+or hours, storage in
 binary bytes (KiB, MiB, ...), predictions and tokens as counts; ``--by deployment``
 and/or ``--by key`` split the rows by deployment and API key; ``--json`` prints the server's
 numbers as they are (seconds, bytes, counts). A quota's limit may be given with a
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from kiln.client.shapes import QuotaOut
 
 KINDS_HELP = (
-    "compute_seconds, stored_bytes, prediction_requests, prediction_rows, tokens "
+    "compute_seconds, worker_seconds (Ray workers × seconds), stored_bytes, "
+    "prediction_requests, prediction_rows, tokens "
     "(prompt + completion), prompt_tokens or completion_tokens; for a rate limit, "
     "inference or api (requests_inference, requests_api)"
 )

@@ -410,8 +410,9 @@ class Deployments(_Group):
 
 
 class Quotas(_Group):
-    """Per-project limits on usage kinds (``compute_seconds``, ``stored_bytes``,
-    ``prediction_requests``, ``prediction_rows``) per ``day``, ``month`` or in ``total``.
+    """Per-project limits on usage kinds (``compute_seconds``, ``worker_seconds``,
+    ``stored_bytes``, ``prediction_requests``, ``prediction_rows``) per ``day``, ``month``
+    or in ``total``.
 
     Past one, the call that would use more is refused (``QuotaError``, HTTP 429).
     Rate limits are quotas too: ``requests_inference`` or ``requests_api`` per ``second``

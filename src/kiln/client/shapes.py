@@ -115,6 +115,27 @@ class JobProgress(TypedDict, total=False):
     folds: int
 
 
+class WorkerPlacement(TypedDict):
+    """One Ray Train worker of an attempt: its rank, where it ran and what it held."""
+
+    rank: int
+    node_id: str  # Ray's node id (hex)
+    node_ip: str
+    pid: int
+    cpus: float
+    gpus: float
+
+
+class ExecutorRecord(TypedDict):
+    """Where an attempt trained when it ran on a Ray cluster (``kiln.jobs.placement``)."""
+
+    kind: str  # "ray"
+    address: str  # the cluster the worker connected to (KILN_RAY_ADDRESS)
+    ray_job_id: str
+    worker_seconds: float  # Σ over workers of the seconds they trained
+    workers: list[WorkerPlacement]
+
+
 class AttemptResources(TypedDict):
     """What one attempt of a job used, and how it ended."""
 
@@ -125,10 +146,12 @@ class AttemptResources(TypedDict):
     peak_rss_bytes: int
     gpu_peak_bytes: NotRequired[int]  # only once the attempt used CUDA
     device: str
+    executor: NotRequired[ExecutorRecord]  # only when it trained on Ray
 
 
 class JobResources(TypedDict, total=False):
-    """The attempts' totals (seconds summed, peaks the maximum), and every attempt."""
+    """The attempts' totals (seconds summed, peaks the maximum), every attempt, and
+    where the latest attempt trained when that was on Ray (``executor``)."""
 
     wall_seconds: float
     cpu_seconds: float
@@ -136,6 +159,7 @@ class JobResources(TypedDict, total=False):
     gpu_peak_bytes: int
     device: str
     attempts: list[AttemptResources]
+    executor: ExecutorRecord
 
 
 class VariantRef(TypedDict):
@@ -263,7 +287,7 @@ class QuotaOut(TypedDict):
 class UsageItem(TypedDict):
     period: str  # 2026-01-31 (day), 2026-01 (month) or total
     kind: str
-    device: str  # cpu or cuda for compute_seconds; empty otherwise
+    device: str  # cpu or cuda for compute_seconds and worker_seconds; empty otherwise
     quantity: float
     deployment: str | None  # with by=deployment: what served predictions or tokens
     key: str | None  # with by=key: the API key id of token usage ("" if none is known)

@@ -49,6 +49,14 @@ def read_table(source: str, fmt: str | None = None) -> pd.DataFrame:
     """
     if source.startswith(SKLEARN_PREFIX):
         return load_sklearn(source.removeprefix(SKLEARN_PREFIX))
+    from kiln.data.parquet import is_dataset_source, read_dataset
+
+    if fmt in (None, "parquet") and is_dataset_source(source):
+        # a directory, glob or prefix of Parquet files (hive partitions as columns)
+        frame = read_dataset(source)
+        if frame.shape[0] == 0:
+            raise DataError(f"{source} has no rows", field="data.source")
+        return frame
     fmt = fmt or table_format(source)
     import fsspec
 

@@ -21,6 +21,7 @@ from kiln.store.artifacts import ArtifactStore, safe_key
 from kiln.store.datasets import archive_root, dataset_ref
 from kiln.store.db import Database
 from kiln.store.tables import Dataset, Job, Project
+from kiln.train.executor import Executor
 
 
 class JobStopped(Exception):  # noqa: N818 - a request, not a failure
@@ -39,6 +40,7 @@ class JobContext:
     reason: str = ""  # "cancelled" | "lease_lost" | "shutdown"
     meter: ResourceMeter = field(default_factory=ResourceMeter)  # started with the attempt
     scratch: Path | None = None  # where the job's temporary folder goes (None: the system's)
+    executor: Executor | None = None  # where train.resources specs train (a Ray cluster)
 
     def request_stop(self, reason: str) -> None:
         if not self.stop.is_set():

@@ -15,6 +15,8 @@ the entry, so a live job shows its figures), then how it ended: ``succeeded``,
 ``lost`` (its worker went silent: the figures are those of its last heartbeat).
 Leaving ``running`` is what meters the attempt: one ``compute_seconds`` usage event of
 its wall seconds, by device, in the same transaction, so no attempt is billed twice.
+An attempt that trained on a Ray cluster also holds an ``executor`` record (where its
+workers ran, :mod:`kiln.jobs.placement`) and is metered its ``worker_seconds`` too.
 
 Measurements are of the worker process: CPU seconds are ``time.process_time`` (every
 thread of it: torch's intra-op threads, the heartbeat; in a test that runs the API and
@@ -39,6 +41,7 @@ from sqlalchemy.orm import Session
 # typing_extensions' TypedDict: pydantic (the API's JobOut) reads it on Python 3.11
 from typing_extensions import TypedDict
 
+from kiln.jobs.placement import ExecutorRecord
 from kiln.jobs.queue import Lease
 from kiln.lifecycle import JobState
 from kiln.monitor import usage
@@ -58,6 +61,7 @@ class Figures(TypedDict):
     peak_rss_bytes: int
     gpu_peak_bytes: NotRequired[int]  # only once the attempt used CUDA
     device: str  # "cpu", "cuda", "mps"
+    executor: NotRequired[ExecutorRecord]  # trained on a Ray cluster
 
 
 class Attempt(TypedDict):
@@ -71,6 +75,7 @@ class Attempt(TypedDict):
     peak_rss_bytes: int
     gpu_peak_bytes: NotRequired[int]
     device: str
+    executor: NotRequired[ExecutorRecord]
 
 
 class Resources(TypedDict, total=False):
@@ -81,6 +86,7 @@ class Resources(TypedDict, total=False):
     peak_rss_bytes: int
     gpu_peak_bytes: int
     device: str
+    executor: ExecutorRecord  # the latest attempt's, when it trained on a Ray cluster
     attempts: list[Attempt]
 
 
@@ -152,6 +158,12 @@ class ResourceMeter:
                 cuda.reset_peak_memory_stats()
         self.device: str | None = None
         """The device the job reported (a trained bundle's ``training.device``)."""
+        self._executor: ExecutorRecord | None = None
+
+    def set_executor(self, record: ExecutorRecord) -> None:
+        """Where the attempt's training runs (the Ray executor, as its workers report)."""
+        with self._lock:
+            self._executor = record
 
     def sample(self) -> None:
         """Note the current resident memory (called at every heartbeat and at the end)."""
@@ -170,20 +182,18 @@ class ResourceMeter:
         cpu = round(time.process_time() - self._cpu0, 3)
         gpu = _gpu_peak()
         device = device_type(self.device) or ("cuda" if gpu else "cpu")
-        if device == "cuda" or gpu:  # the GPU figure only where a GPU was used
-            return {
-                "wall_seconds": wall,
-                "cpu_seconds": cpu,
-                "peak_rss_bytes": int(peak),
-                "gpu_peak_bytes": gpu,
-                "device": device,
-            }
-        return {
+        figures: Figures = {
             "wall_seconds": wall,
             "cpu_seconds": cpu,
             "peak_rss_bytes": int(peak),
             "device": device,
         }
+        if device == "cuda" or gpu:  # the GPU figure only where a GPU was used
+            figures["gpu_peak_bytes"] = gpu
+        with self._lock:
+            if self._executor is not None:
+                figures["executor"] = self._executor
+        return figures
 
 
 def _gpu_peak() -> int:
@@ -211,6 +221,8 @@ def _totals(attempts: list[Attempt]) -> Resources:
         out["gpu_peak_bytes"] = max(gpu)
     if attempts:
         out["device"] = attempts[-1].get("device", "cpu")
+        if "executor" in attempts[-1]:
+            out["executor"] = attempts[-1]["executor"]
     return {**out, "attempts": attempts}
 
 
@@ -221,14 +233,26 @@ def _stored_attempts(job: Job) -> list[Attempt]:
 
 
 def _meter(session: Session, job: Job, entry: Attempt) -> None:
+    device = str(entry.get("device") or "cpu")
     usage.record(
         session,
         job.project_id,
         "compute_seconds",
         float(entry.get("wall_seconds", 0.0)),
-        device=str(entry.get("device") or "cpu"),
+        device=device,
         subject=job.id,
     )
+    executor = entry.get("executor")
+    if executor is not None:  # the Ray workers' time, beside the driver's
+        gpus = any(w["gpus"] > 0 for w in executor["workers"])
+        usage.record(
+            session,
+            job.project_id,
+            "worker_seconds",
+            float(executor["worker_seconds"]),
+            device="cuda" if gpus else "cpu",
+            subject=job.id,
+        )
 
 
 def _settle(session: Session, job: Job, attempts: list[Attempt]) -> bool:

@@ -124,6 +124,7 @@ def run_train(ctx: JobContext, job: Job, tmp: Path) -> None:
         checkpoints=checkpoints,
         resume=checkpoints.exists(),
         data_root=data_dir(tmp),
+        executor=ctx.executor,
     )
     ctx.meter.device = bundle.meta.training.device
     _name_sources(bundle.meta, job, project, pins)

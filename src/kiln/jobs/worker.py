@@ -31,6 +31,7 @@ from kiln.settings import Settings, apply_threads
 from kiln.store.artifacts import ArtifactStore
 from kiln.store.crypto import open_artifacts
 from kiln.store.db import Database
+from kiln.train.executor import Executor
 
 log = logging.getLogger("kiln.worker")
 
@@ -72,6 +73,7 @@ class Worker:
         ctx = JobContext(
             db=self.db, store=self.store, queue=self.queue, lease=lease, scratch=self.scratch
         )
+        ctx.executor = self._executor(ctx)
         self.current = ctx
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True)
@@ -87,6 +89,21 @@ class Worker:
         outcome = state.value if state is not None else f"stopped ({ctx.reason})"
         log.info("%s: %s %s in %.1f s", self.id, job.id, outcome, time.perf_counter() - started)
         return True
+
+    def _executor(self, ctx: JobContext) -> Executor | None:
+        """The Ray cluster for the job's train.resources runs (None: in-process)."""
+        address = self.settings.ray_address
+        if not address:
+            return None
+        from kiln.jobs.executors.ray import RayExecutor
+
+        return RayExecutor(
+            address,
+            timeout=self.settings.ray_resource_timeout,
+            max_failures=self.settings.ray_max_failures,
+            storage=self.scratch / "ray",
+            on_record=ctx.meter.set_executor,
+        )
 
     def _recover(self) -> None:
         """Re-queue (or end) the jobs of silent workers and bill their lost attempts."""

@@ -41,10 +41,14 @@ def count(value: float | None) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
+DURATION_KINDS = ("compute_seconds", "worker_seconds")
+"""Usage kinds metered in seconds: a job's wall seconds; Ray workers × seconds trained."""
+
+
 def amount(kind: str, value: float | None) -> str:
-    """A quantity of usage ``kind`` in its unit: compute_seconds as a duration,
-    stored_bytes as a size, anything else (predictions, rate limits) as a count."""
-    if kind == "compute_seconds":
+    """A quantity of usage ``kind`` in its unit: compute_seconds and worker_seconds as a
+    duration, stored_bytes as a size, anything else (predictions, rate limits) as a count."""
+    if kind in DURATION_KINDS:
         return duration(value)
     if kind == "stored_bytes":
         return binary_size(value)

@@ -1,18 +1,21 @@
 """Usage metering: durable events per project, aggregated on demand, and quotas.
 
 Kinds (units): ``compute_seconds`` (wall seconds a job's attempt ran, by device),
-``prediction_requests`` and ``prediction_rows`` (served), ``prompt_tokens`` and
-``completion_tokens`` (the language-model tokens of ``/v1`` requests, by deployment
-and API key; an embeddings request's input counts as prompt tokens, as OpenAI's usage
-does), ``stored_bytes`` (datasets and model versions written to the artifact store).
-Events are only appended; totals are sums over a time range. A quota caps one kind per
-``day`` or ``month`` (UTC calendar periods), or in ``total``; past it the call is
-refused with 429. The quota kind ``tokens`` caps prompt + completion tokens together
-(``kiln.monitor.token_meter`` enforces it, mid-stream too).
+``worker_seconds`` (an attempt that trained on a Ray cluster: Σ over its Ray Train
+workers of the seconds each trained, ``kiln.jobs.placement``), ``prediction_requests``
+and ``prediction_rows`` (served), ``prompt_tokens`` and ``completion_tokens`` (the
+language-model tokens of ``/v1`` requests, by deployment and API key; an embeddings
+request's input counts as prompt tokens, as OpenAI's usage does), ``stored_bytes``
+(datasets and model versions written to the artifact store). Events are only appended;
+totals are sums over a time range. A quota caps one kind per ``day`` or ``month`` (UTC
+calendar periods), or in ``total``; past it the call is refused with 429. The quota
+kind ``tokens`` caps prompt + completion tokens together (``kiln.monitor.token_meter``
+enforces it, mid-stream too).
 
 Where each kind is written: ``compute_seconds`` when a job's attempt ends, whatever
 its outcome (``kiln.jobs.resources``; an event's time is the attempt's end, so an
-attempt that spans midnight counts for the day it ended); ``stored_bytes`` when a
+attempt that spans midnight counts for the day it ended), and ``worker_seconds``
+with it for an attempt that ran on Ray; ``stored_bytes`` when a
 dataset is stored and when a model version is registered (``kiln.store``; bytes
 written, nothing is ever deleted); predictions by the serving side. Quotas are
 enforced at the door: ``compute_seconds`` when a job is submitted (the seconds of
@@ -41,6 +44,7 @@ from kiln.store.tables import Job, Quota, UsageEvent, utcnow
 
 KINDS = (
     "compute_seconds",
+    "worker_seconds",
     "prediction_requests",
     "prediction_rows",
     "prompt_tokens",
@@ -50,7 +54,8 @@ KINDS = (
 TOKEN_KINDS = ("prompt_tokens", "completion_tokens")
 TOKENS = "tokens"
 """The quota kind that caps ``prompt_tokens`` + ``completion_tokens``."""
-QUOTA_KINDS = (*KINDS, TOKENS)
+# worker_seconds is metered, not capped: a job's compute_seconds quota already holds it
+QUOTA_KINDS = (*(k for k in KINDS if k != "worker_seconds"), TOKENS)
 SERVED_KINDS = ("prediction_requests", "prediction_rows", *TOKEN_KINDS)
 """Kinds whose ``subject`` is the deployment that served them."""
 GROUPS = ("deployment", "key")

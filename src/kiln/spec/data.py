@@ -48,6 +48,12 @@ class Split(StrictModel):
         default=True, description="Keep class proportions (classification; else ignored)."
     )
     seed: int = 0
+    key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="data.streaming: the column whose stable hash (with seed) decides each "
+        "row's split; default: the row number in the source's file order.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> Split:
@@ -109,6 +115,12 @@ class DataSpec(StrictModel):
         "dataset:<id>, in the training data's format); it replaces the val split "
         "(data.split.val is then 0).",
     )
+    streaming: bool = Field(
+        default=False,
+        description="Read a Parquet source (file, directory, glob or s3:// prefix) in "
+        "batches, never whole: preprocessing is fitted in one pass over the training "
+        "split, which data.split.key (or the row number) decides by a stable hash.",
+    )
 
     @property
     def text_columns(self) -> list[str]:
@@ -142,6 +154,12 @@ class DataSpec(StrictModel):
         self.split = self.split.model_copy(update={"val": 0.0})
         return self
 
+    @model_validator(mode="after")
+    def _key_needs_streaming(self) -> DataSpec:
+        if self.split.key is not None and not self.streaming:
+            raise ValueError("data.split.key: splits by key with data.streaming only")
+        return self
+
     @property
     def has_validation(self) -> bool:
         """A validation set: a val split of the source, or a separate validation source."""
@@ -170,5 +188,10 @@ class DataSpec(StrictModel):
 
 
 def _is_folder(source: str) -> bool:
-    """A local directory source is an image folder (one sub-folder per class)."""
-    return "://" not in source and not source.startswith("sklearn:") and os.path.isdir(source)
+    """A local directory source is an image folder (one sub-folder per class), unless it
+    holds Parquet files (a Parquet dataset, partitioned or not)."""
+    if "://" in source or source.startswith("sklearn:") or not os.path.isdir(source):
+        return False
+    return not any(
+        n.lower().endswith((".parquet", ".pq")) for _, _, names in os.walk(source) for n in names
+    )

@@ -96,6 +96,19 @@ class EarlyStopping(StrictModel):
     )
 
 
+class Resources(StrictModel):
+    """Data-parallel training on a Ray cluster (when the worker has one: KILN_RAY_ADDRESS).
+
+    Without a cluster the spec trains in the worker's own process, as if unset.
+    """
+
+    workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, le=1024.0)
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0.0, le=64.0, description="0: gloo on the CPU; > 0: NCCL on CUDA."
+    )
+
+
 class TrainSpec(StrictModel):
     """How the weights are fitted."""
 
@@ -125,6 +138,10 @@ class TrainSpec(StrictModel):
     packing: bool = Field(
         default=False,
         description="generation: pack short examples into max_length sequences.",
+    )
+    resources: Resources | None = Field(
+        default=None,
+        description="Train on a Ray cluster with this many workers (Ray Train, DDP).",
     )
 
     @model_validator(mode="after")

@@ -228,7 +228,8 @@ class UsageEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     time: Mapped[datetime] = mapped_column(default=utcnow)
-    # compute_seconds | prediction_requests | prediction_rows | stored_bytes
+    # kiln.monitor.usage.KINDS: compute_seconds | worker_seconds | prediction_* | ..._tokens
+    # | stored_bytes
     kind: Mapped[str] = mapped_column(String(32))
     quantity: Mapped[float] = mapped_column(Float)
     device: Mapped[str] = mapped_column(String(16), default="")  # cpu | cuda, for compute

@@ -31,6 +31,7 @@ from kiln.spec.model import CausalLMSpec, GPTSpec
 from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
+from kiln.train.executor import Executor
 from kiln.train.loop import FitResult, TensorData, fit_model
 from kiln.train.recipe import run_id
 
@@ -118,8 +119,10 @@ def train_lm(
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
+    executor: Executor | None = None,
 ) -> LMTrained:
-    """Tokenize, build and train the model ``spec`` describes on ``splits``."""
+    """Tokenize, build and train the model ``spec`` describes on ``splits`` (on
+    ``executor``'s cluster when the spec sets ``train.resources``)."""
     model_spec = spec.model
     assert isinstance(model_spec, CausalLMSpec | GPTSpec)
     tokenizer = _tokenizer(model_spec, splits.examples("train"))
@@ -146,6 +149,7 @@ def train_lm(
         checkpoints=checkpoints,
         resume=resume,
         run_id=run_id(_unlocated(spec), splits.fingerprint),
+        executor=executor,
     )
     lora = getattr(model_spec, "lora", None)
     if lora is None or lora.merge:

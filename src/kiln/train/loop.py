@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +37,46 @@ from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
 from kiln.train.validation import Validator
 
+if TYPE_CHECKING:
+    from kiln.train.executor import Executor
+
+
+class BatchStream(Protocol):
+    """Training micro-batches read from storage, one epoch at a time (streaming data)."""
+
+    @property
+    def rows(self) -> int:
+        """Training rows (all shards): the epoch's length for progress and schedules."""
+        ...
+
+    def batches(
+        self, epoch: int, seed: int, batch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's micro-batches of up to ``batch`` rows (x (B, F) float32, y (B,)
+        int64 | float32) on the CPU, shuffled deterministically from ``(seed, epoch)``;
+        every training row of the shard once per epoch."""
+        ...
+
+    def shard(self, rank: int, world: int) -> BatchStream:
+        """The same stream restricted to data-parallel worker ``rank`` of ``world``
+        (disjoint shards that together hold every training row)."""
+        ...
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel run (``torch.distributed`` initialised
+    by the caller, e.g. Ray Train): worker ``rank`` of ``world``.
+
+    Every worker builds the same run (same seed, same shuffle); each takes its share
+    of every micro-batch (in memory: rows ``rank::world`` of it; streaming: its own
+    shard), DDP averages the gradients, and the losses are scaled so that the step
+    equals one of the whole global batch. Only rank 0 writes checkpoints.
+    """
+
+    rank: int
+    world: int
+
 
 @dataclass
 class TensorData:
@@ -45,6 +86,8 @@ class TensorData:
     y_train: torch.Tensor
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
+    # streaming data: training batches come from here (x_train/y_train are ignored)
+    stream: BatchStream | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -76,8 +119,14 @@ def fit_model(
     run_id: str = "",
     augment: nn.Module | None = None,
     criterion: nn.Module | None = None,
+    executor: Executor | None = None,
+    parallel: DataParallel | None = None,
 ) -> FitResult:
     """Train ``model`` in place per ``train``; returns the history and how it ended.
+
+    With an ``executor`` and ``train.resources`` set, the run happens there (e.g. on a
+    Ray cluster, :mod:`kiln.train.executor`), which calls this function again on every
+    worker with its ``parallel`` place; ``model`` gets the trained weights.
 
     ``augment`` transforms training batches only (image augmentation). ``criterion``
     replaces the loss named by ``loss`` (e.g. a distillation loss). Token inputs
@@ -87,6 +136,22 @@ def fit_model(
     logged metrics. ``run_id`` (spec + data fingerprint) guards ``resume`` against a
     checkpoint from a different run.
     """
+    if executor is not None and train.resources is not None and parallel is None:
+        from kiln.train.executor import FitRequest
+
+        request = FitRequest(
+            data=data,
+            train=train,
+            task=task,
+            loss=loss,
+            target_scale=target_scale,
+            run_id=run_id,
+            augment=augment,
+            criterion=criterion,
+        )
+        return executor.fit(
+            model, request, callbacks=callbacks, checkpoints=checkpoints, resume=resume
+        )
     placement = Placement.for_training(train.device, train.mixed_precision)
     started = time.perf_counter()
     run = _Run.start(
@@ -101,6 +166,7 @@ def fit_model(
         callbacks=callbacks,
         checkpoints=checkpoints,
         run_id=run_id,
+        parallel=parallel,
     )
     progress = _restore(run) if resume else Progress()
     start_epoch = progress.epoch
@@ -134,6 +200,10 @@ class _Run:
     callbacks: Sequence[Callback]
     checkpoints: CheckpointStore | None
     run_id: str
+    stream: BatchStream | None  # streaming data (this worker's shard); else x/y
+    parallel: DataParallel | None
+    # what forward and backward run through: the model, or its DDP wrapper
+    forward: nn.Module = field(init=False)
     batch: int = field(init=False)
     accum: int = field(init=False)
     n_batches: int = field(init=False)
@@ -168,6 +238,7 @@ class _Run:
         callbacks: Sequence[Callback],
         checkpoints: CheckpointStore | None,
         run_id: str,
+        parallel: DataParallel | None = None,
     ) -> _Run:
         """Seed the run and move the model, the augmentation and the data to the device."""
         device = placement.device
@@ -190,10 +261,14 @@ class _Run:
             callbacks=callbacks,
             checkpoints=checkpoints,
             run_id=run_id,
+            stream=_sharded(data.stream, parallel),
+            parallel=parallel,
         )
 
     def __post_init__(self) -> None:
-        train, n = self.train, len(self.x)
+        train = self.train
+        n = self.stream.rows if self.stream is not None else len(self.x)
+        self.forward = _data_parallel(self.model, self.device) if self.parallel else self.model
         self.shuffle_gen = torch.Generator().manual_seed(train.seed)
         self.batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
         self.accum = train.gradient_accumulation
@@ -233,6 +308,20 @@ class _Run:
             for cb in self.callbacks
             if self.tokens and type(cb).on_batch_tokens is not Callback.on_batch_tokens
         ]
+
+
+def _sharded(stream: BatchStream | None, parallel: DataParallel | None) -> BatchStream | None:
+    if stream is None or parallel is None:
+        return stream
+    return stream.shard(parallel.rank, parallel.world)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DDP (gloo on the CPU, NCCL on CUDA: the process group's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _labelled_tokens(y: torch.Tensor) -> torch.Tensor:
@@ -316,17 +405,20 @@ def _guarded_epochs(run: _Run, progress: Progress) -> None:
 def _epochs(run: _Run, progress: Progress) -> None:
     """Epochs from ``progress.epoch`` on, each logged, checkpointed and announced."""
     start = progress.epoch
+    saves = run.checkpoints is not None and (run.parallel is None or run.parallel.rank == 0)
     # A run that had already stopped early resumes straight to the end.
     for epoch in range(start, start if progress.stopped_early else run.train.epochs):
         t0 = time.perf_counter()
-        logs = _epoch_logs(run, epoch, _train_epoch(run))
+        loss = _stream_epoch(run, epoch) if run.stream is not None else _train_epoch(run)
+        logs = _epoch_logs(run, epoch, loss)
         logs["seconds"] = time.perf_counter() - t0
         if run.scheduler is not None and not run.per_step:
             run.scheduler.step(logs[run.plateau_metric])
         _track_best(run, progress, logs)
         progress.history.append(logs)
         progress.epoch = epoch + 1
-        if run.checkpoints is not None:
+        if saves:
+            assert run.checkpoints is not None
             run.checkpoints.save(_checkpoint_state(run, progress))
         for cb in run.callbacks:
             cb.on_epoch_end(logs)
@@ -347,13 +439,16 @@ def _train_epoch(run: _Run) -> float:
         cb.on_epoch_start(run.n_batches)
     for b in range(run.n_batches):
         idx = perm[b * run.batch : (b + 1) * run.batch]
-        if not (run.has_batchnorm and len(idx) == 1):  # BatchNorm needs 2+ rows
+        if _trainable(run, len(idx)):
+            last = (b + 1) % run.accum == 0 or b == run.n_batches - 1
+            mine = _my_rows(run, idx)
             if run.row_weights is None:
-                weight, share = float(len(idx)), len(idx) / _group_rows(run, b)
+                weight, share = float(len(mine)), len(mine) * _world(run) / _group_rows(run, b)
             else:
-                weight, share = _token_share(run, perm, b)
+                weight, share = _token_share(run, perm, b, mine)
             seen += weight
-            total += _backward(run, idx, share) * weight
+            with _syncing(run, last):
+                total += _backward(run, mine if len(mine) else idx[:1], share) * weight
             pending = True
         if pending and ((b + 1) % run.accum == 0 or b == run.n_batches - 1):
             pending = False
@@ -364,7 +459,85 @@ def _train_epoch(run: _Run) -> float:
                 token_hook(n_tokens)
         for hook in run.batch_hooks:
             hook()
-    return float(total) / max(seen, 1)
+    return _mean_loss(run, total, seen)
+
+
+def _trainable(run: _Run, rows: int) -> bool:
+    """Whether a micro-batch of ``rows`` (global) rows can train: BatchNorm needs 2+
+    rows on every worker."""
+    return not (run.has_batchnorm and rows // _world(run) < 2)
+
+
+def _my_rows(run: _Run, idx: torch.Tensor) -> torch.Tensor:
+    """This worker's rows of the global micro-batch ``idx`` (all of them in one process)."""
+    if run.parallel is None:
+        return idx
+    return idx[run.parallel.rank :: run.parallel.world]
+
+
+def _syncing(run: _Run, last: bool) -> Any:
+    """DDP averages gradients on the backward of an optimizer step's last micro-batch
+    only; the others accumulate locally (``no_sync``)."""
+    if run.parallel is None or last:
+        return nullcontext()
+    no_sync: Callable[[], Any] = run.forward.no_sync  # type: ignore[assignment]
+    return no_sync()
+
+
+def _mean_loss(run: _Run, total: torch.Tensor, seen: float) -> float:
+    """The epoch's mean training loss over every worker's rows."""
+    if run.parallel is None:
+        return float(total) / max(seen, 1)
+    import torch.distributed as dist
+
+    both = torch.stack([total.detach().double(), torch.tensor(seen, dtype=torch.float64)])
+    both = both.to(run.device)
+    dist.all_reduce(both)
+    return float(both[0]) / max(float(both[1]), 1)
+
+
+def _stream_epoch(run: _Run, epoch: int) -> float:
+    """One pass over a streaming source's training rows (this worker's shard); the mean
+    training loss per row.
+
+    Micro-batches are weighted by their rows' share of a full optimizer step (``batch``
+    x ``accum`` rows): the last, short step of an epoch weighs a little less than it
+    would in memory. Under DDP the shards may hold different numbers of batches, so
+    the epoch runs under DDP's ``Join`` (a finished worker shadows the others' steps).
+    """
+    assert run.stream is not None
+    run.model.train()
+    world = _world(run)
+    local_batch = max(1, run.batch // world)
+    total = torch.zeros((), device=run.device)
+    seen = 0.0
+    run.optimizer.zero_grad(set_to_none=True)
+    for cb in run.callbacks:
+        cb.on_epoch_start(run.n_batches)
+    with _joined(run):
+        b = -1
+        for b, (xb, yb) in enumerate(run.stream.batches(epoch, run.train.seed, local_batch)):
+            share = len(xb) * world / (run.batch * run.accum)
+            last = (b + 1) % run.accum == 0
+            with _syncing(run, last):
+                loss = _backward_on(run, xb.to(run.device), yb.to(run.device), share)
+            total += loss * len(xb)
+            seen += len(xb)
+            if last:
+                _optimizer_step(run)
+            for hook in run.batch_hooks:
+                hook()
+        if (b + 1) % run.accum:
+            _optimizer_step(run)  # the epoch's last, short step
+    return _mean_loss(run, total, seen)
+
+
+def _joined(run: _Run) -> Any:
+    if run.parallel is None:
+        return nullcontext()
+    from torch.distributed.algorithms.join import Join
+
+    return Join([run.forward])  # type: ignore[list-item]  # DDP is Joinable
 
 
 def _group_rows(run: _Run, b: int) -> int:
@@ -378,34 +551,43 @@ def _group_rows(run: _Run, b: int) -> int:
     return min(len(run.x), (first + run.accum) * run.batch) - first * run.batch
 
 
-def _token_share(run: _Run, perm: torch.Tensor, b: int) -> tuple[float, float]:
-    """(labelled tokens of micro-batch ``b``, their share of its optimizer step's): the
-    token-mean losses of the micro-batches, weighted so, add up to the token mean of one
-    batch of the whole step."""
+def _world(run: _Run) -> int:
+    return run.parallel.world if run.parallel is not None else 1
+
+
+def _token_share(run: _Run, perm: torch.Tensor, b: int, mine: torch.Tensor) -> tuple[float, float]:
+    """(labelled tokens of this worker's rows ``mine`` of micro-batch ``b``, their share
+    of its optimizer step's, times the world size): the token-mean losses of the
+    micro-batches, weighted so, add up to the token mean of one batch of the whole step
+    (DDP divides the workers' summed gradients by the world size)."""
     assert run.row_weights is not None
     first = (b // run.accum) * run.accum
     group = perm[first * run.batch : (first + run.accum) * run.batch]
-    mine = float(run.row_weights[perm[b * run.batch : (b + 1) * run.batch]].sum())
-    return mine, mine / max(float(run.row_weights[group].sum()), 1.0)
+    tokens = float(run.row_weights[mine].sum())
+    return tokens, tokens * _world(run) / max(float(run.row_weights[group].sum()), 1.0)
 
 
 def _backward(run: _Run, idx: torch.Tensor, share: float) -> torch.Tensor:
-    """Forward and backward of the micro-batch ``idx``, its loss scaled by ``share`` (of
-    the optimizer step) for the gradient; returns its mean loss (detached)."""
-    xb = run.x[idx]
+    """Forward and backward of the micro-batch ``idx`` (rows of the in-memory split)."""
+    return _backward_on(run, run.x[idx], run.y[idx], share)
+
+
+def _backward_on(run: _Run, xb: torch.Tensor, yb: torch.Tensor, share: float) -> torch.Tensor:
+    """Forward and backward of a micro-batch, its loss scaled by ``share`` (of the
+    optimizer step) for the gradient; returns its mean loss (detached)."""
     if run.tokens:
         xb = trim_padding(xb)
     if run.augment is not None:
         xb = run.augment(xb)
     with run.autocast:
-        out = run.model(xb)
-        step_loss = run.loss_fn(out.float(), run.y[idx])
+        out = run.forward(xb)
+        step_loss = run.loss_fn(out.float(), yb)
     objective = step_loss
     reg = run.train.regularization
     penalty = weight_penalty(run.penalised, reg.l1, reg.l2)
     if penalty is not None:
         objective = objective + penalty
-    (objective * share if share < 1 else objective).backward()
+    (objective * share if share != 1 else objective).backward()
     mean: torch.Tensor = step_loss.detach()
     return mean
 

@@ -36,6 +36,7 @@ from kiln.spec.spec import Spec
 from kiln.train.callbacks import Callback
 from kiln.train.checkpoint import CheckpointStore
 from kiln.train.early_stopping import kfold_folds, train_kfold
+from kiln.train.executor import Executor
 from kiln.train.loop import FitResult, TensorData, fit_model
 
 
@@ -162,11 +163,15 @@ def train_frames(
     checkpoints: CheckpointStore | None = None,
     resume: bool = False,
     kfold_epochs: bool = False,
+    executor: Executor | None = None,
 ) -> Trained:
     """Fit preprocessing on ``train``, build the model, train it (validating on ``val``).
 
     Tree models are boosted by their library (:mod:`kiln.train.tree_recipe`; they keep
     no checkpoints: a resumed run boosts again from the start).
+
+    ``executor``: where a spec with ``train.resources`` trains (in-process without one;
+    k-fold early stopping's folds always train in-process).
 
     ``kfold_epochs``: allow k-fold early stopping (``train.early_stopping.folds``),
     which trains the returned model on ``train`` AND ``val`` (so a caller that scores
@@ -220,6 +225,7 @@ def train_frames(
         resume=resume,
         run_id=run_id(spec, table.fingerprint),
         augment=augment,
+        executor=executor,
     )
     merge = getattr(model, "merge_adapters", None)
     if merge is not None:

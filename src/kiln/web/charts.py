@@ -509,6 +509,7 @@ def traffic(series: Sequence[SeriesPoint]) -> Figure:
 
 USAGE_UNITS = {
     "compute_seconds": "seconds",
+    "worker_seconds": "worker-seconds",
     "prediction_requests": "requests",
     "prediction_rows": "rows",
     "prompt_tokens": "tokens",

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kiln.monitor.units import binary_size, duration
+
+if TYPE_CHECKING:
+    from kiln.jobs.placement import ExecutorRecord
 
 CONFUSION = "confusion_matrix"
 
@@ -163,7 +166,46 @@ def resource_facts(resources: Mapping[str, Any]) -> list[tuple[str, str]]:
     attempts = resources.get("attempts")
     if isinstance(attempts, list) and len(attempts) > 1:
         facts.append(("attempts measured", str(len(attempts))))
+    return facts + executor_facts(resources)
+
+
+def executor_facts(resources: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Where the job trained when that was on Ray (``kiln.jobs.placement``): the latest
+    attempt's cluster, Ray job and workers, their worker time, and where an earlier
+    attempt ran when that differed (a job resumed after a lost node). Empty otherwise.
+    The job page lists the latest attempt's workers below these facts."""
+    latest = ray_text(resources.get("executor"))
+    if latest is None:
+        return []
+    facts = [("ran on", latest)]
+    seconds = resources["executor"].get("worker_seconds")
+    if _scalar(seconds):
+        facts.append(("worker time", duration(seconds)))
+    attempts = resources.get("attempts")
+    for entry in attempts[:-1] if isinstance(attempts, list) else []:
+        earlier = ray_text(entry.get("executor")) if isinstance(entry, dict) else None
+        if earlier is not None and earlier != latest:
+            facts.append((f"attempt {entry.get('attempt', '?')} ran on", earlier))
     return facts
+
+
+def ray_text(record: object) -> str | None:
+    """``Ray ray://head:10001, Ray job 02000000, 4 workers on 2 nodes``; None for
+    anything that is not an executor record."""
+    if not isinstance(record, dict) or not isinstance(record.get("workers"), list):
+        return None
+    from kiln.jobs.placement import node_count
+
+    workers = [w for w in record["workers"] if isinstance(w, dict) and "node_id" in w]
+    nodes = node_count(cast("ExecutorRecord", {**record, "workers": workers}))
+    return (
+        f"Ray {record.get('address', '?')}, Ray job {record.get('ray_job_id', '?')}, "
+        f"{_plural(len(workers), 'worker')} on {_plural(nodes, 'node')}"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ router = APIRouter(tags=["usage"])
 class UsageItem(BaseModel):
     period: str = Field(description="2026-01-31 (day), 2026-01 (month) or total.")
     kind: str
-    device: str = Field(description="cpu or cuda for compute_seconds; empty otherwise.")
+    device: str = Field(
+        description="cpu or cuda for compute_seconds and worker_seconds; empty otherwise."
+    )
     quantity: float
     deployment: str | None = Field(
         default=None,

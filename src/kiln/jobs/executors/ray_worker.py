@@ -1,0 +1,174 @@
+"""What each Ray Train worker runs: the training engine on its share of the data.
+
+:func:`train_worker` is Ray Train's ``train_loop_per_worker``. The process group is
+Ray Train's (gloo on CPU, NCCL on GPU); the engine wraps the model in DDP itself
+(:class:`kiln.train.loop.DataParallel`). Rank 0 relays its callbacks and checkpoints
+through the run's :mod:`~kiln.jobs.executors.ray_channel`; every worker polls it for a
+stop request at the same batches, so all of them stop together.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import ray
+import torch
+
+from kiln.errors import KilnError
+from kiln.train.callbacks import Callback, TrainSummary
+from kiln.train.checkpoint import CheckpointState, EpochEntry
+from kiln.train.executor import FitRequest
+from kiln.train.loop import DataParallel, FitResult, fit_model
+
+STOP_EVERY = 8  # batches between a worker's stop checks (one actor call each)
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not a failure
+    """The driver asked the run to stop (the job was cancelled or lost its lease)."""
+
+
+class _ChannelCheckpoints:
+    """A CheckpointStore on the channel: everyone loads the latest; rank 0 saves."""
+
+    def __init__(self, channel: Any, *, saves: bool) -> None:
+        self.channel = channel
+        self.saves = saves
+
+    def save(self, state: CheckpointState) -> None:
+        if self.saves:
+            ray.get(self.channel.save.remote(state))
+
+    def load(self) -> CheckpointState | None:
+        state: CheckpointState | None = ray.get(self.channel.checkpoint.remote())
+        return state
+
+    def clear(self) -> None:
+        """The driver clears the job's stored checkpoint once the version is registered."""
+
+
+class _Relay(Callback):
+    """Rank 0's callback events, put on the channel in order (batches coalesced)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.batches = 0
+        self.tokens = 0
+
+    def _flush(self) -> None:
+        if self.batches:
+            self.channel.put.remote("batches", self.batches)
+            self.batches = 0
+        if self.tokens:
+            self.channel.put.remote("tokens", self.tokens)
+            self.tokens = 0
+
+    def on_train_start(self, epochs: int, start_epoch: int) -> None:
+        self.channel.put.remote("train_start", [epochs, start_epoch])
+
+    def on_epoch_start(self, batches: int) -> None:
+        self.channel.put.remote("epoch_start", batches)
+
+    def on_batch_tokens(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def on_batch_end(self) -> None:
+        self.batches += 1
+        if self.batches >= STOP_EVERY:
+            self._flush()
+
+    def on_epoch_end(self, logs: EpochEntry) -> None:
+        self._flush()
+        self.channel.put.remote("epoch_end", dict(logs))
+
+    def on_train_end(self, summary: TrainSummary) -> None:
+        self._flush()
+        if "error" not in summary:  # a failed group may be restarted: the driver ends it
+            ray.get(self.channel.put.remote("train_end", dict(summary)))
+
+
+class _StopCheck(Callback):
+    """Every worker asks the channel whether to stop, at the same batches and epochs."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.batches = 0
+
+    def _check(self) -> None:
+        if ray.get(self.channel.stopped.remote()):
+            raise StopRequested("the job asked its Ray workers to stop")
+
+    def on_batch_end(self) -> None:
+        self.batches += 1
+        if self.batches % STOP_EVERY == 0:
+            self._check()
+
+    def on_epoch_end(self, logs: EpochEntry) -> None:
+        self._check()
+
+
+def _placement(rank: int, config: dict[str, Any]) -> dict[str, Any]:
+    context = ray.get_runtime_context()
+    return {
+        "rank": rank,
+        "node_id": context.get_node_id(),
+        "pid": os.getpid(),
+        "cpus": float(config["cpus"]),
+        "gpus": float(config["gpus"]),
+    }
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's loop on one worker: fetch the run, train this rank, rank 0 reports."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    channel = config["channel"]
+    ray.get(channel.hello.remote(_placement(rank, config)))
+    model, request = ray.get(config["payload"][0])
+    assert isinstance(request, FitRequest)
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    train = request.train
+    if config["gpus"] > 0:
+        torch.cuda.set_device(ray.train.torch.get_device())
+        train = train.model_copy(update={"device": "cuda"})
+    callbacks: list[Callback] = [_StopCheck(channel)]
+    if rank == 0:
+        callbacks.insert(0, _Relay(channel))
+    try:
+        result = _fit(model, request, train, channel, callbacks, rank, world)
+    except KilnError as exc:  # the driver fails the job with it, not with Ray's wrapper
+        ray.get(channel.fail.remote(exc.to_dict()))
+        raise
+    if rank == 0:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        ray.get(channel.finish.remote((weights, replace(result, device=str(result.device)))))
+
+
+def _fit(
+    model: Any,
+    request: FitRequest,
+    train: Any,
+    channel: Any,
+    callbacks: list[Callback],
+    rank: int,
+    world: int,
+) -> FitResult:
+    return fit_model(
+        model,
+        request.data,
+        train,
+        request.task,
+        request.loss,
+        target_scale=request.target_scale,
+        callbacks=callbacks,
+        checkpoints=_ChannelCheckpoints(channel, saves=rank == 0),
+        resume=bool(ray.get(channel.has_checkpoint.remote())),
+        run_id=request.run_id,
+        augment=request.augment,
+        criterion=request.criterion,
+        parallel=DataParallel(rank=rank, world=world),
+    )
