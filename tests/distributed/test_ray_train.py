@@ -110,3 +110,41 @@ def test_asking_for_more_than_the_cluster_has_fails_saying_so(
     assert "asks for 8 workers x 2 CPUs" in message, message
     assert "has 2 CPUs" in message and "within 2 s" in message, message
     assert "KILN_RAY_RESOURCE_TIMEOUT" in message
+
+
+def test_a_streaming_parquet_source_trains_on_two_ray_workers(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """Each worker streams its own shard (row groups round-robin) of a hive-partitioned
+    folder; DDP averages their gradients."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import kiln
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4000, 3))
+    frame = pd.DataFrame(x, columns=["a", "b", "c"])
+    frame["shop"] = rng.choice(["s1", "s2"], len(frame))
+    frame["label"] = np.where(x[:, 0] - x[:, 1] > 0, "up", "down")
+    root = tmp_path / "lake"
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_to_dataset(table, root, partition_cols=["shop"], row_group_size=250)
+    spec: dict[str, Any] = {
+        "name": "lake",
+        "task": "classification",
+        "data": {"source": str(root), "target": "label", "streaming": True},
+        "model": {"type": "mlp", "hidden": [16]},
+        "train": {
+            "epochs": 2,
+            "batch_size": 64,
+            "device": "cpu",
+            "optimizer": {"lr": 0.01},
+            "resources": {"workers": 2},
+        },
+    }
+    executor = _executor(ray_address)
+    bundle = kiln.fit(spec, executor=executor)
+    assert bundle.meta.metrics["test"]["accuracy"] > 0.9
+    assert [e["epoch"] for e in bundle.meta.training.history] == [1, 2]
+    assert sorted(w["rank"] for w in executor.records[-1]["workers"]) == [0, 1]

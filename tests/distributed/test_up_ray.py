@@ -201,3 +201,31 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_resumes(
     assert [e["epoch"] for e in series] == list(range(1, epochs + 1))
     # the resumed run restored weights, optimizer and both RNGs: the same model
     _assert_same_model(done, platform, _in_process(csv, epochs=epochs))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_cancelling_a_job_stops_its_ray_workers(platform: Platform, tmp_path: Path) -> None:
+    job_id = _submit(platform, _csv(tmp_path / "table.csv"), epochs=400)
+
+    def on_ray() -> dict[str, Any] | None:
+        body = platform.job(job_id)
+        assert body["state"] in ("queued", "running"), (body, platform.output())
+        executor = (body.get("resources") or {}).get("executor")
+        ready = executor and len(executor["workers"]) == 2 and body["progress"].get("epoch")
+        return body if ready else None
+
+    running = wait_for(on_ray, timeout=180, interval=0.2, what="the job on Ray")
+    pids = [w["pid"] for w in running["resources"]["executor"]["workers"]]
+    cancelled = platform.api.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    done = platform.finished(job_id, timeout=90)
+    assert done["state"] == "cancelled", done
+    assert done["progress"]["epoch"] < 400
+    wait_for(lambda: not any(_alive(p) for p in pids), timeout=60, what="the Ray workers to end")

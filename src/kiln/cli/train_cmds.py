@@ -13,6 +13,8 @@ from kiln.cli.render import console, err_console, metrics_table, print_json, rou
 
 if TYPE_CHECKING:
     from kiln.manifest import SelectionRecord
+    from kiln.settings import Settings
+    from kiln.train.executor import Executor
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (YAML or JSON).", show_default=False)]
 Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress bar.")]
@@ -32,12 +34,23 @@ def train(
     force: Annotated[
         bool, flag("--force", help="Replace a bundle of another model in --out.")
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Train a spec with train.resources on this Ray cluster (host:port, "
+            "ray://host:10001, auto); default: KILN_RAY_ADDRESS.",
+        ),
+    ] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Train the model a spec describes and save it as a bundle directory.
 
     A bundle already in --out is replaced when it is of the same model (retraining,
-    said on stderr); one of another model only with --force.
+    said on stderr); one of another model only with --force. With --ray (or
+    KILN_RAY_ADDRESS) and train.resources in the spec, training runs data-parallel on
+    that Ray cluster.
     """
     from kiln.bundle import check_destination
     from kiln.evaluate.metrics import headline_metric, metric_value
@@ -47,7 +60,8 @@ def train(
     from kiln.workflow import checkpoint_dir, fit
 
     parsed = load_spec(spec)
-    apply_threads(get_settings())
+    settings = get_settings()
+    apply_threads(settings)
     _say_replacing(out, check_destination(out, name=parsed.name, force=force), parsed.name)
     callbacks: list[Callback] = []
     if not quiet and not json_out:
@@ -61,7 +75,13 @@ def train(
         callbacks.append(ResumeHint(checkpoint_dir(out)))  # after the bar, which stops first
     if log_jsonl is not None:
         callbacks.append(JsonlLog(log_jsonl))
-    bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks)
+    bundle = fit(
+        parsed,
+        out=out,
+        resume=resume,
+        callbacks=callbacks,
+        executor=_ray_executor(ray or settings.ray_address, settings),
+    )
     tokens = bundle.meta.training.tokens
     if tokens is not None and tokens.truncated:
         lines = ", ".join(map(str, tokens.truncated_lines))
@@ -167,3 +187,16 @@ def crossval(
     )
     console.print(table)
     console.print(f"{headline}: [bold]{result.mean[headline]:.4f}[/] ± {result.std[headline]:.4f}")
+
+
+def _ray_executor(address: str | None, settings: Settings) -> Executor | None:
+    """The Ray cluster a spec with ``train.resources`` trains on (None: this process)."""
+    if not address:
+        return None
+    from kiln.jobs.executors.ray import RayExecutor
+
+    return RayExecutor(
+        address,
+        timeout=settings.ray_resource_timeout,
+        max_failures=settings.ray_max_failures,
+    )

@@ -152,6 +152,8 @@ def fit_model(
         return executor.fit(
             model, request, callbacks=callbacks, checkpoints=checkpoints, resume=resume
         )
+    if parallel is not None and parallel.world == 1:
+        parallel = None  # one worker: DDP would only add its bucket copies
     placement = Placement.for_training(train.device, train.mixed_precision)
     started = time.perf_counter()
     run = _Run.start(

@@ -22,7 +22,7 @@ from kiln.train.checkpoint import CheckpointState, EpochEntry
 from kiln.train.executor import FitRequest
 from kiln.train.loop import DataParallel, FitResult, fit_model
 
-STOP_EVERY = 8  # batches between a worker's stop checks (one actor call each)
+STOP_EVERY = 32  # batches between stop checks (an actor call and an all-reduce each)
 
 
 class StopRequested(Exception):  # noqa: N818 - a request, not a failure
@@ -89,19 +89,30 @@ class _Relay(Callback):
 
 
 class _StopCheck(Callback):
-    """Every worker asks the channel whether to stop, at the same batches and epochs."""
+    """Every worker asks the channel whether to stop, at the same batches and epochs,
+    and they agree (an all-reduce of their answers), so all of them stop together.
 
-    def __init__(self, channel: Any) -> None:
+    Streaming shards hold different numbers of batches (the epoch runs under DDP's
+    Join), so there only epoch ends are checked.
+    """
+
+    def __init__(self, channel: Any, *, per_batch: bool) -> None:
         self.channel = channel
+        self.per_batch = per_batch
         self.batches = 0
 
     def _check(self) -> None:
-        if ray.get(self.channel.stopped.remote()):
+        import torch.distributed as dist
+
+        stop = torch.tensor([1.0 if ray.get(self.channel.stopped.remote()) else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
             raise StopRequested("the job asked its Ray workers to stop")
 
     def on_batch_end(self) -> None:
         self.batches += 1
-        if self.batches % STOP_EVERY == 0:
+        if self.per_batch and self.batches % STOP_EVERY == 0:
             self._check()
 
     def on_epoch_end(self, logs: EpochEntry) -> None:
@@ -135,14 +146,20 @@ def train_worker(config: dict[str, Any]) -> None:
     if config["gpus"] > 0:
         torch.cuda.set_device(ray.train.torch.get_device())
         train = train.model_copy(update={"device": "cuda"})
-    callbacks: list[Callback] = [_StopCheck(channel)]
+    callbacks: list[Callback] = [_StopCheck(channel, per_batch=request.data.stream is None)]
     if rank == 0:
         callbacks.insert(0, _Relay(channel))
+    if ray.get(channel.stopped.remote()):
+        return  # a group Ray restarted after the job was stopped
     try:
         result = _fit(model, request, train, channel, callbacks, rank, world)
-    except KilnError as exc:  # the driver fails the job with it, not with Ray's wrapper
+    except StopRequested:
+        return  # every worker returns: the run ends without a result (no retry by Ray)
+    except KilnError as exc:
+        # The driver fails the job with it. Returning (not raising) keeps Ray from
+        # retrying a run that would fail the same way (the workers agree on the losses).
         ray.get(channel.fail.remote(exc.to_dict()))
-        raise
+        return
     if rank == 0:
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         ray.get(channel.finish.remote((weights, replace(result, device=str(result.device)))))
