@@ -5,10 +5,11 @@ into ``--dir`` (reused when it already holds that table), then trains one epoch 
 ``data.streaming`` spec in a child process and prints the data's size on disk and in
 memory (as a float64 frame), rows per second, wall time and the child's peak RSS.
 
-The memory budget (``--memory``, default 1G) is enforced with a cgroup through
+The memory budget (``--memory``, default 1G) is enforced with a cgroup: a cgroup v1
+memory group of its own where ``/sys/fs/cgroup/memory`` is writable (as root), else
 ``systemd-run --scope -p MemoryMax=...`` where systemd runs; elsewhere it is only
 reported against (``RLIMIT_AS`` cannot be used: torch reserves far more address space
-than it touches).
+than it touches). Past the budget the kernel kills the child, and the run fails.
 
     python benchmarks/streaming.py --gb 1
 """
@@ -65,8 +66,28 @@ def write_table(root: Path, rows: int) -> None:
     marker.write_text(str(rows))
 
 
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def _bytes(memory: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    suffix = memory[-1].upper()
+    return int(float(memory[:-1]) * units[suffix]) if suffix in units else int(memory)
+
+
 def limited(command: list[str], memory: str) -> tuple[list[str], bool]:
-    """``command`` under a cgroup memory cap when systemd can make one."""
+    """``command`` under a cgroup memory cap: a v1 memory cgroup, else systemd's."""
+    group = CGROUP_V1 / "kiln-bench-streaming"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(_bytes(memory)))
+        with_swap = group / "memory.memsw.limit_in_bytes"
+        if with_swap.exists():  # no swapping past the budget either
+            with_swap.write_text(str(_bytes(memory)))
+        enter = f'echo $$ > {group}/cgroup.procs && exec "$@"'
+        return ["sh", "-c", enter, "sh", *command], True
+    except OSError:
+        pass
     probe = ["systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={memory}", "true"]
     try:
         ok = subprocess.run(probe, capture_output=True, timeout=20).returncode == 0

@@ -1,5 +1,5 @@
 """A real Ray cluster on loopback for the ``distributed`` tests: one head node started
-by the test session with ``ray start --head`` (2 CPUs), stopped at its end.
+with ``ray start --head`` (2 CPUs) for each test module, stopped at its end.
 
 Ray's own temporary folder goes under a short path of the session's (its socket paths
 must stay under the kernel's 108 bytes).
@@ -7,7 +7,6 @@ must stay under the kernel's 108 bytes).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +25,10 @@ def _ray_cli() -> list[str]:
     return [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """``127.0.0.1:PORT`` of a Ray head with 2 CPUs; every test of the session shares it."""
+    """``127.0.0.1:PORT`` of a Ray head with 2 CPUs, shared by the tests of a module (and
+    stopped after them: later modules, the README's walk-through, start their own)."""
     pytest.importorskip("ray")
     temp = Path(tempfile.mkdtemp(prefix="kray-", dir="/tmp"))
     port = free_port()
@@ -53,7 +53,6 @@ def ray_address() -> Iterator[str]:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     address = f"127.0.0.1:{port}"
-    os.environ["RAY_ADDRESS"] = address  # this process's drivers join the same cluster
     try:
         yield address
     finally:
@@ -61,6 +60,5 @@ def ray_address() -> Iterator[str]:
 
         if ray.is_initialized():
             ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
         subprocess.run([*_ray_cli(), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)

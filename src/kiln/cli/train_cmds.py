@@ -14,6 +14,7 @@ from kiln.cli.render import console, err_console, metrics_table, print_json, rou
 if TYPE_CHECKING:
     from kiln.manifest import SelectionRecord
     from kiln.settings import Settings
+    from kiln.spec.spec import Spec
     from kiln.train.executor import Executor
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (YAML or JSON).", show_default=False)]
@@ -75,13 +76,8 @@ def train(
         callbacks.append(ResumeHint(checkpoint_dir(out)))  # after the bar, which stops first
     if log_jsonl is not None:
         callbacks.append(JsonlLog(log_jsonl))
-    bundle = fit(
-        parsed,
-        out=out,
-        resume=resume,
-        callbacks=callbacks,
-        executor=_ray_executor(ray or settings.ray_address, settings),
-    )
+    executor = _ray_executor(ray or settings.ray_address, settings)
+    bundle = fit(parsed, out=out, resume=resume, callbacks=callbacks, executor=executor)
     tokens = bundle.meta.training.tokens
     if tokens is not None and tokens.truncated:
         lines = ", ".join(map(str, tokens.truncated_lines))
@@ -100,7 +96,7 @@ def train(
     note = f", early stop (best {unit} {training.best_epoch})" if training.stopped_early else ""
     console.print(
         f"trained [bold]{bundle.name}[/] in {training.seconds or 0:.1f}s, "
-        f"{training.epochs_run} {unit}s{note}, on {training.device}"
+        f"{training.epochs_run} {unit}s{note}, on {training.device}{_where(parsed, executor)}"
     )
     if training.selection is not None:
         _print_selection(training.selection)
@@ -200,3 +196,11 @@ def _ray_executor(address: str | None, settings: Settings) -> Executor | None:
         timeout=settings.ray_resource_timeout,
         max_failures=settings.ray_max_failures,
     )
+
+
+def _where(spec: Spec, executor: Executor | None) -> str:
+    """`` x 2 Ray workers`` when the run was handed to a Ray cluster."""
+    resources = spec.train.resources
+    if executor is None or resources is None or spec.model.type in ("gbdt", "auto"):
+        return ""
+    return f" x {resources.workers} Ray worker{'s' if resources.workers > 1 else ''}"

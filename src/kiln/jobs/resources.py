@@ -182,14 +182,22 @@ class ResourceMeter:
         cpu = round(time.process_time() - self._cpu0, 3)
         gpu = _gpu_peak()
         device = device_type(self.device) or ("cuda" if gpu else "cpu")
-        figures: Figures = {
-            "wall_seconds": wall,
-            "cpu_seconds": cpu,
-            "peak_rss_bytes": int(peak),
-            "device": device,
-        }
-        if device == "cuda" or gpu:  # the GPU figure only where a GPU was used
-            figures["gpu_peak_bytes"] = gpu
+        figures: Figures = (
+            {  # the GPU figure only where a GPU was used; keys in their stored order
+                "wall_seconds": wall,
+                "cpu_seconds": cpu,
+                "peak_rss_bytes": int(peak),
+                "gpu_peak_bytes": gpu,
+                "device": device,
+            }
+            if device == "cuda" or gpu
+            else {
+                "wall_seconds": wall,
+                "cpu_seconds": cpu,
+                "peak_rss_bytes": int(peak),
+                "device": device,
+            }
+        )
         with self._lock:
             if self._executor is not None:
                 figures["executor"] = self._executor

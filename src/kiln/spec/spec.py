@@ -187,6 +187,11 @@ def _check_tables_only(spec: Spec) -> None:
         return
     if spec.data.text is not None or spec.data.image is not None or spec.data.is_image_folder:
         raise ValueError(f"model.type: {model.type} is for tables, not text or images")
+    if spec.train.resources is not None:
+        raise ValueError(
+            f"train.resources: {model.type} trains in one process (the boosting library's "
+            "threads); Ray workers train the torch engine's models"
+        )
     if model.type == "auto":
         return
     for key, default in _TORCH_ONLY.items():
