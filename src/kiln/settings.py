@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     )
     ray_address: str | None = Field(
         default=None,
-        description="KILN_RAY_ADDRESS: a Ray cluster (host:port, ray://host:10001 or auto); "
+        description="KILN_RAY_ADDRESS: a Ray cluster (host:port or auto); "
         "workers then train specs with train.resources on it (Ray Train, DDP).",
     )
     ray_resource_timeout: float = Field(

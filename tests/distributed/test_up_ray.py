@@ -35,6 +35,7 @@ class Platform:
         env = kiln_env(
             home,
             KILN_HEARTBEAT_SECONDS="0.5",
+            KILN_HEARTBEAT_TIMEOUT="3",
             KILN_RAY_RESOURCE_TIMEOUT="60",
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
@@ -229,3 +230,54 @@ def test_cancelling_a_job_stops_its_ray_workers(platform: Platform, tmp_path: Pa
     assert done["state"] == "cancelled", done
     assert done["progress"]["epoch"] < 400
     wait_for(lambda: not any(_alive(p) for p in pids), timeout=60, what="the Ray workers to end")
+
+
+def _kiln_workers(server_pid: int) -> list[int]:
+    """The `kiln worker` processes `kiln up` (``server_pid``) started that still run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"kiln.jobs.worker" in args
+            and str(server_pid).encode() in args
+            and _alive(int(entry.name))
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_kiln_worker_requeues_the_job_which_resumes_on_ray(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The driver itself lost: its Ray run ends with it; the next kiln worker re-queues the
+    job and its new attempt resumes on Ray from the checkpoint in the artifact store."""
+    epochs = 30
+    csv = _csv(tmp_path / "table.csv")
+    job_id = _submit(platform, csv, epochs=epochs)
+
+    def at_epoch_3() -> dict[str, Any] | None:
+        body = platform.job(job_id)
+        assert body["state"] in ("queued", "running"), (body, platform.output())
+        return body if body["progress"].get("epoch", 0) >= 3 else None
+
+    running = wait_for(at_epoch_3, timeout=180, interval=0.2, what="epoch 3 on Ray")
+    driver = int(running["worker"].rsplit(":", 2)[1])
+    assert driver in _kiln_workers(platform.proc.pid)
+    os.kill(driver, signal.SIGKILL)
+
+    done = platform.finished(job_id, timeout=300)
+    assert done["state"] == "succeeded", (done, platform.output())
+    assert done["attempts"] == 2
+    attempts = done["resources"]["attempts"]
+    assert [a["state"] for a in attempts] == ["lost", "succeeded"]
+    assert all("executor" in a for a in attempts)  # both trained on Ray
+    messages = [e["message"] for e in platform.api.get(f"/jobs/{job_id}/logs").json()]
+    assert any(m.startswith("resumed from the checkpoint of epoch ") for m in messages), messages
+    series = platform.api.get(f"/jobs/{job_id}/metrics").json()["epochs"]
+    assert [e["epoch"] for e in series] == list(range(1, epochs + 1))
+    _assert_same_model(done, platform, _in_process(csv, epochs=epochs))

@@ -110,10 +110,10 @@ def test_the_kiln_workers_reach_the_head_and_read_the_settings_secret() -> None:
     assert deployment["metadata"]["namespace"] == secret["metadata"]["namespace"] == namespace
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["kiln", "worker"]
-    # KubeRay names the head's Service <cluster>-head-svc; 10001 is the Ray client port
-    assert env_of(container)["KILN_RAY_ADDRESS"] == f"ray://{name}-head-svc:10001"
+    # KubeRay names the head's Service <cluster>-head-svc; 6379 is the GCS port a driver joins
+    assert env_of(container)["KILN_RAY_ADDRESS"] == f"{name}-head-svc:6379"
     head = ray_cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"containerPort": 10001, "name": "client"} in head["ports"]
+    assert {"containerPort": 6379, "name": "gcs-server"} in head["ports"]
     pods = [container, head] + [
         g["template"]["spec"]["containers"][0] for g in ray_cluster["spec"]["workerGroupSpecs"]
     ]

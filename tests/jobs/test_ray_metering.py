@@ -58,3 +58,34 @@ def test_worker_seconds_are_metered_once_when_the_attempt_ends(db: Database) -> 
         events = s.scalars(select(UsageEvent).where(UsageEvent.subject == job_id)).all()
     amounts = sorted((e.kind, e.quantity) for e in events)
     assert amounts == [("compute_seconds", 5.0), ("worker_seconds", 12.5)]
+
+
+def test_a_worker_seconds_quota_refuses_new_jobs_counting_running_ones(db: Database) -> None:
+    import pytest
+
+    from kiln.errors import QuotaError
+    from kiln.monitor.usage import check_job_quotas, set_quota
+
+    queue = Queue(db, heartbeat_timeout=30)
+    with db.session() as s:
+        project = ensure_project(s, "default")
+        new_job(s, project, "train", {}, max_attempts=3)
+        project_id = project.id
+        set_quota(s, project_id, "worker_seconds", "day", 10.0)
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    with db.session() as s:
+        check_job_quotas(s, project_id)  # nothing used yet
+    figures: Figures = {
+        "wall_seconds": 5.0,
+        "cpu_seconds": 1.0,
+        "peak_rss_bytes": 10,
+        "device": "cpu",
+        "executor": RECORD,  # 12.5 worker-seconds, still running
+    }
+    with db.session() as s:
+        assert account(s, claimed[0], figures, RUNNING)
+    with db.session() as s, pytest.raises(QuotaError) as err:
+        check_job_quotas(s, project_id)
+    assert err.value.field == "worker_seconds"
+    assert "still running" in err.value.message

@@ -29,7 +29,7 @@ def up(
         typer.Option(
             "--ray",
             metavar="ADDRESS",
-            help="A Ray cluster (host:port, ray://host:10001, auto) for specs with "
+            help="A Ray cluster (host:port or auto) for specs with "
             "train.resources; default: KILN_RAY_ADDRESS.",
         ),
     ] = None,
@@ -55,7 +55,7 @@ def worker(
         typer.Option(
             "--ray",
             metavar="ADDRESS",
-            help="A Ray cluster (host:port, ray://host:10001, auto) for specs with "
+            help="A Ray cluster (host:port or auto) for specs with "
             "train.resources; default: KILN_RAY_ADDRESS.",
         ),
     ] = None,

@@ -40,8 +40,8 @@ def train(
         typer.Option(
             "--ray",
             metavar="ADDRESS",
-            help="Train a spec with train.resources on this Ray cluster (host:port, "
-            "ray://host:10001, auto); default: KILN_RAY_ADDRESS.",
+            help="Train a spec with train.resources on this Ray cluster (host:port or "
+            "auto); default: KILN_RAY_ADDRESS.",
         ),
     ] = None,
     json_out: JsonOut = False,

@@ -30,6 +30,8 @@ def is_dataset_source(source: str) -> bool:
     directory holding Parquet files, a glob, or a URI without a table suffix (a prefix)."""
     if source.startswith("sklearn:"):
         return False
+    if "://" not in source and os.path.isfile(source):
+        return False  # a file whose name holds [, ? or * is that file, not a glob
     if any(c in source for c in _GLOB_CHARS):
         return True
     if "://" in source:
@@ -200,7 +202,9 @@ def read_dataset(source: str) -> pd.DataFrame:
     try:
         frame: pd.DataFrame = src.dataset.to_table().to_pandas()
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {source} as Parquet: {_first_line(exc)}") from None
+        raise DataError(
+            f"cannot read {source} as Parquet: {_first_line(exc)}", field="data.source"
+        ) from None
     frame.columns = [str(c) for c in frame.columns]
     return frame
 

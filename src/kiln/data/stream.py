@@ -64,8 +64,19 @@ class HashSplit:
     def frame_codes(self, frame: pd.DataFrame, start: int) -> np.ndarray:
         """Part codes of ``frame``'s rows, the first being global row ``start``."""
         if self.key is not None:
-            return self.codes(frame[self.key].to_numpy())
+            return self.codes(_canonical_keys(frame[self.key]))
         return self.codes(np.arange(start, start + len(frame), dtype=np.int64))
+
+
+def _canonical_keys(keys: pd.Series) -> np.ndarray:
+    """Split keys in one form whatever the batch they were read in: text, with whole
+    numbers as integers (a batch holding a null reads an int64 column as float64) and
+    every null as the empty string."""
+    text = keys.astype("string").fillna("")
+    if pd.api.types.is_float_dtype(keys):  # value by value: 7.0 is the integer 7
+        whole = keys.notna() & (keys == np.floor(keys)) & (keys.abs() < 2**63)
+        text[whole] = keys[whole].astype("int64").astype("string")
+    return text.to_numpy(dtype=object)
 
 
 def _seed_bytes(seed: int) -> bytes:

@@ -18,10 +18,11 @@ attempt that spans midnight counts for the day it ended), and ``worker_seconds``
 with it for an attempt that ran on Ray; ``stored_bytes`` when a
 dataset is stored and when a model version is registered (``kiln.store``; bytes
 written, nothing is ever deleted); predictions by the serving side. Quotas are
-enforced at the door: ``compute_seconds`` when a job is submitted (the seconds of
-attempts still running count as used), ``stored_bytes`` when a dataset is uploaded
-or imported (before anything is stored); a job that is already running is not
-stopped, and a version that training produced is always registered.
+enforced at the door: ``compute_seconds`` and ``worker_seconds`` when a job is submitted
+(:func:`check_job_quotas`; the seconds of attempts still running count as used),
+``stored_bytes`` when a dataset is uploaded or imported (before anything is stored); a
+job that is already running is not stopped, and a version that training produced is
+always registered.
 
 Rate limits are quotas too: ``requests_api`` and ``requests_inference`` per ``second``
 or ``minute`` cap the requests a project's keys make; they are enforced in memory by
@@ -54,8 +55,7 @@ KINDS = (
 TOKEN_KINDS = ("prompt_tokens", "completion_tokens")
 TOKENS = "tokens"
 """The quota kind that caps ``prompt_tokens`` + ``completion_tokens``."""
-# worker_seconds is metered, not capped: a job's compute_seconds quota already holds it
-QUOTA_KINDS = (*(k for k in KINDS if k != "worker_seconds"), TOKENS)
+QUOTA_KINDS = (*KINDS, TOKENS)
 SERVED_KINDS = ("prediction_requests", "prediction_rows", *TOKEN_KINDS)
 """Kinds whose ``subject`` is the deployment that served them."""
 GROUPS = ("deployment", "key")
@@ -151,18 +151,29 @@ def number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
-def running_seconds(session: Session, project_id: int) -> float:
-    """Wall seconds, as of their last heartbeat, of the project's attempts still running
-    (not metered until they end; see ``kiln.jobs.resources``)."""
+def running_seconds(session: Session, project_id: int, kind: str = "compute_seconds") -> float:
+    """Seconds, as of their last heartbeat, of the project's attempts still running (not
+    metered until they end; see ``kiln.jobs.resources``): their wall seconds, or for
+    ``worker_seconds`` their Ray workers' seconds."""
     rows = session.scalars(
         select(Job.resources).where(Job.project_id == project_id, Job.state == JobState.running)
     )
-    return sum(
-        float(a.get("wall_seconds", 0.0))
+    running = [
+        a
         for resources in rows
         for a in (resources or {}).get("attempts", [])
         if a.get("state") == "running"
-    )
+    ]
+    if kind == "worker_seconds":
+        return sum(float((a.get("executor") or {}).get("worker_seconds", 0.0)) for a in running)
+    return sum(float(a.get("wall_seconds", 0.0)) for a in running)
+
+
+def check_job_quotas(session: Session, project_id: int) -> None:
+    """Refuse a new job (QuotaError) when the project's compute or Ray worker seconds are
+    used up, counting its attempts still running."""
+    for kind in ("compute_seconds", "worker_seconds"):
+        check_quota(session, project_id, kind, pending=running_seconds(session, project_id, kind))
 
 
 def parse_bound(value: str | None, field: str) -> datetime | None:

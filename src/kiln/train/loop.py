@@ -322,6 +322,8 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` wrapped in DDP (gloo on the CPU, NCCL on CUDA: the process group's)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if device.type == "cuda":  # batch statistics over every worker's rows (CUDA only)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
     return DistributedDataParallel(model, device_ids=ids)
 
@@ -442,7 +444,7 @@ def _train_epoch(run: _Run) -> float:
     for b in range(run.n_batches):
         idx = perm[b * run.batch : (b + 1) * run.batch]
         if _trainable(run, len(idx)):
-            last = (b + 1) % run.accum == 0 or b == run.n_batches - 1
+            last = _last_of_step(run, b)
             mine = _my_rows(run, idx)
             if run.row_weights is None:
                 weight, share = float(len(mine)), len(mine) * _world(run) / _group_rows(run, b)
@@ -462,6 +464,16 @@ def _train_epoch(run: _Run) -> float:
         for hook in run.batch_hooks:
             hook()
     return _mean_loss(run, total, seen)
+
+
+def _last_of_step(run: _Run, b: int) -> bool:
+    """Whether micro-batch ``b`` is the last that trains before an optimizer step (so
+    DDP averages the gradients on its backward): the step's last, the epoch's last, or
+    the one before an epoch's last batch too small to train."""
+    if (b + 1) % run.accum == 0 or b == run.n_batches - 1:
+        return True
+    following = min(run.batch, len(run.x) - (b + 1) * run.batch)
+    return b + 1 == run.n_batches - 1 and not _trainable(run, following)
 
 
 def _trainable(run: _Run, rows: int) -> bool:
@@ -504,8 +516,11 @@ def _stream_epoch(run: _Run, epoch: int) -> float:
 
     Micro-batches are weighted by their rows' share of a full optimizer step (``batch``
     x ``accum`` rows): the last, short step of an epoch weighs a little less than it
-    would in memory. Under DDP the shards may hold different numbers of batches, so
-    the epoch runs under DDP's ``Join`` (a finished worker shadows the others' steps).
+    would in memory. Under DDP the shards may hold different numbers of batches: the
+    workers agree before each micro-batch whether any of them has one left (an
+    all-reduce), and one that has run out trains a stand-in batch with no weight. So
+    every worker takes the same steps, with the same averaged gradients, and their
+    weights and optimizer states stay equal.
     """
     assert run.stream is not None
     run.model.train()
@@ -516,30 +531,58 @@ def _stream_epoch(run: _Run, epoch: int) -> float:
     run.optimizer.zero_grad(set_to_none=True)
     for cb in run.callbacks:
         cb.on_epoch_start(run.n_batches)
-    with _joined(run):
-        b = -1
-        for b, (xb, yb) in enumerate(run.stream.batches(epoch, run.train.seed, local_batch)):
-            share = len(xb) * world / (run.batch * run.accum)
-            last = (b + 1) % run.accum == 0
-            with _syncing(run, last):
-                loss = _backward_on(run, xb.to(run.device), yb.to(run.device), share)
-            total += loss * len(xb)
-            seen += len(xb)
-            if last:
-                _optimizer_step(run)
-            for hook in run.batch_hooks:
-                hook()
-        if (b + 1) % run.accum:
-            _optimizer_step(run)  # the epoch's last, short step
+    batches = iter(run.stream.batches(epoch, run.train.seed, local_batch))
+    upcoming = _next_trainable(run, batches)
+    more = _anyone(run, upcoming is not None)
+    stand_in = _stand_in(run)
+    b = 0
+    while more:
+        current, upcoming = upcoming, _next_trainable(run, batches)
+        more = _anyone(run, upcoming is not None)
+        if current is not None:
+            stand_in = current
+        xb, yb = current if current is not None else stand_in
+        rows = len(xb) if current is not None else 0
+        last = (b + 1) % run.accum == 0 or not more
+        # a share of the step's rows; DDP averages over the workers, hence x world
+        share = rows * world / (local_batch * world * run.accum)
+        with _syncing(run, last):
+            loss = _backward_on(run, xb.to(run.device), yb.to(run.device), share)
+        total += loss * rows
+        seen += rows
+        if last:
+            _optimizer_step(run)
+        for hook in run.batch_hooks:
+            hook()
+        b += 1
     return _mean_loss(run, total, seen)
 
 
-def _joined(run: _Run) -> Any:
-    if run.parallel is None:
-        return nullcontext()
-    from torch.distributed.algorithms.join import Join
+def _next_trainable(
+    run: _Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The next micro-batch that can train (BatchNorm: 2+ rows); None past the last."""
+    for xb, yb in batches:
+        if len(xb) and not (run.has_batchnorm and len(xb) < 2):
+            return xb, yb
+    return None
 
-    return Join([run.forward])  # type: ignore[list-item]  # DDP is Joinable
+
+def _anyone(run: _Run, mine: bool) -> bool:
+    """Whether any worker says yes (just ``mine`` in one process)."""
+    if run.parallel is None:
+        return mine
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if mine else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _stand_in(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of zeros shaped like the stream's (x, y), for a worker with no batch."""
+    x = torch.zeros((2, *run.x.shape[1:]), dtype=run.x.dtype)
+    return x, torch.zeros((2, *run.y.shape[1:]), dtype=run.y.dtype)
 
 
 def _group_rows(run: _Run, b: int) -> int:

@@ -231,8 +231,7 @@ def submit(
     request: Request,
 ) -> JobOut:
     spec = checked_spec(s, svc.store, project, body)
-    running = usage.running_seconds(s, project.id)
-    usage.check_quota(s, project.id, "compute_seconds", pending=running)
+    usage.check_job_quotas(s, project.id)
     options = {"folds": body.folds or 5} if body.kind == "crossval" else {}
     row = queue.new_job(
         s,

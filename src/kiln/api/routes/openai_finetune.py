@@ -116,8 +116,7 @@ def _queued(
         checked_spec(s, svc.store, project, JobIn(kind=JobKind.train, spec=stand_in))
     except SpecError as exc:
         raise SpecError(f"the job kiln builds is invalid: {exc.message}", field=exc.field) from None
-    running = usage.running_seconds(s, project.id)
-    usage.check_quota(s, project.id, "compute_seconds", pending=running)
+    usage.check_job_quotas(s, project.id)
     row = queue.new_job(
         s,
         project,

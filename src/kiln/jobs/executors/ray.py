@@ -81,7 +81,7 @@ class RayExecutor:
         try:
             return run.train(model, request)
         finally:
-            ray.kill(channel)
+            run.close()
 
 
 def connect(address: str) -> None:
@@ -121,12 +121,16 @@ def _unavailable(resources: Resources, timeout: float, address: str, ray: Any) -
     gpus = resources.workers * resources.gpus_per_worker
     return (
         f"train.resources asks for {resources.workers} workers x "
-        f"{resources.cpus_per_worker:g} CPUs, {resources.gpus_per_worker:g} GPUs "
-        f"({asked:g} CPUs, {gpus:g} GPUs in all); the Ray cluster at {address} has "
-        f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs on {len(nodes)} "
-        f"node(s), and could not place them within {timeout:g} s "
+        f"{_n(resources.cpus_per_worker, 'CPU')}, {_n(resources.gpus_per_worker, 'GPU')} "
+        f"({_n(asked, 'CPU')}, {_n(gpus, 'GPU')} in all); the Ray cluster at {address} has "
+        f"{_n(total.get('CPU', 0), 'CPU')} and {_n(total.get('GPU', 0), 'GPU')} on "
+        f"{len(nodes)} node(s), and could not place them within {timeout:g} s "
         "(KILN_RAY_RESOURCE_TIMEOUT). Ask for fewer workers or add nodes."
     )
+
+
+def _n(amount: float, unit: str) -> str:
+    return f"{amount:g} {unit}" + ("" if amount == 1 else "s")
 
 
 class _Run:
@@ -153,9 +157,11 @@ class _Run:
         self.started = time.monotonic()
         self.error: BaseException | None = None
         self.epochs_run = 0
+        self.thread: threading.Thread | None = None
 
     def train(self, model: nn.Module, request: FitRequest) -> FitResult:
         thread = threading.Thread(target=self._fit, args=(model, request), daemon=True)
+        self.thread = thread
         self.started = time.monotonic()
         thread.start()
         try:
@@ -164,12 +170,29 @@ class _Run:
                 self._relay()
             self._relay()
         except BaseException as exc:
-            self.channel.stop.remote()  # every worker stops at its next check
+            # every worker stops at its next check; one stuck in a collective is ended by
+            # its watchdog (ray_worker), and Ray's restarted group returns at once
+            self.channel.stop.remote()
             thread.join(STOP_GRACE_SECONDS)
             for cb in self.callbacks:
                 cb.on_train_end({"error": str(exc), "epochs_run": self.epochs_run})
             raise
         return self._result(model)
+
+    def close(self) -> None:
+        """Remove the channel once the trainer has ended (at once if it has; else when it
+        does, so that its last workers still find the stop request)."""
+        import ray
+
+        def kill() -> None:
+            if self.thread is not None:
+                self.thread.join()
+            ray.kill(self.channel)
+
+        if self.thread is None or not self.thread.is_alive():
+            kill()
+        else:
+            threading.Thread(target=kill, daemon=True).start()
 
     def _fit(self, model: nn.Module, request: FitRequest) -> None:
         """Ray Train's blocking fit (in the trainer thread); an error is kept for later."""
@@ -209,7 +232,7 @@ class _Run:
         """Drain the channel: record the workers, store checkpoints, call callbacks."""
         import ray
 
-        events, workers = ray.get(self.channel.drain.remote())
+        events, workers, error = ray.get(self.channel.drain.remote())
         if workers != self._hellos:  # new workers (a restarted group has new pids)
             self._hellos = workers
             nodes = ray.nodes()  # type: ignore[no-untyped-call]
@@ -218,6 +241,8 @@ class _Run:
         self._record()
         for event in events:
             self._dispatch(event)
+        if error is not None and self.thread is not None and self.thread.is_alive():
+            raise _kiln_error(error)  # a worker failed alone: the others may wait on it
 
     def _dispatch(self, event: Event) -> None:
         import ray

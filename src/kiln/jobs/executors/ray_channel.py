@@ -40,10 +40,11 @@ class Channel:
     def put(self, kind: EventKind, value: Any) -> None:
         self._events.append({"kind": kind, "value": value})
 
-    def drain(self) -> tuple[list[Event], list[dict[str, Any]]]:
-        """The events since the last drain, and every worker that said hello."""
+    def drain(self) -> tuple[list[Event], list[dict[str, Any]], dict[str, Any] | None]:
+        """The events since the last drain, every worker that said hello, and the kiln
+        error a worker failed with (None: none)."""
         events, self._events = self._events, []
-        return events, [self._workers[r] for r in sorted(self._workers)]
+        return events, [self._workers[r] for r in sorted(self._workers)], self._error
 
     def save(self, state: Any) -> None:
         """Rank 0's checkpoint after an epoch (the driver stores it on the next drain)."""

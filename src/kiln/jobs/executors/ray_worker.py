@@ -10,19 +10,22 @@ stop request at the same batches, so all of them stop together.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from typing import Any
 
 import ray
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import DataError, KilnError
 from kiln.train.callbacks import Callback, TrainSummary
 from kiln.train.checkpoint import CheckpointState, EpochEntry
 from kiln.train.executor import FitRequest
 from kiln.train.loop import DataParallel, FitResult, fit_model
 
 STOP_EVERY = 32  # batches between stop checks (an actor call and an all-reduce each)
+WATCH_SECONDS = 2.0  # how often a worker's watchdog asks whether the run was stopped
+STOP_GRACE_SECONDS = 20.0  # after a stop, how long a worker may take to end by itself
 
 
 class StopRequested(Exception):  # noqa: N818 - a request, not a failure
@@ -89,22 +92,20 @@ class _Relay(Callback):
 
 
 class _StopCheck(Callback):
-    """Every worker asks the channel whether to stop, at the same batches and epochs,
-    and they agree (an all-reduce of their answers), so all of them stop together.
+    """Every worker asks the channel whether to stop, at the same batches and epochs
+    (the engine keeps the workers in step, streaming too), and they agree (an all-reduce
+    of their answers on ``device``, which NCCL needs), so all of them stop together."""
 
-    Streaming shards hold different numbers of batches (the epoch runs under DDP's
-    Join), so there only epoch ends are checked.
-    """
-
-    def __init__(self, channel: Any, *, per_batch: bool) -> None:
+    def __init__(self, channel: Any, device: torch.device) -> None:
         self.channel = channel
-        self.per_batch = per_batch
+        self.device = device
         self.batches = 0
 
     def _check(self) -> None:
         import torch.distributed as dist
 
-        stop = torch.tensor([1.0 if ray.get(self.channel.stopped.remote()) else 0.0])
+        asked = ray.get(self.channel.stopped.remote())
+        stop = torch.tensor([1.0 if asked else 0.0], device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
@@ -112,11 +113,38 @@ class _StopCheck(Callback):
 
     def on_batch_end(self) -> None:
         self.batches += 1
-        if self.per_batch and self.batches % STOP_EVERY == 0:
+        if self.batches % STOP_EVERY == 0:
             self._check()
 
     def on_epoch_end(self, logs: EpochEntry) -> None:
         self._check()
+
+
+def _watch(channel: Any, done: threading.Event) -> None:
+    """Once the driver asked to stop, give this worker ``STOP_GRACE_SECONDS`` to end on
+    its own, then end its process: a worker waiting in a collective for a peer that
+    already returned would otherwise wait for the collective's timeout. Ray then starts
+    the group again, and the new workers see the stop and return at once."""
+    while not done.wait(WATCH_SECONDS):
+        try:
+            stopped = ray.get(channel.stopped.remote())
+        except ray.exceptions.RayError:
+            stopped = True  # the driver (and its channel) is gone
+        if stopped:
+            if not done.wait(STOP_GRACE_SECONDS):
+                os._exit(1)
+            return
+
+
+def _unreadable(exc: FileNotFoundError) -> DataError:
+    node = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    return DataError(
+        f"data.source: a Ray worker on node {node} cannot read the streaming source "
+        f"({exc}); on a cluster of several machines it must be readable on every node "
+        "(s3:// or a shared filesystem; a server's dataset is a copy on the kiln "
+        "worker's machine)",
+        field="data.source",
+    )
 
 
 def _placement(rank: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -143,14 +171,19 @@ def train_worker(config: dict[str, Any]) -> None:
     assert isinstance(request, FitRequest)
     torch.set_num_threads(max(1, int(config["cpus"])))
     train = request.train
+    device = torch.device("cpu")
     if config["gpus"] > 0:
-        torch.cuda.set_device(ray.train.torch.get_device())
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
         train = train.model_copy(update={"device": "cuda"})
-    callbacks: list[Callback] = [_StopCheck(channel, per_batch=request.data.stream is None)]
+    callbacks: list[Callback] = [_StopCheck(channel, device)]
     if rank == 0:
         callbacks.insert(0, _Relay(channel))
     if ray.get(channel.stopped.remote()):
         return  # a group Ray restarted after the job was stopped
+    done = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(channel, done), daemon=True)
+    watchdog.start()
     try:
         result = _fit(model, request, train, channel, callbacks, rank, world)
     except StopRequested:
@@ -160,6 +193,14 @@ def train_worker(config: dict[str, Any]) -> None:
         # retrying a run that would fail the same way (the workers agree on the losses).
         ray.get(channel.fail.remote(exc.to_dict()))
         return
+    except FileNotFoundError as exc:
+        if request.data.stream is None:
+            raise
+        # a streaming source this node cannot read fails the job, it is not retried
+        ray.get(channel.fail.remote(_unreadable(exc).to_dict()))
+        return
+    finally:
+        done.set()
     if rank == 0:
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         ray.get(channel.finish.remote((weights, replace(result, device=str(result.device)))))
