@@ -1,10 +1,12 @@
 """The same training job in-process, on 1 Ray worker and on 2 (Ray Train, DDP).
 
-    .venv/bin/python benchmarks/distributed.py [--rows 200000] [--epochs 4] [--address HOST:PORT]
+    .venv/bin/python benchmarks/distributed.py [--rows 200000] [--epochs 4] [--batch-size 256]
+        [--address HOST:PORT]
 
 Without ``--address`` it starts a Ray head on this machine (``ray start --head``, as
 many CPUs as ``--cpus``, default 2) and stops it at the end. The job is an MLP on a
-synthetic table (``--rows`` x 32 numbers, two classes), batch 256; each run gets one
+synthetic table (``--rows`` x 32 numbers, two classes), batch ``--batch-size`` (global,
+default 256); each run gets one
 CPU per worker (torch threads = 1; in-process too), so 1 Ray worker and in-process do
 the same work on the same core.
 
@@ -51,13 +53,13 @@ def table(rows: int, path: Path) -> Path:
     return path
 
 
-def spec(source: Path, epochs: int, workers: int | None) -> dict[str, Any]:
+def spec(source: Path, epochs: int, workers: int | None, batch: int) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": "bench",
         "task": "classification",
         "data": {"source": str(source), "target": "y", "split": {"test": 0.1, "val": 0.05}},
         "model": {"type": "mlp", "hidden": [512, 512]},
-        "train": {"epochs": epochs, "batch_size": 256, "device": "cpu"},
+        "train": {"epochs": epochs, "batch_size": batch, "device": "cpu"},
     }
     if workers is not None:
         doc["train"]["resources"] = {"workers": workers, "cpus_per_worker": 1}
@@ -104,24 +106,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch")
     parser.add_argument("--address", default=None, help="an existing Ray cluster")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the head started here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    batch = args.batch_size
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-dist-"))
     temp = Path(tempfile.mkdtemp(prefix="kray-", dir="/tmp"))
     address = args.address or start_head(args.cpus, temp)
     try:
         source = table(args.rows, work / "table.parquet")
         print(
-            f"{args.rows} rows x 32, MLP [512, 512], batch 256, {args.epochs} epochs; "
+            f"{args.rows} rows x 32, MLP [512, 512], batch {batch}, {args.epochs} epochs; "
             f"Ray at {address}; load average {os.getloadavg()[0]:.2f}"
         )
         executor = RayExecutor(address, timeout=120)
         results = [
-            run("in-process (1 thread)", spec(source, args.epochs, None), None),
-            run("Ray, 1 worker x 1 CPU", spec(source, args.epochs, 1), executor),
-            run("Ray, 2 workers x 1 CPU", spec(source, args.epochs, 2), executor),
+            run("in-process (1 thread)", spec(source, args.epochs, None, batch), None),
+            run("Ray, 1 worker x 1 CPU", spec(source, args.epochs, 1, batch), executor),
+            run("Ray, 2 workers x 1 CPU", spec(source, args.epochs, 2, batch), executor),
         ]
     finally:
         if args.address is None:
