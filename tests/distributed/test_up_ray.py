@@ -83,9 +83,10 @@ class Platform:
         stop_process(self.proc, signal.SIGINT, timeout=60)
 
 
-@pytest.fixture
-def platform(ray_address: str, tmp_path: Path) -> Iterator[Platform]:
-    started = Platform(tmp_path / "home", ray_address)
+@pytest.fixture(scope="module")
+def platform(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """One `kiln up --ray` for the module's tests (each waits for its own job to end)."""
+    started = Platform(tmp_path_factory.mktemp("platform") / "home", ray_address)
     yield started
     started.close()
 
