@@ -115,10 +115,7 @@ def fit(
         training.selection = _selection_record(selection)
     meta = _manifest(spec, table, frames, trained, metrics, training, written=written)
     bundle = Bundle(meta, trained.model, trained.preprocessor)
-    if out is not None:
-        bundle.save(out)
-        if store is not None:
-            store.clear()
+    _save(bundle, out, store)
     return bundle
 
 
@@ -134,10 +131,7 @@ def _fit_generation(
 
     store = _checkpoint_store(checkpoints, out)
     bundle = fit_lm(spec, callbacks=callbacks, checkpoints=store, resume=resume, executor=executor)
-    if out is not None:
-        bundle.save(out)
-        if store is not None:
-            store.clear()
+    _save(bundle, out, store)
     return bundle
 
 
@@ -188,10 +182,7 @@ def _fit_streaming(
         lineage=lineage,
     )
     bundle = Bundle(meta, trained.model, trained.preprocessor)
-    if out is not None:
-        bundle.save(out)
-        if store is not None:
-            store.clear()
+    _save(bundle, out, store)
     return bundle
 
 
@@ -216,6 +207,15 @@ class _Frames:
             val=frame.iloc[parts.val] if len(parts.val) else None,
             test=frame.iloc[parts.test] if len(parts.test) else None,
         )
+
+
+def _save(bundle: Bundle | LMBundle, out: str | Path | None, store: CheckpointStore | None) -> None:
+    """Save ``bundle`` to ``out`` (if given); its checkpoints are not needed after that."""
+    if out is None:
+        return
+    bundle.save(out)
+    if store is not None:
+        store.clear()
 
 
 def _checkpoint_store(

@@ -58,7 +58,8 @@ def _train(case: str, rank: int, world: int) -> dict[str, Any]:
     from torch import nn
 
     from kiln.spec.train import TrainSpec
-    from kiln.train.loop import DataParallel, TensorData, fit_model
+    from kiln.train.loop import TensorData, fit_model
+    from kiln.train.parallel import DataParallel
 
     cfg = CASES[case]
     torch.manual_seed(0)

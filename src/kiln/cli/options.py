@@ -43,6 +43,15 @@ def flag(*names: str, help: str) -> Any:
     return typer.Option(*names, help=help, metavar="")
 
 
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="A Ray cluster (host:port or auto) for specs with train.resources; "
+        "default: KILN_RAY_ADDRESS.",
+    ),
+]
 UrlOpt = Annotated[
     str | None,
     typer.Option(

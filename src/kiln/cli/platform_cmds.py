@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from kiln.cli.errors import reports_errors
+from kiln.cli.options import RayOpt
 
 
 @reports_errors
@@ -24,15 +25,7 @@ def up(
     workers: Annotated[
         int, typer.Option("--workers", "-w", min=0, help="Worker processes that run jobs.")
     ] = 1,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="ADDRESS",
-            help="A Ray cluster (host:port or auto) for specs with "
-            "train.resources; default: KILN_RAY_ADDRESS.",
-        ),
-    ] = None,
+    ray: RayOpt = None,
 ) -> None:
     """Run the API server and its workers (database and artifacts under KILN_HOME).
 
@@ -50,15 +43,7 @@ def up(
 
 @reports_errors
 def worker(
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="ADDRESS",
-            help="A Ray cluster (host:port or auto) for specs with "
-            "train.resources; default: KILN_RAY_ADDRESS.",
-        ),
-    ] = None,
+    ray: RayOpt = None,
 ) -> None:
     """Run one worker: take jobs from the queue in the database KILN_DATABASE_URL names.
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kiln.cli.errors import reports_errors
-from kiln.cli.options import JsonOut, flag
+from kiln.cli.options import JsonOut, RayOpt, flag
 from kiln.cli.render import console, err_console, metrics_table, print_json, rounds_word
 
 if TYPE_CHECKING:
@@ -35,15 +35,7 @@ def train(
     force: Annotated[
         bool, flag("--force", help="Replace a bundle of another model in --out.")
     ] = False,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="ADDRESS",
-            help="Train a spec with train.resources on this Ray cluster (host:port or "
-            "auto); default: KILN_RAY_ADDRESS.",
-        ),
-    ] = None,
+    ray: RayOpt = None,
     json_out: JsonOut = False,
 ) -> None:
     """Train the model a spec describes and save it as a bundle directory.

@@ -67,6 +67,12 @@ def _numeric_fill(present: np.ndarray, name: str, options: Preprocessing) -> flo
         return float(np.median(present))
     if options.missing == "mode":
         return float(pd.Series(present).mode().iloc[0])
+    return numeric_fill_value(name, options)
+
+
+def numeric_fill_value(name: str, options: Preprocessing) -> float:
+    """``missing: constant``'s ``fill_value`` for numeric column ``name``; a DataError
+    naming the field when it is not a number."""
     try:
         return float(options.fill_value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

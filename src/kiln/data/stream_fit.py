@@ -23,7 +23,7 @@ import pandas as pd
 
 from kiln.data.column_values import category, check_finite, numeric_column
 from kiln.data.preprocess import Preprocessor
-from kiln.data.preprocess_fit import class_labels
+from kiln.data.preprocess_fit import class_labels, numeric_fill_value
 from kiln.data.preprocess_state import (
     CategoricalFeature,
     ClassTarget,
@@ -279,13 +279,7 @@ def _numeric_fill(present: Moments, name: str, options: Preprocessing) -> float 
         return None
     if options.missing == "mean":
         return present.mean
-    try:
-        return float(options.fill_value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise DataError(
-            f"fill_value {options.fill_value!r} is not a number but column {name!r} is",
-            field="data.preprocessing.fill_value",
-        ) from None
+    return numeric_fill_value(name, options)
 
 
 def _categorical(name: str, stats: _ColumnStats, options: Preprocessing) -> CategoricalFeature:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,47 +35,18 @@ from kiln.train.checkpoint import CheckpointState, CheckpointStore, EpochEntry, 
 from kiln.train.early_stopping import EpochChoice, monitored_value, smoothing_factor
 from kiln.train.losses import make_loss, penalised_parameters, weight_penalty
 from kiln.train.optim import make_optimizer, make_schedule
+from kiln.train.parallel import (
+    BatchStream,
+    DataParallel,
+    any_worker,
+    sharded,
+    worker_mean,
+    wrap_ddp,
+)
 from kiln.train.validation import Validator
 
 if TYPE_CHECKING:
     from kiln.train.executor import Executor
-
-
-class BatchStream(Protocol):
-    """Training micro-batches read from storage, one epoch at a time (streaming data)."""
-
-    @property
-    def rows(self) -> int:
-        """Training rows (all shards): the epoch's length for progress and schedules."""
-        ...
-
-    def batches(
-        self, epoch: int, seed: int, batch: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's micro-batches of up to ``batch`` rows (x (B, F) float32, y (B,)
-        int64 | float32) on the CPU, shuffled deterministically from ``(seed, epoch)``;
-        every training row of the shard once per epoch."""
-        ...
-
-    def shard(self, rank: int, world: int) -> BatchStream:
-        """The same stream restricted to data-parallel worker ``rank`` of ``world``
-        (disjoint shards that together hold every training row)."""
-        ...
-
-
-@dataclass(frozen=True)
-class DataParallel:
-    """This process's place in a data-parallel run (``torch.distributed`` initialised
-    by the caller, e.g. Ray Train): worker ``rank`` of ``world``.
-
-    Every worker builds the same run (same seed, same shuffle); each takes its share
-    of every micro-batch (in memory: rows ``rank::world`` of it; streaming: its own
-    shard), DDP averages the gradients, and the losses are scaled so that the step
-    equals one of the whole global batch. Only rank 0 writes checkpoints.
-    """
-
-    rank: int
-    world: int
 
 
 @dataclass
@@ -263,14 +234,14 @@ class _Run:
             callbacks=callbacks,
             checkpoints=checkpoints,
             run_id=run_id,
-            stream=_sharded(data.stream, parallel),
+            stream=sharded(data.stream, parallel),
             parallel=parallel,
         )
 
     def __post_init__(self) -> None:
         train = self.train
         n = self.stream.rows if self.stream is not None else len(self.x)
-        self.forward = _data_parallel(self.model, self.device) if self.parallel else self.model
+        self.forward = wrap_ddp(self.model, self.device) if self.parallel else self.model
         self.shuffle_gen = torch.Generator().manual_seed(train.seed)
         self.batch = n if train.batch_size == "full" else min(int(train.batch_size), n)
         self.accum = train.gradient_accumulation
@@ -310,22 +281,6 @@ class _Run:
             for cb in self.callbacks
             if self.tokens and type(cb).on_batch_tokens is not Callback.on_batch_tokens
         ]
-
-
-def _sharded(stream: BatchStream | None, parallel: DataParallel | None) -> BatchStream | None:
-    if stream is None or parallel is None:
-        return stream
-    return stream.shard(parallel.rank, parallel.world)
-
-
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` wrapped in DDP (gloo on the CPU, NCCL on CUDA: the process group's)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if device.type == "cuda":  # batch statistics over every worker's rows (CUDA only)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
-    ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _labelled_tokens(y: torch.Tensor) -> torch.Tensor:
@@ -502,12 +457,7 @@ def _mean_loss(run: _Run, total: torch.Tensor, seen: float) -> float:
     """The epoch's mean training loss over every worker's rows."""
     if run.parallel is None:
         return float(total) / max(seen, 1)
-    import torch.distributed as dist
-
-    both = torch.stack([total.detach().double(), torch.tensor(seen, dtype=torch.float64)])
-    both = both.to(run.device)
-    dist.all_reduce(both)
-    return float(both[0]) / max(float(both[1]), 1)
+    return worker_mean(total, seen, run.device)
 
 
 def _stream_epoch(run: _Run, epoch: int) -> float:
@@ -570,13 +520,7 @@ def _next_trainable(
 
 def _anyone(run: _Run, mine: bool) -> bool:
     """Whether any worker says yes (just ``mine`` in one process)."""
-    if run.parallel is None:
-        return mine
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if mine else 0.0], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return mine if run.parallel is None else any_worker(mine, run.device)
 
 
 def _stand_in(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,8 @@ from kiln.errors import DataError, KilnError
 from kiln.train.callbacks import Callback, TrainSummary
 from kiln.train.checkpoint import CheckpointState, EpochEntry
 from kiln.train.executor import FitRequest
-from kiln.train.loop import DataParallel, FitResult, fit_model
+from kiln.train.loop import FitResult, fit_model
+from kiln.train.parallel import DataParallel
 
 STOP_EVERY = 32  # batches between stop checks (an actor call and an all-reduce each)
 WATCH_SECONDS = 2.0  # how often a worker's watchdog asks whether the run was stopped
